@@ -1,0 +1,1 @@
+"""Experiment configs (ml-collections); base.py holds every default."""

@@ -1,0 +1,148 @@
+"""Every default of effjax, documented. Experiment files start from `get_config()` here.
+
+Experiment configs import this module, call `get_config()` and override fields; the command line
+overrides any field with `--config.a.b=value`. `effjax/config.py` validates the result: an unknown
+field, a wrong type or an impossible combination stops the run with one line naming the field.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.seed = 0  # model init and every other seeded random choice derive from this
+  # 'train' trains (evaluating, checkpointing and sampling along the way); 'eval' evaluates the
+  # latest checkpoint; 'generate' samples from it.
+  c.mode = 'train'
+
+  # ---------------------------------------------------------------- model
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = 384  # >= the tokenizer's vocabulary; a multiple of 128 keeps matmuls aligned
+  m.d_model = 256  # residual stream width ('embed')
+  m.num_layers = 4  # must be a multiple of the number of blocks in `pattern`
+  m.num_heads = 4  # query heads
+  m.num_kv_heads = 2  # key/value heads (grouped-query attention); must divide num_heads
+  m.head_dim = 0  # 0 -> d_model // num_heads
+  m.mlp_dim = 0  # SwiGLU hidden width; 0 -> 8/3 * d_model rounded up to a multiple of 64
+  # The layer stack: blocks 'mixer:feed_forward' separated by ','; the pattern repeats over depth
+  # (num_layers / len(blocks) times) and each repetition is one step of a scan over layers.
+  # Mixers: see effjax.models.registry.MIXERS; feed-forwards: FEED_FORWARDS.
+  m.pattern = 'attention:mlp'
+  # Attention backend: 'auto' (cuDNN on GPU, XLA elsewhere), 'xla' or 'cudnn'
+  # (both through jax.nn.dot_product_attention).
+  m.attention_impl = 'auto'
+  m.rope_theta = 10_000.0
+  m.norm_eps = 1e-6
+  m.tie_embeddings = True  # share the token embedding with the output head
+  m.scan_layers = True  # scan the repeated pattern over depth (compile time independent of depth)
+  # Rematerialisation policy of each scanned group; see effjax.models.remat.POLICIES:
+  # 'none', 'full', 'dots', 'dots_no_batch', 'block_outputs', 'attention_out'.
+  m.remat_policy = 'none'
+  # Mixed precision: parameters are stored in param_dtype, matmuls run in compute_dtype, the
+  # logits come out in output_dtype (the loss is always computed in float32).
+  m.param_dtype = 'float32'
+  m.compute_dtype = 'float32'
+  m.output_dtype = 'float32'
+  m.init_std = 0.02  # normal init of embeddings and projections; output projections scaled by depth
+
+  # ---------------------------------------------------------------- data
+  d = c.data = ml_collections.ConfigDict()
+  # 'stdlib': the Python standard library installed with the interpreter, built into a local
+  #           tensorflow-datasets dataset (array_record) on first use;
+  # 'text_files': local text files matched by `glob`, one document each;
+  # 'tfds': a tensorflow-datasets dataset by `tfds_name` that is available as array_record.
+  d.source = 'stdlib'
+  d.glob = ''  # for 'text_files', e.g. '/data/books/**/*.txt'
+  d.tfds_name = ''  # for 'tfds', e.g. 'lm1b:1.1.0'
+  d.tfds_text_key = 'text'  # the feature holding the text
+  d.tfds_train_split = 'train'
+  d.tfds_eval_split = 'test'
+  d.data_dir = ''  # where datasets and tokenizer models live; '' -> $EFFJAX_DATA_DIR or ~/.cache/effjax
+  d.validation_percent = 2  # percent of documents (by a hash of their name) held out for evaluation
+  d.tokenizer = 'byte'  # 'byte' (UTF-8 bytes, 259 ids) or 'sentencepiece' (trained locally)
+  d.sentencepiece_vocab_size = 4096
+  d.seq_len = 256  # tokens per packed training row
+  d.shuffle_seed = 0  # -1 -> use the global seed
+  d.num_workers = 0  # grain worker processes (0: in the main process)
+  d.max_documents = 0  # 0 = all; >0 caps the documents read (quick experiments and tests)
+
+  # ---------------------------------------------------------------- training
+  t = c.train = ml_collections.ConfigDict()
+  t.batch_size = 16  # global sequences per optimizer step (over all devices and micro-batches)
+  t.grad_accum_steps = 1  # micro-batches per step; batch_size must be divisible by it
+  t.steps = 600
+  t.log_every = 10
+  t.eval_every = 200  # 0 = only at the end
+  t.eval_batches = 8  # batches of batch_size for each evaluation
+  t.checkpoint_every = 200
+  t.keep_checkpoints = 3
+  t.async_checkpointing = True
+  # On a non-finite loss or gradient: 'skip' drops the update and counts it, 'stop' ends the run
+  # with a message naming the step.
+  t.nan_policy = 'skip'
+  t.max_consecutive_nan_skips = 10  # with 'skip': stop after this many non-finite steps in a row
+  t.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss on the logits
+  t.profile_steps = 0  # >0: trace this many steps with jax.profiler into workdir/profile
+  t.peak_tflops = 0.0  # per-device peak for MFU; 0 -> looked up from the device kind
+
+  # ---------------------------------------------------------------- optimizer
+  o = c.optim = ml_collections.ConfigDict()
+  o.name = 'adamw'
+  o.learning_rate = 3e-3  # peak
+  o.warmup_steps = 50
+  o.schedule = 'cosine'  # 'cosine', 'linear' or 'constant' after warmup
+  o.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1  # decoupled; never applied to norms, biases or (optionally) embeddings
+  o.decay_embeddings = True
+  o.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
+
+  # ---------------------------------------------------------------- parallelism
+  # Mesh axis sizes; their product must equal the number of devices. One axis may be -1 to take
+  # whatever the others leave. 'expert' and 'sequence' are reserved and must be 1 for now.
+  mesh = c.mesh = ml_collections.ConfigDict()
+  mesh.data = -1
+  mesh.fsdp = 1
+  mesh.tensor = 1
+  mesh.expert = 1
+  mesh.sequence = 1
+  # Logical axis name -> mesh axes (a mesh axis name, a tuple of names, or None for replicated).
+  # 'act_*' names are activations; the others are parameter dimensions.
+  c.sharding_rules = ml_collections.ConfigDict(dict(
+      batch=('data', 'fsdp'),
+      act_batch=('data', 'fsdp'),
+      act_length='sequence',
+      act_embed=None,
+      act_heads='tensor',
+      act_kv_heads='tensor',
+      act_mlp='tensor',
+      act_vocab='tensor',
+      layers=None,
+      embed='fsdp',
+      vocab='tensor',
+      heads='tensor',
+      kv_heads='tensor',
+      head_dim=None,
+      mlp='tensor',
+      norm=None,
+  ))
+
+  # ---------------------------------------------------------------- sampling
+  g = c.generate = ml_collections.ConfigDict()
+  g.prompt = 'def fibonacci(n):\n'
+  g.max_new_tokens = 160
+  g.temperature = 0.8  # 0 = greedy
+  g.top_k = 40  # 0 = no top-k filtering
+  g.at_end = True  # print a sample when training ends
+
+  # ---------------------------------------------------------------- multi-host
+  dist = c.distributed = ml_collections.ConfigDict()
+  dist.initialize = False  # call jax.distributed.initialize (automatic on Cloud TPU)
+  dist.coordinator_address = ''
+  dist.num_processes = 0
+  dist.process_id = -1
+
+  return c

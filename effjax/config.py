@@ -1,0 +1,191 @@
+"""Validation of a run's ConfigDict against configs/base.py: one clear error naming the field.
+
+Every problem ends in a `ConfigError` whose message names the field, the value given and what is
+allowed; `effjax.main` prints it as one line and exits with status 2. Checks, in order: unknown or
+misspelled fields (with the closest known name), wrong types, values outside their allowed set,
+then combinations (heads vs width, depth vs pattern, batch vs data-parallel size and
+micro-batches, the mesh vs the devices present).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any
+
+import jax
+import ml_collections
+
+from configs import base as base_config
+from effjax.models import attention, remat
+from effjax.models import lm as _lm  # noqa: F401  (registers the layer parts)
+from effjax.models.registry import FEED_FORWARDS, MIXERS, parse_pattern
+from effjax.optim.factory import OPTIMIZERS, SCHEDULES
+from effjax.parallel.mesh import AXES, mesh_shape
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    'mode': ('train', 'eval', 'generate'),
+    'model.attention_impl': attention.IMPLEMENTATIONS,
+    'model.remat_policy': tuple(remat.POLICIES),
+    'model.param_dtype': ('float32', 'bfloat16', 'float16'),
+    'model.compute_dtype': ('float32', 'bfloat16', 'float16'),
+    'model.output_dtype': ('float32', 'bfloat16', 'float16'),
+    'data.source': ('stdlib', 'text_files', 'tfds'),
+    'data.tokenizer': ('byte', 'sentencepiece'),
+    'train.nan_policy': ('skip', 'stop'),
+    'optim.schedule': SCHEDULES,
+}
+POSITIVE = ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
+            'model.num_kv_heads', 'data.seq_len', 'train.batch_size', 'train.grad_accum_steps',
+            'train.steps', 'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
+            'train.eval_batches', 'generate.max_new_tokens')
+NON_NEGATIVE = ('model.head_dim', 'model.mlp_dim', 'train.eval_every', 'optim.warmup_steps',
+                'optim.weight_decay', 'optim.clip_norm', 'optim.learning_rate', 'data.num_workers',
+                'data.max_documents', 'generate.temperature', 'generate.top_k',
+                'train.profile_steps', 'train.z_loss', 'train.peak_tflops')
+
+
+class ConfigError(ValueError):
+  """A config problem, phrased as: field=value: what is wrong; what is allowed."""
+
+
+def _flatten(cfg: Any, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in cfg.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, (ml_collections.ConfigDict, dict)) and name != 'sharding_rules':
+      out.update(_flatten(value, name + '.'))
+    else:
+      out[name] = value
+  return out
+
+
+def _type_ok(value: Any, reference: Any) -> bool:
+  if isinstance(reference, bool):
+    return isinstance(value, bool)
+  if isinstance(reference, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(reference, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(reference, str):
+    return isinstance(value, str)
+  return True
+
+
+def _check_fields(config) -> None:
+  reference = _flatten(base_config.get_config())
+  given = _flatten(config)
+  for name, value in given.items():
+    if name not in reference:
+      close = difflib.get_close_matches(name, reference, n=1, cutoff=0.6)
+      hint = f'; did you mean {close[0]}?' if close else ''
+      section = name.rsplit('.', 1)[0] + '.' if '.' in name else ''
+      known = sorted(k.rsplit('.', 1)[-1] for k in reference if k.startswith(section)
+                     and k.count('.') == name.count('.'))
+      raise ConfigError(f'{name}: unknown field{hint} (known fields here: {", ".join(known)})')
+    if not _type_ok(value, reference[name]):
+      raise ConfigError(f'{name}={value!r}: expected {type(reference[name]).__name__}, got '
+                        f'{type(value).__name__}')
+  for name, allowed in CHOICES.items():
+    if given[name] not in allowed:
+      raise ConfigError(f'{name}={given[name]!r}: allowed values are {", ".join(allowed)}')
+  for name in POSITIVE:
+    if given[name] <= 0:
+      raise ConfigError(f'{name}={given[name]}: must be a positive integer')
+  for name in NON_NEGATIVE:
+    if given[name] < 0:
+      raise ConfigError(f'{name}={given[name]}: must be >= 0')
+  if given['optim.name'] not in OPTIMIZERS:
+    raise ConfigError(f'optim.name={given["optim.name"]!r}: allowed values are '
+                      f'{", ".join(OPTIMIZERS)}')
+
+
+def _check_model(m) -> None:
+  try:
+    blocks = parse_pattern(m.pattern)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  for mixer, ff in blocks:
+    if mixer not in MIXERS:
+      raise ConfigError(f'model.pattern={m.pattern!r}: unknown mixer {mixer!r}; allowed: '
+                        f'{", ".join(MIXERS)}')
+    if ff not in FEED_FORWARDS:
+      raise ConfigError(f'model.pattern={m.pattern!r}: unknown feed-forward {ff!r}; allowed: '
+                        f'{", ".join(FEED_FORWARDS)}')
+  if m.num_layers % len(blocks):
+    raise ConfigError(f'model.num_layers={m.num_layers}: must be a multiple of the {len(blocks)} '
+                      f'blocks in model.pattern={m.pattern!r}')
+  if not m.head_dim and m.d_model % m.num_heads:
+    raise ConfigError(f'model.num_heads={m.num_heads}: must divide model.d_model={m.d_model} '
+                      '(or set model.head_dim explicitly)')
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError(f'model.num_kv_heads={m.num_kv_heads}: must divide model.num_heads='
+                      f'{m.num_heads} (grouped-query attention)')
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  if head_dim % 2:
+    raise ConfigError(f'model.head_dim={head_dim}: rotary embeddings need an even head dimension')
+
+
+def _check_parallel(config, num_devices: int) -> None:
+  try:
+    sizes = mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  for axis in ('expert', 'sequence'):
+    if sizes[axis] != 1:
+      raise ConfigError(f'mesh.{axis}={sizes[axis]}: this axis is reserved and must be 1 for now')
+  for name, axes in config.sharding_rules.items():
+    axes_t = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    for a in axes_t:
+      if a not in AXES:
+        raise ConfigError(f'sharding_rules.{name}={axes!r}: {a!r} is not a mesh axis; allowed: '
+                          f'{", ".join(AXES)} or None')
+  t = config.train
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f'train.batch_size={t.batch_size}: must be divisible by '
+                      f'train.grad_accum_steps={t.grad_accum_steps}')
+  micro = t.batch_size // t.grad_accum_steps
+  rule = config.sharding_rules.get('batch')
+  batch_axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
+  parallel = math.prod(sizes[a] for a in batch_axes)
+  if micro % parallel:
+    raise ConfigError(
+        f'train.batch_size={t.batch_size}: each micro-batch ({micro} sequences = batch_size / '
+        f'grad_accum_steps) must be divisible by the batch-parallel size {parallel} (mesh axes '
+        f'{"x".join(batch_axes)})')
+  if micro % jax.process_count():
+    raise ConfigError(f'train.batch_size={t.batch_size}: micro-batches must split evenly over '
+                      f'{jax.process_count()} processes')
+  m = config.model
+  tensor = math.prod(sizes[a] for a in _axes_of(config, 'heads'))
+  kv_tensor = math.prod(sizes[a] for a in _axes_of(config, 'kv_heads'))
+  if m.num_heads % tensor:
+    raise ConfigError(f'model.num_heads={m.num_heads}: not divisible by the tensor-parallel size '
+                      f'{tensor}')
+  if m.num_kv_heads % kv_tensor:
+    raise ConfigError(f'model.num_kv_heads={m.num_kv_heads}: not divisible by the tensor-parallel '
+                      f'size {kv_tensor}; use fewer tensor shards or more kv heads')
+
+
+def _axes_of(config, logical: str) -> tuple[str, ...]:
+  rule = config.sharding_rules.get(logical)
+  return (rule,) if isinstance(rule, str) else tuple(rule or ())
+
+
+def validate(config, num_devices: int | None = None) -> None:
+  """Raise ConfigError on the first problem; return None for a config that can run."""
+  _check_fields(config)
+  _check_model(config.model)
+  if config.data.source == 'text_files' and not config.data.glob:
+    raise ConfigError("data.glob='': data.source=text_files needs a glob such as '/data/**/*.txt'")
+  if config.data.source == 'tfds' and not config.data.tfds_name:
+    raise ConfigError("data.tfds_name='': data.source=tfds needs a dataset name, e.g. 'lm1b'")
+  if config.optim.warmup_steps > config.train.steps:
+    raise ConfigError(f'optim.warmup_steps={config.optim.warmup_steps}: longer than '
+                      f'train.steps={config.train.steps}')
+  if not 0 <= config.optim.min_lr_ratio <= 1:
+    raise ConfigError(f'optim.min_lr_ratio={config.optim.min_lr_ratio}: must be in [0, 1]')
+  if not 0 <= config.data.validation_percent < 100:
+    raise ConfigError(f'data.validation_percent={config.data.validation_percent}: must be in '
+                      '[0, 100)')
+  _check_parallel(config, jax.device_count() if num_devices is None else num_devices)

@@ -1,0 +1,52 @@
+"""Shared pieces of every layer: the mixed-precision policy and annotated parameter creation."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+  """Parameters are stored in `param`, matmuls run in `compute`, logits come out in `output`."""
+  param: Any
+  compute: Any
+  output: Any
+
+  @classmethod
+  def from_config(cls, model_cfg) -> 'Precision':
+    return cls(jnp.dtype(model_cfg.param_dtype), jnp.dtype(model_cfg.compute_dtype),
+               jnp.dtype(model_cfg.output_dtype))
+
+
+def normal_param(rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str], std: float,
+                 dtype) -> nnx.Param:
+  """A normally initialised parameter carrying its logical axis names.
+
+  Sharding is applied by the caller from these names (jit out_shardings), never eagerly here, so
+  a model file never depends on the mesh.
+  """
+  assert len(shape) == len(names), (shape, names)
+  value = std * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
+  return nnx.Param(value.astype(dtype), out_sharding=tuple(names), eager_sharding=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """Per-call inputs every mixer may need (a pytree-free bundle passed down the stack)."""
+  positions: jax.Array  # [batch, length] int32, restart at 0 in each packed segment
+  segment_ids: jax.Array | None  # [batch, length] int32, 0 = padding; None = one unpadded document
+
+
+def head_dim(model_cfg) -> int:
+  return model_cfg.head_dim or model_cfg.d_model // model_cfg.num_heads
+
+
+def mlp_dim(model_cfg) -> int:
+  if model_cfg.mlp_dim:
+    return model_cfg.mlp_dim
+  return -(-(8 * model_cfg.d_model // 3) // 64) * 64

@@ -1,0 +1,137 @@
+"""The language model: token embedding, a layer stack built from the config pattern, output head.
+
+The pattern (say 'attention:mlp, attention:mlp') is one *group*; it repeats num_layers/len(pattern)
+times. With `scan_layers` the groups' parameters are stacked on a leading 'layers' axis and the
+stack is one `lax.scan` (compile time independent of depth), each step rematerialised by the
+configured policy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+# Importing the part modules registers them.
+from effjax.models import attention as _attention  # noqa: F401
+from effjax.models import mlp as _mlp  # noqa: F401
+from effjax.models import layers, remat
+from effjax.models.norms import RMSNorm
+from effjax.models.registry import FEED_FORWARDS, MIXERS, parse_pattern
+from effjax.parallel.sharding import constrain
+
+ACT_BTD = ('act_batch', 'act_length', 'act_embed')
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + mixer(norm(x)), then x + feed_forward(norm(x))."""
+
+  def __init__(self, cfg, mixer: str, feed_forward: str, *, rngs: nnx.Rngs):
+    prec = layers.Precision.from_config(cfg)
+    norm = dict(eps=cfg.norm_eps, param_dtype=prec.param, compute_dtype=prec.compute)
+    self.mixer_norm = RMSNorm(cfg.d_model, **norm)
+    self.mixer = MIXERS.get(mixer)(cfg, rngs=rngs)
+    self.ff_norm = RMSNorm(cfg.d_model, **norm)
+    self.ff = FEED_FORWARDS.get(feed_forward)(cfg, rngs=rngs)
+
+  def __call__(self, x_btd: jax.Array, ctx: layers.Context) -> jax.Array:
+    x_btd = x_btd + self.mixer(self.mixer_norm(x_btd), ctx)
+    x_btd = x_btd + self.ff(self.ff_norm(x_btd), ctx)
+    x_btd = constrain(x_btd, ACT_BTD)
+    return checkpoint_name(x_btd, 'block_out')
+
+
+class Group(nnx.Module):
+  """One repetition of the pattern."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.blocks = nnx.List(
+        [Block(cfg, mixer, ff, rngs=rngs) for mixer, ff in parse_pattern(cfg.pattern)])
+
+  def __call__(self, x_btd: jax.Array, ctx: layers.Context) -> jax.Array:
+    for block in self.blocks:
+      x_btd = block(x_btd, ctx)
+    return x_btd
+
+
+def num_groups(cfg) -> int:
+  blocks = len(parse_pattern(cfg.pattern))
+  if cfg.num_layers % blocks:
+    raise ValueError(f'model.num_layers={cfg.num_layers} is not a multiple of the {blocks} blocks '
+                     f'in model.pattern={cfg.pattern!r}')
+  return cfg.num_layers // blocks
+
+
+class LM(nnx.Module):
+  """Decoder-only language model; __call__ maps tokens [B, T] to logits [B, T, vocab]."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    cfg = self.cfg = ml_collections.FrozenConfigDict(cfg)  # hashable: part of the graphdef
+    prec = self.precision = layers.Precision.from_config(cfg)
+    self.embedding = layers.normal_param(rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'),
+                                         cfg.init_std, prec.param)
+    n = num_groups(cfg)
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=n)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+      def make_groups(rngs):
+        return Group(cfg, rngs=rngs)
+      self.groups = make_groups(rngs)
+    else:
+      self.groups = nnx.List([Group(cfg, rngs=rngs) for _ in range(n)])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=prec.param,
+                              compute_dtype=prec.compute)
+    if not cfg.tie_embeddings:
+      self.unembedding = layers.normal_param(rngs, (cfg.d_model, cfg.vocab_size),
+                                             ('embed', 'vocab'), cfg.init_std, prec.param)
+
+  def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
+               segment_ids_bt: jax.Array | None = None) -> jax.Array:
+    cfg, prec = self.cfg, self.precision
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+    ctx = layers.Context(positions=positions_bt, segment_ids=segment_ids_bt)
+    # Gather from a replicated table: the all-gather FSDP would do anyway, and a gather from a
+    # vocab-sharded table makes XLA's partitioner fall back to full rematerialisation.
+    table = constrain(self.embedding[...], (None, None))
+    x = jnp.take(table, tokens_bt, axis=0).astype(prec.compute)
+    x = constrain(x, ACT_BTD)
+
+    if cfg.scan_layers:
+      graphdef, stacked = nnx.split(self.groups)
+
+      def step(x_btd, group_state):
+        return nnx.merge(graphdef, group_state)(x_btd, ctx), None
+
+      x, _ = jax.lax.scan(remat.apply(step, cfg.remat_policy), x, stacked)
+    else:
+      for group in self.groups:
+        x = remat.apply(lambda x_btd, g=group: g(x_btd, ctx), cfg.remat_policy)(x)
+
+    x = self.final_norm(x)
+    head = (self.embedding[...].T if cfg.tie_embeddings else self.unembedding[...])
+    logits = jnp.einsum('btd,dv->btv', x, head.astype(prec.compute),
+                        preferred_element_type=prec.output)
+    return constrain(logits.astype(prec.output), ('act_batch', 'act_length', 'act_vocab'))
+
+
+def block_kinds(cfg) -> list[tuple[str, str]]:
+  """Every (mixer, feed-forward) of the full depth, in order."""
+  return list(parse_pattern(cfg.pattern)) * num_groups(cfg)
+
+
+def count_params(cfg, include_embedding: bool = True) -> int:
+  """Parameter count from the config alone (matches the built model; tested)."""
+  total = 0
+  for mixer, ff in block_kinds(cfg):
+    total += MIXERS.get(mixer).num_params(cfg) + FEED_FORWARDS.get(ff).num_params(cfg)
+    total += 2 * cfg.d_model  # the two norms
+  total += cfg.d_model  # final norm
+  embedding = cfg.vocab_size * cfg.d_model
+  if include_embedding:
+    total += embedding
+  if not cfg.tie_embeddings:
+    total += embedding
+  return total

@@ -1,0 +1,44 @@
+"""SwiGLU feed-forward: down(silu(x @ gate) * (x @ up))."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effjax.models import layers
+from effjax.models.registry import FEED_FORWARDS
+from effjax.parallel.sharding import constrain
+
+
+@FEED_FORWARDS.register('mlp')
+class SwiGLU(nnx.Module):
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    prec = layers.Precision.from_config(cfg)
+    d, f = cfg.d_model, layers.mlp_dim(cfg)
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    self.w_gate = layers.normal_param(rngs, (d, f), ('embed', 'mlp'), cfg.init_std, prec.param)
+    self.w_up = layers.normal_param(rngs, (d, f), ('embed', 'mlp'), cfg.init_std, prec.param)
+    self.w_down = layers.normal_param(rngs, (f, d), ('mlp', 'embed'), out_std, prec.param)
+    self.compute_dtype = prec.compute
+
+  def __call__(self, x_btd: jax.Array, ctx: layers.Context) -> jax.Array:
+    del ctx
+    cdt = self.compute_dtype
+    gate = jnp.einsum('btd,df->btf', x_btd, self.w_gate[...].astype(cdt))
+    up = jnp.einsum('btd,df->btf', x_btd, self.w_up[...].astype(cdt))
+    hidden = constrain(jax.nn.silu(gate) * up, ('act_batch', 'act_length', 'act_mlp'))
+    y = jnp.einsum('btf,fd->btd', hidden, self.w_down[...].astype(cdt))
+    return constrain(y, ('act_batch', 'act_length', 'act_embed'))
+
+  @staticmethod
+  def flops_per_token(cfg, seq_len: int) -> float:
+    del seq_len
+    return 2 * SwiGLU.num_params(cfg)
+
+  @staticmethod
+  def num_params(cfg) -> int:
+    return 3 * cfg.d_model * layers.mlp_dim(cfg)

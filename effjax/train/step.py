@@ -1,0 +1,159 @@
+"""The jitted steps: state initialisation, training (with accumulation and a NaN guard), evaluation.
+
+The train state is a plain dict {'step', 'params', 'opt_state'}; params is an nnx.State whose
+Variables carry logical axis names, and optax's moment trees mirror it, so every array's sharding
+follows from the same rules. Each step is one `jax.jit` with explicit in/out shardings and the
+state donated (the pjit pattern).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from effjax.models.lm import LM
+from effjax.parallel import sharding as shd
+
+State = dict[str, Any]
+BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """Everything derived once from the config: model structure, optimizer, shardings, steps."""
+  graphdef: Any
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract_state: State  # ShapeDtypeStructs carrying their shardings
+  state_shardings: Any
+  batch_sharding: NamedSharding  # for [micro_batches, rows, length] arrays
+  mesh: jax.sharding.Mesh
+  build: Callable[[int], State]  # seed -> fresh state (unsharded function; see init)
+
+  def init(self, seed: int) -> State:
+    """Initialise directly sharded: each device materialises only its own shards."""
+    return jax.jit(self.build, out_shardings=self.state_shardings)(seed)
+
+
+def make_setup(config, optimizer, schedule, mesh) -> TrainSetup:
+  """Abstract model -> shardings, checked for divisibility. Call under the rules/mesh context."""
+  model_cfg = config.model
+
+  def build(seed):
+    model = LM(model_cfg, rngs=nnx.Rngs(jax.random.key(seed)))
+    params = nnx.state(model, nnx.Param)
+    return {'step': jnp.zeros((), jnp.int32), 'params': params,
+            'opt_state': optimizer.init(params)}
+
+  abstract_model = nnx.eval_shape(lambda: LM(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef = nnx.graphdef(abstract_model)
+  shapes = jax.eval_shape(build, 0)
+  specs = shd.param_specs(shapes)  # optax moments mirror params
+  shd.check_divisible(shapes['params'], specs['params'], mesh)
+  shardings = shd.named(mesh, specs)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+  batch_sharding = NamedSharding(mesh, P(None, *shd.logical_to_spec(('batch', 'act_length'))))
+  return TrainSetup(graphdef, optimizer, schedule, abstract, shardings, batch_sharding, mesh, build)
+
+
+def token_losses(logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array,
+                 z_loss: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Summed cross-entropy, summed z-loss and token count, all float32."""
+  logits = logits_btv.astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets_bt)
+  weights = weights_bt.astype(jnp.float32)
+  z_sum = jnp.zeros((), jnp.float32)
+  if z_loss:
+    z_sum = z_loss * jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * weights)
+  return jnp.sum(ce * weights), z_sum, jnp.sum(weights)
+
+
+def _forward_losses(graphdef, params, mb: dict[str, jax.Array], z_loss: float):
+  model = nnx.merge(graphdef, params)
+  logits = model(mb['inputs'], mb['positions'], mb['segment_ids'])
+  return token_losses(logits, mb['targets'], mb['weights'], z_loss)
+
+
+def make_train_step(setup: TrainSetup, z_loss: float = 0.0) -> Callable[[State, dict], tuple]:
+  """(state, batch of [micro_batches, rows, length]) -> (new state, metrics).
+
+  Gradients of the *summed* token loss are accumulated over micro-batches and divided once by the
+  total token count, so accumulation over k micro-batches equals one batch k times larger. A
+  non-finite loss or gradient norm leaves params and optimizer state untouched (metric
+  'finite' = 0); the trainer decides whether to go on or stop.
+  """
+  graphdef, optimizer, schedule = setup.graphdef, setup.optimizer, setup.schedule
+
+  def summed_loss(params, mb):
+    ce_sum, z_sum, count = _forward_losses(graphdef, params, mb, z_loss)
+    return ce_sum + z_sum, (ce_sum, count)
+
+  grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+  def step(state: State, batch: dict[str, jax.Array]):
+    params = state['params']
+    num_micro = batch['inputs'].shape[0]
+    if num_micro == 1:
+      (_, (ce_sum, count)), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+    else:
+      def accumulate(carry, mb):
+        g_acc, ce_acc, n_acc = carry
+        (_, (ce, n)), g = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, n_acc + n), None
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      zero = jnp.zeros((), jnp.float32)
+      (grads, ce_sum, count), _ = jax.lax.scan(accumulate, (zeros, zero, zero), batch)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+    loss = ce_sum / denom
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def apply(_):
+      updates, opt_state = optimizer.update(grads, state['opt_state'], params)
+      return optax.apply_updates(params, updates), opt_state
+
+    def skip(_):
+      return params, state['opt_state']
+
+    new_params, new_opt_state = jax.lax.cond(finite, apply, skip, None)
+    new_state = {'step': state['step'] + 1, 'params': new_params, 'opt_state': new_opt_state}
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': schedule(state['step']),
+               'tokens': count, 'finite': finite.astype(jnp.int32),
+               'param_norm': optax.tree.norm(new_params)}
+    return new_state, metrics
+
+  return jax.jit(step, in_shardings=(setup.state_shardings, setup.batch_sharding),
+                 out_shardings=(setup.state_shardings, None), donate_argnums=(0,))
+
+
+def make_eval_step(setup: TrainSetup) -> Callable[[Any, dict], dict]:
+  """(params, batch of [1, rows, length]) -> summed loss and token count (exact over batches)."""
+  graphdef = setup.graphdef
+
+  def step(params, batch):
+    ce_sum, _, count = _forward_losses(graphdef, params, jax.tree.map(lambda x: x[0], batch), 0.0)
+    return {'loss_sum': ce_sum, 'tokens': count}
+
+  return jax.jit(step, in_shardings=(setup.state_shardings['params'], setup.batch_sharding))
+
+
+def device_batch(setup: TrainSetup, host_batch: dict[str, Any], num_micro: int) -> dict:
+  """This host's rows [rows, length] -> global arrays [micro_batches, rows/micro, length]."""
+  out = {}
+  for key in BATCH_KEYS:
+    x = host_batch[key]
+    rows = x.shape[0]
+    if rows % num_micro:
+      raise ValueError(f'{rows} rows per host are not divisible into {num_micro} micro-batches')
+    local = x.reshape(num_micro, rows // num_micro, *x.shape[1:])
+    out[key] = jax.make_array_from_process_local_data(setup.batch_sharding, local)
+  return out
+
