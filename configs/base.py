@@ -69,13 +69,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- training
   t = c.train = ml_collections.ConfigDict()
-  t.batch_size = 16  # global sequences per optimizer step (over all devices and micro-batches)
+  t.batch_size = 8  # global sequences per optimizer step (over all devices and micro-batches)
   t.grad_accum_steps = 1  # micro-batches per step; batch_size must be divisible by it
-  t.steps = 600
+  t.steps = 240
   t.log_every = 10
-  t.eval_every = 200  # 0 = only at the end
+  t.eval_every = 80  # 0 = only at the end
   t.eval_batches = 8  # batches of batch_size for each evaluation
-  t.checkpoint_every = 200
+  t.checkpoint_every = 80
   t.keep_checkpoints = 3
   t.async_checkpointing = True
   # On a non-finite loss or gradient: 'skip' drops the update and counts it, 'stop' ends the run
@@ -90,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
   o = c.optim = ml_collections.ConfigDict()
   o.name = 'adamw'
   o.learning_rate = 3e-3  # peak
-  o.warmup_steps = 50
+  o.warmup_steps = 20
   o.schedule = 'cosine'  # 'cosine', 'linear' or 'constant' after warmup
   o.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
   o.b1 = 0.9

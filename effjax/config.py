@@ -72,17 +72,31 @@ def _type_ok(value: Any, reference: Any) -> bool:
   return True
 
 
+def _unknown_field_message(name: str, reference: dict[str, Any]) -> str:
+  close = difflib.get_close_matches(name, reference, n=1, cutoff=0.6)
+  hint = f'; did you mean {close[0]}?' if close else ''
+  section = name.rsplit('.', 1)[0] + '.' if '.' in name else ''
+  known = sorted({k[len(section):].split('.')[0] for k in reference if k.startswith(section)})
+  return f'{name}: unknown field{hint} (known fields here: {", ".join(known)})'
+
+
+def describe_override_error(argv: list[str], error: Exception) -> str:
+  """One line for a failed `--config.a.b=v` override: the unknown field, or the parser's reason."""
+  reference = _flatten(base_config.get_config())
+  for arg in argv[1:]:
+    if arg.startswith('--config.'):
+      name = arg[len('--config.'):].split('=', 1)[0]
+      if name not in reference and not name.startswith('sharding_rules.'):
+        return _unknown_field_message(name, reference)
+  return ' '.join(str(error).split())
+
+
 def _check_fields(config) -> None:
   reference = _flatten(base_config.get_config())
   given = _flatten(config)
   for name, value in given.items():
     if name not in reference:
-      close = difflib.get_close_matches(name, reference, n=1, cutoff=0.6)
-      hint = f'; did you mean {close[0]}?' if close else ''
-      section = name.rsplit('.', 1)[0] + '.' if '.' in name else ''
-      known = sorted(k.rsplit('.', 1)[-1] for k in reference if k.startswith(section)
-                     and k.count('.') == name.count('.'))
-      raise ConfigError(f'{name}: unknown field{hint} (known fields here: {", ".join(known)})')
+      raise ConfigError(_unknown_field_message(name, reference))
     if not _type_ok(value, reference[name]):
       raise ConfigError(f'{name}={value!r}: expected {type(reference[name]).__name__}, got '
                         f'{type(value).__name__}')

@@ -25,7 +25,15 @@ def main(argv):
   from effjax.parallel import distributed
   from effjax.train import trainer
 
-  config = _CONFIG.value
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # libraries' INFO chatter off unless -v is asked for
+  try:
+    config = _CONFIG.value
+    config.keys()  # a file that failed to load only raises on first use
+  except OSError as e:  # the config file is missing or failed to import
+    detail = ' '.join(str(e).split())
+    print(f'effjax: config error: --config could not be loaded: {detail}', file=sys.stderr)
+    sys.exit(2)
   if _MODE.value:
     with config.unlocked():
       config.mode = _MODE.value
@@ -48,5 +56,16 @@ def main(argv):
     sys.exit(1)
 
 
+def parse_flags(argv):
+  """absl's parser, with config-override mistakes turned into one line and exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    from effjax import config as config_lib
+    message = config_lib.describe_override_error(argv, e)
+    print(f'effjax: config error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

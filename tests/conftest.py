@@ -13,3 +13,22 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import jax  # noqa: E402  (after the flags above)
 
 assert jax.device_count() == 8, 'tests expect 8 forced CPU devices; import jax after conftest'
+
+
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def stdlib_data_dir(tmp_path_factory) -> str:
+  """A data dir holding the stdlib dataset (default split), built once for the whole session."""
+  from configs import base
+  from effjax.data import sources
+  path = str(tmp_path_factory.mktemp('effjax_data'))
+  config = base.get_config()
+  config.data.data_dir = path
+  start = time.perf_counter()
+  sources.load_documents(config, 'train')
+  print(f'\nbuilt the stdlib dataset in {time.perf_counter() - start:.2f} s')
+  return path

@@ -16,7 +16,6 @@ from typing import Any
 
 from absl import logging
 import jax
-import numpy as np
 
 from effjax import data as data_lib
 from effjax.infer.generate import generate_text
@@ -141,10 +140,14 @@ def train(config, workdir: str) -> dict[str, Any]:
         logging.warning('%s; skipped (train.nan_policy=skip)', msg)
       else:
         consecutive_skips = 0
+      if step_done == start + 1:  # the first step includes compilation: keep it out of the rates
+        run.writer.print(f'first step (compile + run) took {time.perf_counter() - window_start:.1f} s')
+        window_start, window_steps = time.perf_counter(), 0
+        return
       window_steps += 1
       if step_done % tc.log_every == 0 or step_done == tc.steps:
         now = time.perf_counter()
-        step_time = (now - window_start) / window_steps
+        step_time = (now - window_start) / max(window_steps, 1)
         m = {k: float(v) for k, v in jax.device_get(metrics_dev).items()}
         m['step_time_ms'] = 1e3 * step_time
         m['tokens_per_second'] = tokens_per_step / step_time
@@ -176,7 +179,9 @@ def train(config, workdir: str) -> dict[str, Any]:
       if evaluate_now:
         finish_step(*pending)
         pending = None
+        eval_start = time.perf_counter()
         ev = _evaluate(run, eval_step, state['params'], eval_batches)
+        window_start += time.perf_counter() - eval_start  # keep evaluation out of step times
         run.writer.write(step_done, ev, 'eval/')
         run.writer.print(f'eval at step {step_done}: loss {ev["loss"]:.4f}, '
                          f'perplexity {ev["perplexity"]:.3f} over {int(ev["tokens"])} tokens')

@@ -1,24 +1,10 @@
-"""Data test fixtures: the stdlib dataset is built once per session into a temporary data dir."""
+"""Data test fixtures: small configs on the session's data dir (see tests/conftest.py)."""
 
 import random
-import time
 
 import pytest
 
 from configs import base
-from effjax.data import sources
-
-
-@pytest.fixture(scope='session')
-def stdlib_data_dir(tmp_path_factory) -> str:
-  """A data dir holding the stdlib dataset (default split), built once for all data tests."""
-  path = str(tmp_path_factory.mktemp('effjax_data'))
-  config = base.get_config()
-  config.data.data_dir = path
-  start = time.perf_counter()
-  sources.load_documents(config, 'train')
-  print(f'\nbuilt the stdlib dataset in {time.perf_counter() - start:.2f} s')
-  return path
 
 
 @pytest.fixture

@@ -132,6 +132,8 @@ def prepare(data_dir: str, validation_percent: int) -> Builder:
     # Another process may have finished the build while we waited; a fresh builder looks again.
     builder = Builder(data_dir=data_dir, config=config_name, file_format='array_record')
     if not builder.is_prepared():
+      print(f'building the stdlib corpus dataset under {data_dir} (once; about a second)', flush=True)
+      tfds.disable_progress_bar()
       builder.download_and_prepare()
       builder = Builder(data_dir=data_dir, config=config_name, file_format='array_record')
   return builder

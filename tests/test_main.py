@@ -1,0 +1,38 @@
+"""The command line end to end: train, log, checkpoint, sample; the same command resumes."""
+
+import json
+import subprocess
+import sys
+
+
+def _run(workdir, data_dir, steps, *extra):
+  cmd = [sys.executable, '-m', 'effjax.main', '--config=configs/default.py', f'--workdir={workdir}',
+         f'--config.data.data_dir={data_dir}', '--config.data.max_documents=40',
+         '--config.model.d_model=64', '--config.model.mlp_dim=128', '--config.data.seq_len=64',
+         f'--config.train.steps={steps}', '--config.train.log_every=2',
+         '--config.train.eval_every=2', '--config.train.eval_batches=1',
+         '--config.train.checkpoint_every=2', '--config.optim.warmup_steps=1',
+         '--config.generate.max_new_tokens=8', *extra]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_train_then_rerun_resumes(tmp_path, stdlib_data_dir):
+  workdir = tmp_path / 'run'
+  out = _run(workdir, stdlib_data_dir, 4)
+  assert 'step 4/4 | loss' in out and 'tok/s' in out and 'ETA' in out
+  assert 'eval at step 2: loss' in out and 'held-out tokens' in out
+  assert 'sample:\ndef fibonacci(n):\n' in out
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['2', '4']
+  assert list((workdir / 'tb').glob('events.out.tfevents.*'))
+  records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  train_steps = [r['step'] for r in records if 'train/loss' in r]
+  assert train_steps == [2, 4]
+  assert {'train/learning_rate', 'train/grad_norm', 'train/tokens_per_second',
+          'train/step_time_ms'} <= set(records[0])
+
+  out = _run(workdir, stdlib_data_dir, 6)
+  assert 'resumed from the checkpoint at step 4' in out
+  assert 'step 6/6' in out and 'step 2/6' not in out
+  assert json.loads((workdir / 'summary.json').read_text())['start_step'] == 4
