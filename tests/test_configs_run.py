@@ -8,6 +8,7 @@ import pathlib
 import pytest
 
 from effjax.config import validate
+from effjax.models.registry import parse_pattern
 from effjax.train import trainer
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -21,10 +22,23 @@ def load(path: pathlib.Path):
   return module.get_config()
 
 
+def shrink_model(config) -> None:
+  """Tiny widths and depth, keeping what the config is about: pattern, dtypes, mesh, vocabulary."""
+  m = config.model
+  blocks = len(parse_pattern(m.pattern))
+  m.num_layers = blocks * min(2, m.num_layers // blocks)
+  m.num_kv_heads = 4 if m.num_kv_heads == m.num_heads else 2
+  m.num_heads, m.d_model, m.head_dim, m.mlp_dim = 4, 64, 0, 128
+  config.data.seq_len = 64
+  config.train.batch_size = 8
+  config.train.grad_accum_steps = 1
+
+
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=lambda p: p.name)
 def test_config_trains_two_steps(path, tmp_path, stdlib_data_dir):
   config = load(path)
   validate(config)  # as written, on this machine's 8 devices
+  shrink_model(config)
   config.data.data_dir = stdlib_data_dir
   config.data.max_documents = 40
   config.train.steps = 2

@@ -305,7 +305,8 @@ def test_process_killed_during_async_save_leaves_previous_step_latest(tmp_path, 
   directory = tmp_path / 'ckpt'
   script = tmp_path / 'killed_mid_save.py'
   script.write_text(textwrap.dedent(_KILLED_MID_SAVE))
-  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS='cpu')
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get('PYTHONPATH', '')]))
   result = subprocess.run([sys.executable, str(script), str(directory), str(seed)], env=env,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr[-3000:]

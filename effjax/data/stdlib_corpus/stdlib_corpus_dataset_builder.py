@@ -14,11 +14,13 @@ splits are decided at build time by `sources.in_validation_split`).
 finished, and the lock keeps two processes from racing on that rename.
 """
 
+import contextlib
 import dataclasses
 import os
 import sysconfig
 import tokenize
 
+from absl import logging
 from etils import epath
 import tensorflow_datasets as tfds
 
@@ -121,19 +123,35 @@ def dataset_name(validation_percent: int) -> str:
   return f'{Builder.name}/{builder_config(validation_percent).name}:{Builder.VERSION}'
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+  """tfds warns that a not-yet-built dataset folder has no metadata: expected here, so hidden."""
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(level)
+
+
 def prepare(data_dir: str, validation_percent: int) -> Builder:
   """The builder of this Python's stdlib dataset under data_dir, built first if it is not there."""
   config_name = builder_config(validation_percent).name
-  builder = Builder(data_dir=data_dir, config=config_name, file_format='array_record')
-  if builder.is_prepared():
+  make = lambda: Builder(data_dir=data_dir, config=config_name, file_format='array_record')
+  with _quiet_tfds():
+    builder = make()
+    prepared = builder.is_prepared()
+  if prepared:
     return builder
   lock_path = os.path.join(data_dir, 'locks', f'{builder.name}-{config_name}.lock')
   with sources.file_lock(lock_path):
     # Another process may have finished the build while we waited; a fresh builder looks again.
-    builder = Builder(data_dir=data_dir, config=config_name, file_format='array_record')
-    if not builder.is_prepared():
+    with _quiet_tfds():
+      builder = make()
+      prepared = builder.is_prepared()
+    if not prepared:
       print(f'building the stdlib corpus dataset under {data_dir} (once; about a second)', flush=True)
       tfds.disable_progress_bar()
       builder.download_and_prepare()
-      builder = Builder(data_dir=data_dir, config=config_name, file_format='array_record')
+      builder = make()
   return builder
