@@ -2,8 +2,9 @@
 
     python -m effjax.main --config=configs/default.py --workdir=/tmp/effjax_default
 
-Expect (two CPU cores): the held-out loss falling from ~5.9 (uniform over the byte vocabulary) to
-~1.5 nats/byte within about five minutes, then a code-like sample printed at the end.
+Expect (two CPU cores, ~4 minutes in all): the loss falling from 5.95 (uniform over the 384 ids)
+to ~1.9 train / ~2.2 held-out nats per byte over 240 steps of 2,048 tokens, then a Python-shaped
+sample. Measured: experiments/cpu_default/README.md.
 """
 
 from configs import base

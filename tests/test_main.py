@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 
-def _run(workdir, data_dir, steps, *extra):
+def _run(workdir, data_dir, steps, *extra, expect_rc=0):
   cmd = [sys.executable, '-m', 'effjax.main', '--config=configs/default.py', f'--workdir={workdir}',
          f'--config.data.data_dir={data_dir}', '--config.data.max_documents=40',
          '--config.model.d_model=64', '--config.model.mlp_dim=128', '--config.data.seq_len=64',
@@ -14,8 +14,8 @@ def _run(workdir, data_dir, steps, *extra):
          '--config.train.checkpoint_every=2', '--config.optim.warmup_steps=1',
          '--config.generate.max_new_tokens=8', *extra]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout
+  assert proc.returncode == expect_rc, proc.stderr[-3000:]
+  return proc.stdout if expect_rc == 0 else proc.stderr
 
 
 def test_train_then_rerun_resumes(tmp_path, stdlib_data_dir):
@@ -36,3 +36,13 @@ def test_train_then_rerun_resumes(tmp_path, stdlib_data_dir):
   assert 'resumed from the checkpoint at step 4' in out
   assert 'step 6/6' in out and 'step 2/6' not in out
   assert json.loads((workdir / 'summary.json').read_text())['start_step'] == 4
+
+  out = _run(workdir, stdlib_data_dir, 6, '--mode=eval')
+  assert 'eval of step 6: loss' in out
+  out = _run(workdir, stdlib_data_dir, 6, '--mode=generate', '--config.generate.prompt=import os')
+  assert out.startswith('import os')
+
+
+def test_eval_without_checkpoint_is_one_clear_error(tmp_path, stdlib_data_dir):
+  err = _run(tmp_path / 'empty', stdlib_data_dir, 2, '--mode=eval', expect_rc=1)
+  assert err.strip().splitlines()[-1].startswith('effjax: error: no checkpoint under ')

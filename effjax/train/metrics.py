@@ -47,6 +47,8 @@ def progress_line(step: int, total: int, m: Mapping[str, Any]) -> str:
     parts.append(f'MFU {100 * m["mfu"]:.1f}%')
   if 'memory_peak_gb' in m:
     parts.append(f'mem {m["memory_peak_gb"]:.2f} GB')
+  elif 'host_peak_rss_gb' in m:
+    parts.append(f'host mem {m["host_peak_rss_gb"]:.2f} GB')
   if m.get('skipped_steps'):
     parts.append(f'skipped {m["skipped_steps"]}')
   if 'eta_seconds' in m:
