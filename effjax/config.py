@@ -194,6 +194,9 @@ def validate(config, num_devices: int | None = None) -> None:
     raise ConfigError("data.glob='': data.source=text_files needs a glob such as '/data/**/*.txt'")
   if config.data.source == 'tfds' and not config.data.tfds_name:
     raise ConfigError("data.tfds_name='': data.source=tfds needs a dataset name, e.g. 'lm1b'")
+  if config.model.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
+    raise ConfigError(f"model.attention_impl='cudnn': needs a GPU but the backend is "
+                      f"{jax.default_backend()}; use 'auto' or 'xla'")
   if config.optim.warmup_steps > config.train.steps:
     raise ConfigError(f'optim.warmup_steps={config.optim.warmup_steps}: longer than '
                       f'train.steps={config.train.steps}')

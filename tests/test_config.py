@@ -141,3 +141,9 @@ def test_missing_config_file(tmp_path):
   assert proc.returncode == 2
   assert proc.stderr.startswith('effjax: config error: --config could not be loaded')
   assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cudnn_needs_a_gpu():
+  def wrong(c):
+    c.model.attention_impl = 'cudnn'
+  _bad(wrong, r"model\.attention_impl='cudnn': needs a GPU but the backend is cpu")

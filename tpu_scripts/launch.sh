@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start training on every worker (jax.distributed finds its peers on Cloud TPU by itself):
-#   bash tpu_scripts/launch.sh configs/default.py gs://bucket/runs/exp1 [--config.x=y ...]
+#   bash tpu_scripts/launch.sh configs/default.py /mnt/shared/runs/exp1 [--config.x=y ...]
+# (the workdir must be shared by all workers: NFS or a gcsfuse-mounted bucket)
 # The run continues in the background (nohup); logs go to ~/effjax.log on each worker.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"

@@ -204,6 +204,7 @@ def train(config, workdir: str) -> dict[str, Any]:
       text = _sample(run, state['params'], final_step)
       run.writer.print('sample:\n' + text)
       summary['sample'] = text
+    train_iter.close()  # stops grain's read-ahead threads and worker processes
   run.checkpointer.wait()
   run.checkpointer.close()
   run.writer.close()
