@@ -17,6 +17,7 @@ import jax
 import ml_collections
 
 from configs import base as base_config
+from effjax.data.tokenizers import ByteTokenizer
 from effjax.models import attention, remat
 from effjax.models import lm as _lm  # noqa: F401  (registers the layer parts)
 from effjax.models.registry import FEED_FORWARDS, MIXERS, parse_pattern
@@ -43,6 +44,9 @@ NON_NEGATIVE = ('model.head_dim', 'model.mlp_dim', 'train.eval_every', 'optim.wa
                 'optim.weight_decay', 'optim.clip_norm', 'optim.learning_rate', 'data.num_workers',
                 'data.max_documents', 'generate.temperature', 'generate.top_k',
                 'train.profile_steps', 'train.z_loss', 'train.peak_tflops')
+
+
+BYTE_VOCAB_SIZE = ByteTokenizer().vocab_size
 
 
 class ConfigError(ValueError):
@@ -194,6 +198,12 @@ def validate(config, num_devices: int | None = None) -> None:
     raise ConfigError("data.glob='': data.source=text_files needs a glob such as '/data/**/*.txt'")
   if config.data.source == 'tfds' and not config.data.tfds_name:
     raise ConfigError("data.tfds_name='': data.source=tfds needs a dataset name, e.g. 'lm1b'")
+  tokenizer_vocab = (config.data.sentencepiece_vocab_size
+                     if config.data.tokenizer == 'sentencepiece' else BYTE_VOCAB_SIZE)
+  if config.model.vocab_size < tokenizer_vocab:
+    raise ConfigError(f'model.vocab_size={config.model.vocab_size}: smaller than the '
+                      f'{config.data.tokenizer} tokenizer vocabulary ({tokenizer_vocab}); set it to '
+                      f'at least {tokenizer_vocab} (a multiple of 128 is fastest)')
   if config.model.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
     raise ConfigError(f"model.attention_impl='cudnn': needs a GPU but the backend is "
                       f"{jax.default_backend()}; use 'auto' or 'xla'")

@@ -147,3 +147,10 @@ def test_cudnn_needs_a_gpu():
   def wrong(c):
     c.model.attention_impl = 'cudnn'
   _bad(wrong, r"model\.attention_impl='cudnn': needs a GPU but the backend is cpu")
+
+
+def test_vocabulary_must_hold_the_tokenizer():
+  def wrong(c):
+    c.data.tokenizer = 'sentencepiece'
+    c.data.sentencepiece_vocab_size = 4096
+  _bad(wrong, r'model\.vocab_size=384: smaller than the sentencepiece tokenizer vocabulary \(4096\)')
