@@ -1,6 +1,5 @@
 """Every notebook in notebooks/ runs top to bottom (small settings through the environment)."""
 
-import os
 import pathlib
 
 import nbformat
