@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+
 
 def _run(workdir, data_dir, steps, *extra, expect_rc=0):
   cmd = [sys.executable, '-m', 'effjax.main', '--config=configs/default.py', f'--workdir={workdir}',
@@ -46,3 +48,19 @@ def test_train_then_rerun_resumes(tmp_path, stdlib_data_dir):
 def test_eval_without_checkpoint_is_one_clear_error(tmp_path, stdlib_data_dir):
   err = _run(tmp_path / 'empty', stdlib_data_dir, 2, '--mode=eval', expect_rc=1)
   assert err.strip().splitlines()[-1].startswith('effjax: error: no checkpoint under ')
+
+
+def test_corrupt_checkpoint_is_one_clear_error_and_nothing_is_deleted(tmp_path, stdlib_data_dir):
+  workdir = tmp_path / 'run'
+  _run(workdir, stdlib_data_dir, 2, '--config.generate.at_end=False')
+  rng = np.random.default_rng()
+  for f in sorted((workdir / 'checkpoints' / '2' / 'state').rglob('*')):
+    if f.is_file() and f.stat().st_size > 64:
+      f.write_bytes(rng.integers(0, 256, 100, dtype=np.uint8).tobytes())
+  before = {p: p.read_bytes() for p in (workdir / 'checkpoints').rglob('*') if p.is_file()}
+  err = _run(workdir, stdlib_data_dir, 4, expect_rc=1)
+  assert err.strip().splitlines()[-1].startswith(
+      'effjax: error: the checkpoint at step 2 under ')
+  assert 'nothing on disk was changed' in err
+  after = {p: p.read_bytes() for p in (workdir / 'checkpoints').rglob('*') if p.is_file()}
+  assert after == before

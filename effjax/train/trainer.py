@@ -24,7 +24,7 @@ from effjax.parallel import mesh as mesh_lib
 from effjax.parallel import sharding as shd
 from effjax.train import flops as flops_lib
 from effjax.train import step as step_lib
-from effjax.train.checkpoint import Checkpointer
+from effjax.train.checkpoint import CheckpointError, Checkpointer
 from effjax.train.metrics import MetricsWriter, device_memory, progress_line
 
 
@@ -81,11 +81,26 @@ def _sample(run: Run, params, step: int) -> str:
   return text
 
 
+def _restore(run: Run, step: int, data_iterator=None) -> dict:
+  """Restore one step; a checkpoint that cannot be read becomes one CheckpointError naming it."""
+  try:
+    return run.checkpointer.restore(step, run.setup.abstract_state, data_iterator=data_iterator)
+  except CheckpointError:
+    raise
+  except Exception as e:  # corrupt files surface as many error types (decode, tensorstore, I/O)
+    directory = os.path.join(run.workdir, 'checkpoints')
+    detail = ' '.join(str(e).split())[:300]
+    raise CheckpointError(
+        f'the checkpoint at step {step} under {directory} could not be read ({type(e).__name__}: '
+        f'{detail}); nothing on disk was changed. Steps present: {run.checkpointer.all_steps()}; '
+        f'move {directory}/{step} aside to resume from an earlier one.') from e
+
+
 def _restore_or_init(run: Run, data_iterator=None) -> tuple[dict, int]:
   latest = run.checkpointer.latest_step()
   if latest is None:
     return run.setup.init(run.config.seed), 0
-  state = run.checkpointer.restore(latest, run.setup.abstract_state, data_iterator=data_iterator)
+  state = _restore(run, latest, data_iterator)
   logging.info('restored checkpoint at step %d', latest)
   run.writer.print(f'resumed from the checkpoint at step {latest}')
   return state, latest
@@ -219,7 +234,7 @@ def _load_latest(run: Run) -> tuple[dict, int]:
   if latest is None:
     raise FileNotFoundError(f'no checkpoint under {run.workdir}/checkpoints: train first '
                             f'(--config.mode=train) or point --workdir at a trained run')
-  return run.checkpointer.restore(latest, run.setup.abstract_state), latest
+  return _restore(run, latest), latest
 
 
 def evaluate(config, workdir: str) -> dict[str, float]:
