@@ -83,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
   t.nan_policy = 'skip'
   t.max_consecutive_nan_skips = 10  # with 'skip': stop after this many non-finite steps in a row
   t.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss on the logits
+  # >0: the training loss applies the head in chunks of this many sequence positions and never
+  # materialises the [batch, seq, vocab] logits (effjax/train/losses.py); must divide data.seq_len.
+  t.loss_chunk_size = 0
   t.profile_steps = 0  # >0: trace this many steps with jax.profiler into workdir/profile
   t.peak_tflops = 0.0  # per-device peak for MFU; 0 -> looked up from the device kind
 
@@ -139,10 +142,15 @@ def get_config() -> ml_collections.ConfigDict:
   g.at_end = True  # print a sample when training ends
 
   # ---------------------------------------------------------------- multi-host
+  # One process per host (or per group of local devices), all running the same command; each
+  # reads its own slice of the data and writes the checkpoint shards it owns. See
+  # effjax/parallel/distributed.py for where unset values come from.
   dist = c.distributed = ml_collections.ConfigDict()
-  dist.initialize = False  # call jax.distributed.initialize (automatic on Cloud TPU)
-  dist.coordinator_address = ''
-  dist.num_processes = 0
-  dist.process_id = -1
+  # Call jax.distributed.initialize. On Cloud TPU, SLURM and Open MPI everything else is found
+  # automatically; num_processes > 1 (here or in $EFFJAX_NUM_PROCESSES) implies it.
+  dist.initialize = False
+  dist.coordinator_address = ''  # process 0's 'host:port'; '' -> $JAX_COORDINATOR_ADDRESS, cluster
+  dist.num_processes = 0  # 0 -> $EFFJAX_NUM_PROCESSES or the cluster
+  dist.process_id = -1  # 0 .. num_processes - 1; -1 -> $EFFJAX_PROCESS_ID or the cluster
 
   return c

@@ -43,7 +43,8 @@ POSITIVE = ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_
 NON_NEGATIVE = ('model.head_dim', 'model.mlp_dim', 'train.eval_every', 'optim.warmup_steps',
                 'optim.weight_decay', 'optim.clip_norm', 'optim.learning_rate', 'data.num_workers',
                 'data.max_documents', 'generate.temperature', 'generate.top_k',
-                'train.profile_steps', 'train.z_loss', 'train.peak_tflops')
+                'train.profile_steps', 'train.z_loss', 'train.peak_tflops',
+                'train.loss_chunk_size')
 
 
 BYTE_VOCAB_SIZE = ByteTokenizer().vocab_size
@@ -210,6 +211,10 @@ def validate(config, num_devices: int | None = None) -> None:
   if config.optim.warmup_steps > config.train.steps:
     raise ConfigError(f'optim.warmup_steps={config.optim.warmup_steps}: longer than '
                       f'train.steps={config.train.steps}')
+  chunk = config.train.loss_chunk_size
+  if chunk and config.data.seq_len % chunk:
+    raise ConfigError(f'train.loss_chunk_size={chunk}: must divide data.seq_len='
+                      f'{config.data.seq_len} (or be 0 for the unchunked loss)')
   if not 0 <= config.optim.min_lr_ratio <= 1:
     raise ConfigError(f'optim.min_lr_ratio={config.optim.min_lr_ratio}: must be in [0, 1]')
   if not 0 <= config.data.validation_percent < 100:

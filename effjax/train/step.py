@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from effjax.models.lm import LM
 from effjax.parallel import sharding as shd
+from effjax.train import losses
 
 State = dict[str, Any]
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
@@ -75,13 +76,21 @@ def token_losses(logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.A
   return jnp.sum(ce * weights), z_sum, jnp.sum(weights)
 
 
-def _forward_losses(graphdef, params, mb: dict[str, jax.Array], z_loss: float):
+def _forward_losses(graphdef, params, mb: dict[str, jax.Array], z_loss: float,
+                    loss_chunk_size: int = 0):
   model = nnx.merge(graphdef, params)
-  logits = model(mb['inputs'], mb['positions'], mb['segment_ids'])
+  if loss_chunk_size:
+    x = model.features(mb['inputs'], mb['positions'], mb.get('segment_ids'))
+    total, ce_sum = losses.chunked_cross_entropy(x, model.head_matrix(), mb['targets'],
+                                                 mb['weights'], float(z_loss), loss_chunk_size)
+    return ce_sum, total - jax.lax.stop_gradient(ce_sum), jnp.sum(mb['weights'].astype(jnp.float32))
+  # Without segment ids every row is one causal sequence (no document mask).
+  logits = model(mb['inputs'], mb['positions'], mb.get('segment_ids'))
   return token_losses(logits, mb['targets'], mb['weights'], z_loss)
 
 
-def make_train_step(setup: TrainSetup, z_loss: float = 0.0) -> Callable[[State, dict], tuple]:
+def make_train_step(setup: TrainSetup, z_loss: float = 0.0,
+                    loss_chunk_size: int = 0) -> Callable[[State, dict], tuple]:
   """(state, batch of [micro_batches, rows, length]) -> (new state, metrics).
 
   Gradients of the *summed* token loss are accumulated over micro-batches and divided once by the
@@ -92,7 +101,7 @@ def make_train_step(setup: TrainSetup, z_loss: float = 0.0) -> Callable[[State, 
   graphdef, optimizer, schedule = setup.graphdef, setup.optimizer, setup.schedule
 
   def summed_loss(params, mb):
-    ce_sum, z_sum, count = _forward_losses(graphdef, params, mb, z_loss)
+    ce_sum, z_sum, count = _forward_losses(graphdef, params, mb, z_loss, loss_chunk_size)
     return ce_sum + z_sum, (ce_sum, count)
 
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
@@ -149,6 +158,8 @@ def device_batch(setup: TrainSetup, host_batch: dict[str, Any], num_micro: int) 
   """This host's rows [rows, length] -> global arrays [micro_batches, rows/micro, length]."""
   out = {}
   for key in BATCH_KEYS:
+    if key not in host_batch and key == 'segment_ids':
+      continue  # rows that are single documents: plain causal attention
     x = host_batch[key]
     rows = x.shape[0]
     if rows % num_micro:

@@ -1,0 +1,115 @@
+"""effjax benchmarks: `python -m effjax.bench <what> [flags]`.
+
+    python -m effjax.bench train --config=configs/gpt2_small.py [--config.train.batch_size=64]
+        [--sweep=model.remat_policy=none,dots] [--batches=synthetic|packed|pipeline]
+        [--out=experiments/throughput/results] [--name=gpt2_small] [--profile_dir=DIR]
+
+Results go to <out>/<name>.json (device, versions, command, full config per row) and
+<out>/<name>.md (a table to paste beside a claim); existing files are never overwritten. A
+persistent XLA compilation cache is on by default (--compilation_cache_dir; '' turns it off).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+WHAT = ('train',)
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
+                                          lock_config=True)
+_SWEEP = flags.DEFINE_multi_string(
+    'sweep', [], 'KEY=V1,V2,...: run every combination of the listed values (KEY is a config '
+    'field such as train.batch_size, or xla_flags). Repeat the flag for more axes.')
+_BATCHES = flags.DEFINE_enum('batches', 'synthetic', ['synthetic', 'packed', 'pipeline'],
+                             'Where batches come from (see effjax/bench/train.py).')
+_WARMUP = flags.DEFINE_integer('warmup_steps', 3, 'Steps run after compiling, before timing.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Steps per timed window.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; the median is reported.')
+_OUT = flags.DEFINE_string('out', 'bench_results', 'Directory for the JSON and markdown results.')
+_NAME = flags.DEFINE_string('name', None, 'File stem of the results (default: train_<config>).')
+_PROFILE = flags.DEFINE_string('profile_dir', '', 'If set, trace 3 steps with jax.profiler here '
+                               'and write a per-op device-time summary (summary.txt).')
+_CACHE = flags.DEFINE_string('compilation_cache_dir',
+                             os.path.join(os.path.expanduser('~'), '.cache', 'effjax', 'xla'),
+                             "Persistent XLA compilation cache; '' disables it.")
+# Internal: a sweep's child process writes its one row here.
+_ROW_FILE = flags.DEFINE_string('row_file', '', 'internal: write the result row here')
+_VARIANT = flags.DEFINE_string('variant', '{}', 'internal: the sweep variant of this child')
+
+
+def _child_argv(argv: list[str]) -> list[str]:
+  """This command's flags minus those the parent handles (sweep, outputs)."""
+  drop = ('--sweep', '--out', '--name', '--row_file', '--variant')
+  out = []
+  for arg in argv[1:]:
+    if arg == 'train' or any(arg == d or arg.startswith(d + '=') for d in drop):
+      continue
+    out.append(arg)
+  return out
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in WHAT:
+    print(f'effjax.bench: say what to benchmark: one of {", ".join(WHAT)} (got '
+          f'{" ".join(argv[1:]) or "nothing"})', file=sys.stderr)
+    sys.exit(2)
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  from effjax import config as config_lib
+  from effjax.bench import results
+  from effjax.bench import train as train_bench
+
+  config = _CONFIG.value
+  if config is None:
+    print('effjax.bench: --config=configs/<experiment>.py is required', file=sys.stderr)
+    sys.exit(2)
+  try:
+    variants = train_bench.parse_sweep(_SWEEP.value)
+  except ValueError as e:
+    print(f'effjax.bench: {e}', file=sys.stderr)
+    sys.exit(2)
+  config_file = config_flags.get_config_filename(flags.FLAGS['config'])
+  config_name = os.path.splitext(os.path.basename(config_file.split(':')[0]))[0]
+  stem = _NAME.value or f'train_{config_name}'
+
+  if len(variants) > 1:
+    env, rows = train_bench.run_sweep(variants, _child_argv(sys.argv))
+    env = env or {'device_kind': '?', 'platform': '?', 'num_devices': '?', 'jax': '?',
+                  'flax': '?', 'optax': '?', 'git_commit': None, 'date_utc': '?'}
+    env['command'] = 'python -m effjax.bench ' + ' '.join(sys.argv[1:])
+  else:
+    import jax
+    if _CACHE.value:
+      jax.config.update('jax_compilation_cache_dir', _CACHE.value)
+      jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    try:
+      config_lib.validate(config)
+    except config_lib.ConfigError as e:
+      print(f'effjax.bench: config error: {e}', file=sys.stderr)
+      sys.exit(2)
+    variant = json.loads(_VARIANT.value) or (variants[0] if variants else {})
+    row = train_bench.run_one(config, variant, batches=_BATCHES.value,
+                              warmup_steps=_WARMUP.value, steps=_STEPS.value,
+                              repeats=_REPEATS.value, profile_dir=_PROFILE.value)
+    env = results.environment()
+    if row.get('profile_summary'):
+      print(row['profile_summary'])
+    if _ROW_FILE.value:
+      with open(_ROW_FILE.value, 'w', encoding='utf-8') as f:
+        json.dump({'environment': env, 'row': row}, f, default=str)
+      return
+    rows = [row]
+  title = f'Training throughput: {config_name}'
+  json_path, md_path = results.write(_OUT.value, stem, env, rows, train_bench.COLUMNS, title)
+  with open(md_path, encoding='utf-8') as f:
+    print(f.read())
+  print(f'wrote {json_path} and {md_path}')
+
+
+if __name__ == '__main__':
+  app.run(main)

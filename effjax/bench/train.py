@@ -1,0 +1,274 @@
+"""Training-step throughput: steady-state step time, tokens/s, MFU and peak memory of a config.
+
+    python -m effjax.bench train --config=configs/gpt2_small.py [--config.x.y=v ...]
+        [--sweep=train.batch_size=16,32 --sweep=model.remat_policy=none,dots]
+
+What is timed is the project's own jitted train step (the one the trainer runs), on batches that
+are already on the device, after compilation and warm-up steps: `repeats` windows of `steps`
+back-to-back steps each, the device synchronised only at window ends, and the median window
+reported (with the spread). Compile time is measured separately (a persistent compilation cache
+makes the second run's compile near zero; both are reported).
+
+Batches (--batches):
+  synthetic  one random-token causal sequence per row, no document mask: the shape every
+             published GPT-2 throughput figure uses (nanoGPT-style runs do not mask documents);
+  packed     random documents packed per row with segment ids and restarting positions: what the
+             trainer feeds, including the cost of the document mask;
+  pipeline   batches from the configured data pipeline, fetched inside the timed window: the
+             input pipeline's cost included.
+
+With --sweep, each variant (the cartesian product of the --sweep lists) runs in a fresh
+subprocess, so peak-memory figures do not leak between variants and an out-of-memory variant is
+recorded as such without ending the sweep. A sweep key `xla_flags` sets XLA_FLAGS for a variant.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+COLUMNS = (
+    ('name', 'variant', ''),
+    ('params_m', 'params (M)', '.1f'),
+    ('tokens_per_step', 'tokens/step', ''),
+    ('step_time_ms', 'step (ms)', '.1f'),
+    ('step_time_spread_pct', 'spread (%)', '.1f'),
+    ('tokens_per_second', 'tokens/s', ',.0f'),
+    ('mfu_percent', 'MFU (%)', '.1f'),
+    ('peak_memory_gb', 'peak mem (GB)', '.1f'),
+    ('compile_s', 'compile (s)', '.1f'),
+    ('error', 'error', ''),
+)
+
+
+def parse_sweep(specs: Sequence[str]) -> list[dict[str, str]]:
+  """['a.b=1,2', 'c=x,y'] -> the 4 variants {a.b: 1, c: x}, ...; [] -> [{}]."""
+  axes = []
+  for spec in specs:
+    key, sep, values = spec.partition('=')
+    if not sep or not key:
+      raise ValueError(f'--sweep={spec!r}: expected KEY=V1,V2,... (e.g. '
+                       f'--sweep=train.batch_size=16,32)')
+    axes.append([(key.strip(), v) for v in values.split(',')])
+  return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def variant_name(variant: dict[str, str]) -> str:
+  if not variant:
+    return 'base'
+  return ' '.join(f'{k.split(".")[-1]}={v or "default"}' for k, v in variant.items())
+
+
+def _host_batch(config, kind: str, rng: np.random.Generator, rows: int) -> dict[str, np.ndarray]:
+  t, vocab = config.data.seq_len, config.model.vocab_size
+  inputs = rng.integers(0, vocab, (rows, t), dtype=np.int32)
+  targets = np.roll(inputs, -1, axis=1)
+  if kind == 'synthetic':
+    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)).copy()
+    return {'inputs': inputs, 'targets': targets, 'positions': positions,
+            'weights': np.ones((rows, t), np.float32)}
+  # packed: documents of random lengths (mean ~t/4) back to back, the tail of each row padded.
+  segment_ids = np.zeros((rows, t), np.int32)
+  positions = np.zeros((rows, t), np.int32)
+  for r in range(rows):
+    start, seg = 0, 1
+    while start < t - 1:
+      length = int(min(t - start, rng.geometric(4.0 / t)))
+      if start + length >= t and seg > 1 and rng.random() < 0.5:
+        break  # leave some rows with trailing padding
+      segment_ids[r, start:start + length] = seg
+      positions[r, start:start + length] = np.arange(length)
+      start, seg = start + length, seg + 1
+  weights = (segment_ids > 0).astype(np.float32)
+  return {'inputs': inputs * (segment_ids > 0), 'targets': targets * (segment_ids > 0),
+          'segment_ids': segment_ids, 'positions': positions, 'weights': weights}
+
+
+def summarise_profile(trace_dir: str, top: int = 30) -> str:
+  """Device time per op name from a jax.profiler trace: where the step's time goes."""
+  import glob
+
+  from jax.profiler import ProfileData
+  files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True))
+  if not files:
+    return f'no trace under {trace_dir}'
+  data = ProfileData.from_file(files[-1])
+  out = []
+  for plane in data.planes:
+    if not plane.name.startswith('/device:'):
+      continue
+    for line in plane.lines:
+      totals: dict[str, list[float]] = {}
+      for event in line.events:
+        entry = totals.setdefault(event.name, [0.0, 0])
+        entry[0] += event.duration_ns
+        entry[1] += 1
+      if not totals:
+        continue
+      busy = sum(v[0] for v in totals.values())
+      out.append(f'{plane.name} / {line.name}: {busy / 1e6:.2f} ms in {len(totals)} names')
+      for name, (ns, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
+        out.append(f'  {ns / 1e6:9.3f} ms {100 * ns / max(busy, 1):5.1f}%  x{count:<5d} {name[:140]}')
+  return '\n'.join(out) or 'no device planes in the trace'
+
+
+def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps: int = 10,
+            repeats: int = 3, profile_dir: str = '') -> dict[str, Any]:
+  """One config's steady-state training throughput; raises on bad config, returns a result row."""
+  import jax
+
+  from effjax import config as config_lib
+  from effjax import data as data_lib
+  from effjax.models.lm import count_params
+  from effjax.optim.factory import make_optimizer
+  from effjax.parallel import mesh as mesh_lib
+  from effjax.parallel import sharding as shd
+  from effjax.train import flops as flops_lib
+  from effjax.train import step as step_lib
+  from effjax.train.metrics import device_memory
+
+  config_lib.validate(config)
+  tc = config.train
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = shd.rules_from_config(config.sharding_rules)
+  optimizer, schedule = make_optimizer(config.optim, max(tc.steps, 1))
+  rows_per_host = tc.batch_size // jax.process_count()
+  with jax.set_mesh(mesh), shd.axis_rules(rules):
+    setup = step_lib.make_setup(config, optimizer, schedule, mesh)
+    state = setup.init(config.seed)
+    train_step = step_lib.make_train_step(setup, z_loss=tc.z_loss,
+                                          loss_chunk_size=tc.loss_chunk_size)
+    if batches == 'pipeline':
+      iterator = data_lib.make_train_iterator(config, process_index=jax.process_index(),
+                                              process_count=jax.process_count())
+      next_batch = lambda: step_lib.device_batch(setup, next(iterator), tc.grad_accum_steps)
+    else:
+      rng = np.random.default_rng(config.seed)
+      pool = [step_lib.device_batch(setup, _host_batch(config, batches, rng, rows_per_host),
+                                    tc.grad_accum_steps) for _ in range(2)]
+      counter = itertools.count()
+      next_batch = lambda: pool[next(counter) % len(pool)]
+
+    first = next_batch()
+    t0 = time.perf_counter()
+    lowered = train_step.lower(state, first)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+
+    for _ in range(max(warmup_steps, 1)):
+      state, metrics = compiled(state, next_batch())
+    first_loss = float(metrics['loss'])
+    windows = []
+    for _ in range(repeats):
+      jax.block_until_ready(state)
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        state, metrics = compiled(state, next_batch())
+      jax.block_until_ready((state, metrics))
+      windows.append((time.perf_counter() - t0) / steps)
+    last_loss = float(metrics['loss'])
+    profile_summary = None
+    if profile_dir:
+      jax.profiler.start_trace(profile_dir)
+      for _ in range(3):
+        state, metrics = compiled(state, next_batch())
+      jax.block_until_ready((state, metrics))
+      jax.profiler.stop_trace()
+      profile_summary = summarise_profile(profile_dir)
+      with open(os.path.join(profile_dir, 'summary.txt'), 'w', encoding='utf-8') as f:
+        f.write(profile_summary + '\n')
+
+  step_time = statistics.median(windows)
+  tokens_per_step = tc.batch_size * config.data.seq_len
+  flops_per_token = flops_lib.train_flops_per_token(config.model, config.data.seq_len)
+  peak = flops_lib.peak_flops_per_device(override_tflops=tc.peak_tflops)
+  mfu = flops_lib.mfu(tokens_per_step / step_time, flops_per_token, jax.device_count(), peak)
+  mem = device_memory()
+  compiled_bytes = None
+  if memory is not None:
+    compiled_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
+                      memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  xla_flops = cost.get('flops') if cost else None
+  return {
+      'params_m': count_params(config.model) / 1e6,
+      'params_non_embedding_m': count_params(config.model, include_embedding=False) / 1e6,
+      'batch_size': tc.batch_size, 'seq_len': config.data.seq_len,
+      'grad_accum_steps': tc.grad_accum_steps, 'tokens_per_step': tokens_per_step,
+      'batches': batches, 'mesh': dict(mesh.shape),
+      'compile_s': compile_s,
+      'step_time_ms': 1e3 * step_time,
+      'step_time_windows_ms': [1e3 * w for w in windows],
+      'step_time_spread_pct': 100 * (max(windows) - min(windows)) / step_time,
+      'tokens_per_second': tokens_per_step / step_time,
+      'tokens_per_second_per_device': tokens_per_step / step_time / jax.device_count(),
+      'flops_per_token': flops_per_token,
+      'peak_flops_per_device': peak,
+      'mfu': mfu, 'mfu_percent': None if mfu is None else 100 * mfu,
+      # XLA's own count of the compiled step (includes rematerialisation and the optimizer).
+      'xla_flops_per_step_per_device': xla_flops,
+      'peak_memory_gb': mem.get('memory_peak_gb'),
+      'host_peak_rss_gb': mem.get('host_peak_rss_gb'),
+      'compiled_memory_gb': None if compiled_bytes is None else compiled_bytes / 1e9,
+      'loss_first': first_loss, 'loss_last': last_loss,
+      'profile_summary': profile_summary,
+      'config': config.to_dict(),
+  }
+
+
+def _is_oom(error: BaseException) -> bool:
+  text = str(error)
+  return 'RESOURCE_EXHAUSTED' in text or 'Out of memory' in text or 'out of memory' in text
+
+
+def run_one(config, variant: dict[str, str], **kwargs) -> dict[str, Any]:
+  """measure(), with failures a device can produce (out of memory) recorded in the row."""
+  row: dict[str, Any] = {'name': variant_name(variant), 'overrides': variant}
+  try:
+    row.update(measure(config, **kwargs))
+  except Exception as e:  # pylint: disable=broad-except
+    if not _is_oom(e):
+      raise
+    row['error'] = 'out of memory'
+    row['error_detail'] = ' '.join(str(e).split())[:500]
+  return row
+
+
+def run_sweep(variants: list[dict[str, str]], child_argv: list[str]) -> tuple[dict, list[dict]]:
+  """Each variant in its own process; returns (environment of the first, rows)."""
+  env_record, rows = None, []
+  for variant in variants:
+    env = dict(os.environ)
+    overrides = []
+    for key, value in variant.items():
+      if key == 'xla_flags':
+        env['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + value).strip()
+      else:
+        overrides.append(f'--config.{key}={value}')
+    with tempfile.TemporaryDirectory() as tmp:
+      row_file = os.path.join(tmp, 'row.json')
+      argv = [sys.executable, '-m', 'effjax.bench', 'train', *child_argv, *overrides,
+              f'--row_file={row_file}', f'--variant={json.dumps(variant)}']
+      print(f'[bench] {variant_name(variant)}', flush=True)
+      proc = subprocess.run(argv, env=env, check=False)
+      if proc.returncode or not os.path.exists(row_file):
+        rows.append({'name': variant_name(variant), 'overrides': variant,
+                     'error': f'exit status {proc.returncode}'})
+        continue
+      with open(row_file, encoding='utf-8') as f:
+        record = json.load(f)
+    env_record = env_record or record['environment']
+    record['row']['xla_flags'] = env.get('XLA_FLAGS', '')
+    rows.append(record['row'])
+  return env_record, rows
