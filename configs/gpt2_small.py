@@ -24,7 +24,10 @@ def get_config():
   m.remat_policy = 'none'
   m.scan_layers = False  # unrolled: 77 ms vs 93 ms a step on an H200 (experiments/throughput)
   config.data.seq_len = 1024
-  config.train.batch_size = 32
+  # 64 x 1024 tokens a step, loss in chunks of 256 positions: the fastest setting measured on an
+  # H200 (experiments/throughput/README.md).
+  config.train.batch_size = 64
+  config.train.loss_chunk_size = 256
   config.train.steps = 2000
   config.train.eval_every = 500
   config.train.checkpoint_every = 500

@@ -27,7 +27,8 @@ def get_config():
   m.scan_layers = False
   m.remat_policy = 'none'
   config.data.seq_len = 2048
-  config.train.batch_size = 8
+  config.train.batch_size = 16
+  config.train.loss_chunk_size = 512
   config.train.steps = 2000
   config.train.eval_every = 500
   config.train.checkpoint_every = 500

@@ -123,10 +123,10 @@ class LM(nnx.Module):
       def step(x_btd, group_state):
         return nnx.merge(graphdef, group_state)(x_btd, ctx), None
 
-      x, _ = jax.lax.scan(remat.apply(step, cfg.remat_policy), x, stacked)
+      x, _ = jax.lax.scan(remat.apply(step, cfg.remat_policy, in_scan=True), x, stacked)
     else:
       for group in self.groups:
-        x = remat.apply(lambda x_btd, g=group: g(x_btd, ctx), cfg.remat_policy)(x)
+        x = remat.apply(lambda x_btd, g=group: g(x_btd, ctx), cfg.remat_policy, in_scan=False)(x)
     return self.final_norm(x)
 
 

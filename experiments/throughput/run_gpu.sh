@@ -25,6 +25,22 @@ gpt2_v2_profile() { $GPT2 --name=gpt2_v2_profile --profile_dir="$RES/gpt2_v2_pro
 gpt2_v2_triton() { $GPT2 --name=gpt2_v2_triton --config.train.batch_size=64 \
                    --sweep=xla_flags=,--xla_gpu_enable_triton_gemm=false; }
 GPT1B="$BENCH --config=configs/gpt_1b.py"
+NOTRITON="--xla_gpu_enable_triton_gemm=false"
+gpt2_chunk() { XLA_FLAGS=$NOTRITON $GPT2 --name=gpt2_chunk --config.train.batch_size=64 \
+               --sweep=train.loss_chunk_size=0,256 --sweep=model.output_dtype=float32,bfloat16; }
+b1_chunk() { XLA_FLAGS=$NOTRITON $GPT1B --name=gpt1b_chunk --config.train.loss_chunk_size=512 \
+             --sweep=train.batch_size=8,16 --sweep=model.remat_policy=none,attention_out; }
+gpt2_final() { XLA_FLAGS=$NOTRITON $GPT2 --name=gpt2_final --profile_dir="$RES/gpt2_final_profile"; }
+gpt2_torch64() { python3 -m effjax.bench.torch_peer --batch=64 --out="$RES/gpt2_torch_peer_b64.json"; }
+b1_final() { XLA_FLAGS=$NOTRITON $GPT1B --name=gpt1b_final --sweep=train.batch_size=16,24 \
+             --sweep=model.remat_policy=none,attention_out; }
+# Largest model on an 80 GB GPU: the allocator capped at 81559 MiB of the H200's 143771 MiB (an
+# H100 80GB's memory), full remat, scanned layers, one 2048-token sequence a step.
+mem_study() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.567 XLA_FLAGS=$NOTRITON $GPT1B --name=memory_80gb \
+              --config.model.d_model=3072 --config.model.num_heads=24 --config.model.num_kv_heads=24 \
+              --config.model.mlp_dim=8192 --config.model.scan_layers=True \
+              --config.model.remat_policy=full --config.train.batch_size=1 --warmup_steps=1 \
+              --steps=3 --repeats=2 --sweep=model.num_layers=30,34,38,42; }
 b1_sweep() { $GPT1B --name=gpt1b_sweep --sweep=train.batch_size=8,16 --sweep=model.remat_policy=none,attention_out; }
 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
