@@ -37,12 +37,18 @@ def main(argv):
   if _MODE.value:
     with config.unlocked():
       config.mode = _MODE.value
+  # Before validation: validate counts the devices, and the first look at them fixes JAX's view
+  # to this process's local devices, after which jax.distributed can no longer start.
+  try:
+    distributed.maybe_initialize(config.distributed)
+  except ValueError as e:
+    print(f'effjax: config error: {e}', file=sys.stderr)
+    sys.exit(2)
   try:
     config_lib.validate(config)
   except config_lib.ConfigError as e:
     print(f'effjax: config error: {e}', file=sys.stderr)
     sys.exit(2)
-  distributed.maybe_initialize(config.distributed)
   cache = os.environ.get('JAX_COMPILATION_CACHE_DIR')
   if cache:
     import jax

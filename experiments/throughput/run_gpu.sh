@@ -32,8 +32,8 @@ b1_chunk() { XLA_FLAGS=$NOTRITON $GPT1B --name=gpt1b_chunk --config.train.loss_c
              --sweep=train.batch_size=8,16 --sweep=model.remat_policy=none,attention_out; }
 gpt2_final() { XLA_FLAGS=$NOTRITON $GPT2 --name=gpt2_final --profile_dir="$RES/gpt2_final_profile"; }
 gpt2_torch64() { python3 -m effjax.bench.torch_peer --batch=64 --out="$RES/gpt2_torch_peer_b64.json"; }
-b1_final() { XLA_FLAGS=$NOTRITON $GPT1B --name=gpt1b_final --sweep=train.batch_size=16,24 \
-             --sweep=model.remat_policy=none,attention_out; }
+b1_final() { XLA_FLAGS=$NOTRITON $GPT1B --name=gpt1b_final --sweep=train.batch_size=16,24,32; }
+b1_remat() { XLA_FLAGS=$NOTRITON $GPT1B --name=gpt1b_remat --sweep=model.remat_policy=attention_out,full; }
 # Largest model on an 80 GB GPU: the allocator capped at 81559 MiB of the H200's 143771 MiB (an
 # H100 80GB's memory), full remat, scanned layers, one 2048-token sequence a step.
 mem_study() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.567 XLA_FLAGS=$NOTRITON $GPT1B --name=memory_80gb \
