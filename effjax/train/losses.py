@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _chunk_terms(x_bcd, w_dv, targets_bc, weights_bc, z_loss):
-  """One chunk: float32 logits, per-token cross-entropy and log-sum-exp."""
-  logits = jnp.einsum('bcd,dv->bcv', x_bcd, w_dv, preferred_element_type=jnp.float32)
+def _chunk_terms(x_bcd, w_dv, targets_bc, weights_bc, z_loss, logits_dtype):
+  """One chunk: logits (stored in logits_dtype, used in float32), cross-entropy, log-sum-exp."""
+  logits = jnp.einsum('bcd,dv->bcv', x_bcd, w_dv, preferred_element_type=logits_dtype)
+  logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets_bc[..., None], axis=-1)[..., 0]
   ce = (lse - target_logit) * weights_bc
@@ -56,14 +57,19 @@ def _check(x_btd, chunk):
                      f'length {t}; use 0 for the unchunked loss')
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def chunked_cross_entropy(x_btd, w_dv, targets_bt, weights_bt, z_loss: float, chunk: int):
-  """(summed cross-entropy + z-loss, summed cross-entropy), both float32 scalars."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def chunked_cross_entropy(x_btd, w_dv, targets_bt, weights_bt, z_loss: float, chunk: int,
+                          logits_dtype=jnp.float32):
+  """(summed cross-entropy + z-loss, summed cross-entropy), both float32 scalars.
+
+  logits_dtype is what the head matmul writes (it accumulates in float32 either way): float32 is
+  exact; bfloat16 halves the bytes of the chunk's logits, as bf16-autocast training does.
+  """
   _check(x_btd, chunk)
 
   def body(carry, inputs):
     x_bcd, targets_bc, weights_bc = inputs
-    _, _, ce, z = _chunk_terms(x_bcd, w_dv, targets_bc, weights_bc, z_loss)
+    _, _, ce, z = _chunk_terms(x_bcd, w_dv, targets_bc, weights_bc, z_loss, logits_dtype)
     return (carry[0] + jnp.sum(ce) + jnp.sum(z), carry[1] + jnp.sum(ce)), None
 
   zero = jnp.zeros((), jnp.float32)
@@ -74,14 +80,14 @@ def chunked_cross_entropy(x_btd, w_dv, targets_bt, weights_bt, z_loss: float, ch
   return total, ce_sum
 
 
-def _fwd(x_btd, w_dv, targets_bt, weights_bt, z_loss, chunk):
+def _fwd(x_btd, w_dv, targets_bt, weights_bt, z_loss, chunk, logits_dtype):
   _check(x_btd, chunk)
   vocab = w_dv.shape[1]
 
   def body(carry, inputs):
     total, ce_sum, dw = carry
     x_bcd, targets_bc, weights_bc = inputs
-    logits, lse, ce, z = _chunk_terms(x_bcd, w_dv, targets_bc, weights_bc, z_loss)
+    logits, lse, ce, z = _chunk_terms(x_bcd, w_dv, targets_bc, weights_bc, z_loss, logits_dtype)
     probs = jnp.exp(logits - lse[..., None])
     # d(ce + z_loss * lse^2)/dlogits = softmax * (1 + 2 z_loss lse) - onehot, times the weight.
     scale = (1.0 + 2.0 * z_loss * lse) * weights_bc
@@ -100,8 +106,8 @@ def _fwd(x_btd, w_dv, targets_bt, weights_bt, z_loss, chunk):
   return (total, ce_sum), (_merge(dx), dw.astype(w_dv.dtype), targets_bt, weights_bt)
 
 
-def _bwd(z_loss, chunk, residuals, cotangents):
-  del z_loss, chunk
+def _bwd(z_loss, chunk, logits_dtype, residuals, cotangents):
+  del z_loss, chunk, logits_dtype
   dx, dw, targets_bt, weights_bt = residuals
   g_total, _ = cotangents  # the cross-entropy-only output is for logging: no gradient
   g = g_total.astype(jnp.float32)

@@ -82,7 +82,8 @@ def _forward_losses(graphdef, params, mb: dict[str, jax.Array], z_loss: float,
   if loss_chunk_size:
     x = model.features(mb['inputs'], mb['positions'], mb.get('segment_ids'))
     total, ce_sum = losses.chunked_cross_entropy(x, model.head_matrix(), mb['targets'],
-                                                 mb['weights'], float(z_loss), loss_chunk_size)
+                                                 mb['weights'], float(z_loss), loss_chunk_size,
+                                                 model.precision.output)
     return ce_sum, total - jax.lax.stop_gradient(ce_sum), jnp.sum(mb['weights'].astype(jnp.float32))
   # Without segment ids every row is one causal sequence (no document mask).
   logits = model(mb['inputs'], mb['positions'], mb.get('segment_ids'))
@@ -126,7 +127,8 @@ def make_train_step(setup: TrainSetup, z_loss: float = 0.0,
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     # The guard is a select, not a lax.cond: on GPU a conditional reads its predicate back to the
-    # host, which stalls the device queue every step (~4 ms of a 69 ms GPT-2-small step).
+    # host every step (GPT-2 small, batch 64, H200: 125.1 ms a step with the conditional, 122.3 ms
+    # with the select, in two separate runs).
     updates, opt_state = optimizer.update(grads, state['opt_state'], params)
     keep_finite = lambda new, old: jnp.where(finite, new, old)
     new_params = jax.tree.map(keep_finite, optax.apply_updates(params, updates), params)

@@ -41,9 +41,27 @@ mem_study() { XLA_PYTHON_CLIENT_MEM_FRACTION=0.567 XLA_FLAGS=$NOTRITON $GPT1B --
               --config.model.mlp_dim=8192 --config.model.scan_layers=True \
               --config.model.remat_policy=full --config.train.batch_size=1 --warmup_steps=1 \
               --steps=3 --repeats=2 --sweep=model.num_layers=30,34,38,42; }
+# Two GPUs: the same per-GPU batch (16 x 2048) on one GPU, data-parallel and FSDP.
+LHS="--xla_gpu_enable_latency_hiding_scheduler=true"
+b1_1gpu() { CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=$NOTRITON $GPT1B --name=gpt1b_1gpu; }
+b1_dp2() { $GPT1B --name=gpt1b_dp2 --config.train.batch_size=32 --config.mesh.data=2 \
+           --sweep=xla_flags="$NOTRITON","$NOTRITON $LHS"; }
+b1_fsdp2() { $GPT1B --name=gpt1b_fsdp2 --config.train.batch_size=32 --config.mesh.data=1 \
+             --config.mesh.fsdp=2 --sweep=xla_flags="$NOTRITON","$NOTRITON $LHS"; }
+gpt2_bf16chunk() { CUDA_VISIBLE_DEVICES=0 XLA_FLAGS=$NOTRITON $GPT2 --name=gpt2_bf16chunk \
+                   --sweep=model.output_dtype=float32,bfloat16; }
+mem_edge() { CUDA_VISIBLE_DEVICES=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.567 XLA_FLAGS=$NOTRITON \
+             $GPT1B --name=memory_80gb_edge --config.model.d_model=3072 --config.model.num_heads=24 \
+             --config.model.num_kv_heads=24 --config.model.mlp_dim=8192 \
+             --config.model.scan_layers=True --config.model.remat_policy=full \
+             --config.train.batch_size=1 --warmup_steps=1 --steps=3 --repeats=2 \
+             --sweep=model.num_layers=44,46; }
+gpt2_b128() { XLA_FLAGS=$NOTRITON $GPT2 --name=gpt2_b128 --sweep=train.batch_size=64,128; }
+gpt2_torch128() { python3 -m effjax.bench.torch_peer --batch=128 --out="$RES/gpt2_torch_peer_b128.json"; }
 b1_sweep() { $GPT1B --name=gpt1b_sweep --sweep=train.batch_size=8,16 --sweep=model.remat_policy=none,attention_out; }
 
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi topo -m >> "$OUT/gpu.txt" 2>&1
 for step in "$@"; do
   echo "=== $step $(date -u +%T)"
   "$step" 2>&1 | tee -a "$OUT/log.txt"

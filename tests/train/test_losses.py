@@ -67,6 +67,9 @@ def test_bfloat16_inputs_stay_close_to_float32():
   gx, gw = jax.grad(lambda a, b: chunked_cross_entropy(a, b, targets, weights, 0.0, 8)[0],
                     argnums=(0, 1))(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
   assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
+  got16 = chunked_cross_entropy(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), targets, weights,
+                                0.0, 8, jnp.bfloat16)[0]  # bf16-stored logits: close, not exact
+  np.testing.assert_allclose(got16, want, rtol=2e-2)
 
 
 def test_chunk_must_divide_sequence():
