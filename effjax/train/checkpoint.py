@@ -245,6 +245,15 @@ class Checkpointer:
     # check behind it) a second time for this step.
     return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-process runs: whether every process has reached the step agreed for a preemption save.
+
+    JAX's coordination service turns a SIGTERM on any host into one agreed step; all processes
+    must call this at every step. Single-process runs return False (the trainer's own signal
+    handler covers them).
+    """
+    return bool(self._manager.reached_preemption(int(step)))
+
   def restore(self, step: int | None, abstract_state: Any, *, data_iterator: Any = None) -> Any:
     """Restores the state of `step` (None: the latest) onto the shardings of `abstract_state`.
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,37 @@ from effjax.train.metrics import MetricsWriter, device_memory, progress_line
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a non-finite loss or gradient and the nan_policy says stop."""
+
+
+class PreemptionWatch:
+  """Turns SIGTERM (how schedulers and Cloud TPU announce preemption) into a flag read per step.
+
+  Single process: a Python handler sets the flag; the step in flight finishes, a checkpoint is
+  written and train() returns normally (exit status 0). Several processes: JAX's coordination
+  service already catches SIGTERM and agrees on one step for all hosts
+  (Checkpointer.reached_preemption); a Python handler there would replace its C++ one, so none is
+  installed.
+  """
+
+  def __init__(self, multi_process: bool):
+    self.requested = False
+    self._multi_process = multi_process
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    logging.warning('received signal %d: finishing the current step, then checkpointing', signum)
+
+  def __enter__(self) -> 'PreemptionWatch':
+    if not self._multi_process and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 @dataclass
@@ -157,7 +190,10 @@ def train(config, workdir: str) -> dict[str, Any]:
       else:
         consecutive_skips = 0
       if step_done == start + 1:  # the first step includes compilation: keep it out of the rates
-        run.writer.print(f'first step (compile + run) took {time.perf_counter() - window_start:.1f} s')
+        m = {k: float(v) for k, v in jax.device_get(metrics_dev).items()}
+        run.writer.write(step_done, m, 'train/')  # its loss still counts (a resumed run's first)
+        run.writer.print(f'first step {step_done} (compile + run) took '
+                         f'{time.perf_counter() - window_start:.1f} s, loss {m["loss"]:.4f}')
         window_start, window_steps = time.perf_counter(), 0
         return
       window_steps += 1
@@ -177,36 +213,58 @@ def train(config, workdir: str) -> dict[str, Any]:
         window_start, window_steps = time.perf_counter(), 0
 
     profiling = False
-    for step in range(start, tc.steps):
-      if tc.profile_steps and step == start + 5:
-        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-        profiling = True
-      batch = step_lib.device_batch(run.setup, next(train_iter), tc.grad_accum_steps)
-      state, metrics = train_step(state, batch)
+    preempted_at = None
+    with PreemptionWatch(multi_process=processes > 1) as watch:
+      for step in range(start, tc.steps):
+        if tc.profile_steps and step == start + 5:
+          jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+          profiling = True
+        batch = step_lib.device_batch(run.setup, next(train_iter), tc.grad_accum_steps)
+        state, metrics = train_step(state, batch)
+        if pending is not None:
+          finish_step(*pending)
+        pending = (step + 1, metrics)
+        if profiling and step == start + 5 + tc.profile_steps:
+          jax.block_until_ready(state)
+          jax.profiler.stop_trace()
+          profiling = False
+        step_done = step + 1
+        evaluate_now = tc.eval_every and step_done % tc.eval_every == 0 and step_done < tc.steps
+        if evaluate_now:
+          finish_step(*pending)
+          pending = None
+          eval_start = time.perf_counter()
+          ev = _evaluate(run, eval_step, state['params'], eval_batches)
+          window_start += time.perf_counter() - eval_start  # keep evaluation out of step times
+          run.writer.write(step_done, ev, 'eval/')
+          run.writer.print(f'eval at step {step_done}: loss {ev["loss"]:.4f}, '
+                           f'perplexity {ev["perplexity"]:.3f} over {int(ev["tokens"])} tokens')
+        run.checkpointer.save(step_done, state, data_iterator=train_iter,
+                              metadata={'step': step_done, 'config': config.to_dict()})
+        if step_done < tc.steps and (
+            watch.requested or (processes > 1 and run.checkpointer.reached_preemption(step_done))):
+          preempted_at = step_done
+          break
       if pending is not None:
         finish_step(*pending)
-      pending = (step + 1, metrics)
-      if profiling and step == start + 5 + tc.profile_steps:
-        jax.block_until_ready(state)
+      if profiling:
         jax.profiler.stop_trace()
-        profiling = False
-      step_done = step + 1
-      evaluate_now = tc.eval_every and step_done % tc.eval_every == 0 and step_done < tc.steps
-      if evaluate_now:
-        finish_step(*pending)
-        pending = None
-        eval_start = time.perf_counter()
-        ev = _evaluate(run, eval_step, state['params'], eval_batches)
-        window_start += time.perf_counter() - eval_start  # keep evaluation out of step times
-        run.writer.write(step_done, ev, 'eval/')
-        run.writer.print(f'eval at step {step_done}: loss {ev["loss"]:.4f}, '
-                         f'perplexity {ev["perplexity"]:.3f} over {int(ev["tokens"])} tokens')
-      run.checkpointer.save(step_done, state, data_iterator=train_iter,
-                            metadata={'step': step_done, 'config': config.to_dict()})
-    if pending is not None:
-      finish_step(*pending)
-    if profiling:
-      jax.profiler.stop_trace()
+
+    if preempted_at is not None:
+      run.checkpointer.save(preempted_at, state, data_iterator=train_iter, force=True,
+                            metadata={'step': preempted_at, 'config': config.to_dict()})
+      train_iter.close()
+      run.checkpointer.wait()
+      run.checkpointer.close()
+      run.writer.print(f'preempted: stopped after step {preempted_at} of {tc.steps} with a '
+                       f'checkpoint saved; rerun the same command to resume')
+      run.writer.close()
+      summary.update(final_step=preempted_at, preempted=True, train=last_train,
+                     skipped_steps=skipped)
+      if process == 0:
+        with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
+          json.dump(summary, f, indent=2, default=float)
+      return summary
 
     final_step = int(state['step'])
     run.checkpointer.save(final_step, state, data_iterator=train_iter, force=True,
