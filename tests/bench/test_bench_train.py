@@ -1,0 +1,64 @@
+"""The training benchmark harness: sweeps, result files, and its errors (tiny model, CPU)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from effjax.bench.train import parse_sweep, variant_name
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+TINY = ['--config=configs/default.py', '--config.model.d_model=64', '--config.model.mlp_dim=128',
+        '--config.model.num_layers=2', '--config.data.seq_len=32', '--config.train.batch_size=8',
+        '--warmup_steps=1', '--steps=2', '--repeats=2']
+
+
+def _bench(*args, expect_rc=0, cache=None):
+  cmd = [sys.executable, '-m', 'effjax.bench', *args]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+  assert proc.returncode == expect_rc, proc.stderr[-3000:]
+  return proc
+
+
+def test_parse_sweep_is_a_cartesian_product():
+  variants = parse_sweep(['train.batch_size=8,16', 'model.remat_policy=none,full,dots'])
+  assert len(variants) == 6
+  assert variants[0] == {'train.batch_size': '8', 'model.remat_policy': 'none'}
+  assert variant_name(variants[-1]) == 'batch_size=16 remat_policy=dots'
+  assert parse_sweep([]) == [{}]
+  assert parse_sweep(['xla_flags=,--a=1']) == [{'xla_flags': ''}, {'xla_flags': '--a=1'}]
+  with pytest.raises(ValueError, match='expected KEY=V1,V2'):
+    parse_sweep(['train.batch_size'])
+
+
+def test_sweep_writes_json_and_markdown_and_never_overwrites(tmp_path):
+  out = tmp_path / 'results'
+  args = ['train', *TINY, f'--out={out}', '--name=tiny', f'--compilation_cache_dir={tmp_path}/c',
+          '--sweep=model.remat_policy=none,full', '--batches=packed']
+  _bench(*args)
+  record = json.loads((out / 'tiny.json').read_text())
+  env, rows = record['environment'], record['rows']
+  assert env['platform'] == 'cpu' and env['jax'] and 'effjax.bench' in env['command']
+  assert [r['name'] for r in rows] == ['remat_policy=none', 'remat_policy=full']
+  for row in rows:
+    assert row['tokens_per_step'] == 8 * 32 and row['step_time_ms'] > 0
+    assert row['tokens_per_second'] == pytest.approx(256 / row['step_time_ms'] * 1e3)
+    assert len(row['step_time_windows_ms']) == 2 and row['batches'] == 'packed'
+    assert row['config']['model']['remat_policy'] == row['overrides']['model.remat_policy']
+    assert row['mfu'] is None  # no known peak for a CPU: no MFU claimed
+  markdown = (out / 'tiny.md').read_text()
+  assert '| remat_policy=full |' in markdown and 'tokens/s' in markdown
+  _bench(*args[:-2])  # same name again, single in-process variant
+  assert (out / 'tiny-2.json').exists() and (out / 'tiny.json').read_text() == json.dumps(
+      record, indent=2, default=str)
+
+
+def test_bad_requests_are_one_clear_error():
+  proc = _bench('kernels', *TINY, expect_rc=2)
+  assert 'say what to benchmark: one of train' in proc.stderr
+  proc = _bench('train', *TINY, '--sweep=train.batch_size', expect_rc=2)
+  assert 'expected KEY=V1,V2' in proc.stderr
+  proc = _bench('train', *TINY, '--config.model.num_heads=5', expect_rc=2)
+  assert 'config error: model.num_heads=5' in proc.stderr
