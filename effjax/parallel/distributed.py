@@ -80,7 +80,7 @@ def maybe_initialize(dist_cfg) -> None:
   # Cross-process collectives of CPU computations need an implementation; gloo is JAX's current
   # default, but older versions (and JAX_CPU_COLLECTIVES_IMPLEMENTATION=none) leave them off, and
   # then every sharded step of a multi-process CPU run fails at its first all-reduce.
-  if jax.config.jax_cpu_collectives_implementation in (None, 'none'):
+  if getattr(jax.config, 'jax_cpu_collectives_implementation', 'gloo') in (None, 'none'):
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   try:
     jax.distributed.initialize(**kwargs)
