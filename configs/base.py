@@ -94,7 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
   o.name = 'adamw'
   o.learning_rate = 3e-3  # peak
   o.warmup_steps = 20
-  o.schedule = 'cosine'  # 'cosine', 'linear' or 'constant' after warmup
+  # After warmup: 'cosine', 'linear' or 'constant', or 'wsd' (warmup-stable-decay: constant, then a
+  # linear decay over the last decay_fraction of the steps).
+  o.schedule = 'cosine'
+  o.decay_fraction = 0.2  # 'wsd' only
   o.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
   o.b1 = 0.9
   o.b2 = 0.95
@@ -102,6 +105,14 @@ def get_config() -> ml_collections.ConfigDict:
   o.weight_decay = 0.1  # decoupled; never applied to norms, biases or (optionally) embeddings
   o.decay_embeddings = True
   o.clip_norm = 1.0  # global-norm gradient clipping; 0 disables
+  # Per-group learning rates: 'NAME=FACTOR,...' scales the updates of every parameter whose path
+  # holds NAME (module or parameter names: embedding, unembedding, mixer, ff, wq, scale, ...).
+  o.lr_multipliers = ''
+  o.no_decay = ''  # comma-separated names whose parameters get no weight decay
+  # Sophia (optim.name 'sophia_g' or 'sophia_h'; b1, b2 above are its two EMAs, e.g. 0.965, 0.99):
+  o.rho = 0.04  # the clipping scale: update = clip(m / max(rho * h, eps), 1)
+  o.hessian_interval = 10  # refresh the diagonal Hessian estimate every k steps
+  o.hessian_probe = 'rademacher'  # sophia_h's Hutchinson probes: 'rademacher' or 'gaussian'
 
   # ---------------------------------------------------------------- parallelism
   # Mesh axis sizes; their product must equal the number of devices. One axis may be -1 to take

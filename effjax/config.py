@@ -21,7 +21,8 @@ from effjax.data.tokenizers import ByteTokenizer
 from effjax.models import attention, remat
 from effjax.models import lm as _lm  # noqa: F401  (registers the layer parts)
 from effjax.models.registry import FEED_FORWARDS, MIXERS, parse_pattern
-from effjax.optim.factory import OPTIMIZERS, SCHEDULES
+from effjax.optim.factory import SCHEDULES, parse_multipliers
+from effjax.optim.factory import check_name as check_optimizer_name
 from effjax.parallel.mesh import AXES, mesh_shape
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -35,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     'data.tokenizer': ('byte', 'sentencepiece'),
     'train.nan_policy': ('skip', 'stop'),
     'optim.schedule': SCHEDULES,
+    'optim.hessian_probe': ('rademacher', 'gaussian'),
 }
 POSITIVE = ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
             'model.num_kv_heads', 'data.seq_len', 'train.batch_size', 'train.grad_accum_steps',
@@ -114,9 +116,18 @@ def _check_fields(config) -> None:
   for name in NON_NEGATIVE:
     if given[name] < 0:
       raise ConfigError(f'{name}={given[name]}: must be >= 0')
-  if given['optim.name'] not in OPTIMIZERS:
-    raise ConfigError(f'optim.name={given["optim.name"]!r}: allowed values are '
-                      f'{", ".join(OPTIMIZERS)}')
+  try:
+    check_optimizer_name(given['optim.name'])
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  try:
+    parse_multipliers(given['optim.lr_multipliers'])
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if not 0 < given['optim.decay_fraction'] <= 1:
+    raise ConfigError(f'optim.decay_fraction={given["optim.decay_fraction"]}: must be in (0, 1]')
+  if given['optim.hessian_interval'] < 1:
+    raise ConfigError(f'optim.hessian_interval={given["optim.hessian_interval"]}: must be >= 1')
 
 
 def _check_model(m) -> None:
