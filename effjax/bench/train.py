@@ -146,7 +146,8 @@ def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps:
     setup = step_lib.make_setup(config, optimizer, schedule, mesh)
     state = setup.init(config.seed)
     train_step = step_lib.make_train_step(setup, z_loss=tc.z_loss,
-                                          loss_chunk_size=tc.loss_chunk_size)
+                                          loss_chunk_size=tc.loss_chunk_size,
+                                          **step_lib.hessian_options(config))
     if batches == 'pipeline':
       iterator = data_lib.make_train_iterator(config, process_index=jax.process_index(),
                                               process_count=jax.process_count())

@@ -160,7 +160,8 @@ def train(config, workdir: str) -> dict[str, Any]:
                                               process_count=processes)
     state, start = _restore_or_init(run, train_iter)
     train_step = step_lib.make_train_step(run.setup, z_loss=tc.z_loss,
-                                          loss_chunk_size=tc.loss_chunk_size)
+                                          loss_chunk_size=tc.loss_chunk_size,
+                                          **step_lib.hessian_options(config))
     eval_step = step_lib.make_eval_step(run.setup)
     run.writer.print(
         f'effjax: {config.model.num_layers} layers, d_model {config.model.d_model}, pattern '
