@@ -105,7 +105,7 @@ def hessian_fn_for(estimator: str, graphdef, mb: dict[str, jax.Array], key: jax.
     model = nnx.merge(graphdef, p)
     return model(mb['inputs'], mb['positions'], mb.get('segment_ids'))
 
-  def loss_fn(p):
+  def loss_fn(p):  # the plain head: the chunked loss is a custom VJP, which forward-mode can't pass
     ce_sum, _, count = _forward_losses(graphdef, p, mb, 0.0)
     return ce_sum / jnp.maximum(count, 1.0)
 
