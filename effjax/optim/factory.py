@@ -114,10 +114,15 @@ def _lion(optim_cfg, schedule: optax.Schedule, mask: Callable) -> optax.Gradient
 
 @OPTIMIZERS.register('adafactor')
 def _adafactor(optim_cfg, schedule: optax.Schedule, mask: Callable) -> optax.GradientTransformation:
-  # Factored second moments; b1 > 0 adds a first moment. Clipping comes from optim.clip_norm.
-  return optax.adafactor(schedule, momentum=optim_cfg.b1 or None, clipping_threshold=None,
-                         weight_decay_rate=optim_cfg.weight_decay or None,
-                         weight_decay_mask=mask, eps=optim_cfg.eps)
+  # Factored second moments and relative (parameter-RMS-scaled) steps with the paper's update
+  # clipping; b1 > 0 adds a first moment. optax applies Adafactor's weight decay after the
+  # learning-rate scaling, so it is given as weight_decay * lr(step): the same decoupled decay
+  # as adamw and lion (a bare 0.1 there would shrink the weights by 10% every step).
+  decay = None
+  if optim_cfg.weight_decay:
+    decay = lambda step: optim_cfg.weight_decay * schedule(step)
+  return optax.adafactor(schedule, momentum=optim_cfg.b1 or None, weight_decay_rate=decay,
+                         weight_decay_mask=mask)
 
 
 def _sophia(optim_cfg, schedule, mask):

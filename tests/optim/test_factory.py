@@ -34,10 +34,13 @@ def _problem(seed):
   return params, loss
 
 
-@pytest.mark.parametrize('name', ['adamw', 'lion', 'adafactor', 'contrib:adopt'])
-def test_each_rule_trains(name):
+# Adafactor scales its steps by each parameter's RMS (relative step sizes), so it takes a larger
+# nominal learning rate. Over 12 seeds the worst final/initial loss ratio was 0.05-0.10.
+@pytest.mark.parametrize('name,lr', [('adamw', 1e-2), ('lion', 1e-2), ('adafactor', 3e-2),
+                                     ('contrib:adopt', 1e-2)])
+def test_each_rule_trains(name, lr):
   params, loss = _problem(int(np.random.SeedSequence().entropy % 2**31))
-  opt, _ = factory.make_optimizer(_cfg(name=name, learning_rate=1e-2, warmup_steps=2), 60)
+  opt, _ = factory.make_optimizer(_cfg(name=name, learning_rate=lr, warmup_steps=2), 150)
   state = opt.init(params)
 
   @jax.jit
@@ -47,9 +50,9 @@ def test_each_rule_trains(name):
     return optax.apply_updates(params, updates), state, value
 
   first = float(loss(params))
-  for _ in range(60):
+  for _ in range(150):
     params, state, value = step(params, state)
-  assert np.isfinite(float(value)) and float(loss(params)) < 0.7 * first, name
+  assert np.isfinite(float(value)) and float(loss(params)) < 0.3 * first, name
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_to_the_end():
