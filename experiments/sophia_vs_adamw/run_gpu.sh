@@ -1,0 +1,39 @@
+#!/bin/bash
+# The Sophia vs AdamW study: every run is configs/sophia_study.py plus optimizer overrides, in its
+# own workdir under $RES; analyze.py then writes the table and the loss-curve plot.
+#   bash experiments/sophia_vs_adamw/run_gpu.sh RUN [RUN ...]      (RUN: a name below, or 'all')
+# A rerun of a finished run resumes from its last checkpoint and ends at once, so the script can
+# be called again after a cut-short session to fill in what is missing.
+set -u
+OUT=${OUT:-/tmp/sophia_out}
+RES=${RES:-/tmp/sophia_runs}
+mkdir -p "$OUT" "$RES"
+export PYTHONUNBUFFERED=1 XLA_FLAGS=${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}
+declare -A RUNS=(
+  # AdamW learning-rate sweep (betas 0.9/0.95, cosine to 0, wd 0.1)
+  [adamw_3e-4]="--config.optim.learning_rate=3e-4"
+  [adamw_6e-4]="--config.optim.learning_rate=6e-4"
+  [adamw_1.2e-3]="--config.optim.learning_rate=1.2e-3"
+  [adamw_2.4e-3]="--config.optim.learning_rate=2.4e-3"
+  # Sophia-G (the paper's betas 0.965/0.99, refresh every 10 steps): learning rate x rho
+  [sophia_g_3e-4_r0.04]="--config.optim.name=sophia_g --config.optim.learning_rate=3e-4 --config.optim.rho=0.04"
+  [sophia_g_6e-4_r0.04]="--config.optim.name=sophia_g --config.optim.learning_rate=6e-4 --config.optim.rho=0.04"
+  [sophia_g_6e-4_r0.02]="--config.optim.name=sophia_g --config.optim.learning_rate=6e-4 --config.optim.rho=0.02"
+  [sophia_g_1.2e-3_r0.04]="--config.optim.name=sophia_g --config.optim.learning_rate=1.2e-3 --config.optim.rho=0.04"
+  # Sophia-H (Hutchinson, Rademacher probes)
+  [sophia_h_6e-4_r0.04]="--config.optim.name=sophia_h --config.optim.learning_rate=6e-4 --config.optim.rho=0.04"
+  [sophia_h_1.2e-3_r0.04]="--config.optim.name=sophia_h --config.optim.learning_rate=1.2e-3 --config.optim.rho=0.04"
+)
+SOPHIA_BETAS="--config.optim.b1=0.965 --config.optim.b2=0.99 --config.optim.hessian_interval=10"
+
+names=("$@")
+if [ "${names[0]:-}" = all ]; then names=("${!RUNS[@]}"); fi
+for name in "${names[@]}"; do
+  extra=${RUNS[$name]:?unknown run $name}
+  [[ $name == sophia* ]] && extra="$extra $SOPHIA_BETAS"
+  echo "=== $name $(date -u +%T)"
+  python3 -m effjax.main --config=configs/sophia_study.py --workdir="$RES/$name" $extra \
+    2>&1 | tail -n 5 | tee -a "$OUT/log.txt"
+done
+python3 experiments/sophia_vs_adamw/analyze.py "$RES" --out="$OUT" | tee "$OUT/summary.txt"
+tar -czf "$OUT/runs.tgz" --exclude=checkpoints --exclude=tb -C "$RES" .
