@@ -49,6 +49,8 @@ def progress_line(step: int, total: int, m: Mapping[str, Any]) -> str:
     parts.append(f'mem {m["memory_peak_gb"]:.2f} GB')
   elif 'host_peak_rss_gb' in m:
     parts.append(f'host mem {m["host_peak_rss_gb"]:.2f} GB')
+  if 'sophia_win_rate' in m:  # Sophia's fraction of unclipped coordinates
+    parts.append(f'win {m["sophia_win_rate"]:.2f}')
   if m.get('skipped_steps'):
     parts.append(f'skipped {m["skipped_steps"]}')
   if 'eta_seconds' in m:
