@@ -61,8 +61,10 @@ def test_sharded_equals_single_device_and_refreshes_every_k(name):
   # rounding (other reduction orders on the mesh) can move a coordinate by up to lr = 1e-3 a step.
   for a, b in zip(single_params, sharded_params):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # Entries near zero come from cancellation inside the Hessian-vector product: compare them on
+  # the scale of the whole estimate, not their own.
   for a, b in zip(single_h, sharded_h):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-8)
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * np.max(np.abs(a)))
   # refreshed at steps 0, 2, 4 (after the 1st, 3rd, 5th call); unchanged in between
   np.testing.assert_array_equal(single_h[1], single_h[0])
   np.testing.assert_array_equal(single_h[3], single_h[2])
