@@ -128,7 +128,7 @@ def main() -> None:
          'tokens_per_second': tokens / step_time, 'flops_per_token': flops_per_token,
          'mfu_percent': 100 * tokens / step_time * flops_per_token / 989e12,
          'peak_memory_gb': torch.cuda.max_memory_allocated() / 1e9,
-         'compile_s': warm_s, 'loss_last': float(loss), 'args': vars(args)}
+         'compile_s': warm_s, 'loss_last': loss.item(), 'args': vars(args)}
   print(json.dumps(row))
   if args.out:
     with open(args.out, 'w', encoding='utf-8') as fh:

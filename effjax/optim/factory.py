@@ -15,6 +15,7 @@ from typing import Any, Callable
 import jax
 import optax
 
+from effjax.optim import sophia
 from effjax.registry import Registry
 
 OPTIMIZERS = Registry('optimizer')
@@ -126,7 +127,6 @@ def _adafactor(optim_cfg, schedule: optax.Schedule, mask: Callable) -> optax.Gra
 
 
 def _sophia(optim_cfg, schedule, mask):
-  from effjax.optim import sophia  # imported lazily: only Sophia runs need it
   return sophia.sophia(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, rho=optim_cfg.rho,
                        weight_decay=optim_cfg.weight_decay, weight_decay_mask=mask,
                        update_interval=optim_cfg.hessian_interval)

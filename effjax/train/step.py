@@ -18,6 +18,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from effjax.models.lm import LM
+from effjax.optim import sophia
+from effjax.optim.factory import HESSIAN_ESTIMATORS
 from effjax.parallel import sharding as shd
 from effjax.train import losses
 
@@ -99,8 +101,6 @@ def hessian_fn_for(estimator: str, graphdef, mb: dict[str, jax.Array], key: jax.
   gradient inside either estimate is a global one, so on a data-parallel mesh the estimate is
   averaged over replicas exactly like the training gradient.
   """
-  from effjax.optim import sophia
-
   def logits_fn(p):
     model = nnx.merge(graphdef, p)
     return model(mb['inputs'], mb['positions'], mb.get('segment_ids'))
@@ -118,7 +118,6 @@ def hessian_fn_for(estimator: str, graphdef, mb: dict[str, jax.Array], key: jax.
 
 def hessian_options(config) -> dict[str, Any]:
   """make_train_step's Sophia arguments from the config (empty for other optimizers)."""
-  from effjax.optim.factory import HESSIAN_ESTIMATORS
   estimator = HESSIAN_ESTIMATORS.get(config.optim.name, '')
   if not estimator:
     return {}
@@ -181,7 +180,6 @@ def make_train_step(setup: TrainSetup, z_loss: float = 0.0, loss_chunk_size: int
                'tokens': count, 'finite': finite.astype(jnp.int32),
                'param_norm': optax.tree.norm(new_params)}
     if hessian_estimator:
-      from effjax.optim import sophia
       metrics.update({f'sophia_{k}': v for k, v in sophia.sophia_stats(new_opt_state).items()})
     return new_state, metrics
 
@@ -204,7 +202,7 @@ def device_batch(setup: TrainSetup, host_batch: dict[str, Any], num_micro: int) 
   """This host's rows [rows, length] -> global arrays [micro_batches, rows/micro, length]."""
   out = {}
   for key in BATCH_KEYS:
-    if key not in host_batch and key == 'segment_ids':
+    if key == 'segment_ids' and key not in host_batch:
       continue  # rows that are single documents: plain causal attention
     x = host_batch[key]
     rows = x.shape[0]

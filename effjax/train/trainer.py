@@ -244,41 +244,32 @@ def train(config, workdir: str) -> dict[str, Any]:
                               metadata={'step': step_done, 'config': config.to_dict()})
         if step_done < tc.steps and (
             watch.requested or (processes > 1 and run.checkpointer.reached_preemption(step_done))):
-          preempted_at = step_done
+          preempted_at = step_done  # the checkpoint below is forced at this step
           break
       if pending is not None:
         finish_step(*pending)
       if profiling:
         jax.profiler.stop_trace()
 
-    if preempted_at is not None:
-      run.checkpointer.save(preempted_at, state, data_iterator=train_iter, force=True,
-                            metadata={'step': preempted_at, 'config': config.to_dict()})
-      train_iter.close()
-      run.checkpointer.wait()
-      run.checkpointer.close()
-      run.writer.print(f'preempted: stopped after step {preempted_at} of {tc.steps} with a '
-                       f'checkpoint saved; rerun the same command to resume')
-      run.writer.close()
-      summary.update(final_step=preempted_at, preempted=True, train=last_train,
-                     skipped_steps=skipped)
-      if process == 0:
-        with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
-          json.dump(summary, f, indent=2, default=float)
-      return summary
-
     final_step = int(state['step'])
     run.checkpointer.save(final_step, state, data_iterator=train_iter, force=True,
                           metadata={'step': final_step, 'config': config.to_dict()})
-    ev = _evaluate(run, eval_step, state['params'], eval_batches)
-    run.writer.write(final_step, ev, 'eval/')
-    run.writer.print(f'eval at step {final_step}: loss {ev["loss"]:.4f}, perplexity '
-                     f'{ev["perplexity"]:.3f} over {int(ev["tokens"])} held-out tokens')
-    summary.update(final_step=final_step, eval=ev, train=last_train, skipped_steps=skipped)
-    if config.generate.at_end:
-      text = _sample(run, state['params'], final_step)
-      run.writer.print('sample:\n' + text)
-      summary['sample'] = text
+    summary.update(final_step=final_step, train=last_train, skipped_steps=skipped)
+    if preempted_at is not None:
+      summary['preempted'] = True
+      run.checkpointer.wait()  # on disk before the message says so
+      run.writer.print(f'preempted: stopped after step {final_step} of {tc.steps} with a '
+                       f'checkpoint saved; rerun the same command to resume')
+    else:
+      ev = _evaluate(run, eval_step, state['params'], eval_batches)
+      run.writer.write(final_step, ev, 'eval/')
+      run.writer.print(f'eval at step {final_step}: loss {ev["loss"]:.4f}, perplexity '
+                       f'{ev["perplexity"]:.3f} over {int(ev["tokens"])} held-out tokens')
+      summary['eval'] = ev
+      if config.generate.at_end:
+        text = _sample(run, state['params'], final_step)
+        run.writer.print('sample:\n' + text)
+        summary['sample'] = text
     train_iter.close()  # stops grain's read-ahead threads and worker processes
   run.checkpointer.wait()
   run.checkpointer.close()

@@ -60,6 +60,20 @@ def _start_and_signal(workdir, data_dir, at_step: int, sig: int) -> subprocess.P
   return proc
 
 
+def _preempt(workdir, data_dir, at_step: int) -> int:
+  """SIGTERM a run once it reports `at_step`; checks it exits 0 and returns the step it saved."""
+  proc = _start_and_signal(workdir, data_dir, at_step, signal.SIGTERM)
+  rest, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0
+  assert 'rerun the same command to resume' in rest
+  stopped = int(rest.split('preempted: stopped after step ')[1].split()[0])
+  # The signal lands while the step after `at_step` is already in flight (metrics are read one
+  # step late), so the run stops within a step or two of it and saves exactly there.
+  assert at_step <= stopped <= at_step + 2, rest
+  assert (workdir / 'checkpoints' / str(stopped)).is_dir()
+  return stopped
+
+
 def _losses(workdir) -> dict[int, float]:
   """step -> train loss; a step logged twice (before a kill and after the rerun) keeps its last."""
   out = {}
@@ -104,15 +118,7 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, stdlib_dat
   term_at = int(np.random.default_rng().integers(4, STEPS - 2))
   print(f'term_at={term_at}')
   workdir = tmp_path / 'preempted'
-  proc = _start_and_signal(workdir, stdlib_data_dir, term_at, signal.SIGTERM)
-  rest, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0
-  stopped = int(rest.split('preempted: stopped after step ')[1].split()[0])
-  # The signal lands while the step after `term_at` is already in flight (metrics are read one
-  # step late), so the run stops within a step or two of it and saves exactly there.
-  assert term_at <= stopped <= term_at + 2, rest
-  assert (workdir / 'checkpoints' / str(stopped)).is_dir()
-  assert 'rerun the same command to resume' in rest
+  stopped = _preempt(workdir, stdlib_data_dir, term_at)
 
   out = _run(workdir, stdlib_data_dir)
   assert f'resumed from the checkpoint at step {stopped}' in out
@@ -124,10 +130,7 @@ def test_checkpoint_from_data_parallel_resumes_on_a_2x2x2_mesh(tmp_path, stdlib_
   workdir = tmp_path / 'remeshed'
   # mesh data=-1: 8-way data parallel; stopped part-way (the schedule depends on train.steps, so
   # the run keeps its length and is preempted instead).
-  proc = _start_and_signal(workdir, stdlib_data_dir, 7, signal.SIGTERM)
-  rest, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0
-  stopped = int(rest.split('preempted: stopped after step ')[1].split()[0])
+  stopped = _preempt(workdir, stdlib_data_dir, 7)
   out = _run(workdir, stdlib_data_dir, '--config.mesh.data=2', '--config.mesh.fsdp=2',
              '--config.mesh.tensor=2')
   assert f'resumed from the checkpoint at step {stopped}' in out
