@@ -112,6 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Sophia (optim.name 'sophia_g' or 'sophia_h'; b1, b2 above are its two EMAs, e.g. 0.965, 0.99):
   o.rho = 0.04  # the clipping scale: update = clip(m / max(rho * h, eps), 1)
   o.hessian_interval = 10  # refresh the diagonal Hessian estimate every k steps
+  o.hessian_rows = 0  # rows of the first micro-batch the estimate uses (0 = all of them)
   o.hessian_probe = 'rademacher'  # sophia_h's Hutchinson probes: 'rademacher' or 'gaussian'
 
   # ---------------------------------------------------------------- parallelism

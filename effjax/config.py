@@ -43,6 +43,7 @@ POSITIVE = ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_
             'train.steps', 'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
             'train.eval_batches', 'generate.max_new_tokens')
 NON_NEGATIVE = ('model.head_dim', 'model.mlp_dim', 'train.eval_every', 'optim.warmup_steps',
+                'optim.hessian_rows',
                 'optim.weight_decay', 'optim.clip_norm', 'optim.learning_rate', 'data.num_workers',
                 'data.max_documents', 'generate.temperature', 'generate.top_k',
                 'train.profile_steps', 'train.z_loss', 'train.peak_tflops',
@@ -186,6 +187,10 @@ def _check_parallel(config, num_devices: int) -> None:
   if micro % jax.process_count():
     raise ConfigError(f'train.batch_size={t.batch_size}: micro-batches must split evenly over '
                       f'{jax.process_count()} processes')
+  rows = config.optim.hessian_rows
+  if rows and (rows > micro or rows % parallel):
+    raise ConfigError(f'optim.hessian_rows={rows}: must be a multiple of the batch-parallel size '
+                      f'{parallel} and at most the {micro} rows of a micro-batch (0 = all rows)')
   m = config.model
   tensor = math.prod(sizes[a] for a in _axes_of(config, 'heads'))
   kv_tensor = math.prod(sizes[a] for a in _axes_of(config, 'kv_heads'))

@@ -7,6 +7,8 @@ kernel on GPU when the compute dtype allows it. Packed sequences are kept apart 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -20,6 +22,22 @@ from effjax.models.rope import apply_rope
 from effjax.parallel.sharding import constrain
 
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
+
+# cuDNN's fused attention defines only a reverse-mode derivative (a custom VJP around an opaque
+# kernel), so forward-mode and second-order derivatives can't pass through it. Code that needs them
+# (Sophia-H's Hessian-vector products) traces the model inside `forward_differentiable()`, which
+# swaps cuDNN for XLA's attention at trace time; the parameters and the math are the same.
+_FORWARD_DIFFERENTIABLE = contextvars.ContextVar('forward_differentiable', default=False)
+
+
+@contextlib.contextmanager
+def forward_differentiable():
+  """Within this context (at trace time), attention avoids kernels that only define a VJP."""
+  token = _FORWARD_DIFFERENTIABLE.set(True)
+  try:
+    yield
+  finally:
+    _FORWARD_DIFFERENTIABLE.reset(token)
 
 
 def resolve_implementation(requested: str, compute_dtype) -> str:
@@ -65,8 +83,8 @@ class Attention(nnx.Module):
                   ('act_batch', 'act_length', 'act_kv_heads', None))
     v = constrain(v, ('act_batch', 'act_length', 'act_kv_heads', None))
     mask = None if ctx.segment_ids is None else segment_mask(ctx.segment_ids)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                       implementation=self.implementation)
+    impl = 'xla' if _FORWARD_DIFFERENTIABLE.get() else self.implementation
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl)
     out = checkpoint_name(out, 'attention_out')
     y = jnp.einsum('btnh,nhd->btd', out, self.wo[...].astype(cdt))
     return constrain(y, ('act_batch', 'act_length', 'act_embed'))

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from effjax.models import attention
 from effjax.models.lm import LM
 from effjax.optim import sophia
 from effjax.optim.factory import HESSIAN_ESTIMATORS
@@ -106,7 +107,8 @@ def hessian_fn_for(estimator: str, graphdef, mb: dict[str, jax.Array], key: jax.
     return model(mb['inputs'], mb['positions'], mb.get('segment_ids'))
 
   def loss_fn(p):  # the plain head: the chunked loss is a custom VJP, which forward-mode can't pass
-    ce_sum, _, count = _forward_losses(graphdef, p, mb, 0.0)
+    with attention.forward_differentiable():  # nor can cuDNN attention
+      ce_sum, _, count = _forward_losses(graphdef, p, mb, 0.0)
     return ce_sum / jnp.maximum(count, 1.0)
 
   if estimator == 'gnb':
@@ -116,18 +118,39 @@ def hessian_fn_for(estimator: str, graphdef, mb: dict[str, jax.Array], key: jax.
   raise ValueError(f'unknown Hessian estimator {estimator!r}; allowed: gnb, hutchinson')
 
 
+def hessian_rows_of(mb: dict[str, jax.Array], rows: int, sharding: NamedSharding) -> dict:
+  """The first rows/S rows of each of the S data-parallel shards of a [rows, length] micro-batch.
+
+  Sophia's estimate needs far fewer tokens than the gradient (the paper estimates on a fraction of
+  the batch), and the refresh is its whole overhead. Taking the same number of rows from every
+  shard keeps the work balanced and local: no row moves between devices.
+  """
+  total = next(iter(mb.values())).shape[0]
+  if not rows or rows == total:
+    return mb
+  shards = total // sharding.shard_shape((1,) + next(iter(mb.values())).shape)[1]
+  if rows > total or rows % shards:
+    raise ValueError(f'optim.hessian_rows={rows}: must be a multiple of the {shards} data-parallel '
+                     f'shards and at most the {total} rows of a micro-batch (0 = all rows)')
+  def take(x):
+    x = x.reshape((shards, total // shards) + x.shape[1:])[:, :rows // shards]
+    return x.reshape((rows,) + x.shape[2:])
+  spec = NamedSharding(sharding.mesh, P(*sharding.spec[1:]))
+  return {k: jax.lax.with_sharding_constraint(take(v), spec) for k, v in mb.items()}
+
+
 def hessian_options(config) -> dict[str, Any]:
   """make_train_step's Sophia arguments from the config (empty for other optimizers)."""
   estimator = HESSIAN_ESTIMATORS.get(config.optim.name, '')
   if not estimator:
     return {}
   return {'hessian_estimator': estimator, 'hessian_probe': config.optim.hessian_probe,
-          'seed': config.seed}
+          'hessian_rows': config.optim.hessian_rows, 'seed': config.seed}
 
 
 def make_train_step(setup: TrainSetup, z_loss: float = 0.0, loss_chunk_size: int = 0,
                     hessian_estimator: str = '', hessian_probe: str = 'rademacher',
-                    seed: int = 0) -> Callable[[State, dict], tuple]:
+                    hessian_rows: int = 0, seed: int = 0) -> Callable[[State, dict], tuple]:
   """(state, batch of [micro_batches, rows, length]) -> (new state, metrics).
 
   Gradients of the *summed* token loss are accumulated over micro-batches and divided once by the
@@ -168,8 +191,9 @@ def make_train_step(setup: TrainSetup, z_loss: float = 0.0, loss_chunk_size: int
     extra = {}
     if hessian_estimator:  # Sophia: the estimate is evaluated only on its refresh steps
       key = jax.random.fold_in(jax.random.key(seed), state['step'])
-      first_micro_batch = jax.tree.map(lambda x: x[0], batch)
-      extra['hessian_fn'] = hessian_fn_for(hessian_estimator, graphdef, first_micro_batch, key,
+      estimate_batch = hessian_rows_of(jax.tree.map(lambda x: x[0], batch), hessian_rows,
+                                       setup.batch_sharding)
+      extra['hessian_fn'] = hessian_fn_for(hessian_estimator, graphdef, estimate_batch, key,
                                            hessian_probe)
     updates, opt_state = optimizer.update(grads, state['opt_state'], params, **extra)
     keep_finite = lambda new, old: jnp.where(finite, new, old)

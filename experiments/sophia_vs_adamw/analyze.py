@@ -1,13 +1,17 @@
 """Summarises the Sophia vs AdamW runs: final losses, steps and time to AdamW's best, overhead.
 
-    python experiments/sophia_vs_adamw/analyze.py RUNS_DIR [--out=DIR]
+    python experiments/sophia_vs_adamw/analyze.py RUNS_DIR [--out=DIR] [--bench=BENCH_JSON]
 
 RUNS_DIR holds one effjax workdir per run (metrics.jsonl + config.json). The target is the best
 final held-out loss among the AdamW runs; for every run this reports the first evaluation step at
 which its held-out loss reached that target, that step count relative to the best AdamW run's,
 the wall-clock to get there (median training step time x steps; evaluation and compilation
-excluded), and the per-step time relative to AdamW's (Sophia's Hessian refresh included). Writes
-results.md, results.json and, where matplotlib is installed, curves.png into --out.
+excluded), and the per-step time relative to AdamW's (Sophia's Hessian refresh included).
+
+Step times come from --bench (an `effjax.bench train` result file of the same config, measured
+alone on the GPU) when it has a row with the run's optimizer, Hessian interval and Hessian rows;
+otherwise from the run's own log, which is only meaningful if the run had the GPU to itself.
+Writes results.md, results.json and, where matplotlib is installed, curves.png into --out.
 """
 
 from __future__ import annotations
@@ -34,8 +38,27 @@ def load_run(workdir: str) -> dict:
   evals = sorted(dict(evals).items())  # a resumed run may log a step twice: keep the last
   return {'name': os.path.basename(workdir.rstrip('/')), 'optimizer': config['optim']['name'],
           'learning_rate': config['optim']['learning_rate'], 'rho': config['optim'].get('rho'),
-          'evals': evals, 'final_loss': evals[-1][1] if evals else None,
-          'step_ms': statistics.median(step_ms) if step_ms else None, 'win_rate': win}
+          'timing_key': _timing_key(config), 'evals': evals,
+          'final_loss': evals[-1][1] if evals else None,
+          'step_ms': statistics.median(step_ms) if step_ms else None, 'step_ms_from': 'run log',
+          'win_rate': win}
+
+
+def _timing_key(config: dict) -> tuple:
+  """What decides a step's cost among the study's runs: the optimizer and Sophia's refresh."""
+  o = config['optim']
+  if o['name'] == 'adamw':
+    return ('adamw',)
+  return (o['name'], o.get('hessian_interval', 10), o.get('hessian_rows', 0))
+
+
+def apply_bench_times(runs: list[dict], bench_json: str) -> None:
+  with open(bench_json, encoding='utf-8') as f:
+    rows = json.load(f)['rows']
+  times = {_timing_key(r['config']): r['step_time_ms'] for r in rows if r.get('step_time_ms')}
+  for run in runs:
+    if run['timing_key'] in times:
+      run['step_ms'], run['step_ms_from'] = times[run['timing_key']], os.path.basename(bench_json)
 
 
 def summarise(runs: list[dict]) -> tuple[list[dict], float | None]:
@@ -67,15 +90,16 @@ def _fmt(value, spec):
 def markdown(runs: list[dict], target: float | None) -> str:
   lines = [f'Target: best AdamW final held-out loss = {_fmt(target, ".4f")}', '',
            '| run | optimizer | lr | rho | final loss | steps to target | x best AdamW | '
-           'minutes to target | step ms | overhead vs AdamW | win rate |',
-           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+           'minutes to target | step ms | step ms from | overhead vs AdamW | win rate |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
   for r in sorted(runs, key=lambda r: (r['optimizer'], r['learning_rate'])):
     lines.append(
         f'| {r["name"]}{" (best AdamW)" if r.get("best_adamw") else ""} | {r["optimizer"]} | '
         f'{r["learning_rate"]:g} | {_fmt(r["rho"] if r["optimizer"] != "adamw" else None, "g")} | '
         f'{_fmt(r["final_loss"], ".4f")} | {_fmt(r.get("steps_to_target"), "d")} | '
         f'{_fmt(r.get("steps_ratio"), ".2f")} | {_fmt(r.get("minutes_to_target"), ".1f")} | '
-        f'{_fmt(r["step_ms"], ".1f")} | {_fmt(r.get("overhead_pct"), "+.1f")}% | '
+        f'{_fmt(r["step_ms"], ".1f")} | {r["step_ms_from"]} | '
+        f'{_fmt(r.get("overhead_pct"), "+.1f")}% | '
         f'{_fmt(r["win_rate"], ".2f")} |')
   return '\n'.join(lines) + '\n'
 
@@ -107,11 +131,14 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument('runs_dir')
   parser.add_argument('--out', default='.')
+  parser.add_argument('--bench', default='', help='effjax.bench result JSON with isolated step times')
   args = parser.parse_args()
   runs = [load_run(os.path.join(args.runs_dir, d)) for d in sorted(os.listdir(args.runs_dir))
           if os.path.exists(os.path.join(args.runs_dir, d, 'metrics.jsonl'))]
   if not runs:
     raise SystemExit(f'no runs (workdirs with metrics.jsonl) under {args.runs_dir}')
+  if args.bench:
+    apply_bench_times(runs, args.bench)
   runs, target = summarise(runs)
   os.makedirs(args.out, exist_ok=True)
   text = markdown(runs, target)

@@ -4,6 +4,10 @@
 #   bash experiments/sophia_vs_adamw/run_gpu.sh RUN [RUN ...]      (RUN: a name below, or 'all')
 # A rerun of a finished run resumes from its last checkpoint and ends at once, so the script can
 # be called again after a cut-short session to fill in what is missing.
+# EXTRA="--config.x=v ..." is appended to every run (e.g. to shrink it for a smoke test).
+# PARALLEL=N runs N trainings at once on the one GPU (each gets 1/N of its memory). Their logged
+# step times are then meaningless; the study takes step times from the isolated benchmark
+# (BENCH=1, run first, alone: `effjax.bench train` of the same config per optimizer).
 set -u
 OUT=${OUT:-/tmp/sophia_out}
 RES=${RES:-/tmp/sophia_runs}
@@ -11,11 +15,13 @@ mkdir -p "$OUT" "$RES"
 export PYTHONUNBUFFERED=1 XLA_FLAGS=${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}
 declare -A RUNS=(
   # AdamW learning-rate sweep (betas 0.9/0.95, cosine to 0, wd 0.1)
+  [adamw_1.5e-4]="--config.optim.learning_rate=1.5e-4"
   [adamw_3e-4]="--config.optim.learning_rate=3e-4"
   [adamw_6e-4]="--config.optim.learning_rate=6e-4"
   [adamw_1.2e-3]="--config.optim.learning_rate=1.2e-3"
   [adamw_2.4e-3]="--config.optim.learning_rate=2.4e-3"
-  # Sophia-G (the paper's betas 0.965/0.99, refresh every 10 steps): learning rate x rho
+  # Sophia-G (the paper's betas 0.965/0.99, refresh every 10 steps on 8 of the 32 rows of the
+  # step's batch): learning rate x rho
   [sophia_g_3e-4_r0.04]="--config.optim.name=sophia_g --config.optim.learning_rate=3e-4 --config.optim.rho=0.04"
   [sophia_g_6e-4_r0.04]="--config.optim.name=sophia_g --config.optim.learning_rate=6e-4 --config.optim.rho=0.04"
   [sophia_g_6e-4_r0.02]="--config.optim.name=sophia_g --config.optim.learning_rate=6e-4 --config.optim.rho=0.02"
@@ -25,15 +31,31 @@ declare -A RUNS=(
   [sophia_h_1.2e-3_r0.04]="--config.optim.name=sophia_h --config.optim.learning_rate=1.2e-3 --config.optim.rho=0.04"
 )
 SOPHIA_BETAS="--config.optim.b1=0.965 --config.optim.b2=0.99 --config.optim.hessian_interval=10"
+SOPHIA_BETAS="$SOPHIA_BETAS --config.optim.hessian_rows=8"
+PARALLEL=${PARALLEL:-1}
+
+if [ "${BENCH:-0}" = 1 ]; then  # per-step cost of each optimizer, measured alone
+  python3 -m effjax.bench train --config=configs/sophia_study.py --sweep=optim.name=adamw,sophia_g,sophia_h \
+    --sweep=optim.hessian_rows=8,0 --config.optim.hessian_interval=10 --steps=20 --repeats=5 \
+    --warmup_steps=5 --out="$OUT/bench" --name=sophia_overhead 2>&1 | tail -n 12
+fi
+if [ "$PARALLEL" -gt 1 ]; then
+  export XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.9 / $PARALLEL, 3))")
+fi
 
 names=("$@")
 if [ "${names[0]:-}" = all ]; then names=("${!RUNS[@]}"); fi
 for name in "${names[@]}"; do
   extra=${RUNS[$name]:?unknown run $name}
   [[ $name == sophia* ]] && extra="$extra $SOPHIA_BETAS"
+  while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do wait -n; done
   echo "=== $name $(date -u +%T)"
-  python3 -m effjax.main --config=configs/sophia_study.py --workdir="$RES/$name" $extra \
-    2>&1 | tail -n 5 | tee -a "$OUT/log.txt"
+  (python3 -m effjax.main --config=configs/sophia_study.py --workdir="$RES/$name" $extra ${EXTRA:-} \
+    > "$RES/$name.log" 2>&1; echo "=== $name ended $(date -u +%T)"; tail -n 3 "$RES/$name.log") \
+    | tee -a "$OUT/log.txt" &
 done
-python3 experiments/sophia_vs_adamw/analyze.py "$RES" --out="$OUT" | tee "$OUT/summary.txt"
+wait
+bench=$(ls "$OUT"/bench/sophia_overhead*.json 2>/dev/null | tail -n 1)
+python3 experiments/sophia_vs_adamw/analyze.py "$RES" --out="$OUT" ${bench:+--bench="$bench"} \
+  | tee "$OUT/summary.txt"
 tar -czf "$OUT/runs.tgz" --exclude=checkpoints --exclude=tb -C "$RES" .

@@ -59,8 +59,10 @@ def test_sharded_equals_single_device_and_refreshes_every_k(name):
       np.testing.assert_allclose(a[key], b[key], rtol=2e-5)
   # Sophia's update is clipped per coordinate: where |m / (rho h)| sits near the clip bound, float
   # rounding (other reduction orders on the mesh) can move a coordinate by up to lr = 1e-3 a step.
-  for a, b in zip(single_params, sharded_params):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # So: every coordinate within 5 steps' worth of lr, and nearly all of them within float noise.
+  diff = np.concatenate([np.ravel(np.abs(a - b)) for a, b in zip(single_params, sharded_params)])
+  assert diff.max() <= 5 * config.optim.learning_rate, diff.max()
+  assert np.mean(diff > 1e-5) < 0.01, np.mean(diff > 1e-5)
   # Entries near zero come from cancellation inside the Hessian-vector product: compare them on
   # the scale of the whole estimate, not their own.
   for a, b in zip(single_h, sharded_h):
@@ -80,3 +82,73 @@ def test_sophia_composes_with_gradient_accumulation():
   metrics, params, _ = _run(config, batches)
   assert all(np.isfinite(m['loss']) and m['finite'] == 1 for m in metrics)
   assert metrics[-1]['loss'] < metrics[0]['loss'] + 1.0
+
+
+def test_hessian_rows_take_the_same_rows_from_every_shard():
+  config = tiny_config()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2  # batch over 4 shards of 4 rows
+  mesh, rules, setup = build(config)
+  rng = np.random.default_rng()
+  host = random_batch(rng, 16, 32)
+  with jax.set_mesh(mesh), shd.axis_rules(rules):
+    batch = step_lib.device_batch(setup, host, 1)
+    mb = jax.tree.map(lambda x: x[0], batch)
+    picked = jax.jit(lambda m: step_lib.hessian_rows_of(m, 8, setup.batch_sharding))(mb)
+    rows = [0, 1, 4, 5, 8, 9, 12, 13]  # the first 2 of each shard's 4
+    for key in mb:
+      np.testing.assert_array_equal(np.asarray(picked[key]), np.asarray(mb[key])[rows])
+      assert picked[key].sharding.shard_shape(picked[key].shape)[0] == 2
+    assert step_lib.hessian_rows_of(mb, 0, setup.batch_sharding) is mb
+    with pytest.raises(ValueError, match='multiple of the 4 data-parallel shards'):
+      step_lib.hessian_rows_of(mb, 6, setup.batch_sharding)
+
+
+def test_sophia_with_a_subset_of_rows_trains_and_differs_from_all_rows():
+  config = tiny_config()
+  config.optim.name = 'sophia_g'
+  config.optim.hessian_interval = 2
+  batches = [random_batch(np.random.default_rng(), 16, 32) for _ in range(3)]
+  _, _, all_rows = _run(config, batches)
+  config.optim.hessian_rows = 8  # one of the two rows on each of the 8 data-parallel devices
+  metrics, _, some_rows = _run(config, batches)
+  assert all(np.isfinite(m['loss']) and m['finite'] == 1 for m in metrics)
+  assert np.all(np.isfinite(some_rows[-1])) and not np.allclose(some_rows[-1], all_rows[-1])
+
+
+def test_hessian_rows_config_error_names_the_constraint():
+  from effjax.config import ConfigError, validate
+  config = tiny_config()
+  config.optim.name = 'sophia_g'
+  config.optim.hessian_rows = 20
+  with pytest.raises(ConfigError, match='optim.hessian_rows=20: must be a multiple'):
+    validate(config)
+
+
+def test_forward_differentiable_swaps_fused_attention_for_xla(monkeypatch):
+  """cuDNN attention has no forward-mode derivative; Sophia-H traces its HVP with XLA attention."""
+  from effjax.models import attention
+  seen = []
+  real = jax.nn.dot_product_attention
+
+  def spy(*args, implementation=None, **kwargs):
+    seen.append(implementation)
+    return real(*args, implementation='xla', **kwargs)
+
+  monkeypatch.setattr(attention.jax.nn, 'dot_product_attention', spy)
+  config = tiny_config()
+  mesh, rules, setup = build(config, jax.devices()[:1])
+  from flax import nnx
+  with jax.set_mesh(mesh), shd.axis_rules(rules):
+    state = setup.init(seed=0)
+    model = nnx.merge(setup.graphdef, state['params'])
+    for _, module in nnx.iter_graph(model):
+      if isinstance(module, attention.Attention):
+        module.implementation = 'cudnn'
+    x = jax.numpy.zeros((1, 8), jax.numpy.int32)
+    pos = jax.numpy.arange(8)[None]
+    jax.eval_shape(lambda: model(x, pos, None))
+    assert set(seen) == {'cudnn'}
+    seen.clear()
+    with attention.forward_differentiable():
+      jax.eval_shape(lambda: model(x, pos, None))
+    assert set(seen) == {'xla'}
