@@ -19,16 +19,16 @@ declare -A RUNS=(
   [adamw_3e-4]="--config.optim.learning_rate=3e-4"
   [adamw_6e-4]="--config.optim.learning_rate=6e-4"
   [adamw_1.2e-3]="--config.optim.learning_rate=1.2e-3"
-  [adamw_2.4e-3]="--config.optim.learning_rate=2.4e-3"
   # Sophia-G (the paper's betas 0.965/0.99, refresh every 10 steps on 8 of the 32 rows of the
-  # step's batch): learning rate x rho
+  # step's batch): learning rate x rho. With the estimate scaled by its own token count (the
+  # paper's B), rho=0.16 here equals rho=0.04 of code that scales by the step's token count.
+  [sophia_g_1.5e-4_r0.04]="--config.optim.name=sophia_g --config.optim.learning_rate=1.5e-4 --config.optim.rho=0.04"
   [sophia_g_3e-4_r0.04]="--config.optim.name=sophia_g --config.optim.learning_rate=3e-4 --config.optim.rho=0.04"
   [sophia_g_6e-4_r0.04]="--config.optim.name=sophia_g --config.optim.learning_rate=6e-4 --config.optim.rho=0.04"
-  [sophia_g_6e-4_r0.02]="--config.optim.name=sophia_g --config.optim.learning_rate=6e-4 --config.optim.rho=0.02"
-  [sophia_g_1.2e-3_r0.04]="--config.optim.name=sophia_g --config.optim.learning_rate=1.2e-3 --config.optim.rho=0.04"
+  [sophia_g_3e-4_r0.16]="--config.optim.name=sophia_g --config.optim.learning_rate=3e-4 --config.optim.rho=0.16"
+  [sophia_g_6e-4_r0.16]="--config.optim.name=sophia_g --config.optim.learning_rate=6e-4 --config.optim.rho=0.16"
   # Sophia-H (Hutchinson, Rademacher probes)
   [sophia_h_6e-4_r0.04]="--config.optim.name=sophia_h --config.optim.learning_rate=6e-4 --config.optim.rho=0.04"
-  [sophia_h_1.2e-3_r0.04]="--config.optim.name=sophia_h --config.optim.learning_rate=1.2e-3 --config.optim.rho=0.04"
 )
 SOPHIA_BETAS="--config.optim.b1=0.965 --config.optim.b2=0.99 --config.optim.hessian_interval=10"
 SOPHIA_BETAS="$SOPHIA_BETAS --config.optim.hessian_rows=8"
