@@ -1,6 +1,7 @@
 """Summarises the Sophia vs AdamW runs: final losses, steps and time to AdamW's best, overhead.
 
     python experiments/sophia_vs_adamw/analyze.py RUNS_DIR [--out=DIR] [--bench=BENCH_JSON]
+        [--step_ms=adamw=62.3,sophia_g=65.0 --step_ms_source=TEXT]
 
 RUNS_DIR holds one effjax workdir per run (metrics.jsonl + config.json). The target is the best
 final held-out loss among the AdamW runs; for every run this reports the first evaluation step at
@@ -10,7 +11,9 @@ excluded), and the per-step time relative to AdamW's (Sophia's Hessian refresh i
 
 Step times come from --bench (an `effjax.bench train` result file of the same config, measured
 alone on the GPU) when it has a row with the run's optimizer, Hessian interval and Hessian rows;
-otherwise from the run's own log, which is only meaningful if the run had the GPU to itself.
+or from --step_ms (milliseconds per optimizer name, e.g. read off a benchmark table, with
+--step_ms_source saying where); otherwise from the run's own log, which is only meaningful if the
+run had the GPU to itself.
 Writes results.md, results.json and, where matplotlib is installed, curves.png into --out.
 """
 
@@ -132,6 +135,8 @@ def main() -> None:
   parser.add_argument('runs_dir')
   parser.add_argument('--out', default='.')
   parser.add_argument('--bench', default='', help='effjax.bench result JSON with isolated step times')
+  parser.add_argument('--step_ms', default='', help='OPTIMIZER=MS,...: isolated step times')
+  parser.add_argument('--step_ms_source', default='', help='where the --step_ms figures come from')
   args = parser.parse_args()
   runs = [load_run(os.path.join(args.runs_dir, d)) for d in sorted(os.listdir(args.runs_dir))
           if os.path.exists(os.path.join(args.runs_dir, d, 'metrics.jsonl'))]
@@ -139,6 +144,12 @@ def main() -> None:
     raise SystemExit(f'no runs (workdirs with metrics.jsonl) under {args.runs_dir}')
   if args.bench:
     apply_bench_times(runs, args.bench)
+  if args.step_ms:
+    given = dict(item.split('=') for item in args.step_ms.split(','))
+    for run in runs:
+      if run['optimizer'] in given:
+        run['step_ms'] = float(given[run['optimizer']])
+        run['step_ms_from'] = args.step_ms_source or '--step_ms'
   runs, target = summarise(runs)
   os.makedirs(args.out, exist_ok=True)
   text = markdown(runs, target)

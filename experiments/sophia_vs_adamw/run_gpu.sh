@@ -61,3 +61,5 @@ bench=$(ls "$OUT"/bench/sophia_overhead*.json 2>/dev/null | tail -n 1)
 python3 experiments/sophia_vs_adamw/analyze.py "$RES" --out="$OUT" ${bench:+--bench="$bench"} \
   | tee "$OUT/summary.txt"
 tar -czf "$OUT/runs.tgz" --exclude=checkpoints --exclude=tb -C "$RES" .
+# the machine returns only a few files: one archive for the benchmark's
+if [ -d "$OUT/bench" ]; then tar -czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"; fi
