@@ -4,6 +4,9 @@
         [--sweep=model.remat_policy=none,dots] [--batches=synthetic|packed|pipeline]
         [--out=experiments/throughput/results] [--name=gpt2_small] [--profile_dir=DIR]
 
+    python -m effjax.bench kernels --op=attention [--grid=default|tiny] [--impls=effjax,cudnn]
+        [--repeats=20] [--out=experiments/kernels/results] [--name=kernels_attention]
+
 Results go to <out>/<name>.json (device, versions, command, full config per row) and
 <out>/<name>.md (a table to paste beside a claim); existing files are never overwritten. A
 persistent XLA compilation cache is on by default (--compilation_cache_dir; '' turns it off).
@@ -18,10 +21,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-WHAT = ('train',)
+WHAT = ('train', 'kernels')
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'train: experiment config file '
+                                          '(configs/*.py).', lock_config=True)
 _SWEEP = flags.DEFINE_multi_string(
     'sweep', [], 'KEY=V1,V2,...: run every combination of the listed values (KEY is a config '
     'field such as train.batch_size, or xla_flags). Repeat the flag for more axes.')
@@ -29,14 +32,22 @@ _BATCHES = flags.DEFINE_enum('batches', 'synthetic', ['synthetic', 'packed', 'pi
                              'Where batches come from (see effjax/bench/train.py).')
 _WARMUP = flags.DEFINE_integer('warmup_steps', 3, 'Steps run after compiling, before timing.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Steps per timed window.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed windows; the median is reported.')
+_REPEATS = flags.DEFINE_integer('repeats', None, 'Timed windows (train, default 3) or timed calls '
+                                '(kernels, default 20); the median is reported.')
 _OUT = flags.DEFINE_string('out', 'bench_results', 'Directory for the JSON and markdown results.')
-_NAME = flags.DEFINE_string('name', None, 'File stem of the results (default: train_<config>).')
+_NAME = flags.DEFINE_string('name', None, 'File stem of the results (default: train_<config> or '
+                            'kernels_<op>[_<grid>]).')
 _PROFILE = flags.DEFINE_string('profile_dir', '', 'If set, trace 3 steps with jax.profiler here '
                                'and write a per-op device-time summary (summary.txt).')
 _CACHE = flags.DEFINE_string('compilation_cache_dir',
                              os.path.join(os.path.expanduser('~'), '.cache', 'effjax', 'xla'),
                              "Persistent XLA compilation cache; '' disables it.")
+_OP = flags.DEFINE_string('op', 'attention',
+                          'kernels: the op to benchmark (see OPS in effjax/bench/kernels.py).')
+_GRID = flags.DEFINE_string('grid', 'default', "kernels: 'default' (the GPU shapes) or 'tiny' "
+                            '(CPU-sized, seconds).')
+_IMPLS = flags.DEFINE_list('impls', [],
+                           "kernels: implementations to run (default: all of the op's).")
 # Internal: a sweep's child process writes its one row here.
 _ROW_FILE = flags.DEFINE_string('row_file', '', 'internal: write the result row here')
 _VARIANT = flags.DEFINE_string('variant', '{}', 'internal: the sweep variant of this child')
@@ -53,6 +64,37 @@ def _child_argv(argv: list[str]) -> list[str]:
   return out
 
 
+def _use_compilation_cache() -> None:
+  if _CACHE.value:
+    import jax
+    jax.config.update('jax_compilation_cache_dir', _CACHE.value)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def _kernels() -> None:
+  from effjax.bench import kernels as kernel_bench
+  from effjax.bench import results
+
+  try:
+    op = kernel_bench.get_op(_OP.value)
+    if _GRID.value not in kernel_bench.GRIDS:
+      raise ValueError(f'--grid={_GRID.value!r} is not a grid; allowed: '
+                       f'{", ".join(kernel_bench.GRIDS)}')
+    impls = kernel_bench.select_impls(op, _IMPLS.value)
+  except ValueError as e:
+    print(f'effjax.bench kernels: {e}', file=sys.stderr)
+    sys.exit(2)
+  _use_compilation_cache()
+  rows = kernel_bench.run(op, grid=_GRID.value, impls=impls, repeats=_REPEATS.value or 20)
+  grid_suffix = '' if _GRID.value == 'default' else f'_{_GRID.value}'
+  stem = _NAME.value or f'kernels_{op.name}{grid_suffix}'
+  title = f'Kernel benchmark: {op.name} ({_GRID.value} grid)'
+  json_path, md_path = results.write(_OUT.value, stem, results.environment(), rows,
+                                     kernel_bench.columns(op), title)
+  print(f'wrote {json_path} and {md_path}')
+  print(kernel_bench.summary(rows, op))
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in WHAT:
     print(f'effjax.bench: say what to benchmark: one of {", ".join(WHAT)} (got '
@@ -60,6 +102,9 @@ def main(argv):
     sys.exit(2)
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+  if argv[1] == 'kernels':
+    _kernels()
+    return
   from effjax import config as config_lib
   from effjax.bench import results
   from effjax.bench import train as train_bench
@@ -83,10 +128,7 @@ def main(argv):
                   'flax': '?', 'optax': '?', 'git_commit': None, 'date_utc': '?'}
     env['command'] = 'python -m effjax.bench ' + ' '.join(sys.argv[1:])
   else:
-    import jax
-    if _CACHE.value:
-      jax.config.update('jax_compilation_cache_dir', _CACHE.value)
-      jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    _use_compilation_cache()
     try:
       config_lib.validate(config)
     except config_lib.ConfigError as e:
@@ -95,7 +137,7 @@ def main(argv):
     variant = json.loads(_VARIANT.value) or (variants[0] if variants else {})
     row = train_bench.run_one(config, variant, batches=_BATCHES.value,
                               warmup_steps=_WARMUP.value, steps=_STEPS.value,
-                              repeats=_REPEATS.value, profile_dir=_PROFILE.value)
+                              repeats=_REPEATS.value or 3, profile_dir=_PROFILE.value)
     env = results.environment()
     if row.get('profile_summary'):
       print(row['profile_summary'])

@@ -228,7 +228,7 @@ def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps:
   }
 
 
-def _is_oom(error: BaseException) -> bool:
+def is_oom(error: BaseException) -> bool:
   text = str(error)
   return 'RESOURCE_EXHAUSTED' in text or 'Out of memory' in text or 'out of memory' in text
 
@@ -239,7 +239,7 @@ def run_one(config, variant: dict[str, str], **kwargs) -> dict[str, Any]:
   try:
     row.update(measure(config, **kwargs))
   except Exception as e:  # pylint: disable=broad-except
-    if not _is_oom(e):
+    if not is_oom(e):
       raise
     row['error'] = 'out of memory'
     row['error_detail'] = ' '.join(str(e).split())[:500]

@@ -1,0 +1,432 @@
+"""Kernel microbenchmarks: one op's implementations side by side over a grid of shapes.
+
+    python -m effjax.bench kernels --op=attention [--grid=default|tiny] [--impls=effjax,cudnn]
+        [--repeats=20] [--out=bench_results] [--name=kernels_attention]
+
+One run measures, on the same device and in the same process, a bf16 8192^3 matmul (256^3 on
+the tiny grid; the achievable 'matmul peak', which every row is also reported as a fraction of)
+and then every case the op lists for the grid. A case is one jitted function of device-resident
+inputs:
+
+  timing   jit once (the compile time is recorded; with the persistent compilation cache on, a
+           rerun's compile is mostly a cache read), one warm-up call per input set, then the
+           median of `repeats` calls, each synchronised with block_until_ready and rotating over
+           3 input sets so no call reuses the previous call's operands;
+  failure  a case that fails (out of memory, as XLA's attention does once its S x S scores
+           outgrow the device; a lowering error) records the first line of the error and the
+           run goes on, as in the training bench; a case that cannot run on this
+           device (cuDNN without a GPU) is recorded as skipped with the reason;
+  ratios   `speedup_vs_baseline` is the baseline's time over the row's time for the same shape,
+           mode and variant (>1: faster than the baseline); rows of a restricted variant (a
+           sliding window, a block-sparse layout) also get `speedup_vs_dense`, against the same
+           implementation's dense causal row, and `speedup_vs_baseline_dense`, against the
+           baseline's dense causal row: the speedup that variant is for.
+
+Attention (--op=attention; `attention_cases`): B*S tokens and H*D model width fixed while S and
+D vary, causal or not, forward ('fwd') and forward + backward ('fwd+bwd': the q, k, v gradients of
+sum(out * cotangent)), bf16. Implementations: 'effjax' (kernels.flash_attention, backend 'auto'),
+'xla' and 'cudnn' (jax.nn.dot_product_attention). At the longest S, causal rows also get a
+sliding window (effjax and cuDNN's local window) and a BigBird layout at about 10% of the causal
+tiles (effjax only: the others have no block-sparse kernel). TFLOP/s use the standard count of
+useful work, 4*B*S^2*H*D forward, causal at half, fwd+bwd 3.5x forward; window and sparse rows
+count exactly their allowed (query, key) pairs. effjax rows also carry `computed_flops`, the
+FLOPs of the tiles the kernel visits (flash_attention.attention_flops; all S x S scores for the
+'reference' backend that 'auto' picks off GPU and TPU). The tiny grid runs the same path on CPU
+in seconds, for tests.
+
+Adding an op: write a function (grid, impls) -> iterator of `Case` and `register` an `Op` for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effjax.bench.train import is_oom
+
+GRIDS = ('default', 'tiny')
+MODES = ('fwd', 'fwd+bwd')
+INPUT_SETS = 3
+MATMUL_SIZE = {'default': 8192, 'tiny': 256}
+FWD_BWD_FACTOR = 3.5  # backward = 5 matmuls to the forward's 2
+
+COLUMNS_BEFORE_RATIOS = (
+    ('group', 'shape', ''),
+    ('variant', 'variant', ''),
+    ('impl', 'impl', ''),
+    ('mode', 'mode', ''),
+    ('ms', 'time (ms)', '.3f'),
+    ('tflops', 'TFLOP/s', '.1f'),
+    ('peak_percent', '% matmul peak', '.1f'),
+)
+COLUMNS_AFTER_RATIOS = (
+    ('block_sparsity_pct', 'block sparsity (%)', '.1f'),
+    ('computed_tflops', 'computed TFLOP/s', '.1f'),
+    ('compile_s', 'compile (s)', '.1f'),
+    ('skipped', 'skipped', ''),
+    ('error', 'error', ''),
+)
+
+
+@dataclasses.dataclass
+class Case:
+  """One row: `make()` returns (function, input sets); the other fields describe the row."""
+  group: str  # the shape; rows of one group and mode are compared with each other
+  variant: str  # 'dense', or the restriction ('window=1024', 'bigbird ...')
+  impl: str
+  mode: str
+  useful_flops: float
+  make: Callable[[], tuple[Callable[..., Any], list[tuple[jax.Array, ...]]]]
+  info: dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded verbatim in the row
+  skip: str | None = None  # why this case cannot run here
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  name: str
+  impls: tuple[str, ...]
+  baseline: str  # the implementation every row is compared with
+  cases: Callable[[str, Sequence[str]], Iterator[Case]]  # (grid, impls) -> the cases to run
+
+
+OPS: dict[str, Op] = {}
+
+
+def register(op: Op) -> Op:
+  OPS[op.name] = op
+  return op
+
+
+def get_op(name: str) -> Op:
+  if name not in OPS:
+    raise ValueError(f'--op={name!r} is not a benchmarked op; allowed: {", ".join(OPS)}')
+  return OPS[name]
+
+
+def select_impls(op: Op, requested: Sequence[str]) -> tuple[str, ...]:
+  """--impls (empty: all of the op's), in the op's order; unknown names are one clear error."""
+  unknown = [name for name in requested if name not in op.impls]
+  if unknown:
+    raise ValueError(f'--impls={",".join(requested)} names {", ".join(unknown)}, not an '
+                     f'implementation of {op.name}; allowed: {", ".join(op.impls)}')
+  return tuple(name for name in op.impls if not requested or name in requested)
+
+
+def columns(op: Op) -> tuple[tuple[str, str, str], ...]:
+  """(row key, header, float format) for results.markdown."""
+  ratios = (('speedup_vs_baseline', f'vs {op.baseline} (x)', '.2f'),
+            ('speedup_vs_dense', 'vs dense (x)', '.2f'),
+            ('speedup_vs_baseline_dense', f'vs {op.baseline} dense (x)', '.2f'))
+  return COLUMNS_BEFORE_RATIOS + ratios + COLUMNS_AFTER_RATIOS
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+def first_line(error: BaseException) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return f'{type(error).__name__}: {lines[0] if lines else ""}'[:300]
+
+
+def time_calls(fn: Callable[..., Any], input_sets: Sequence[tuple[jax.Array, ...]],
+               repeats: int) -> tuple[float, list[float]]:
+  """(compile seconds, per-call seconds): one compile, a warm-up per input set, synced calls."""
+  t0 = time.perf_counter()
+  compiled = jax.jit(fn).lower(*input_sets[0]).compile()
+  compile_s = time.perf_counter() - t0
+  for args in input_sets:
+    jax.block_until_ready(compiled(*args))
+  seconds = []
+  for i in range(repeats):
+    args = input_sets[i % len(input_sets)]
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    seconds.append(time.perf_counter() - t0)
+  return compile_s, seconds
+
+
+def measure(op_name: str, case: Case, repeats: int) -> dict[str, Any]:
+  """Runs one case into a result row; failures end up in the row, never raised."""
+  row: dict[str, Any] = {'op': op_name, 'group': case.group, 'variant': case.variant,
+                         'impl': case.impl, 'mode': case.mode, **case.info,
+                         'useful_flops': case.useful_flops}
+  if case.skip:
+    row['skipped'] = case.skip
+    return row
+  try:
+    fn, input_sets = case.make()
+    compile_s, seconds = time_calls(fn, input_sets, repeats)
+  except Exception as e:  # pylint: disable=broad-except
+    row['error'] = first_line(e)
+    row['out_of_memory'] = is_oom(e)
+    return row
+  ms = 1e3 * statistics.median(seconds)
+  row.update(compile_s=compile_s, ms=ms, ms_calls=[1e3 * s for s in seconds],
+             tflops=case.useful_flops / ms / 1e9)
+  if row.get('computed_flops'):
+    row['computed_tflops'] = row['computed_flops'] / ms / 1e9
+  return row
+
+
+def matmul_case(n: int) -> Case:
+  """The achievable bf16 matmul rate on this device: the reference for every kernel row."""
+  def make():
+    keys = jax.random.split(_fresh_key(), 2 * INPUT_SETS)
+    mats = [jax.random.normal(key, (n, n), jnp.bfloat16) for key in keys]
+    return jnp.matmul, [tuple(mats[2 * i:2 * i + 2]) for i in range(INPUT_SETS)]
+  return Case(group=f'{n}x{n}x{n} bf16', variant='dense', impl='xla', mode='fwd',
+              useful_flops=2.0 * n ** 3, make=make, info={'m': n, 'n': n, 'k': n})
+
+
+def add_ratios(rows: list[dict[str, Any]], baseline: str) -> None:
+  """Speedups against the baseline and against dense rows of the same group and mode."""
+  timed = {(r['group'], r['mode'], r['variant'], r['impl']): r['ms'] for r in rows if r.get('ms')}
+
+  def speedup(row, variant, impl):
+    other = timed.get((row['group'], row['mode'], variant, impl))
+    return None if other is None else other / row['ms']
+
+  for row in rows:
+    if not row.get('ms'):
+      continue
+    row['speedup_vs_baseline'] = speedup(row, row['variant'], baseline)
+    if row['variant'] != 'dense':
+      row['speedup_vs_dense'] = speedup(row, 'dense', row['impl'])
+      row['speedup_vs_baseline_dense'] = speedup(row, 'dense', baseline)
+
+
+def run(op: Op, *, grid: str, impls: Sequence[str], repeats: int,
+        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+  """The matmul peak, then every case of `op` on `grid`: the result rows, ratios filled in."""
+  cases = [('matmul', matmul_case(MATMUL_SIZE[grid]))]
+  cases += [(op.name, case) for case in op.cases(grid, impls)]
+  rows = []
+  for op_name, case in cases:
+    rows.append(measure(op_name, case, repeats))
+    log(f'[bench] {_describe(rows[-1])}')
+  peak = rows[0].get('tflops')
+  for row in rows:
+    if peak and row.get('tflops'):
+      row['peak_fraction'] = row['tflops'] / peak
+      row['peak_percent'] = 100 * row['peak_fraction']
+  add_ratios(rows, op.baseline)
+  return rows
+
+
+def _describe(row: dict[str, Any]) -> str:
+  what = f'{row["group"]} {row["variant"]} {row["impl"]} {row["mode"]}:'
+  if row.get('skipped'):
+    return f'{what} skipped ({row["skipped"]})'
+  if row.get('error'):
+    return f'{what} failed ({row["error"]})'
+  return f'{what} {row["ms"]:.3f} ms, {row["tflops"]:.1f} TFLOP/s'
+
+
+def _cell(row: dict[str, Any]) -> str:
+  if row.get('skipped'):
+    return 'skip'
+  if row.get('error'):
+    return 'OOM' if row.get('out_of_memory') else 'error'
+  return f'{row["ms"]:.3f} ms {row["tflops"]:.3g} TF/s'
+
+
+def summary(rows: Sequence[dict[str, Any]], op: Op) -> str:
+  """A compact table: one line per (shape, variant, mode), one column per implementation."""
+  peak, rows = rows[0], rows[1:]
+  impls = list(dict.fromkeys(row['impl'] for row in rows))
+  lines: dict[tuple[str, str, str], dict[str, str]] = {}
+  for row in rows:
+    entry = lines.setdefault((row['group'], row['variant'], row['mode']), {})
+    entry[row['impl']] = _cell(row)
+    if row.get('speedup_vs_baseline') and row['impl'] != op.baseline:
+      entry[f'{row["impl"]} vs {op.baseline}'] = f'{row["speedup_vs_baseline"]:.2f}x'
+    if row.get('speedup_vs_dense'):
+      entry[f'{row["impl"]} vs dense'] = f'{row["speedup_vs_dense"]:.2f}x'
+  ratios = dict.fromkeys(k for entry in lines.values() for k in entry if k not in impls)
+  table = [['shape', 'variant', 'mode', *impls, *ratios]]
+  table += [[group, variant, mode, *(entry.get(h, '-') for h in (*impls, *ratios))]
+            for (group, variant, mode), entry in lines.items()]
+  widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+  text = ['  '.join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
+  return f'matmul peak ({peak["group"]}): {_cell(peak)}\n' + '\n'.join(text)
+
+
+def _fresh_key() -> jax.Array:
+  return jax.random.key(int(np.random.default_rng().integers(2 ** 31)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionGrid:
+  tokens: int  # B * S
+  width: int  # H * D
+  seq_lens: tuple[int, ...]
+  head_dims: tuple[int, ...]
+  window: int  # the sliding-window rows' w, at the longest S
+  layout_block: int  # the sparse rows' BigBird block
+  sparse_target: float = 0.10  # computed-tile fraction of the causal grid to aim for
+
+
+ATTENTION_GRIDS = {
+    'default': AttentionGrid(tokens=16384, width=2048, seq_lens=(1024, 2048, 4096, 8192, 16384),
+                             head_dims=(64, 128), window=1024, layout_block=128),
+    'tiny': AttentionGrid(tokens=512, width=128, seq_lens=(128, 256), head_dims=(64,), window=64,
+                          layout_block=32),
+}
+
+
+def dense_flops(batch: int, seq_len: int, heads: int, head_dim: int, *, causal: bool) -> float:
+  """The standard forward count: 4*B*S^2*H*D (two matmuls), half of it when causal."""
+  return 4.0 * batch * seq_len ** 2 * heads * head_dim * (0.5 if causal else 1.0)
+
+
+def allowed_pairs(seq_len: int, *, window: int | None = None, layout=None) -> int:
+  """Causal (query, key) pairs a window or a layout allows: the useful work of those rows."""
+  if layout is not None:
+    b = layout.block
+    blocks = np.tril(layout.array())
+    diagonal = int(np.trace(blocks))
+    return (int(blocks.sum()) - diagonal) * b * b + diagonal * b * (b + 1) // 2
+  w = min(window or seq_len, seq_len)
+  return w * (w + 1) // 2 + (seq_len - w) * w  # query i sees min(i + 1, w) keys
+
+
+def causal_tile_fraction(seq_len: int, block: int, *, window: int | None = None,
+                         layout=None) -> float:
+  """Share of the causal grid's [block x block] tiles that hold an allowed pair."""
+  from effjax.kernels.flash_attention import computed_blocks
+  n = seq_len // block
+  tiles = computed_blocks(seq_len, block, block, causal=True, window=window, layout=layout)
+  return float(tiles.sum()) / (n * (n + 1) / 2)
+
+
+@functools.lru_cache(maxsize=4)
+def sparse_layout(seq_len: int, block: int, target: float):
+  """The BigBird layout (small local/global/random counts) nearest `target` causal-tile fraction."""
+  from effjax.kernels.flash_attention import bigbird_layout
+  best = None
+  for local in range(3, 9):  # a real local band; ties go to the smallest counts
+    for global_ in (1, 2):
+      for random_ in range(1, 5):
+        layout = bigbird_layout(seq_len, block, local_blocks=local, global_blocks=global_,
+                                random_blocks=random_, seed=0, causal=True)
+        gap = abs(causal_tile_fraction(seq_len, block, layout=layout) - target)
+        if best is None or gap < best[0]:
+          best = (gap, layout, {'local_blocks': local, 'global_blocks': global_,
+                                'random_blocks': random_, 'seed': 0, 'block': block})
+  return best[1], best[2]
+
+
+@functools.lru_cache(maxsize=1)
+def _attention_inputs(shape: tuple[int, ...]) -> list[tuple[jax.Array, ...]]:
+  """INPUT_SETS sets of (q, k, v, cotangent) in bf16; only the latest shape is kept alive."""
+  keys = jax.random.split(_fresh_key(), 4 * INPUT_SETS)
+  arrays = [jax.random.normal(key, shape, jnp.bfloat16) for key in keys]
+  return [tuple(arrays[4 * i:4 * i + 4]) for i in range(INPUT_SETS)]
+
+
+def _with_mode(attend: Callable[..., jax.Array], mode: str) -> Callable[..., Any]:
+  if mode == 'fwd':
+    return lambda q, k, v, ct: attend(q, k, v)
+  def fwd_bwd(q, k, v, ct):
+    _, pullback = jax.vjp(attend, q, k, v)  # the gradients of sum(out * ct)
+    return pullback(ct)
+  return fwd_bwd
+
+
+def _fitted(block: int, seq_len: int, layout) -> int:
+  """flash_attention's own rule for a default block: halve until it divides S and the layout."""
+  while block > 1 and (seq_len % block or (layout is not None and layout.block % block)):
+    block //= 2
+  return block
+
+
+def _effjax_info(batch, seq_len, heads, head_dim, *, mode, causal, window, layout):
+  """The backend 'auto' picks here and the FLOPs it spends on the tiles it visits."""
+  from effjax.kernels import flash_attention as fa
+  backend = fa.resolve_backend('auto')
+  factor = FWD_BWD_FACTOR if mode == 'fwd+bwd' else 1.0
+  if backend == 'reference':  # plain jnp: every score of the S x S grid is computed
+    return {'backend': backend,
+            'computed_flops': factor * dense_flops(batch, seq_len, heads, head_dim, causal=False)}
+  block_q, block_k = (_fitted(b, seq_len, layout) for b in fa.default_blocks(backend, head_dim))
+  flops = fa.attention_flops(batch, seq_len, heads, head_dim, block_q=block_q, block_k=block_k,
+                             causal=causal, window=window, layout=layout)
+  return {'backend': backend, 'block_q': block_q, 'block_k': block_k,
+          'computed_flops': factor * flops}  # attention_flops(backward=True) is 2.5x forward
+
+
+def _attention_case(impl: str, mode: str, *, batch: int, seq_len: int, heads: int,
+                    head_dim: int, causal: bool, variant: str = 'dense',
+                    window: int | None = None, layout=None,
+                    layout_info: dict[str, int] | None = None,
+                    sparsity_block: int | None = None) -> Case:
+  """One attention row; window / layout rows are causal and count only their allowed pairs."""
+  group = f'S={seq_len} B={batch} H={heads} D={head_dim} {"causal" if causal else "full"}'
+  info: dict[str, Any] = {'batch': batch, 'seq_len': seq_len, 'num_heads': heads,
+                          'head_dim': head_dim, 'causal': causal, 'window': window,
+                          'layout': layout_info, 'dtype': 'bfloat16'}
+  if variant == 'dense':
+    flops = dense_flops(batch, seq_len, heads, head_dim, causal=causal)
+  else:
+    flops = 4.0 * batch * heads * head_dim * allowed_pairs(seq_len, window=window, layout=layout)
+    fraction = causal_tile_fraction(seq_len, sparsity_block, window=window, layout=layout)
+    info.update(sparsity_block=sparsity_block, block_sparsity_pct=100 * (1 - fraction))
+  flops *= FWD_BWD_FACTOR if mode == 'fwd+bwd' else 1.0
+  skip = None
+  if impl == 'cudnn' and jax.default_backend() != 'gpu':
+    skip = f'cuDNN attention needs a GPU; this run is on {jax.default_backend()}'
+
+  if impl == 'effjax':
+    from effjax.kernels.flash_attention import flash_attention
+    info.update(_effjax_info(batch, seq_len, heads, head_dim, mode=mode, causal=causal,
+                             window=window, layout=layout))
+    attend = functools.partial(flash_attention, causal=causal, window=window, layout=layout,
+                               backend='auto')
+  else:
+    local = None if window is None else (window - 1, 0)  # the same mask as window=w, causal
+    attend = functools.partial(jax.nn.dot_product_attention, is_causal=causal,
+                               local_window_size=local, implementation=impl)
+  make = lambda: (_with_mode(attend, mode), _attention_inputs((batch, seq_len, heads, head_dim)))
+  return Case(group=group, variant=variant, impl=impl, mode=mode, useful_flops=flops, make=make,
+              info=info, skip=skip)
+
+
+def attention_cases(grid: str, impls: Sequence[str]) -> Iterator[Case]:
+  """Every (S, D, causal, mode) for each impl; window and sparse rows beside the longest causal."""
+  g = ATTENTION_GRIDS[grid]
+  for seq_len in g.seq_lens:
+    for head_dim in g.head_dims:
+      shape = dict(batch=g.tokens // seq_len, seq_len=seq_len, heads=g.width // head_dim,
+                   head_dim=head_dim)
+      for causal in (True, False):
+        for mode in MODES:
+          for impl in impls:
+            yield _attention_case(impl, mode, causal=causal, **shape)
+          if seq_len != max(g.seq_lens) or not causal:
+            continue
+          for impl in (i for i in impls if i in ('effjax', 'cudnn')):
+            yield _attention_case(impl, mode, causal=True, variant=f'window={g.window}',
+                                  window=g.window, sparsity_block=g.layout_block, **shape)
+          if 'effjax' in impls:  # no other implementation has a block-sparse kernel
+            layout, layout_info = sparse_layout(seq_len, g.layout_block, g.sparse_target)
+            counts = '/'.join(str(layout_info[k]) for k in ('local_blocks', 'global_blocks',
+                                                            'random_blocks'))
+            yield _attention_case('effjax', mode, causal=True, variant=f'bigbird l/g/r={counts}',
+                                  layout=layout, layout_info=layout_info,
+                                  sparsity_block=g.layout_block, **shape)
+
+
+register(Op(name='attention', impls=('effjax', 'xla', 'cudnn'), baseline='cudnn',
+            cases=attention_cases))

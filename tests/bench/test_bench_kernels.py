@@ -1,0 +1,150 @@
+"""The kernel benchmark: the tiny grid end to end through the CLI, FLOPs accounting, errors."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from effjax.bench import kernels as kb
+from effjax.kernels.flash_attention import bigbird_layout
+from effjax.kernels.flash_attention.layout import token_mask
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _bench(*args, expect_rc=0):
+  cmd = [sys.executable, '-m', 'effjax.bench', 'kernels', *args]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+                        check=False)
+  assert proc.returncode == expect_rc, proc.stderr[-3000:]
+  return proc
+
+
+def _expected_rows() -> set[tuple]:
+  """(group, variant, impl, mode) of every attention row of the tiny grid, built independently."""
+  rows = set()
+  for s, b in ((128, 4), (256, 2)):
+    for causal in ('causal', 'full'):
+      group = f'S={s} B={b} H=2 D=64 {causal}'
+      for mode in ('fwd', 'fwd+bwd'):
+        rows |= {(group, 'dense', impl, mode) for impl in ('effjax', 'xla', 'cudnn')}
+        if s == 256 and causal == 'causal':
+          rows |= {(group, 'window=64', impl, mode) for impl in ('effjax', 'cudnn')}
+          rows.add((group, 'bigbird l/g/r=3/1/1', 'effjax', mode))
+  return rows
+
+
+def test_tiny_grid_runs_end_to_end_on_cpu(tmp_path):
+  proc = _bench('--grid=tiny', '--repeats=2', f'--out={tmp_path}', '--name=k',
+                '--compilation_cache_dir=')
+  record = json.loads((tmp_path / 'k.json').read_text())
+  env, rows = record['environment'], record['rows']
+  assert env['platform'] == 'cpu' and 'kernels' in env['command']
+  peak, rows = rows[0], rows[1:]
+  assert peak['op'] == 'matmul' and peak['m'] == 256 and peak['tflops'] > 0
+  assert {(r['group'], r['variant'], r['impl'], r['mode']) for r in rows} == _expected_rows()
+  assert len(rows) == len(_expected_rows())
+
+  by_key = {(r['group'], r['variant'], r['impl'], r['mode']): r for r in rows}
+  for row in rows:
+    if row['impl'] == 'cudnn':
+      assert 'needs a GPU' in row['skipped'] and 'ms' not in row and 'error' not in row
+      continue
+    assert 'error' not in row, row['error']
+    assert row['ms'] > 0 and len(row['ms_calls']) == 2 and row['compile_s'] > 0
+    assert row['tflops'] == pytest.approx(row['useful_flops'] / row['ms'] / 1e9)
+    assert row['peak_fraction'] == pytest.approx(row['tflops'] / peak['tflops'])
+    assert row['speedup_vs_baseline'] is None  # the cuDNN baseline was skipped
+    b, s, h, d = row['batch'], row['seq_len'], row['num_heads'], row['head_dim']
+    factor = 3.5 if row['mode'] == 'fwd+bwd' else 1.0
+    if row['variant'] == 'dense':
+      half = 0.5 if row['causal'] else 1.0
+      assert row['useful_flops'] == pytest.approx(4 * b * s * s * h * d * half * factor)
+    else:
+      dense = by_key[(row['group'], 'dense', row['impl'], row['mode'])]
+      assert row['speedup_vs_dense'] == pytest.approx(dense['ms'] / row['ms'])
+      assert 0 < row['block_sparsity_pct'] < 100
+    if row['impl'] == 'effjax':  # the reference backend computes every score
+      assert row['backend'] == 'reference'
+      assert row['computed_flops'] == pytest.approx(4 * b * s * s * h * d * factor)
+  sparse = by_key[('S=256 B=2 H=2 D=64 causal', 'bigbird l/g/r=3/1/1', 'effjax', 'fwd')]
+  assert sparse['layout'] == {'local_blocks': 3, 'global_blocks': 1, 'random_blocks': 1,
+                              'seed': 0, 'block': 32}
+
+  markdown = (tmp_path / 'k.md').read_text()
+  assert '| S=256 B=2 H=2 D=64 causal | window=64 | cudnn | fwd |' in markdown
+  assert 'vs cudnn dense (x)' in markdown
+  # Printed last: the file paths, the matmul peak, then one line per (shape, variant, mode).
+  lines = proc.stdout.strip().splitlines()
+  end = next(i for i, line in enumerate(lines) if line.startswith('wrote '))
+  assert lines[end + 1].startswith('matmul peak (256x256x256 bf16): ')
+  assert lines[end + 2].split()[:6] == ['shape', 'variant', 'mode', 'effjax', 'xla', 'cudnn']
+  assert len(lines) == end + 3 + len({(g, v, m) for g, v, _, m in _expected_rows()})
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--op=grouped_matmul'], "--op='grouped_matmul' is not a benchmarked op; allowed: attention"),
+    (['--impls=effjax,triton'], ('--impls=effjax,triton names triton, not an implementation of '
+                                 'attention; allowed: effjax, xla, cudnn')),
+    (['--grid=huge'], "--grid='huge' is not a grid; allowed: default, tiny"),
+])
+def test_bad_requests_are_one_clear_error(args, message):
+  proc = _bench(*args, expect_rc=2)
+  assert proc.stderr.strip() == f'effjax.bench kernels: {message}'
+
+
+def test_allowed_pairs_count_the_token_mask():
+  rng = np.random.default_rng()
+  seq_len, block = 256, 32
+  window = int(rng.integers(1, seq_len + 1))
+  assert kb.allowed_pairs(seq_len, window=window) == token_mask(seq_len, causal=True,
+                                                                window=window).sum()
+  layout = bigbird_layout(seq_len, block, local_blocks=int(rng.integers(1, 4)),
+                          global_blocks=int(rng.integers(0, 3)),
+                          random_blocks=int(rng.integers(0, 3)), seed=int(rng.integers(100)))
+  assert kb.allowed_pairs(seq_len, layout=layout) == token_mask(seq_len, causal=True,
+                                                                layout=layout).sum()
+
+
+def test_sparse_layout_of_the_default_grid_is_about_ten_percent():
+  grid = kb.ATTENTION_GRIDS['default']
+  seq_len = max(grid.seq_lens)
+  layout, info = kb.sparse_layout(seq_len, grid.layout_block, 0.10)
+  fraction = kb.causal_tile_fraction(seq_len, grid.layout_block, layout=layout)
+  assert 0.09 <= fraction <= 0.11 and layout.block == info['block'] == 128
+  assert info['local_blocks'] >= 3 and info['global_blocks'] >= 1 and info['random_blocks'] >= 1
+
+
+def test_ratios_compare_like_with_like():
+  rng = np.random.default_rng()
+  ms = {impl: rng.uniform(1, 10, size=3) for impl in ('effjax', 'cudnn')}
+  rows = []
+  for impl in ('effjax', 'cudnn'):
+    for variant, t in zip(('dense', 'window=8', 'bigbird'), ms[impl]):
+      rows.append({'group': 'g', 'mode': 'fwd', 'variant': variant, 'impl': impl, 'ms': t})
+  rows.append({'group': 'g', 'mode': 'fwd+bwd', 'variant': 'dense', 'impl': 'effjax',
+               'ms': 1.0})
+  rows[5] = dict(rows[5], ms=None, error='OOM')  # cudnn has no bigbird row that ran
+  kb.add_ratios(rows, 'cudnn')
+  effjax_window, effjax_sparse = rows[1], rows[2]
+  assert rows[0]['speedup_vs_baseline'] == pytest.approx(ms['cudnn'][0] / ms['effjax'][0])
+  assert effjax_window['speedup_vs_baseline'] == pytest.approx(ms['cudnn'][1] / ms['effjax'][1])
+  assert effjax_window['speedup_vs_dense'] == pytest.approx(ms['effjax'][0] / ms['effjax'][1])
+  assert effjax_sparse['speedup_vs_baseline'] is None
+  assert effjax_sparse['speedup_vs_baseline_dense'] == pytest.approx(ms['cudnn'][0] /
+                                                                     ms['effjax'][2])
+  assert rows[6]['speedup_vs_baseline'] is None  # no cudnn row in that mode
+  assert 'speedup_vs_baseline' not in rows[5]
+
+
+def test_a_failing_case_is_recorded_not_raised():
+  def make():
+    x = np.random.default_rng().standard_normal((4, 3)).astype(np.float32)
+    return (lambda a: a @ a), [(x,)] * 3  # [4, 3] @ [4, 3]: fails to trace
+  case = kb.Case(group='g', variant='dense', impl='xla', mode='fwd', useful_flops=1.0, make=make)
+  row = kb.measure('attention', case, repeats=2)
+  assert row['error'].startswith('TypeError: ') and '\n' not in row['error']
+  assert row['out_of_memory'] is False and 'ms' not in row
