@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effjax.kernels.flash_attention import tpu
+from effjax.kernels.flash_attention import flash_attention, tpu
 from effjax.kernels.flash_attention.layout import (BlockLayout, bigbird_layout, block_csr,
                                                    computed_blocks, token_mask)
 from effjax.kernels.flash_attention.reference import (attention_reference,
@@ -189,3 +189,9 @@ def test_lowers_to_mosaic():
     return tpu.bwd(q, k, v, segment_ids, out, lse, d_out, **static)
   lowered = jax.jit(fwd_bwd).trace(q, k, k, segment_ids, q).lower(lowering_platforms=('tpu',))
   assert lowered.as_text().count('tpu_custom_call') == 3
+
+
+def test_public_op_names_the_mosaic_block_constraint():
+  q, k, v, _ = _inputs(np.random.default_rng(), 1, 256, 2, 2, 64)
+  with pytest.raises(ValueError, match="block_q=64 must be a multiple of 128 for backend='mosaic'"):
+    flash_attention(q, k, v, backend='mosaic', block_q=64, block_k=128, interpret=True)

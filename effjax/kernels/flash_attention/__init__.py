@@ -52,6 +52,7 @@ KERNEL_BACKENDS = ('auto', 'triton', 'mosaic', 'reference')
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _MIN_TRITON_BLOCK = 16  # Triton's matmul tiles are at least 16 x 16
+_MOSAIC_BLOCK = 128  # TPU tiles span whole 128-lane vregs
 
 
 def resolve_backend(backend: str) -> str:
@@ -184,6 +185,9 @@ def _check_kernel(backend: str, seq_len: int, head_dim: int, block_q: int, block
     if backend == 'triton' and (block < _MIN_TRITON_BLOCK or block & (block - 1)):
       raise ValueError(f"{name}={block} must be a power of two >= {_MIN_TRITON_BLOCK} for "
                        f"backend='triton'; use backend='reference' for other shapes")
+    if backend == 'mosaic' and block % _MOSAIC_BLOCK:
+      raise ValueError(f"{name}={block} must be a multiple of {_MOSAIC_BLOCK} for "
+                       f"backend='mosaic'; use backend='reference' for other shapes")
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -204,7 +208,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   _check_inputs(q, k, v, segment_ids, window, layout)
   seq_len, head_dim = q.shape[1], q.shape[3]
   default_q, default_k = default_blocks(backend, head_dim)
-  smallest = _MIN_TRITON_BLOCK if backend == 'triton' else 1
+  smallest = {'triton': _MIN_TRITON_BLOCK, 'mosaic': _MOSAIC_BLOCK}.get(backend, 1)
   block_q = _fit_block(default_q, seq_len, layout, smallest) if block_q is None else block_q
   block_k = _fit_block(default_k, seq_len, layout, smallest) if block_k is None else block_k
   if backend != 'reference':
