@@ -27,11 +27,28 @@ def get_config() -> ml_collections.ConfigDict:
   m.mlp_dim = 0  # SwiGLU hidden width; 0 -> 8/3 * d_model rounded up to a multiple of 64
   # The layer stack: blocks 'mixer:feed_forward' separated by ','; the pattern repeats over depth
   # (num_layers / len(blocks) times) and each repetition is one step of a scan over layers.
-  # Mixers: see effjax.models.registry.MIXERS; feed-forwards: FEED_FORWARDS.
+  # Mixers: see effjax.models.registry.MIXERS ('attention' = 'dense', 'flash', 'sliding_window',
+  # 'block_sparse'); feed-forwards: FEED_FORWARDS.
   m.pattern = 'attention:mlp'
   # Attention backend: 'auto' (cuDNN on GPU, XLA elsewhere), 'xla' or 'cudnn'
   # (both through jax.nn.dot_product_attention).
   m.attention_impl = 'auto'
+  # The mixers 'flash', 'sliding_window' and 'block_sparse' run the block-sparse flash op
+  # (effjax/kernels/flash_attention) with this backend: 'auto' (Triton on GPU, Mosaic on TPU, the
+  # plain-jnp reference elsewhere), 'triton', 'mosaic' or 'reference'. The kernels need a head
+  # dimension of 64, 128 or 256 and an unsharded sequence (sharding_rules.act_length).
+  m.attention_backend = 'auto'
+  m.attention_interpret = False  # run the Pallas kernel in interpret mode (slow; CPU testing)
+  m.attention_window = 128  # 'sliding_window': keys each query sees, itself included (>= 1)
+  # 'block_sparse': a BigBird layout on blocks of block_sparse_block tokens (must divide
+  # data.seq_len): each query block sees its own and the previous local_blocks - 1 key blocks, the
+  # first global_blocks key blocks (those query blocks see everything before them) and
+  # random_blocks random earlier key blocks, drawn with block_sparse_seed.
+  m.block_sparse_block = 128
+  m.block_sparse_local_blocks = 3
+  m.block_sparse_global_blocks = 1
+  m.block_sparse_random_blocks = 1
+  m.block_sparse_seed = 0
   m.rope_theta = 10_000.0
   m.norm_eps = 1e-6
   m.tie_embeddings = True  # share the token embedding with the output head
@@ -45,6 +62,22 @@ def get_config() -> ml_collections.ConfigDict:
   m.compute_dtype = 'float32'
   m.output_dtype = 'float32'
   m.init_std = 0.02  # normal init of embeddings and projections; output projections scaled by depth
+  # Mixture of experts: the 'moe' feed-forward (effjax/models/moe.py), e.g. pattern 'attention:moe'.
+  m.moe_num_experts = 8  # routed experts per MoE layer; a multiple of the expert-parallel size
+  m.moe_top_k = 2  # experts per token (1: Switch, 2: Mixtral); expert choice: average per token
+  # 'token_choice' (each token picks its top_k experts; top_k > 1 renormalises their probabilities)
+  # or 'expert_choice' (each expert picks its top-capacity tokens; not causal).
+  m.moe_routing = 'token_choice'
+  # Slots each expert keeps per routing group (one device's tokens) = ceil(factor * tokens * top_k
+  # / num_experts); 0 = dropless (token choice only). Over capacity, later tokens drop first.
+  m.moe_capacity_factor = 0.0
+  m.moe_expert_mlp_dim = 0  # each expert's SwiGLU width (fine-grained experts); 0 -> the mlp_dim
+  m.moe_num_shared_experts = 0  # always-on SwiGLU experts of that width, added to the routed output
+  m.moe_aux_loss_weight = 0.01  # Switch/GShard load balancing: E * sum_e load_e * mean_prob_e
+  m.moe_z_loss_weight = 1e-3  # router z-loss: mean over tokens of logsumexp(router logits)^2
+  # Grouped matmul of the experts: 'auto' (Triton on GPU, Mosaic on TPU, jax.lax.ragged_dot
+  # elsewhere), 'ragged_dot', 'triton' or 'mosaic' (effjax/kernels/grouped_matmul).
+  m.moe_gmm_backend = 'auto'
 
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
@@ -117,7 +150,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- parallelism
   # Mesh axis sizes; their product must equal the number of devices. One axis may be -1 to take
-  # whatever the others leave. 'expert' and 'sequence' are reserved and must be 1 for now.
+  # whatever the others leave. 'sequence' is reserved and must be 1 for now. 'expert' shards the
+  # MoE experts (expert parallelism) and, like 'data', the batch.
   mesh = c.mesh = ml_collections.ConfigDict()
   mesh.data = -1
   mesh.fsdp = 1
@@ -127,8 +161,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Logical axis name -> mesh axes (a mesh axis name, a tuple of names, or None for replicated).
   # 'act_*' names are activations; the others are parameter dimensions.
   c.sharding_rules = ml_collections.ConfigDict(dict(
-      batch=('data', 'fsdp'),
-      act_batch=('data', 'fsdp'),
+      batch=('data', 'fsdp', 'expert'),
+      act_batch=('data', 'fsdp', 'expert'),
       act_length='sequence',
       act_embed=None,
       act_heads='tensor',
@@ -142,6 +176,7 @@ def get_config() -> ml_collections.ConfigDict:
       kv_heads='tensor',
       head_dim=None,
       mlp='tensor',
+      experts='expert',
       norm=None,
   ))
 

@@ -18,7 +18,7 @@ import ml_collections
 
 from configs import base as base_config
 from effjax.data.tokenizers import ByteTokenizer
-from effjax.models import attention, remat
+from effjax.models import attention, moe, remat
 from effjax.models import lm as _lm  # noqa: F401  (registers the layer parts)
 from effjax.models.registry import FEED_FORWARDS, MIXERS, parse_pattern
 from effjax.optim.factory import SCHEDULES, parse_multipliers
@@ -28,10 +28,13 @@ from effjax.parallel.mesh import AXES, mesh_shape
 CHOICES: dict[str, tuple[str, ...]] = {
     'mode': ('train', 'eval', 'generate'),
     'model.attention_impl': attention.IMPLEMENTATIONS,
+    'model.attention_backend': attention.BACKENDS,
     'model.remat_policy': tuple(remat.POLICIES),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
     'model.compute_dtype': ('float32', 'bfloat16', 'float16'),
     'model.output_dtype': ('float32', 'bfloat16', 'float16'),
+    'model.moe_routing': moe.ROUTINGS,
+    'model.moe_gmm_backend': moe.GMM_BACKENDS,
     'data.source': ('stdlib', 'text_files', 'tfds'),
     'data.tokenizer': ('byte', 'sentencepiece'),
     'train.nan_policy': ('skip', 'stop'),
@@ -41,13 +44,18 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
             'model.num_kv_heads', 'data.seq_len', 'train.batch_size', 'train.grad_accum_steps',
             'train.steps', 'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
-            'train.eval_batches', 'generate.max_new_tokens')
+            'train.eval_batches', 'generate.max_new_tokens', 'model.moe_num_experts',
+            'model.moe_top_k')
 NON_NEGATIVE = ('model.head_dim', 'model.mlp_dim', 'train.eval_every', 'optim.warmup_steps',
                 'optim.hessian_rows',
                 'optim.weight_decay', 'optim.clip_norm', 'optim.learning_rate', 'data.num_workers',
                 'data.max_documents', 'generate.temperature', 'generate.top_k',
                 'train.profile_steps', 'train.z_loss', 'train.peak_tflops',
-                'train.loss_chunk_size')
+                'train.loss_chunk_size', 'model.block_sparse_global_blocks',
+                'model.block_sparse_random_blocks', 'model.block_sparse_seed',
+                'model.moe_capacity_factor', 'model.moe_expert_mlp_dim',
+                'model.moe_num_shared_experts', 'model.moe_aux_loss_weight',
+                'model.moe_z_loss_weight')
 
 
 BYTE_VOCAB_SIZE = ByteTokenizer().vocab_size
@@ -155,6 +163,45 @@ def _check_model(m) -> None:
   head_dim = m.head_dim or m.d_model // m.num_heads
   if head_dim % 2:
     raise ConfigError(f'model.head_dim={head_dim}: rotary embeddings need an even head dimension')
+  if m.moe_top_k > m.moe_num_experts:
+    raise ConfigError(f'model.moe_top_k={m.moe_top_k}: more than the model.moe_num_experts='
+                      f'{m.moe_num_experts} experts')
+  if m.moe_routing == 'expert_choice' and m.moe_capacity_factor <= 0:
+    raise ConfigError(f'model.moe_capacity_factor={m.moe_capacity_factor}: expert_choice routing '
+                      'needs a capacity; set it > 0 (e.g. 1.0) or use token_choice for dropless')
+
+
+def _check_attention_kinds(config) -> None:
+  """The fields of the flash-op mixers, checked only when model.pattern uses them."""
+  m = config.model
+  kinds = {mixer for mixer, _ in parse_pattern(m.pattern)}
+  if 'sliding_window' in kinds and m.attention_window < 1:
+    raise ConfigError(f'model.attention_window={m.attention_window}: the sliding_window mixer '
+                      'needs a window of at least 1 key')
+  if 'block_sparse' in kinds:
+    if m.block_sparse_block < 1:
+      raise ConfigError(f'model.block_sparse_block={m.block_sparse_block}: must be >= 1')
+    if m.block_sparse_local_blocks < 1:
+      raise ConfigError(f'model.block_sparse_local_blocks={m.block_sparse_local_blocks}: must be '
+                        '>= 1 (a query block always sees its own block)')
+    if config.data.seq_len % m.block_sparse_block:
+      raise ConfigError(f'model.block_sparse_block={m.block_sparse_block}: must divide '
+                        f'data.seq_len={config.data.seq_len}')
+  if not kinds & set(attention.OP_KINDS):
+    return
+  backend = attention.fa.resolve_backend(m.attention_backend)
+  if backend == 'reference':
+    return
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  if head_dim not in attention.fa.HEAD_DIMS:
+    raise ConfigError(f"model.head_dim={head_dim}: the {backend} attention kernel supports "
+                      f"{', '.join(map(str, attention.fa.HEAD_DIMS))}; change the head dimension "
+                      "or set model.attention_backend='reference'")
+  device = {'triton': 'gpu', 'mosaic': 'tpu'}[backend]
+  if jax.default_backend() != device and not m.attention_interpret:
+    raise ConfigError(f"model.attention_backend='{backend}': needs a {device.upper()} but the "
+                      f"backend is {jax.default_backend()}; use 'auto', 'reference' or "
+                      'model.attention_interpret=True')
 
 
 def _check_parallel(config, num_devices: int) -> None:
@@ -162,9 +209,9 @@ def _check_parallel(config, num_devices: int) -> None:
     sizes = mesh_shape(config.mesh, num_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  for axis in ('expert', 'sequence'):
-    if sizes[axis] != 1:
-      raise ConfigError(f'mesh.{axis}={sizes[axis]}: this axis is reserved and must be 1 for now')
+  if sizes['sequence'] != 1:
+    raise ConfigError(f'mesh.sequence={sizes["sequence"]}: this axis is reserved and must be 1 '
+                      'for now')
   for name, axes in config.sharding_rules.items():
     axes_t = (axes,) if isinstance(axes, str) else tuple(axes or ())
     for a in axes_t:
@@ -197,6 +244,12 @@ def _check_parallel(config, num_devices: int) -> None:
   if m.num_heads % tensor:
     raise ConfigError(f'model.num_heads={m.num_heads}: not divisible by the tensor-parallel size '
                       f'{tensor}')
+  if any(ff == 'moe' for _, ff in parse_pattern(m.pattern)):
+    experts = math.prod(sizes[a] for a in _axes_of(config, 'experts'))
+    if m.moe_num_experts % experts:
+      raise ConfigError(f'model.moe_num_experts={m.moe_num_experts}: not divisible by the '
+                        f'expert-parallel size {experts} (sharding_rules.experts); change '
+                        'mesh.expert or the number of experts')
   if m.num_kv_heads % kv_tensor:
     raise ConfigError(f'model.num_kv_heads={m.num_kv_heads}: not divisible by the tensor-parallel '
                       f'size {kv_tensor}; use fewer tensor shards or more kv heads')
@@ -224,6 +277,7 @@ def validate(config, num_devices: int | None = None) -> None:
   if config.model.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
     raise ConfigError(f"model.attention_impl='cudnn': needs a GPU but the backend is "
                       f"{jax.default_backend()}; use 'auto' or 'xla'")
+  _check_attention_kinds(config)
   if config.optim.warmup_steps > config.train.steps:
     raise ConfigError(f'optim.warmup_steps={config.optim.warmup_steps}: longer than '
                       f'train.steps={config.train.steps}')

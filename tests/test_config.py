@@ -94,8 +94,24 @@ def test_tensor_parallel_must_divide_heads():
 def test_reserved_axes():
   def wrong(c):
     c.mesh.data = 4
-    c.mesh.expert = 2
-  _bad(wrong, r'mesh\.expert=2: this axis is reserved')
+    c.mesh.sequence = 2
+  _bad(wrong, r'mesh\.sequence=2: this axis is reserved')
+
+
+def test_expert_axis_must_divide_the_experts():
+  def wrong(c):
+    c.model.pattern = 'attention:moe'
+    c.model.moe_num_experts = 6
+    c.mesh.data = 2
+    c.mesh.expert = 4
+  _bad(wrong, r'model\.moe_num_experts=6: not divisible by the expert-parallel size 4')
+
+
+def test_expert_choice_needs_a_capacity():
+  def wrong(c):
+    c.model.pattern = 'attention:moe'
+    c.model.moe_routing = 'expert_choice'
+  _bad(wrong, r'model\.moe_capacity_factor=0\.0: expert_choice routing needs a capacity')
 
 
 def test_sharding_rule_names_a_real_axis():

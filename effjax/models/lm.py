@@ -4,11 +4,21 @@ The pattern (say 'attention:mlp, attention:mlp') is one *group*; it repeats num_
 times. With `scan_layers` the groups' parameters are stacked on a leading 'layers' axis and the
 stack is one `lax.scan` (compile time independent of depth), each step rematerialised by the
 configured policy.
+
+Decoding with a key/value cache: `init_cache` allocates one cache per block (stacked over groups
+like the parameters when scanned), `prefill` runs the prompt through the stack and fills them,
+`decode` advances every layer by one token. Each mixer provides the same three methods
+(effjax.models.attention).
+
+Mixture-of-experts layers report router statistics (effjax.models.moe): each group's are collected
+while it runs and returned beside its output, so they pass through the scan and remat like any
+other output; `logits_and_stats` hands them, summarised over layers, to the training loss.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 # Importing the part modules registers them.
 from effjax.models import attention as _attention  # noqa: F401
 from effjax.models import mlp as _mlp  # noqa: F401
-from effjax.models import layers, remat
+from effjax.models import layers, moe, remat
 from effjax.models.norms import RMSNorm
 from effjax.models.registry import FEED_FORWARDS, MIXERS, parse_pattern
 from effjax.parallel.sharding import constrain
@@ -44,6 +54,18 @@ class Block(nnx.Module):
     x_btd = constrain(x_btd, ACT_BTD)
     return checkpoint_name(x_btd, 'block_out')
 
+  def prefill(self, x_btd: jax.Array, ctx: layers.Context, cache: Any) -> tuple[jax.Array, Any]:
+    y, cache = self.mixer.prefill(self.mixer_norm(x_btd), ctx, cache)
+    x_btd = x_btd + y
+    return x_btd + self.ff(self.ff_norm(x_btd), ctx), cache
+
+  def decode(self, x_b1d: jax.Array, position: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+    y, cache = self.mixer.decode(self.mixer_norm(x_b1d), position, cache)
+    x_b1d = x_b1d + y
+    ctx = layers.Context(positions=jnp.full(x_b1d.shape[:2], position, jnp.int32),
+                         segment_ids=None)
+    return x_b1d + self.ff(self.ff_norm(x_b1d), ctx), cache
+
 
 class Group(nnx.Module):
   """One repetition of the pattern."""
@@ -56,6 +78,27 @@ class Group(nnx.Module):
     for block in self.blocks:
       x_btd = block(x_btd, ctx)
     return x_btd
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> tuple:
+    for block in self.blocks:
+      if not hasattr(block.mixer, 'decode'):
+        raise ValueError(f'mixer {type(block.mixer).__name__} has no cached decoding; use '
+                         'effjax.infer.generate.generate_tokens (full recompute) instead')
+    return tuple(block.mixer.init_cache(batch, max_len, dtype) for block in self.blocks)
+
+  def prefill(self, x_btd: jax.Array, ctx: layers.Context, caches: tuple):
+    out = []
+    for block, cache in zip(self.blocks, caches):
+      x_btd, cache = block.prefill(x_btd, ctx, cache)
+      out.append(cache)
+    return x_btd, tuple(out)
+
+  def decode(self, x_b1d: jax.Array, position: jax.Array, caches: tuple):
+    out = []
+    for block, cache in zip(self.blocks, caches):
+      x_b1d, cache = block.decode(x_b1d, position, cache)
+      out.append(cache)
+    return x_b1d, tuple(out)
 
 
 def num_groups(cfg) -> int:
@@ -91,9 +134,14 @@ class LM(nnx.Module):
 
   def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
                segment_ids_bt: jax.Array | None = None) -> jax.Array:
-    logits = head_logits(self.features(tokens_bt, positions_bt, segment_ids_bt),
-                         self.head_matrix(), self.precision.output)
-    return constrain(logits, ('act_batch', 'act_length', 'act_vocab'))
+    return self.logits_and_stats(tokens_bt, positions_bt, segment_ids_bt)[0]
+
+  def logits_and_stats(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
+                       segment_ids_bt: jax.Array | None = None) -> tuple[jax.Array, moe.Stats]:
+    """Logits and the MoE layers' summarised statistics (moe.summarize; {} without MoE)."""
+    x, stats = self.features_and_stats(tokens_bt, positions_bt, segment_ids_bt)
+    logits = head_logits(x, self.head_matrix(), self.precision.output)
+    return constrain(logits, ('act_batch', 'act_length', 'act_vocab')), stats
 
   def head_matrix(self) -> jax.Array:
     """The output projection [d_model, vocab] in the compute dtype."""
@@ -107,27 +155,95 @@ class LM(nnx.Module):
     Split from __call__ so a loss can apply the head in chunks without ever materialising the
     full [B, T, vocab] logits (effjax.train.losses.chunked_cross_entropy).
     """
-    cfg, prec = self.cfg, self.precision
+    return self.features_and_stats(tokens_bt, positions_bt, segment_ids_bt)[0]
+
+  def features_and_stats(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
+                         segment_ids_bt: jax.Array | None = None) -> tuple[jax.Array, moe.Stats]:
+    """`features` and the summarised MoE statistics ({} when no block is a MoE)."""
+    cfg = self.cfg
     if positions_bt is None:
       positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
     ctx = layers.Context(positions=positions_bt, segment_ids=segment_ids_bt)
-    # Gather from a replicated table: the all-gather FSDP would do anyway, and a gather from a
-    # vocab-sharded table makes XLA's partitioner fall back to full rematerialisation.
-    table = constrain(self.embedding[...], (None, None))
-    x = jnp.take(table, tokens_bt, axis=0).astype(prec.compute)
-    x = constrain(x, ACT_BTD)
+    x = self.embed(tokens_bt)
+
+    def run(group, x_btd):  # the group's output and its MoE layers' statistics, layer-stacked
+      with moe.collect_stats() as per_layer:
+        x_btd = group(x_btd, ctx)
+      return x_btd, moe.stack_stats(per_layer)
 
     if cfg.scan_layers:
       graphdef, stacked = nnx.split(self.groups)
 
       def step(x_btd, group_state):
-        return nnx.merge(graphdef, group_state)(x_btd, ctx), None
+        return run(nnx.merge(graphdef, group_state), x_btd)
 
-      x, _ = jax.lax.scan(remat.apply(step, cfg.remat_policy, in_scan=True), x, stacked)
+      x, stats = jax.lax.scan(remat.apply(step, cfg.remat_policy, in_scan=True), x, stacked)
+      stats = {k: v.reshape((-1,) + v.shape[2:]) for k, v in stats.items()}
     else:
+      per_group = []
       for group in self.groups:
-        x = remat.apply(lambda x_btd, g=group: g(x_btd, ctx), cfg.remat_policy, in_scan=False)(x)
-    return self.final_norm(x)
+        x, group_stats = remat.apply(lambda x_btd, g=group: run(g, x_btd), cfg.remat_policy,
+                                     in_scan=False)(x)
+        per_group.append(group_stats)
+      stats = {k: jnp.concatenate([s[k] for s in per_group]) for k in per_group[0]}
+    return self.final_norm(x), moe.summarize(stats)
+
+  def embed(self, tokens_bt: jax.Array) -> jax.Array:
+    # Gather from a replicated table: the all-gather FSDP would do anyway, and a gather from a
+    # vocab-sharded table makes XLA's partitioner fall back to full rematerialisation.
+    table = constrain(self.embedding[...], (None, None))
+    x = jnp.take(table, tokens_bt, axis=0).astype(self.precision.compute)
+    return constrain(x, ACT_BTD)
+
+  # ---------------------------------------------------------------- cached decoding
+
+  def supports_cache(self) -> bool:
+    """Whether every mixer of the pattern implements init_cache / prefill / decode."""
+    return all(hasattr(MIXERS.get(mixer), 'decode') for mixer, _ in parse_pattern(self.cfg.pattern))
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> Any:
+    """Zeroed key/value caches for `batch` sequences of up to max_len tokens (compute dtype)."""
+    if not self.cfg.scan_layers:
+      return tuple(g.init_cache(batch, max_len, dtype) for g in self.groups)
+    graphdef, stacked = nnx.split(self.groups)
+    # Shapes depend on the config alone: build one group's caches and stack them per group.
+    one = nnx.merge(graphdef, jax.tree.map(lambda p: p[0], stacked)).init_cache(batch, max_len,
+                                                                                dtype)
+    return jax.tree.map(lambda c: jnp.zeros((num_groups(self.cfg),) + c.shape, c.dtype), one)
+
+  def _run_stack(self, method: str, x: jax.Array, *args) -> tuple[jax.Array, Any]:
+    """Every group's `method`(x, *args[:-1], its cache) in depth order; args[-1] = the caches."""
+    *extra, caches = args
+    if self.cfg.scan_layers:
+      graphdef, stacked = nnx.split(self.groups)
+
+      def step(x, inputs):
+        state, cache = inputs
+        return getattr(nnx.merge(graphdef, state), method)(x, *extra, cache)
+
+      return jax.lax.scan(step, x, (stacked, caches))
+    out = []
+    for group, cache in zip(self.groups, caches):
+      x, cache = getattr(group, method)(x, *extra, cache)
+      out.append(cache)
+    return x, tuple(out)
+
+  def prefill(self, tokens_bt: jax.Array, caches: Any) -> tuple[jax.Array, Any]:
+    """Logits [B, T, vocab] of a prompt at positions 0..T-1, and the caches holding it."""
+    positions = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+    ctx = layers.Context(positions=positions, segment_ids=None)
+    x, caches = self._run_stack('prefill', self.embed(tokens_bt), ctx, caches)
+    return head_logits(self.final_norm(x), self.head_matrix(), self.precision.output), caches
+
+  def decode(self, tokens_b: jax.Array, position: jax.Array, caches: Any) -> tuple[jax.Array, Any]:
+    """Logits [B, vocab] after token tokens_b at `position` (all earlier ones cached).
+
+    position is one scalar for the batch and must stay below the caches' max_len (under jit an
+    out-of-range write is clamped, not reported).
+    """
+    x, caches = self._run_stack('decode', self.embed(tokens_b[:, None]), position, caches)
+    logits = head_logits(self.final_norm(x), self.head_matrix(), self.precision.output)
+    return logits[:, 0], caches
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))

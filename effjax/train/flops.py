@@ -11,6 +11,17 @@ counted at half because causal attention computes only the lower triangle. The e
 a gather and counts nothing. With every block dense this is the familiar 6*N + 6*L*T*d_attn form
 (N = non-embedding matmul parameters plus the head), but attention at half.
 
+The flash-op mixers ('flash', 'sliding_window', 'block_sparse') count instead the score and value
+matmuls of the tiles their kernel computes at its default block sizes (the kernel package's
+`attention_flops`, which walks `computed_blocks`), divided by the sequence length: a window of w
+costs O(w) per token whatever the length, a sparse layout only its visited blocks, and the partly
+masked tiles on the diagonal count in full, since the kernel spends that work. Training still
+counts 3x forward: the flash backward's recomputation of the probabilities is remat, not model
+work (`attention_flops(..., backward=True)` gives the backward's actual cost).
+
+A mixture-of-experts feed-forward ('moe') counts its active parameters only: the router, the
+top_k routed experts a token runs through and the shared experts (not every expert it holds).
+
     MFU = tokens_per_second * train_flops_per_token / (num_devices * peak_flops_per_device)
 
 Rematerialisation's recomputation is *not* counted (that would be hardware FLOPs utilisation);
@@ -43,6 +54,7 @@ PEAK_BF16_FLOPS = {
 
 
 def forward_flops_per_token(model_cfg, seq_len: int) -> float:
+  """Forward FLOPs per token of the whole model at a sequence length (see the module docstring)."""
   total = 0.0
   for mixer, ff in block_kinds(model_cfg):
     total += MIXERS.get(mixer).flops_per_token(model_cfg, seq_len)

@@ -17,8 +17,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from effjax.models import attention
-from effjax.models.lm import LM
+from effjax.models import attention, moe
+from effjax.models.lm import LM, block_kinds
 from effjax.optim import sophia
 from effjax.optim.factory import HESSIAN_ESTIMATORS
 from effjax.parallel import sharding as shd
@@ -81,16 +81,18 @@ def token_losses(logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.A
 
 def _forward_losses(graphdef, params, mb: dict[str, jax.Array], z_loss: float,
                     loss_chunk_size: int = 0):
+  """(summed cross-entropy, summed z-loss, token count, MoE statistics ({} without MoE))."""
   model = nnx.merge(graphdef, params)
   if loss_chunk_size:
-    x = model.features(mb['inputs'], mb['positions'], mb.get('segment_ids'))
+    x, moe_stats = model.features_and_stats(mb['inputs'], mb['positions'], mb.get('segment_ids'))
     total, ce_sum = losses.chunked_cross_entropy(x, model.head_matrix(), mb['targets'],
                                                  mb['weights'], float(z_loss), loss_chunk_size,
                                                  model.precision.output)
-    return ce_sum, total - jax.lax.stop_gradient(ce_sum), jnp.sum(mb['weights'].astype(jnp.float32))
+    count = jnp.sum(mb['weights'].astype(jnp.float32))
+    return ce_sum, total - jax.lax.stop_gradient(ce_sum), count, moe_stats
   # Without segment ids every row is one causal sequence (no document mask).
-  logits = model(mb['inputs'], mb['positions'], mb.get('segment_ids'))
-  return token_losses(logits, mb['targets'], mb['weights'], z_loss)
+  logits, moe_stats = model.logits_and_stats(mb['inputs'], mb['positions'], mb.get('segment_ids'))
+  return (*token_losses(logits, mb['targets'], mb['weights'], z_loss), moe_stats)
 
 
 def hessian_fn_for(estimator: str, graphdef, mb: dict[str, jax.Array], key: jax.Array,
@@ -108,7 +110,7 @@ def hessian_fn_for(estimator: str, graphdef, mb: dict[str, jax.Array], key: jax.
 
   def loss_fn(p):  # the plain head: the chunked loss is a custom VJP, which forward-mode can't pass
     with attention.forward_differentiable():  # nor can cuDNN attention
-      ce_sum, _, count = _forward_losses(graphdef, p, mb, 0.0)
+      ce_sum, _, count, _ = _forward_losses(graphdef, p, mb, 0.0)
     return ce_sum / jnp.maximum(count, 1.0)
 
   if estimator == 'gnb':
@@ -157,28 +159,44 @@ def make_train_step(setup: TrainSetup, z_loss: float = 0.0, loss_chunk_size: int
   total token count, so accumulation over k micro-batches equals one batch k times larger. A
   non-finite loss or gradient norm leaves params and optimizer state untouched (metric
   'finite' = 0); the trainer decides whether to go on or stop.
+
+  Mixture-of-experts layers add their weighted router losses (moe.summarize's 'loss', a mean per
+  token) to the training loss, scaled by the micro-batch's token count to fit the summed form;
+  the reported 'loss' stays the cross-entropy, and the router statistics come as moe_* metrics
+  (token-weighted over micro-batches).
   """
   graphdef, optimizer, schedule = setup.graphdef, setup.optimizer, setup.schedule
 
   def summed_loss(params, mb):
-    ce_sum, z_sum, count = _forward_losses(graphdef, params, mb, z_loss, loss_chunk_size)
-    return ce_sum + z_sum, (ce_sum, count)
+    ce_sum, z_sum, count, moe_stats = _forward_losses(graphdef, params, mb, z_loss,
+                                                      loss_chunk_size)
+    moe_sums = {k: v * count for k, v in moe_stats.items()}
+    total = ce_sum + z_sum
+    if moe_sums:
+      total = total + moe_sums['loss']
+    return total, (ce_sum, count, moe_sums)
 
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+  model_cfg = nnx.merge(graphdef, setup.abstract_state['params']).cfg
+  has_moe = any(ff == 'moe' for _, ff in block_kinds(model_cfg))
+  moe_keys = moe.SUMMARY_KEYS if has_moe else ()
 
   def step(state: State, batch: dict[str, jax.Array]):
     params = state['params']
     num_micro = batch['inputs'].shape[0]
     if num_micro == 1:
-      (_, (ce_sum, count)), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+      (_, (ce_sum, count, moe_sums)), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
     else:
       def accumulate(carry, mb):
-        g_acc, ce_acc, n_acc = carry
-        (_, (ce, n)), g = grad_fn(params, mb)
-        return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, n_acc + n), None
+        g_acc, ce_acc, n_acc, moe_acc = carry
+        (_, (ce, n, moe_mb)), g = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, n_acc + n,
+                jax.tree.map(jnp.add, moe_acc, moe_mb)), None
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
       zero = jnp.zeros((), jnp.float32)
-      (grads, ce_sum, count), _ = jax.lax.scan(accumulate, (zeros, zero, zero), batch)
+      moe_zeros = {k: zero for k in moe_keys}
+      (grads, ce_sum, count, moe_sums), _ = jax.lax.scan(
+          accumulate, (zeros, zero, zero, moe_zeros), batch)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
     loss = ce_sum / denom
@@ -203,6 +221,7 @@ def make_train_step(setup: TrainSetup, z_loss: float = 0.0, loss_chunk_size: int
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': schedule(state['step']),
                'tokens': count, 'finite': finite.astype(jnp.int32),
                'param_norm': optax.tree.norm(new_params)}
+    metrics.update({f'moe_{k}': v / denom for k, v in moe_sums.items()})
     if hessian_estimator:
       metrics.update({f'sophia_{k}': v for k, v in sophia.sophia_stats(new_opt_state).items()})
     return new_state, metrics
@@ -216,7 +235,8 @@ def make_eval_step(setup: TrainSetup) -> Callable[[Any, dict], dict]:
   graphdef = setup.graphdef
 
   def step(params, batch):
-    ce_sum, _, count = _forward_losses(graphdef, params, jax.tree.map(lambda x: x[0], batch), 0.0)
+    ce_sum, _, count, _ = _forward_losses(graphdef, params, jax.tree.map(lambda x: x[0], batch),
+                                          0.0)
     return {'loss_sum': ce_sum, 'tokens': count}
 
   return jax.jit(step, in_shardings=(setup.state_shardings['params'], setup.batch_sharding))

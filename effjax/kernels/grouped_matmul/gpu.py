@@ -1,0 +1,161 @@
+"""Grouped matmul as Pallas kernels for the Triton lowering (GPU).
+
+gmm (lhs [M, K] x rhs [G, K, N] -> [M, N]). One program per (visit, N tile), visits from
+schedule.gmm_visits. A program reads its visit's m-tile, group and owned rows [lo, hi) with scalar
+loads from the int32 tables, runs a lax.fori_loop over the K tiles accumulating
+lhs[tile rows, k] @ rhs[group, k, n] in float32, and stores only the rows it owns with a masked
+(predicated) store: rows outside [lo, hi) are not written at all. Visits partition the rows, so
+two programs that share an m-tile write disjoint rows and need no ordering or atomics. Visits of
+the tail segment (rows past the groups) run zero K steps and store zeros; padded no-op visits own
+no rows and store nothing.
+
+tgmm (lhs [M, K], rhs [M, N] -> [G, K, N]). One program per (group, K tile, N tile). It loops over
+its group's rows in tm-row chunks (a dynamic trip count from the group offsets; chunks are
+tile-aligned, so the first and last may hold rows of neighbouring groups, which are zeroed in both
+operands) and accumulates lhs_chunk^T @ rhs_chunk in float32. An empty group runs no step and
+writes zeros. This kernel needs no visit list: each program reads two offsets.
+
+Shapes reaching this module are already padded to tile multiples (see __init__.py). Tiles are
+powers of two, at least 16 (Triton's smallest dot).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from effjax.kernels.grouped_matmul import schedule
+
+# The Triton compiler-params class has been `CompilerParams` since JAX 0.7; older releases called
+# it TritonCompilerParams.
+_CompilerParams = getattr(plgpu, 'CompilerParams', None) or plgpu.TritonCompilerParams
+
+MIN_TILE = 16
+
+
+def default_tiling() -> tuple[int, int, int]:
+  """(tm, tk, tn) before fitting to the shapes. Unmeasured: a common Triton matmul starting
+  point; tm stays moderate because tiles straddling a group boundary are computed once per group.
+  """
+  return 64, 64, 128
+
+
+def _compiler_params(itemsize: int):
+  # Three stages let the K loop prefetch the next tiles while the current dot runs; 4-byte inputs
+  # keep two so the staged tiles fit in shared memory.
+  return _CompilerParams(num_warps=4, num_stages=3 if itemsize <= 2 else 2)
+
+
+def _whole(shape):
+  """BlockSpec handing every program the whole array; kernels slice it with pl.ds."""
+  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
+def _dot(a, b, *, trans_a: bool = False):
+  dims = (((0 if trans_a else 1,), (0,)), ((), ()))
+  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _check_tiles(tm: int, tk: int, tn: int, m: int, k: int, n: int) -> None:
+  for name, tile, dim in (('tm', tm, m), ('tk', tk, k), ('tn', tn, n)):
+    if tile < MIN_TILE or tile & (tile - 1) or dim % tile:
+      raise ValueError(f"triton grouped matmul needs {name} a power of two >= {MIN_TILE} "
+                       f"dividing {dim}, got {tile}; pick another tiling or "
+                       f"backend='ragged_dot'")
+
+
+# ----------------------------------------------------------------------------------------------
+# gmm
+
+
+def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref, *, tm, tk, tn,
+                num_k, num_groups):
+  v, nb = pl.program_id(0), pl.program_id(1)
+  group = group_ref[v]
+  row0 = pl.multiple_of(tile_ref[v] * tm, tm)
+  col0 = pl.multiple_of(nb * tn, tn)
+  rhs_group = jnp.minimum(group, num_groups - 1)  # the tail segment (id G) reads no weights
+
+  def step(kk, acc):
+    k0 = pl.multiple_of(kk * tk, tk)
+    a = lhs_ref[pl.ds(row0, tm), pl.ds(k0, tk)]
+    b = rhs_ref[rhs_group, pl.ds(k0, tk), pl.ds(col0, tn)]
+    return acc + _dot(a, b)
+
+  steps = jnp.where(group < num_groups, num_k, 0)
+  acc = lax.fori_loop(0, steps, step, jnp.zeros((tm, tn), jnp.float32))
+  rows = row0 + lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
+  owned = (rows >= lo_ref[v]) & (rows < hi_ref[v])
+  plgpu.store(out_ref.at[pl.ds(row0, tm), pl.ds(col0, tn)], acc.astype(out_ref.dtype),
+              mask=owned)
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tiling: tuple[int, int, int],
+        out_dtype, interpret: bool = False) -> jax.Array:
+  """lhs [M, K] x rhs [G, K, N] -> [M, N] in out_dtype; M, K, N multiples of the tiles."""
+  (m, k), (num_groups, _, n) = lhs.shape, rhs.shape
+  tm, tk, tn = tiling
+  _check_tiles(tm, tk, tn, m, k, n)
+  tables = tuple(schedule.gmm_visits(group_sizes, m, tm))
+  kernel = functools.partial(_gmm_kernel, tm=tm, tk=tk, tn=tn, num_k=k // tk,
+                             num_groups=num_groups)
+  return pl.pallas_call(
+      kernel,
+      grid=(tables[0].shape[0], n // tn),
+      in_specs=[_whole(t.shape) for t in tables] + [_whole(lhs.shape), _whole(rhs.shape)],
+      out_specs=_whole((m, n)),
+      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      compiler_params=_compiler_params(lhs.dtype.itemsize),
+      interpret=interpret,
+      name='grouped_matmul',
+  )(*tables, lhs, rhs)
+
+
+# ----------------------------------------------------------------------------------------------
+# tgmm
+
+
+def _tgmm_kernel(offsets_ref, lhs_ref, rhs_ref, out_ref, *, tm, tk, tn):
+  g, kb, nb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  start, end = offsets_ref[g], offsets_ref[g + 1]
+  k0 = pl.multiple_of(kb * tk, tk)
+  col0 = pl.multiple_of(nb * tn, tn)
+  first = lax.div(start, tm)
+  steps = jnp.where(end > start, lax.div(end + tm - 1, tm) - first, 0)
+
+  def step(i, acc):
+    row0 = pl.multiple_of((first + i) * tm, tm)
+    rows = row0 + lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
+    mine = (rows >= start) & (rows < end)
+    a = jnp.where(mine, lhs_ref[pl.ds(row0, tm), pl.ds(k0, tk)], 0)
+    b = jnp.where(mine, rhs_ref[pl.ds(row0, tm), pl.ds(col0, tn)], 0)
+    return acc + _dot(a, b, trans_a=True)
+
+  acc = lax.fori_loop(0, steps, step, jnp.zeros((tk, tn), jnp.float32))
+  out_ref[...] = acc.astype(out_ref.dtype)
+
+
+def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+         tiling: tuple[int, int, int], out_dtype, interpret: bool = False) -> jax.Array:
+  """lhs [M, K], rhs [M, N] -> [G, K, N] in out_dtype; M, K, N multiples of the tiles."""
+  (m, k), n = lhs.shape, rhs.shape[1]
+  num_groups = group_sizes.shape[0]
+  tm, tk, tn = tiling
+  _check_tiles(tm, tk, tn, m, k, n)
+  starts, ends = schedule.group_bounds(group_sizes, m)
+  offsets = jnp.append(starts, ends[-1])  # [G + 1]
+  return pl.pallas_call(
+      functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn),
+      grid=(num_groups, k // tk, n // tn),
+      in_specs=[_whole(offsets.shape), _whole(lhs.shape), _whole(rhs.shape)],
+      out_specs=pl.BlockSpec((None, tk, tn), lambda g, kb, nb: (g, kb, nb)),
+      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      compiler_params=_compiler_params(lhs.dtype.itemsize),
+      interpret=interpret,
+      name='transposed_grouped_matmul',
+  )(offsets, lhs, rhs)

@@ -1,0 +1,368 @@
+"""Mixture-of-experts feed-forward: a float32 router, SwiGLU experts as grouped matmuls, expert
+parallelism over a mesh axis.
+
+Routing (model.moe_routing):
+  'token_choice'   each token picks its top_k experts by router probability. With top_k = 1
+                   (Switch) the output is scaled by that raw probability (renormalising a single
+                   choice would make it 1 and cut the router off from the loss); with top_k > 1
+                   (Mixtral) the top_k probabilities are renormalised to sum to 1.
+  'expert_choice'  each expert picks the C tokens with the highest router probability for it and
+                   scales its output by that probability; a token may be picked by any number of
+                   experts, none included. The choice looks at every token of the routing group,
+                   later ones too, so it is not causal (the usual caveat for decoder LMs).
+
+Capacity. A routing group is the tokens one device holds (all tokens of the batch without a
+mesh); C = ceil(capacity_factor * group_tokens * top_k / num_experts), at most group_tokens.
+Token choice with capacity_factor 0 is dropless: every slot is computed. With capacity_factor > 0
+each expert keeps at most C slots, in the order of the flattened group (batch row, then position)
+and, within one token, of the choice rank (its first choice before its second): slot (t, j) has
+priority t * top_k + j. A dropped slot contributes 0, and the residual stream carries the token
+on. Expert choice always runs with a capacity (capacity_factor must be > 0).
+
+Execution sorts the (token, expert) slots by expert, runs gate, up and down as three grouped
+matmuls over the sorted rows (effjax.kernels.grouped_matmul, or jax.lax.ragged_dot until that
+package imports), unsorts and sums each token's slots weighted by the router.
+
+Expert parallelism: under a mesh the routed part runs in jax.shard_map. Tokens are split over the
+batch axes of 'act_batch' and the expert axes of 'experts' (the expert axis is extra data
+parallelism for tokens); every device routes its own tokens, sends each peer the rows for that
+peer's experts with an all_to_all over the expert axes, runs its local experts and returns the
+results with the reverse all_to_all. The buffers have static shapes: [peers, cap, d_model] with
+cap = E_local * C under a capacity, and, dropless, the worst case cap = every local slot (all of a
+device's slots may go to one peer), i.e. peers times the slots: memory to keep in mind at scale.
+The experts' mlp dimension is not tensor-parallel inside the map (the weights are gathered).
+
+Padding tokens (segment id 0) are never routed and count in no loss or metric. Each call records
+its router statistics (load-balancing loss, z-loss, load per expert, router entropy, dropped
+fraction) into the innermost `collect_stats()` context, from which the LM gathers them per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import math
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from effjax.models import layers
+from effjax.models.registry import FEED_FORWARDS
+from effjax.parallel.sharding import constrain, current_rules, logical_to_spec
+
+try:
+  from effjax.kernels.grouped_matmul import GMM_BACKENDS, grouped_matmul
+  GMM_IMPORT_ERROR = ''
+except ImportError as e:  # without the kernel package, jax.lax.ragged_dot does the work
+  GMM_BACKENDS, grouped_matmul = ('auto', 'ragged_dot'), None
+  GMM_IMPORT_ERROR = f'{type(e).__name__}: {e}'
+
+ROUTINGS = ('token_choice', 'expert_choice')
+ACT_BTD = ('act_batch', 'act_length', 'act_embed')
+Stats = dict[str, jax.Array]
+
+_SINK: contextvars.ContextVar[list | None] = contextvars.ContextVar('moe_stats', default=None)
+
+
+@contextlib.contextmanager
+def collect_stats() -> Iterator[list[Stats]]:
+  """Every MoE call inside appends its per-layer statistics to the yielded list (trace time)."""
+  sink: list[Stats] = []
+  token = _SINK.set(sink)
+  try:
+    yield sink
+  finally:
+    _SINK.reset(token)
+
+
+def stack_stats(per_layer: list[Stats]) -> Stats:
+  """[{name: x}] per layer -> {name: x stacked on a leading layer axis}; {} for no layers."""
+  if not per_layer:
+    return {}
+  return {k: jnp.stack([s[k] for s in per_layer]) for k in per_layer[0]}
+
+
+SUMMARY_KEYS = ('loss', 'aux_loss', 'z_loss', 'dropped_fraction', 'router_entropy', 'load_max',
+                'load_min')
+
+
+def summarize(stacked: Stats) -> Stats:
+  """Layer-stacked statistics -> the scalars training uses and reports.
+
+  'loss' is the weighted auxiliary loss summed over layers (what training adds); the unweighted
+  losses, entropy and dropped fraction are means over layers; load_max/load_min the largest and
+  smallest fraction of slots any expert of any layer received (1/E each when balanced).
+  """
+  if not stacked:
+    return {}
+  out = {k: jnp.mean(stacked[k]) for k in ('aux_loss', 'z_loss', 'dropped_fraction',
+                                           'router_entropy')}
+  out['loss'] = jnp.sum(stacked['loss'])
+  out['load_max'] = jnp.max(stacked['load'])
+  out['load_min'] = jnp.min(stacked['load'])
+  return out
+
+
+def expert_mlp_dim(cfg) -> int:
+  return cfg.moe_expert_mlp_dim or layers.mlp_dim(cfg)
+
+
+def capacity(cfg, group_tokens: int) -> int:
+  """Slots each expert keeps from a group of tokens; 0 = dropless (token choice only)."""
+  if cfg.moe_capacity_factor <= 0:
+    return 0
+  c = math.ceil(cfg.moe_capacity_factor * group_tokens * cfg.moe_top_k / cfg.moe_num_experts)
+  return max(1, min(c, group_tokens))
+
+
+def gmm(lhs_md: jax.Array, rhs_gdn: jax.Array, group_sizes_g: jax.Array,
+        backend: str) -> jax.Array:
+  """Grouped matmul: rows of group g times rhs[g]; rows past sum(group_sizes) give 0."""
+  if grouped_matmul is None:
+    if backend not in GMM_BACKENDS:
+      raise ValueError(f"model.moe_gmm_backend={backend!r}: effjax.kernels.grouped_matmul did "
+                       f"not import ({GMM_IMPORT_ERROR}); use 'auto' or 'ragged_dot'")
+    return jax.lax.ragged_dot(lhs_md, rhs_gdn, group_sizes_g)
+  return grouped_matmul(lhs_md, rhs_gdn, group_sizes_g, backend=backend)
+
+
+def _swiglu_experts(x_sd, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, backend):
+  gate = gmm(x_sd, w_gate_edf, group_sizes_e, backend)
+  up = gmm(x_sd, w_up_edf, group_sizes_e, backend)
+  return gmm(jax.nn.silu(gate) * up, w_down_efd, group_sizes_e, backend)
+
+
+def _inverse(order_s: jax.Array) -> jax.Array:
+  return jnp.zeros_like(order_s).at[order_s].set(jnp.arange(order_s.shape[0], dtype=order_s.dtype))
+
+
+def _exchange(x_sd, group_sizes_e, weights, *, cap: int, ep_axes: tuple[str, ...], n_ep: int,
+              backend: str) -> jax.Array:
+  """Expert-sorted slot rows -> their expert outputs, the experts living on n_ep peers.
+
+  Rows [start_p, start_p + count_p) belong to peer p's experts; each peer gets a [cap, d] block
+  (rows past its count are zero), sorts what it received from all peers by its local expert, runs
+  them, and sends each block back where it came from.
+  """
+  s, d = x_sd.shape
+  e_loc = group_sizes_e.shape[0] // n_ep
+  counts_pe = group_sizes_e.reshape(n_ep, e_loc)
+  peer_count = counts_pe.sum(1)
+  peer_start = jnp.cumsum(peer_count) - peer_count
+  slot = jnp.arange(cap)
+  rows_pc = jnp.clip(peer_start[:, None] + slot[None], 0, s - 1)
+  sent = jnp.where((slot[None] < peer_count[:, None])[..., None], x_sd[rows_pc], 0)
+  recv_pcd = jax.lax.all_to_all(sent, ep_axes, 0, 0)  # [source peer, cap, d]
+  recv_counts_pe = jax.lax.all_to_all(counts_pe, ep_axes, 0, 0)
+
+  # Local expert of each received row (e_loc for empty rows, which sort last).
+  ends_pe = jnp.cumsum(recv_counts_pe, axis=1)
+  local_expert = jnp.sum(slot[None, :, None] >= ends_pe[:, None, :], axis=-1).reshape(-1)
+  order = jnp.argsort(local_expert, stable=True)
+  out_sd = _swiglu_experts(recv_pcd.reshape(-1, d)[order], *weights, recv_counts_pe.sum(0),
+                           backend)
+  back = jax.lax.all_to_all(out_sd[_inverse(order)].reshape(n_ep, cap, d), ep_axes, 0, 0)
+
+  r = jnp.arange(s)
+  peer_r = jnp.minimum(jnp.sum(r[:, None] >= jnp.cumsum(peer_count)[None], axis=-1), n_ep - 1)
+  pos_r = jnp.clip(r - peer_start[peer_r], 0, cap - 1)
+  return jnp.where((r < peer_count.sum())[:, None], back[peer_r, pos_r], 0)
+
+
+def route_and_run(x_btd, valid_bt, router_de, w_gate_edf, w_up_edf, w_down_efd, *, cfg,
+                  compute_dtype, token_axes: tuple[str, ...] = (), ep_axes: tuple[str, ...] = (),
+                  n_ep: int = 1) -> tuple[jax.Array, Stats]:
+  """The routed experts on one routing group (one device's tokens, or all tokens without a mesh).
+
+  Statistics are summed over token_axes before they are formed, so they are those of the global
+  batch. Expert weights hold the local experts (E / n_ep of them) when n_ep > 1.
+  """
+  b, t, d = x_btd.shape
+  n, e, k = b * t, cfg.moe_num_experts, cfg.moe_top_k
+  x_nd = x_btd.reshape(n, d)
+  valid_n = valid_bt.reshape(n)
+  logits_ne = jnp.einsum('nd,de->ne', x_nd.astype(jnp.float32), router_de.astype(jnp.float32))
+  probs_ne = jax.nn.softmax(logits_ne, axis=-1)
+  c = capacity(cfg, n)
+
+  if cfg.moe_routing == 'token_choice':
+    top_p_nk, top_e_nk = jax.lax.top_k(probs_ne, k)
+    if k > 1:
+      top_p_nk = top_p_nk / jnp.sum(top_p_nk, axis=-1, keepdims=True)
+    slot_expert = top_e_nk.reshape(-1)  # slot s = t * k + j: token-major priority
+    slot_token = jnp.repeat(jnp.arange(n), k)
+    slot_weight = top_p_nk.reshape(-1)
+    routed = jnp.repeat(valid_n, k)  # slots the router assigned (before capacity)
+    keep = routed
+    if c:
+      hits_se = (slot_expert[:, None] == jnp.arange(e)[None]) & routed[:, None]
+      rank = jnp.take_along_axis(jnp.cumsum(hits_se, axis=0), slot_expert[:, None], axis=1)[:, 0]
+      keep = routed & (rank <= c)  # rank counts this slot itself
+  else:
+    score_en = jnp.where(valid_n[None], probs_ne.T, -1.0)  # padding is picked last, then dropped
+    _, top_t_ec = jax.lax.top_k(score_en, c)
+    slot_expert = jnp.repeat(jnp.arange(e), c)
+    slot_token = top_t_ec.reshape(-1)
+    slot_weight = probs_ne[slot_token, slot_expert]
+    keep = routed = valid_n[slot_token]
+
+  # Statistics, from sums over the global batch.
+  valid_f = valid_n.astype(jnp.float32)
+  lse_n = jax.nn.logsumexp(logits_ne, axis=-1)
+  entropy_n = -jnp.sum(probs_ne * jnp.log(jnp.maximum(probs_ne, 1e-30)), axis=-1)
+  slot_hits_e = jnp.zeros((e,), jnp.float32).at[slot_expert].add(routed.astype(jnp.float32))
+  sums = {
+      'tokens': jnp.sum(valid_f), 'slots': jnp.sum(routed.astype(jnp.float32)),
+      'kept': jnp.sum(keep.astype(jnp.float32)), 'slot_hits': slot_hits_e,
+      'prob': jnp.sum(probs_ne * valid_f[:, None], axis=0),
+      'lse_sq': jnp.sum(jnp.square(lse_n) * valid_f), 'entropy': jnp.sum(entropy_n * valid_f)}
+  if cfg.moe_routing == 'expert_choice':  # tokens no expert picked
+    picked = jnp.zeros((n,), bool).at[slot_token].max(keep)
+    sums['unpicked'] = jnp.sum((valid_n & ~picked).astype(jnp.float32))
+  if token_axes:
+    sums = jax.lax.psum(sums, token_axes)
+  tokens = jnp.maximum(sums['tokens'], 1.0)
+  load_e = sums['slot_hits'] / jnp.maximum(sums['slots'], 1.0)
+  aux = e * jnp.sum(load_e * sums['prob'] / tokens)
+  z = sums['lse_sq'] / tokens
+  if cfg.moe_routing == 'expert_choice':
+    dropped = sums['unpicked'] / tokens
+  else:
+    dropped = 1.0 - sums['kept'] / jnp.maximum(sums['slots'], 1.0)
+  stats = {'loss': cfg.moe_aux_loss_weight * aux + cfg.moe_z_loss_weight * z, 'aux_loss': aux,
+           'z_loss': z, 'load': load_e, 'router_entropy': sums['entropy'] / tokens,
+           'dropped_fraction': dropped}
+
+  # Dispatch: slots sorted by expert (dropped and padding slots last), grouped matmuls, unsort.
+  key = jnp.where(keep, slot_expert, e)
+  order = jnp.argsort(key, stable=True)
+  group_sizes_e = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
+  x_sd = x_nd[slot_token[order]]
+  weights = (w_gate_edf, w_up_edf, w_down_efd)
+  replicated = tuple(a for a in token_axes if a not in ep_axes)
+  if replicated:
+    # Mark the weights as varying with the tokens explicitly: a kernel's custom VJP returns a
+    # per-device weight gradient, and this cast's transpose is the psum that totals it.
+    weights = tuple(jax.lax.pcast(w, replicated, to='varying') for w in weights)
+  backend = cfg.moe_gmm_backend
+  if n_ep == 1:
+    out_sd = _swiglu_experts(x_sd, *weights, group_sizes_e, backend)
+  else:
+    s = x_sd.shape[0]
+    cap = s if not c else min(s, (e // n_ep) * c)
+    out_sd = _exchange(x_sd, group_sizes_e, weights, cap=cap, ep_axes=ep_axes, n_ep=n_ep,
+                       backend=backend)
+  gate_s = jnp.where(keep, slot_weight, 0.0).astype(compute_dtype)
+  contrib_sd = out_sd[_inverse(order)] * gate_s[:, None]
+  if cfg.moe_routing == 'token_choice':
+    y_nd = contrib_sd.reshape(n, k, d).sum(axis=1)
+  else:
+    y_nd = jnp.zeros((n, d), contrib_sd.dtype).at[slot_token].add(contrib_sd)
+  return y_nd.reshape(b, t, d).astype(compute_dtype), stats
+
+
+def _mesh_axes(mesh, logical: str) -> tuple[str, ...]:
+  """The mesh axes (of size > 1) a logical name maps to."""
+  axes = logical_to_spec((logical,))[0]
+  axes_t = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return tuple(a for a in axes_t if mesh.shape[a] > 1)
+
+
+@FEED_FORWARDS.register('moe')
+class MoE(nnx.Module):
+  """Routed SwiGLU experts (+ optional always-on shared experts); see the module docstring."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    if cfg.moe_routing not in ROUTINGS:
+      raise ValueError(f'model.moe_routing={cfg.moe_routing!r}: allowed: {", ".join(ROUTINGS)}')
+    if not 1 <= cfg.moe_top_k <= cfg.moe_num_experts:
+      raise ValueError(f'model.moe_top_k={cfg.moe_top_k}: must be in [1, model.moe_num_experts='
+                       f'{cfg.moe_num_experts}]')
+    if cfg.moe_routing == 'expert_choice' and cfg.moe_capacity_factor <= 0:
+      raise ValueError(f'model.moe_capacity_factor={cfg.moe_capacity_factor}: expert_choice '
+                       'routing needs a capacity; set it > 0 (e.g. 1.0)')
+    prec = layers.Precision.from_config(cfg)
+    d, e, f = cfg.d_model, cfg.moe_num_experts, expert_mlp_dim(cfg)
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    # The router stays float32 whatever the parameter dtype: top-k decisions are sensitive to it.
+    self.router = layers.normal_param(rngs, (d, e), ('embed', None), std, jnp.float32)
+    self.w_gate = layers.normal_param(rngs, (e, d, f), ('experts', 'embed', 'mlp'), std, prec.param)
+    self.w_up = layers.normal_param(rngs, (e, d, f), ('experts', 'embed', 'mlp'), std, prec.param)
+    self.w_down = layers.normal_param(rngs, (e, f, d), ('experts', 'mlp', 'embed'), out_std,
+                                      prec.param)
+    shared = cfg.moe_num_shared_experts * f  # S shared experts = one SwiGLU S times as wide
+    if shared:
+      self.shared_gate = layers.normal_param(rngs, (d, shared), ('embed', 'mlp'), std, prec.param)
+      self.shared_up = layers.normal_param(rngs, (d, shared), ('embed', 'mlp'), std, prec.param)
+      self.shared_down = layers.normal_param(rngs, (shared, d), ('mlp', 'embed'), out_std,
+                                             prec.param)
+    self.cfg = ml_collections.FrozenConfigDict(cfg)  # static and hashable: part of the graphdef
+    self.compute_dtype = prec.compute
+
+  def __call__(self, x_btd: jax.Array, ctx: layers.Context) -> jax.Array:
+    cdt = self.compute_dtype
+    valid_bt = (jnp.ones(x_btd.shape[:2], bool) if ctx.segment_ids is None
+                else ctx.segment_ids > 0)
+    args = (x_btd, valid_bt, self.router[...], self.w_gate[...].astype(cdt),
+            self.w_up[...].astype(cdt), self.w_down[...].astype(cdt))
+    run = functools.partial(route_and_run, cfg=self.cfg, compute_dtype=cdt)
+    y, stats = self._sharded(run, *args)
+    if self.cfg.moe_num_shared_experts:
+      gate = jnp.einsum('btd,df->btf', x_btd, self.shared_gate[...].astype(cdt))
+      up = jnp.einsum('btd,df->btf', x_btd, self.shared_up[...].astype(cdt))
+      hidden = constrain(jax.nn.silu(gate) * up, ('act_batch', 'act_length', 'act_mlp'))
+      y = y + jnp.einsum('btf,fd->btd', hidden, self.shared_down[...].astype(cdt))
+    sink = _SINK.get()
+    if sink is not None:
+      sink.append(stats)
+    return constrain(y, ACT_BTD)
+
+  def _sharded(self, run, x_btd, valid_bt, router_de, *experts):
+    """run() per device under the current mesh (tokens split, experts over the expert axes)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or not current_rules():
+      return run(x_btd, valid_bt, router_de, *experts)
+    b = x_btd.shape[0]
+    ep_axes = _mesh_axes(mesh, 'experts')
+    batch_axes = []
+    for a in _mesh_axes(mesh, 'act_batch') + ep_axes:  # the expert axes also split the tokens
+      if a not in batch_axes and b % math.prod(mesh.shape[x] for x in batch_axes + [a]) == 0:
+        batch_axes.append(a)
+    n_ep = math.prod(mesh.shape[a] for a in ep_axes)
+    if self.cfg.moe_num_experts % n_ep:
+      raise ValueError(f'model.moe_num_experts={self.cfg.moe_num_experts}: not divisible by the '
+                       f'expert-parallel size {n_ep} (mesh axes {ep_axes})')
+    if not set(ep_axes) <= set(batch_axes):
+      # Too few sequences to split over the expert axes too (decoding one sequence): every device
+      # runs every expert on its tokens, with the expert weights gathered.
+      ep_axes, n_ep = (), 1
+    token_axes = tuple(batch_axes)
+    x_spec = P(token_axes or None, None, None)
+    w_spec = P(ep_axes or None, None, None)
+    fn = functools.partial(run, token_axes=token_axes, ep_axes=ep_axes, n_ep=n_ep)
+    stats_spec = {k: P() for k in ('loss', 'aux_loss', 'z_loss', 'load', 'router_entropy',
+                                   'dropped_fraction')}
+    return jax.shard_map(fn, mesh=mesh, in_specs=(x_spec, P(token_axes or None, None), P(),
+                                                  w_spec, w_spec, w_spec),
+                         out_specs=(x_spec, stats_spec))(x_btd, valid_bt, router_de, *experts)
+
+  @staticmethod
+  def num_params(cfg) -> int:
+    d, e, f = cfg.d_model, cfg.moe_num_experts, expert_mlp_dim(cfg)
+    return d * e + 3 * e * d * f + 3 * d * f * cfg.moe_num_shared_experts
+
+  @staticmethod
+  def flops_per_token(cfg, seq_len: int) -> float:
+    """Active parameters only: the router, top_k routed experts and the shared experts.
+
+    Expert choice counts top_k experts per token too (its average when capacity_factor is 1).
+    """
+    del seq_len
+    d, f = cfg.d_model, expert_mlp_dim(cfg)
+    active = d * cfg.moe_num_experts + 3 * d * f * (cfg.moe_top_k + cfg.moe_num_shared_experts)
+    return 2 * active
