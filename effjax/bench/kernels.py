@@ -34,7 +34,11 @@ FLOPs of the tiles the kernel visits (flash_attention.attention_flops; all S x S
 'reference' backend that 'auto' picks off GPU and TPU). The tiny grid runs the same path on CPU
 in seconds, for tests.
 
-Adding an op: write a function (grid, impls) -> iterator of `Case` and `register` an `Op` for it.
+Grouped matmul (--op=gmm): effjax's grouped matmul vs jax.lax.ragged_dot vs a dense batched
+einsum of the same FLOPs, for MoE expert shapes (effjax/bench/kernels_gmm.py).
+
+Adding an op: write a function (grid, impls) -> iterator of `Case` and `register` an `Op` for it
+(in a module of its own, imported at the end of this one).
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ class Op:
   impls: tuple[str, ...]
   baseline: str  # the implementation every row is compared with
   cases: Callable[[str, Sequence[str]], Iterator[Case]]  # (grid, impls) -> the cases to run
+  dense_variant: str = 'dense'  # the unrestricted variant other variants are compared with
 
 
 OPS: dict[str, Op] = {}
@@ -121,9 +126,10 @@ def select_impls(op: Op, requested: Sequence[str]) -> tuple[str, ...]:
 
 def columns(op: Op) -> tuple[tuple[str, str, str], ...]:
   """(row key, header, float format) for results.markdown."""
+  dense = op.dense_variant
   ratios = (('speedup_vs_baseline', f'vs {op.baseline} (x)', '.2f'),
-            ('speedup_vs_dense', 'vs dense (x)', '.2f'),
-            ('speedup_vs_baseline_dense', f'vs {op.baseline} dense (x)', '.2f'))
+            ('speedup_vs_dense', f'vs {dense} (x)', '.2f'),
+            ('speedup_vs_baseline_dense', f'vs {op.baseline} {dense} (x)', '.2f'))
   return COLUMNS_BEFORE_RATIOS + ratios + COLUMNS_AFTER_RATIOS
 
 
@@ -186,8 +192,8 @@ def matmul_case(n: int) -> Case:
               useful_flops=2.0 * n ** 3, make=make, info={'m': n, 'n': n, 'k': n})
 
 
-def add_ratios(rows: list[dict[str, Any]], baseline: str) -> None:
-  """Speedups against the baseline and against dense rows of the same group and mode."""
+def add_ratios(rows: list[dict[str, Any]], baseline: str, dense: str = 'dense') -> None:
+  """Speedups against the baseline and against `dense`-variant rows of the same group and mode."""
   timed = {(r['group'], r['mode'], r['variant'], r['impl']): r['ms'] for r in rows if r.get('ms')}
 
   def speedup(row, variant, impl):
@@ -198,9 +204,9 @@ def add_ratios(rows: list[dict[str, Any]], baseline: str) -> None:
     if not row.get('ms'):
       continue
     row['speedup_vs_baseline'] = speedup(row, row['variant'], baseline)
-    if row['variant'] != 'dense':
-      row['speedup_vs_dense'] = speedup(row, 'dense', row['impl'])
-      row['speedup_vs_baseline_dense'] = speedup(row, 'dense', baseline)
+    if row['variant'] != dense:
+      row['speedup_vs_dense'] = speedup(row, dense, row['impl'])
+      row['speedup_vs_baseline_dense'] = speedup(row, dense, baseline)
 
 
 def run(op: Op, *, grid: str, impls: Sequence[str], repeats: int,
@@ -217,7 +223,7 @@ def run(op: Op, *, grid: str, impls: Sequence[str], repeats: int,
     if peak and row.get('tflops'):
       row['peak_fraction'] = row['tflops'] / peak
       row['peak_percent'] = 100 * row['peak_fraction']
-  add_ratios(rows, op.baseline)
+  add_ratios(rows, op.baseline, op.dense_variant)
   return rows
 
 
@@ -249,7 +255,7 @@ def summary(rows: Sequence[dict[str, Any]], op: Op) -> str:
     if row.get('speedup_vs_baseline') and row['impl'] != op.baseline:
       entry[f'{row["impl"]} vs {op.baseline}'] = f'{row["speedup_vs_baseline"]:.2f}x'
     if row.get('speedup_vs_dense'):
-      entry[f'{row["impl"]} vs dense'] = f'{row["speedup_vs_dense"]:.2f}x'
+      entry[f'{row["impl"]} vs {op.dense_variant}'] = f'{row["speedup_vs_dense"]:.2f}x'
   ratios = dict.fromkeys(k for entry in lines.values() for k in entry if k not in impls)
   table = [['shape', 'variant', 'mode', *impls, *ratios]]
   table += [[group, variant, mode, *(entry.get(h, '-') for h in (*impls, *ratios))]
@@ -430,3 +436,6 @@ def attention_cases(grid: str, impls: Sequence[str]) -> Iterator[Case]:
 
 register(Op(name='attention', impls=('effjax', 'xla', 'cudnn'), baseline='cudnn',
             cases=attention_cases))
+
+# Ops in modules of their own register on import.
+from effjax.bench import kernels_gmm as _kernels_gmm  # noqa: E402,F401  pylint: disable=wrong-import-position

@@ -205,6 +205,8 @@ def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps:
   return {
       'params_m': count_params(config.model) / 1e6,
       'params_non_embedding_m': count_params(config.model, include_embedding=False) / 1e6,
+      'params_active_non_embedding_m': count_params(config.model, include_embedding=False,
+                                                    active=True) / 1e6,
       'batch_size': tc.batch_size, 'seq_len': config.data.seq_len,
       'grad_accum_steps': tc.grad_accum_steps, 'tokens_per_step': tokens_per_step,
       'batches': batches, 'mesh': dict(mesh.shape),

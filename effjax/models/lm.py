@@ -274,11 +274,17 @@ def block_kinds(cfg) -> list[tuple[str, str]]:
   return list(parse_pattern(cfg.pattern)) * num_groups(cfg)
 
 
-def count_params(cfg, include_embedding: bool = True) -> int:
-  """Parameter count from the config alone (matches the built model; tested)."""
+def count_params(cfg, include_embedding: bool = True, active: bool = False) -> int:
+  """Parameter count from the config alone (matches the built model; tested).
+
+  active=True counts only the parameters one token runs through: a part that routes (MoE) says
+  so with an `active_params(cfg)`; every other part is active whole.
+  """
   total = 0
   for mixer, ff in block_kinds(cfg):
-    total += MIXERS.get(mixer).num_params(cfg) + FEED_FORWARDS.get(ff).num_params(cfg)
+    ff_cls = FEED_FORWARDS.get(ff)
+    ff_params = getattr(ff_cls, 'active_params', ff_cls.num_params) if active else ff_cls.num_params
+    total += MIXERS.get(mixer).num_params(cfg) + ff_params(cfg)
     total += 2 * cfg.d_model  # the two norms
   total += cfg.d_model  # final norm
   embedding = cfg.vocab_size * cfg.d_model

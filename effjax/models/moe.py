@@ -357,12 +357,16 @@ class MoE(nnx.Module):
     return d * e + 3 * e * d * f + 3 * d * f * cfg.moe_num_shared_experts
 
   @staticmethod
-  def flops_per_token(cfg, seq_len: int) -> float:
-    """Active parameters only: the router, top_k routed experts and the shared experts.
+  def active_params(cfg) -> int:
+    """What one token runs through: the router, top_k routed experts and the shared experts.
 
     Expert choice counts top_k experts per token too (its average when capacity_factor is 1).
     """
-    del seq_len
     d, f = cfg.d_model, expert_mlp_dim(cfg)
-    active = d * cfg.moe_num_experts + 3 * d * f * (cfg.moe_top_k + cfg.moe_num_shared_experts)
-    return 2 * active
+    return d * cfg.moe_num_experts + 3 * d * f * (cfg.moe_top_k + cfg.moe_num_shared_experts)
+
+  @staticmethod
+  def flops_per_token(cfg, seq_len: int) -> float:
+    """Active parameters only (active_params), two FLOPs each."""
+    del seq_len
+    return 2 * MoE.active_params(cfg)

@@ -5,10 +5,12 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from effjax.bench import kernels as kb
+from effjax.bench import kernels_gmm as kbg
 from effjax.kernels.flash_attention import bigbird_layout
 from effjax.kernels.flash_attention.layout import token_mask
 
@@ -86,7 +88,8 @@ def test_tiny_grid_runs_end_to_end_on_cpu(tmp_path):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--op=grouped_matmul'], "--op='grouped_matmul' is not a benchmarked op; allowed: attention"),
+    (['--op=grouped_matmul'], ("--op='grouped_matmul' is not a benchmarked op; allowed: "
+                               'attention, gmm')),
     (['--impls=effjax,triton'], ('--impls=effjax,triton names triton, not an implementation of '
                                  'attention; allowed: effjax, xla, cudnn')),
     (['--grid=huge'], "--grid='huge' is not a grid; allowed: default, tiny"),
@@ -148,3 +151,51 @@ def test_a_failing_case_is_recorded_not_raised():
   row = kb.measure('attention', case, repeats=2)
   assert row['error'].startswith('TypeError: ') and '\n' not in row['error']
   assert row['out_of_memory'] is False and 'ms' not in row
+
+
+def test_gmm_tiny_grid_runs_end_to_end_on_cpu(tmp_path):
+  _bench('--op=gmm', '--grid=tiny', '--repeats=2', f'--out={tmp_path}', '--name=g',
+         '--compilation_cache_dir=')
+  rows = json.loads((tmp_path / 'g.json').read_text())['rows'][1:]
+  expected = set()
+  for g, k, n in kbg.GMM_GRIDS['tiny'].shapes:
+    for mode in ('fwd', 'fwd+bwd'):
+      group = f'M=256 G={g} K={k} N={n}'
+      expected |= {(group, 'uniform', impl, mode) for impl in ('effjax', 'ragged_dot', 'einsum')}
+      expected |= {(group, 'skewed', impl, mode) for impl in ('effjax', 'ragged_dot')}
+  assert {(r['group'], r['variant'], r['impl'], r['mode']) for r in rows} == expected
+  by_key = {(r['group'], r['variant'], r['impl'], r['mode']): r for r in rows}
+  for r in rows:
+    assert 'error' not in r, r['error']
+    factor = 3.0 if r['mode'] == 'fwd+bwd' else 1.0
+    assert r['useful_flops'] == 2.0 * r['rows'] * r['k'] * r['n'] * factor
+    einsum = by_key[(r['group'], 'uniform', 'einsum', r['mode'])]
+    if r['variant'] == 'skewed':
+      uniform = by_key[(r['group'], 'uniform', r['impl'], r['mode'])]
+      assert r['speedup_vs_dense'] == pytest.approx(uniform['ms'] / r['ms'])
+      assert r['speedup_vs_baseline_dense'] == pytest.approx(einsum['ms'] / r['ms'])
+    else:
+      assert r['speedup_vs_baseline'] == pytest.approx(einsum['ms'] / r['ms'])
+    if r['impl'] == 'effjax':
+      assert r['backend'] == 'ragged_dot'  # what 'auto' picks on CPU
+  assert 'vs einsum uniform (x)' in (tmp_path / 'g.md').read_text()
+
+
+@pytest.mark.parametrize('mode', ['fwd', 'fwd+bwd'])
+def test_gmm_implementations_compute_the_same_product(mode):
+  """On uniform groups every implementation is the same grouped product (and its gradients)."""
+  m, g, k, n = 64, 4, 32, 48
+  lhs, rhs, sizes, ct = kbg._inputs(m, g, k, n, 'uniform')[0]
+  results = [kbg._with_mode(kbg._product(impl, m, g), mode)(lhs, rhs, sizes, ct)
+             for impl in ('effjax', 'ragged_dot', 'einsum')]
+  for other in results[1:]:
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other)):
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                 rtol=2e-2, atol=2e-2)
+
+
+def test_skewed_group_sizes_sum_to_the_rows_and_vary():
+  rng = np.random.default_rng()
+  sizes = kbg.group_sizes(1024, 16, 'skewed', rng)
+  assert sizes.sum() == 1024 and sizes.dtype == np.int32 and sizes.max() > 2 * 1024 // 16
+  assert (kbg.group_sizes(1024, 16, 'uniform', rng) == 64).all()

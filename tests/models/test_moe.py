@@ -283,6 +283,9 @@ def test_flops_and_params_count_active_experts_only():
   expected = m.num_layers * (attention + 2 * active) + 2 * d * m.vocab_size
   assert flops_lib.forward_flops_per_token(m, 32) == expected
   assert 2 * active < 2 * moe_lib.MoE.num_params(m)  # not every expert's weights
+  attention_params = MIXERS.get('attention').num_params(m)
+  assert lm_lib.count_params(m, include_embedding=False, active=True) == (
+      m.num_layers * (attention_params + active + 2 * d) + d)  # + the norms
 
 
 def test_accumulated_micro_batches_average_the_statistics():

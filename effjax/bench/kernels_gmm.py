@@ -1,0 +1,135 @@
+"""The grouped-matmul rows of the kernel benchmark (--op=gmm): MoE expert matmuls.
+
+    python -m effjax.bench kernels --op=gmm [--grid=default|tiny] [--impls=effjax,ragged_dot,einsum]
+
+One row multiplies M token rows, sorted by expert, by their expert's [K, N] matrix (G experts):
+  effjax      effjax.kernels.grouped_matmul (backend 'auto': Pallas Triton on GPU, Mosaic on TPU,
+              jax.lax.ragged_dot elsewhere, recorded as `backend`);
+  ragged_dot  jax.lax.ragged_dot, XLA's own grouped matmul;
+  einsum      the same FLOPs as a dense batched einsum [G, M/G, K] x [G, K, N] (every expert
+              exactly M/G rows): what a grouped matmul would reach with no raggedness at all,
+              the baseline every row is compared with.
+Group sizes come in two variants: 'uniform' (M/G each, the einsum's case) and 'skewed' (a
+multinomial draw of M rows over probabilities from a flat Dirichlet: uneven, some groups small
+or empty; a fresh draw per input set), each compared with the same implementation's uniform row
+and with the einsum's ('vs einsum uniform'). 'fwd' is the product; 'fwd+bwd' adds both gradients of
+sum(out * cotangent): d_lhs (another grouped matmul) and d_rhs (the transposed grouped product,
+effjax's transposed_grouped_matmul). FLOPs are 2*M*K*N forward, 3x that with the backward.
+
+Default grid: 16k rows; Mixtral-like experts (8 x 4096 x 14336, and the down projection
+8 x 14336 x 4096) and the same expert split 8 ways finer (64 x 4096 x 1792, 64 x 1792 x 4096),
+bf16 in and out with float32 accumulation. The tiny grid is the same path at CPU sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effjax.bench import kernels as kb
+
+
+@dataclasses.dataclass(frozen=True)
+class GmmGrid:
+  rows: int  # M: tokens x top-k routed slots
+  shapes: tuple[tuple[int, int, int], ...]  # (G, K, N)
+
+
+GMM_GRIDS = {
+    'default': GmmGrid(rows=16384, shapes=((8, 4096, 14336), (8, 14336, 4096),
+                                           (64, 4096, 1792), (64, 1792, 4096))),
+    'tiny': GmmGrid(rows=256, shapes=((4, 128, 256), (16, 128, 64))),
+}
+VARIANTS = ('uniform', 'skewed')
+
+
+def group_sizes(rows: int, groups: int, variant: str, rng: np.random.Generator) -> np.ndarray:
+  """int32 [G] summing to rows: equal shares, or a multinomial over Dirichlet(1) probabilities."""
+  if variant == 'uniform':
+    if rows % groups:
+      raise ValueError(f'uniform groups need rows={rows} divisible by groups={groups}')
+    return np.full(groups, rows // groups, np.int32)
+  return rng.multinomial(rows, rng.dirichlet(np.ones(groups))).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=1)
+def _inputs(m: int, g: int, k: int, n: int, variant: str) -> list[tuple[jax.Array, ...]]:
+  """INPUT_SETS sets of (lhs [M,K], rhs [G,K,N], group sizes, cotangent [M,N]); latest kept."""
+  rng = np.random.default_rng()
+  keys = jax.random.split(kb._fresh_key(), 3 * kb.INPUT_SETS)  # pylint: disable=protected-access
+  sets = []
+  for i in range(kb.INPUT_SETS):
+    lhs = jax.random.normal(keys[3 * i], (m, k), jnp.bfloat16)
+    rhs = (jax.random.normal(keys[3 * i + 1], (g, k, n), jnp.float32) * k ** -0.5)
+    ct = jax.random.normal(keys[3 * i + 2], (m, n), jnp.bfloat16)
+    sizes = jnp.asarray(group_sizes(m, g, variant, rng))
+    sets.append((lhs, rhs.astype(jnp.bfloat16), sizes, ct))
+  return sets
+
+
+def _product(impl: str, m: int, g: int):
+  """(lhs, rhs, sizes) -> [M, N] for one implementation, float32 accumulation, bf16 out."""
+  if impl == 'effjax':
+    from effjax.kernels.grouped_matmul import grouped_matmul
+    return lambda lhs, rhs, sizes: grouped_matmul(lhs, rhs, sizes, backend='auto')
+  if impl == 'ragged_dot':
+    return lambda lhs, rhs, sizes: jax.lax.ragged_dot(lhs, rhs, sizes)
+
+  def einsum(lhs, rhs, sizes):  # every group m / g rows: the sizes are not read
+    del sizes
+    out = jnp.einsum('gmk,gkn->gmn', lhs.reshape(g, m // g, -1), rhs,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(m, -1).astype(lhs.dtype)
+  return einsum
+
+
+def _with_mode(product, mode: str):
+  if mode == 'fwd':
+    return lambda lhs, rhs, sizes, ct: product(lhs, rhs, sizes)
+
+  def fwd_bwd(lhs, rhs, sizes, ct):
+    _, pullback = jax.vjp(lambda a, b: product(a, b, sizes), lhs, rhs)
+    return pullback(ct)
+  return fwd_bwd
+
+
+def _effjax_info(m: int, k: int, n: int) -> dict[str, Any]:
+  from effjax.kernels import grouped_matmul as gm
+  backend = gm.resolve_backend('auto')
+  info: dict[str, Any] = {'backend': backend}
+  if backend != 'ragged_dot':
+    info['tiling'] = list(gm.default_tiling(backend, m, k, n))
+  return info
+
+
+def gmm_case(impl: str, mode: str, variant: str, *, rows: int, groups: int, k: int,
+             n: int) -> kb.Case:
+  group = f'M={rows} G={groups} K={k} N={n}'
+  info: dict[str, Any] = {'rows': rows, 'groups': groups, 'k': k, 'n': n, 'dtype': 'bfloat16'}
+  if impl == 'effjax':
+    info.update(_effjax_info(rows, k, n))
+  flops = 2.0 * rows * k * n * (3.0 if mode == 'fwd+bwd' else 1.0)
+  make = lambda: (_with_mode(_product(impl, rows, groups), mode),
+                  _inputs(rows, groups, k, n, variant))
+  return kb.Case(group=group, variant=variant, impl=impl, mode=mode, useful_flops=flops,
+                 make=make, info=info)
+
+
+def gmm_cases(grid: str, impls: Sequence[str]) -> Iterator[kb.Case]:
+  g = GMM_GRIDS[grid]
+  for groups, k, n in g.shapes:
+    for variant in VARIANTS:
+      for mode in kb.MODES:
+        for impl in impls:
+          if impl == 'einsum' and variant != 'uniform':
+            continue  # one einsum row per shape and mode; the skewed rows compare with it
+          yield gmm_case(impl, mode, variant, rows=g.rows, groups=groups, k=k, n=n)
+
+
+kb.register(kb.Op(name='gmm', impls=('effjax', 'ragged_dot', 'einsum'), baseline='einsum',
+                  cases=gmm_cases, dense_variant='uniform'))
