@@ -49,6 +49,19 @@ def get_config() -> ml_collections.ConfigDict:
   m.block_sparse_global_blocks = 1
   m.block_sparse_random_blocks = 1
   m.block_sparse_seed = 0
+  # Linear-attention and state-space mixers ('gla', 'retnet', 'linear_attention', 'mamba2',
+  # 'mamba1'; effjax/models/linear_attention.py, ssm.py). All but 'mamba1' run the chunked-scan op
+  # (effjax/kernels/chunked_scan) with this backend: 'auto' (Triton on GPU, Mosaic on TPU, the
+  # chunked steps in plain JAX elsewhere), 'triton', 'mosaic', 'xla' or 'reference'.
+  m.scan_backend = 'auto'
+  m.scan_chunk = 0  # tokens per chunk; 0 = the backend's default (64; 128 for Mosaic)
+  m.scan_interpret = False  # run the Pallas kernel in interpret mode (slow; CPU testing)
+  m.gla_gate_temperature = 16.0  # 'gla': log-decay = logsigmoid(x W_g + b) / temperature
+  m.ssm_state_dim = 64  # N: the state per head (mamba2) or per channel (mamba1, e.g. 16)
+  m.ssm_expand = 2  # inner width = ssm_expand * d_model
+  m.ssm_head_dim = 64  # mamba2: channels per head P (inner width / P heads)
+  m.ssm_conv_width = 4  # taps of the short causal depthwise convolution
+  m.ssm_dt_rank = 0  # mamba1: rank of the dt projection; 0 = ceil(d_model / 16)
   m.rope_theta = 10_000.0
   m.norm_eps = 1e-6
   m.tie_embeddings = True  # share the token embedding with the output head
@@ -177,6 +190,10 @@ def get_config() -> ml_collections.ConfigDict:
       head_dim=None,
       mlp='tensor',
       experts='expert',
+      inner='tensor',  # mamba1's channels
+      state=None,  # SSM state dimension
+      conv=None,  # convolution taps
+      act_inner='tensor',
       norm=None,
   ))
 

@@ -14,11 +14,12 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from configs import base as base_config
 from effjax.data.tokenizers import ByteTokenizer
-from effjax.models import attention, moe, remat
+from effjax.models import attention, linear_attention, moe, remat
 from effjax.models import lm as _lm  # noqa: F401  (registers the layer parts)
 from effjax.models.registry import FEED_FORWARDS, MIXERS, parse_pattern
 from effjax.optim.factory import SCHEDULES, parse_multipliers
@@ -29,6 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     'mode': ('train', 'eval', 'generate'),
     'model.attention_impl': attention.IMPLEMENTATIONS,
     'model.attention_backend': attention.BACKENDS,
+    'model.scan_backend': linear_attention.BACKENDS,
     'model.remat_policy': tuple(remat.POLICIES),
     'model.param_dtype': ('float32', 'bfloat16', 'float16'),
     'model.compute_dtype': ('float32', 'bfloat16', 'float16'),
@@ -45,7 +47,8 @@ POSITIVE = ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_
             'model.num_kv_heads', 'data.seq_len', 'train.batch_size', 'train.grad_accum_steps',
             'train.steps', 'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
             'train.eval_batches', 'generate.max_new_tokens', 'model.moe_num_experts',
-            'model.moe_top_k')
+            'model.moe_top_k', 'model.ssm_state_dim', 'model.ssm_expand', 'model.ssm_head_dim',
+            'model.ssm_conv_width', 'model.gla_gate_temperature')
 NON_NEGATIVE = ('model.head_dim', 'model.mlp_dim', 'train.eval_every', 'optim.warmup_steps',
                 'optim.hessian_rows',
                 'optim.weight_decay', 'optim.clip_norm', 'optim.learning_rate', 'data.num_workers',
@@ -55,7 +58,7 @@ NON_NEGATIVE = ('model.head_dim', 'model.mlp_dim', 'train.eval_every', 'optim.wa
                 'model.block_sparse_random_blocks', 'model.block_sparse_seed',
                 'model.moe_capacity_factor', 'model.moe_expert_mlp_dim',
                 'model.moe_num_shared_experts', 'model.moe_aux_loss_weight',
-                'model.moe_z_loss_weight')
+                'model.moe_z_loss_weight', 'model.scan_chunk', 'model.ssm_dt_rank')
 
 
 BYTE_VOCAB_SIZE = ByteTokenizer().vocab_size
@@ -171,6 +174,41 @@ def _check_model(m) -> None:
                       'needs a capacity; set it > 0 (e.g. 1.0) or use token_choice for dropless')
 
 
+def _check_recurrent_mixers(config) -> None:
+  """The fields of the linear-attention and state-space mixers, checked when the pattern uses them."""
+  m = config.model
+  kinds = {mixer for mixer, _ in parse_pattern(m.pattern)}
+  if 'mamba2' in kinds and (m.ssm_expand * m.d_model) % m.ssm_head_dim:
+    raise ConfigError(f'model.ssm_head_dim={m.ssm_head_dim}: must divide the mamba2 inner width '
+                      f'model.ssm_expand * model.d_model = {m.ssm_expand * m.d_model}')
+  scanned = kinds & {'gla', 'retnet', 'linear_attention', 'mamba2'}
+  if not scanned:
+    return
+  chunked_scan = linear_attention.cs
+  backend = chunked_scan.resolve_backend(m.scan_backend)
+  if backend in ('triton', 'mosaic'):
+    device = {'triton': 'gpu', 'mosaic': 'tpu'}[backend]
+    if jax.default_backend() != device and not m.scan_interpret:
+      raise ConfigError(f"model.scan_backend='{backend}': needs a {device.upper()} but the "
+                        f"backend is {jax.default_backend()}; use 'auto', 'xla' or "
+                        'model.scan_interpret=True')
+    module = chunked_scan._module(backend)  # pylint: disable=protected-access
+    if hasattr(module, 'validate'):
+      head_dim = m.head_dim or m.d_model // m.num_heads
+      dims = []
+      if scanned & {'gla', 'retnet', 'linear_attention'}:
+        dims.append((head_dim, head_dim, 'model.head_dim'))
+      if 'mamba2' in kinds:
+        dims.append((m.ssm_state_dim, m.ssm_head_dim, 'model.ssm_state_dim/ssm_head_dim'))
+      chunk = m.scan_chunk or chunked_scan.default_chunk(backend)
+      for key_dim, value_dim, field in dims:
+        try:
+          module.validate(chunk=chunk, key_dim=key_dim, value_dim=value_dim,
+                          dtype=jnp.dtype(m.compute_dtype))
+        except ValueError as e:
+          raise ConfigError(f'{field} / model.scan_chunk: {e}') from None
+
+
 def _check_attention_kinds(config) -> None:
   """The fields of the flash-op mixers, checked only when model.pattern uses them."""
   m = config.model
@@ -278,6 +316,7 @@ def validate(config, num_devices: int | None = None) -> None:
     raise ConfigError(f"model.attention_impl='cudnn': needs a GPU but the backend is "
                       f"{jax.default_backend()}; use 'auto' or 'xla'")
   _check_attention_kinds(config)
+  _check_recurrent_mixers(config)
   if config.optim.warmup_steps > config.train.steps:
     raise ConfigError(f'optim.warmup_steps={config.optim.warmup_steps}: longer than '
                       f'train.steps={config.train.steps}')

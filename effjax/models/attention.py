@@ -65,6 +65,11 @@ def forward_differentiable():
     _FORWARD_DIFFERENTIABLE.reset(token)
 
 
+def forward_differentiable_active() -> bool:
+  """Whether the code being traced must stay forward-mode differentiable (any mixer's kernel)."""
+  return _FORWARD_DIFFERENTIABLE.get()
+
+
 def resolve_implementation(requested: str, compute_dtype) -> str:
   """'auto' -> cuDNN on GPU for half-precision compute (its fused kernel needs it), else XLA."""
   if requested != 'auto':

@@ -28,6 +28,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 # Importing the part modules registers them.
 from effjax.models import attention as _attention  # noqa: F401
+from effjax.models import linear_attention as _linear_attention  # noqa: F401
+from effjax.models import ssm as _ssm  # noqa: F401
 from effjax.models import mlp as _mlp  # noqa: F401
 from effjax.models import layers, moe, remat
 from effjax.models.norms import RMSNorm
@@ -38,33 +40,39 @@ ACT_BTD = ('act_batch', 'act_length', 'act_embed')
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + mixer(norm(x)), then x + feed_forward(norm(x))."""
+  """Pre-norm residual block: x + mixer(norm(x)), then x + feed_forward(norm(x)).
+
+  The feed-forward 'none' leaves the second half out (and its norm): a pure Mamba stack is
+  'mamba2:none'.
+  """
 
   def __init__(self, cfg, mixer: str, feed_forward: str, *, rngs: nnx.Rngs):
     prec = layers.Precision.from_config(cfg)
     norm = dict(eps=cfg.norm_eps, param_dtype=prec.param, compute_dtype=prec.compute)
     self.mixer_norm = RMSNorm(cfg.d_model, **norm)
     self.mixer = MIXERS.get(mixer)(cfg, rngs=rngs)
-    self.ff_norm = RMSNorm(cfg.d_model, **norm)
-    self.ff = FEED_FORWARDS.get(feed_forward)(cfg, rngs=rngs)
+    self.has_ff = feed_forward != 'none'
+    if self.has_ff:
+      self.ff_norm = RMSNorm(cfg.d_model, **norm)
+      self.ff = FEED_FORWARDS.get(feed_forward)(cfg, rngs=rngs)
+
+  def _feed_forward(self, x_btd: jax.Array, ctx: layers.Context) -> jax.Array:
+    return x_btd + self.ff(self.ff_norm(x_btd), ctx) if self.has_ff else x_btd
 
   def __call__(self, x_btd: jax.Array, ctx: layers.Context) -> jax.Array:
     x_btd = x_btd + self.mixer(self.mixer_norm(x_btd), ctx)
-    x_btd = x_btd + self.ff(self.ff_norm(x_btd), ctx)
-    x_btd = constrain(x_btd, ACT_BTD)
+    x_btd = constrain(self._feed_forward(x_btd, ctx), ACT_BTD)
     return checkpoint_name(x_btd, 'block_out')
 
   def prefill(self, x_btd: jax.Array, ctx: layers.Context, cache: Any) -> tuple[jax.Array, Any]:
     y, cache = self.mixer.prefill(self.mixer_norm(x_btd), ctx, cache)
-    x_btd = x_btd + y
-    return x_btd + self.ff(self.ff_norm(x_btd), ctx), cache
+    return self._feed_forward(x_btd + y, ctx), cache
 
   def decode(self, x_b1d: jax.Array, position: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
     y, cache = self.mixer.decode(self.mixer_norm(x_b1d), position, cache)
-    x_b1d = x_b1d + y
     ctx = layers.Context(positions=jnp.full(x_b1d.shape[:2], position, jnp.int32),
                          segment_ids=None)
-    return x_b1d + self.ff(self.ff_norm(x_b1d), ctx), cache
+    return self._feed_forward(x_b1d + y, ctx), cache
 
 
 class Group(nnx.Module):
@@ -285,7 +293,7 @@ def count_params(cfg, include_embedding: bool = True, active: bool = False) -> i
     ff_cls = FEED_FORWARDS.get(ff)
     ff_params = getattr(ff_cls, 'active_params', ff_cls.num_params) if active else ff_cls.num_params
     total += MIXERS.get(mixer).num_params(cfg) + ff_params(cfg)
-    total += 2 * cfg.d_model  # the two norms
+    total += (2 if ff != 'none' else 1) * cfg.d_model  # the block's norms
   total += cfg.d_model  # final norm
   embedding = cfg.vocab_size * cfg.d_model
   if include_embedding:

@@ -42,3 +42,25 @@ class SwiGLU(nnx.Module):
   @staticmethod
   def num_params(cfg) -> int:
     return 3 * cfg.d_model * layers.mlp_dim(cfg)
+
+
+@FEED_FORWARDS.register('none')
+class NoFeedForward(nnx.Module):
+  """No feed-forward at all: Block skips it and its norm (e.g. 'mamba2:none', pure Mamba)."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    del cfg, rngs
+
+  def __call__(self, x_btd: jax.Array, ctx: layers.Context) -> jax.Array:
+    del ctx
+    return jnp.zeros_like(x_btd)
+
+  @staticmethod
+  def flops_per_token(cfg, seq_len: int) -> float:
+    del cfg, seq_len
+    return 0.0
+
+  @staticmethod
+  def num_params(cfg) -> int:
+    del cfg
+    return 0

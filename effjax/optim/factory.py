@@ -49,16 +49,19 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 
 def _path_keys(path) -> list[str]:
-  return [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path]
+  """A parameter's path as names, without the trailing 'value' of an nnx Variable's pytree."""
+  keys = [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path]
+  return keys[:-1] if keys and keys[-1] == 'value' else keys
 
 
 def weight_decay_mask(params: Any, decay_embeddings: bool = True,
                       no_decay: tuple[str, ...] = ()) -> Any:
   """True where decay applies: matrices, not norm scales or biases (or embeddings if disabled),
-  nor any parameter whose path contains a name listed in no_decay (e.g. 'mixer')."""
+  nor a state-space layer's dynamics (a_log, d_skip: Mamba trains them without decay), nor any
+  parameter whose path contains a name listed in no_decay (e.g. 'mixer')."""
   def decays(path, _):
     keys = _path_keys(path)
-    if keys and keys[-1] in ('scale', 'bias'):
+    if keys and (keys[-1] in ('scale', 'bias', 'a_log', 'd_skip') or keys[-1].endswith('_bias')):
       return False
     if not decay_embeddings and keys and keys[-1] in ('embedding', 'unembedding'):
       return False

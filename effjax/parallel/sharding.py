@@ -104,3 +104,42 @@ def check_divisible(shape_tree: Any, spec_tree: Any, mesh: jax.sharding.Mesh) ->
 def named(mesh: jax.sharding.Mesh, spec_tree: Any) -> Any:
   return jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree,
                       is_leaf=lambda x: isinstance(x, P))
+
+
+def map_per_device(fn, args: Sequence[Any], names: Sequence[Sequence[str | None] | None],
+                   out_names: Any) -> Any:
+  """fn(*args) run per device under the current mesh, for ops XLA cannot partition (Pallas).
+
+  Each array of `args` is split along the mesh axes its logical `names` map to (None entries of
+  `names` mark arguments passed whole: None values or replicated arrays); `out_names` gives the
+  outputs' names, a tuple of names per output or one tuple for a single output. A logical name's
+  split is decided once, by the first argument that carries it: mesh axes whose sizes do not
+  divide that dimension are left out (a one-sequence generation batch is then replicated rather
+  than refused). Outside a mesh, or without rules, fn is called directly.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or not current_rules():
+    return fn(*args)
+  chosen: dict[str, Any] = {}
+  for arg, arg_names in zip(args, names):
+    if arg is None or arg_names is None:
+      continue
+    for dim, name, axes in zip(arg.shape, arg_names, logical_to_spec(arg_names)):
+      if name is None or name in chosen:
+        continue
+      axes_t = tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ()))
+                     if mesh.shape[a] > 1)
+      size = 1
+      for a in axes_t:
+        size *= mesh.shape[a]
+      keep = axes_t and dim % size == 0
+      chosen[name] = (axes_t[0] if len(axes_t) == 1 else axes_t) if keep else None
+
+  def spec(arg_names):
+    return P(*(None if n is None else chosen.get(n) for n in arg_names))
+
+  in_specs = tuple(P() if arg is None or n is None else spec(n) for arg, n in zip(args, names))
+  single = bool(out_names) and all(isinstance(n, str) or n is None for n in out_names)
+  out_specs = spec(out_names) if single else tuple(spec(n) for n in out_names)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*args)

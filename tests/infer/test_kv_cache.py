@@ -1,6 +1,6 @@
-"""Key/value-cache decoding: prefill + one token at a time equals the full forward for every
-attention kind; the sliding window's ring buffer holds w positions; cached generation returns the
-full-recompute generator's tokens."""
+"""Cached decoding: prefill + one token at a time equals the full forward for every mixer (the
+attention kinds' key/value caches, the recurrent mixers' fixed-size states); the sliding window's
+ring buffer holds w positions; cached generation returns the full-recompute generator's tokens."""
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,7 @@ from tests.helpers import tiny_config
 
 KIND_FIELDS = dict(attention_backend='reference', attention_window=5, block_sparse_block=4,
                    block_sparse_local_blocks=2, block_sparse_global_blocks=1,
-                   block_sparse_random_blocks=1)
+                   block_sparse_random_blocks=1, ssm_state_dim=8, ssm_head_dim=16, scan_chunk=4)
 
 
 def _model(rng, **overrides):
@@ -36,7 +36,8 @@ def _cached_logits(model, tokens_bt, prompt_len: int) -> np.ndarray:
   return np.concatenate(out, axis=1)
 
 
-@pytest.mark.parametrize('kind', ['attention', 'flash', 'sliding_window', 'block_sparse'])
+@pytest.mark.parametrize('kind', ['attention', 'flash', 'sliding_window', 'block_sparse', 'gla',
+                                  'retnet', 'linear_attention', 'mamba2', 'mamba1'])
 def test_decode_equals_full_forward(kind):
   rng = np.random.default_rng()
   model = _model(rng, pattern=f'{kind}:mlp')
@@ -50,8 +51,9 @@ def test_decode_equals_full_forward(kind):
 
 def test_decode_equals_full_forward_mixed_unscanned():
   rng = np.random.default_rng()
-  model = _model(rng, pattern='sliding_window:mlp, block_sparse:mlp, flash:mlp, attention:mlp',
-                 num_layers=4, scan_layers=False, num_kv_heads=1)
+  model = _model(rng, pattern='sliding_window:mlp, block_sparse:mlp, flash:mlp, attention:mlp, '
+                 'gla:mlp, mamba2:moe', num_layers=6, scan_layers=False, num_kv_heads=1,
+                 moe_num_experts=4)
   tokens = jnp.asarray(rng.integers(3, 259, (3, 18)))
   full = np.asarray(jax.jit(lambda m, t: m(t))(model, tokens))
   np.testing.assert_allclose(_cached_logits(model, tokens, 7), full, rtol=1e-5, atol=1e-5)
@@ -71,7 +73,8 @@ def test_ring_buffer_holds_w_positions_whatever_max_len():
 @pytest.mark.parametrize('temperature', [0.0, 0.8])
 def test_cached_generation_equals_full_recompute(temperature):
   rng = np.random.default_rng()
-  model = _model(rng, pattern='sliding_window:mlp, block_sparse:mlp, flash:mlp', num_layers=3)
+  model = _model(rng, pattern='sliding_window:mlp, block_sparse:mlp, flash:mlp, mamba2:mlp',
+                 num_layers=4)
   graphdef, params = nnx.split(model)
   prompt = [int(t) for t in rng.integers(3, 259, int(rng.integers(2, 9)))]
   kwargs = dict(temperature=temperature, top_k=40, seed=int(rng.integers(1 << 30)),

@@ -79,6 +79,20 @@ def test_group_multipliers_scale_only_their_group():
   np.testing.assert_array_equal(u_scaled['norm']['scale'], u_plain['norm']['scale'])
 
 
+def test_weight_decay_mask_of_a_real_model_spares_norms_and_embeddings_on_request():
+  """On the nnx.State the train step holds (each leaf under a Variable's 'value')."""
+  from flax import nnx
+  from effjax.models import lm as lm_lib
+  from tests.helpers import tiny_config
+  params = nnx.state(lm_lib.LM(tiny_config().model, rngs=nnx.Rngs(0)), nnx.Param)
+  for decay_embeddings in (True, False):
+    mask = factory.weight_decay_mask(params, decay_embeddings=decay_embeddings)
+    flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
+    assert not any(m for k, m in flat.items() if "['scale']" in k)
+    assert flat["['embedding'].value"] is decay_embeddings
+    assert flat["['groups']['blocks'][0]['mixer']['wq'].value"]
+
+
 def test_weight_decay_masks():
   params, _ = _problem(0)
   mask = factory.weight_decay_mask(params)
