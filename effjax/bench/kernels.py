@@ -37,6 +37,10 @@ in seconds, for tests.
 Grouped matmul (--op=gmm): effjax's grouped matmul vs jax.lax.ragged_dot vs a dense batched
 einsum of the same FLOPs, for MoE expert shapes (effjax/bench/kernels_gmm.py).
 
+Chunked scan (--op=scan): GLA / SSD shapes through effjax's chunked-scan op (kernel, plain-JAX
+steps, reference) against cuDNN causal attention of the same heads, S 1k-32k, in tokens/s
+(effjax/bench/kernels_scan.py).
+
 Adding an op: write a function (grid, impls) -> iterator of `Case` and `register` an `Op` for it
 (in a module of its own, imported at the end of this one).
 """
@@ -68,6 +72,7 @@ COLUMNS_BEFORE_RATIOS = (
     ('mode', 'mode', ''),
     ('ms', 'time (ms)', '.3f'),
     ('tflops', 'TFLOP/s', '.1f'),
+    ('mtokens_per_s', 'Mtokens/s', '.2f'),
     ('peak_percent', '% matmul peak', '.1f'),
 )
 COLUMNS_AFTER_RATIOS = (
@@ -98,7 +103,9 @@ class Op:
   impls: tuple[str, ...]
   baseline: str  # the implementation every row is compared with
   cases: Callable[[str, Sequence[str]], Iterator[Case]]  # (grid, impls) -> the cases to run
-  dense_variant: str = 'dense'  # the unrestricted variant other variants are compared with
+  # The unrestricted variant other variants are compared with; None: variants are not
+  # restrictions of each other (no 'vs dense' ratios).
+  dense_variant: str | None = 'dense'
 
 
 OPS: dict[str, Op] = {}
@@ -127,9 +134,10 @@ def select_impls(op: Op, requested: Sequence[str]) -> tuple[str, ...]:
 def columns(op: Op) -> tuple[tuple[str, str, str], ...]:
   """(row key, header, float format) for results.markdown."""
   dense = op.dense_variant
-  ratios = (('speedup_vs_baseline', f'vs {op.baseline} (x)', '.2f'),
-            ('speedup_vs_dense', f'vs {dense} (x)', '.2f'),
-            ('speedup_vs_baseline_dense', f'vs {op.baseline} {dense} (x)', '.2f'))
+  ratios = (('speedup_vs_baseline', f'vs {op.baseline} (x)', '.2f'),)
+  if dense is not None:
+    ratios += (('speedup_vs_dense', f'vs {dense} (x)', '.2f'),
+               ('speedup_vs_baseline_dense', f'vs {op.baseline} {dense} (x)', '.2f'))
   return COLUMNS_BEFORE_RATIOS + ratios + COLUMNS_AFTER_RATIOS
 
 
@@ -177,6 +185,8 @@ def measure(op_name: str, case: Case, repeats: int) -> dict[str, Any]:
   ms = 1e3 * statistics.median(seconds)
   row.update(compile_s=compile_s, ms=ms, ms_calls=[1e3 * s for s in seconds],
              tflops=case.useful_flops / ms / 1e9)
+  if row.get('tokens'):
+    row['mtokens_per_s'] = row['tokens'] / ms / 1e3
   if row.get('computed_flops'):
     row['computed_tflops'] = row['computed_flops'] / ms / 1e9
   return row
@@ -192,7 +202,7 @@ def matmul_case(n: int) -> Case:
               useful_flops=2.0 * n ** 3, make=make, info={'m': n, 'n': n, 'k': n})
 
 
-def add_ratios(rows: list[dict[str, Any]], baseline: str, dense: str = 'dense') -> None:
+def add_ratios(rows: list[dict[str, Any]], baseline: str, dense: str | None = 'dense') -> None:
   """Speedups against the baseline and against `dense`-variant rows of the same group and mode."""
   timed = {(r['group'], r['mode'], r['variant'], r['impl']): r['ms'] for r in rows if r.get('ms')}
 
@@ -204,7 +214,7 @@ def add_ratios(rows: list[dict[str, Any]], baseline: str, dense: str = 'dense') 
     if not row.get('ms'):
       continue
     row['speedup_vs_baseline'] = speedup(row, row['variant'], baseline)
-    if row['variant'] != dense:
+    if dense is not None and row['variant'] != dense:
       row['speedup_vs_dense'] = speedup(row, dense, row['impl'])
       row['speedup_vs_baseline_dense'] = speedup(row, dense, baseline)
 
@@ -241,6 +251,8 @@ def _cell(row: dict[str, Any]) -> str:
     return 'skip'
   if row.get('error'):
     return 'OOM' if row.get('out_of_memory') else 'error'
+  if row.get('mtokens_per_s'):
+    return f'{row["ms"]:.3f} ms {row["mtokens_per_s"]:.3g} Mtok/s'
   return f'{row["ms"]:.3f} ms {row["tflops"]:.3g} TF/s'
 
 
@@ -439,3 +451,4 @@ register(Op(name='attention', impls=('effjax', 'xla', 'cudnn'), baseline='cudnn'
 
 # Ops in modules of their own register on import.
 from effjax.bench import kernels_gmm as _kernels_gmm  # noqa: E402,F401  pylint: disable=wrong-import-position
+from effjax.bench import kernels_scan as _kernels_scan  # noqa: E402,F401  pylint: disable=wrong-import-position

@@ -11,6 +11,7 @@ import pytest
 
 from effjax.bench import kernels as kb
 from effjax.bench import kernels_gmm as kbg
+from effjax.bench import kernels_scan as kbs
 from effjax.kernels.flash_attention import bigbird_layout
 from effjax.kernels.flash_attention.layout import token_mask
 
@@ -89,7 +90,7 @@ def test_tiny_grid_runs_end_to_end_on_cpu(tmp_path):
 
 @pytest.mark.parametrize('args, message', [
     (['--op=grouped_matmul'], ("--op='grouped_matmul' is not a benchmarked op; allowed: "
-                               'attention, gmm')),
+                               'attention, gmm, scan')),
     (['--impls=effjax,triton'], ('--impls=effjax,triton names triton, not an implementation of '
                                  'attention; allowed: effjax, xla, cudnn')),
     (['--grid=huge'], "--grid='huge' is not a grid; allowed: default, tiny"),
@@ -199,3 +200,32 @@ def test_skewed_group_sizes_sum_to_the_rows_and_vary():
   sizes = kbg.group_sizes(1024, 16, 'skewed', rng)
   assert sizes.sum() == 1024 and sizes.dtype == np.int32 and sizes.max() > 2 * 1024 // 16
   assert (kbg.group_sizes(1024, 16, 'uniform', rng) == 64).all()
+
+
+def test_scan_tiny_grid_runs_end_to_end_on_cpu(tmp_path):
+  _bench('--op=scan', '--grid=tiny', '--repeats=2', f'--out={tmp_path}', '--name=s',
+         '--compilation_cache_dir=')
+  rows = json.loads((tmp_path / 's.json').read_text())['rows'][1:]
+  grid = kbs.SCAN_GRIDS['tiny']
+  expected = {(f'S={s} B={grid.tokens // s}', variant, impl, mode)
+              for s in grid.seq_lens for variant, *_ in grid.shapes for mode in ('fwd', 'fwd+bwd')
+              for impl in ('effjax', 'xla', 'reference', 'cudnn')}
+  assert {(r['group'], r['variant'], r['impl'], r['mode']) for r in rows} == expected
+  for r in rows:
+    if r['impl'] == 'cudnn':
+      assert 'needs a GPU' in r['skipped']
+      continue
+    assert 'error' not in r, r['error']
+    assert r['mtokens_per_s'] == pytest.approx(r['tokens'] / r['ms'] / 1e3)
+    assert r['tokens'] == r['batch'] * r['seq_len'] and r['backend'] != 'auto'
+  assert 'Mtokens/s' in (tmp_path / 's.md').read_text()
+
+
+@pytest.mark.parametrize('mode', ['fwd', 'fwd+bwd'])
+def test_scan_implementations_agree(mode):
+  args = kbs._inputs(2, 48, 2, 16, 8)[0]
+  outs = [kbs._scan_fn(impl, mode)(*args) for impl in ('effjax', 'xla', 'reference')]
+  for other in outs[1:]:
+    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(other)):
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                 rtol=5e-2, atol=5e-2)

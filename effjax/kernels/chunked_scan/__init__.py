@@ -13,7 +13,7 @@ custom VJP, so the op is differentiable in q, k, v, log_decay and the initial st
 final state may carry a cotangent. Forward-mode differentiation (a Hessian-vector product) needs
 backend='reference'.
 
-Memory: the forward pass saves its inputs and the output; the per-chunk states
+Memory: the forward pass saves its inputs and the final state; the per-chunk states
 ([B, T / C, H, K, V] float32) are recomputed in the backward pass rather than kept.
 """
 
@@ -106,11 +106,11 @@ def _scan(q, k, v, g, seg, initial, static: _Static):
 
 def _scan_fwd(q, k, v, g, seg, initial, static: _Static):
   o, final, _, _ = _forward(q, k, v, g, seg, initial, static)
-  return (o, final), (q, k, v, g, seg, initial, o, final)
+  return (o, final), (q, k, v, g, seg, initial, final)
 
 
 def _scan_bwd(static: _Static, residuals, cotangents):
-  q, k, v, g, seg, initial, o, final = residuals
+  q, k, v, g, seg, initial, final = residuals
   do, d_final = cotangents
   mod, c, kw = _module(static.backend), static.chunk, {'interpret': static.interpret}
   cw = chunked.chunk_weights(g, seg, c)
@@ -120,7 +120,7 @@ def _scan_bwd(static: _Static, residuals, cotangents):
                                               scale=static.scale, **kw)
   dq, dk, dv = mod.chunk_backward(q, k, v, do, cw.b, cw.doc, cw.u, cw.w, states, d_states,
                                   chunk=c, scale=static.scale, **kw)
-  dg = chunked.finish_log_decay_grad(o, do, v, dv, final, d_final)
+  dg = chunked.finish_log_decay_grad(q, k, dq, dk, states, final, d_states, chunk=c)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), None,
           d_initial.astype(initial.dtype))
 

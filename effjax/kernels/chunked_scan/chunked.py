@@ -23,9 +23,17 @@ The backward pass reuses the same shapes. With G_c = dL/dS_c (G_n = the final st
                      dv = scale * ((q k^T) * D)^T do + w * (k G_{c+1})
 
 and the log-decays' gradient needs no kernel of its own. Every output depends on g only through
-differences B_i - B_j of the global cumulative decay B, so dL/dB_t = do_t . o_t - v_t . dv_t
-(plus <G_n, S_n> at the last token when the final state has a cotangent), and
-dL/dg_s = sum_{t >= s} dL/dB_t, a reverse cumulative sum (finish_log_decay_grad).
+differences B_i - B_j of the cumulative decay B (pairs i >= j), so dL/dB_t = q_t . dq_t -
+k_t . dk_t and dL/dg_s = sum_{t >= s} dL/dB_t. Summed chunk by chunk, every pair that crosses
+chunk c's end passes through the state leaving it, and what they contribute to each g_s of the
+chunk is one number, <G_{c+1}, S_{c+1}> (with G_n, S_n the final state's cotangent and value):
+
+  dL/dg_s = sum_{t >= s, t in chunk c} (q_t . dq_t - k_t . dk_t) + <G_{c+1}, S_{c+1}>
+
+(finish_log_decay_grad). It uses the inputs themselves and float32 gradients, and sums at most
+C terms, so it stays accurate with bf16 inputs over any sequence length; a global reverse sum
+over the whole sequence (or the do . o - v . dv form, which reads the rounded output) would let
+rounding errors accumulate with T.
 
 The functions below are the plain-JAX versions of the four steps (backend 'xla'); the Pallas
 modules (gpu.py, tpu.py) implement the same four functions with the same signatures. Layouts:
@@ -162,12 +170,19 @@ def chunk_backward(q, k, v, do, b, doc, u, w, states, d_states, *, chunk: int, s
   return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 
-def finish_log_decay_grad(o, do, v, dv, final_state=None, d_final=None) -> jax.Array:
-  """dL/dg float32 [B, T, H] from dL/dB_t = do_t . o_t - v_t . dv_t (+ <G_n, S_n> at T - 1)."""
-  db = (jnp.sum(_f32(do) * _f32(o), axis=-1) - jnp.sum(_f32(v) * _f32(dv), axis=-1))
-  if d_final is not None:
-    db = db.at[:, -1].add(jnp.sum(d_final * final_state, axis=(-2, -1)))
-  return jnp.flip(jnp.cumsum(jnp.flip(db, axis=1), axis=1), axis=1)
+def finish_log_decay_grad(q, k, dq, dk, states, final, d_states, *, chunk: int) -> jax.Array:
+  """dL/dg float32 [B, T, H], chunk by chunk (see the module docstring).
+
+  dg_s = sum_{t >= s in its chunk} (q_t . dq_t - k_t . dk_t) + <G_{c+1}, S_{c+1}>.
+  """
+  bsz, t, h, _ = q.shape
+  n = t // chunk
+  db = jnp.sum(_f32(q) * _f32(dq), axis=-1) - jnp.sum(_f32(k) * _f32(dk), axis=-1)
+  db = db.reshape(bsz, n, chunk, h)
+  local = jnp.flip(jnp.cumsum(jnp.flip(db, axis=2), axis=2), axis=2)
+  leaving = jnp.concatenate([states[:, 1:], final[:, None]], axis=1)  # S_{c+1}
+  through = jnp.sum(d_states * leaving, axis=(-2, -1))  # <G_{c+1}, S_{c+1}> [B, n, H]
+  return (local + through[:, :, None]).reshape(bsz, t, h)
 
 
 def chunked_reference(q, k, v, log_decay, *, segment_ids=None, initial_state=None,
