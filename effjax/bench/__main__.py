@@ -7,6 +7,9 @@
     python -m effjax.bench kernels --op=attention [--grid=default|tiny] [--impls=effjax,cudnn]
         [--repeats=20] [--out=experiments/kernels/results] [--name=kernels_attention]
 
+    python -m effjax.bench decode --config=configs/gla.py --contexts=1024,4096,16384,32768
+        [--decode_steps=64] [--decode_batch=1] [--repeats=5]
+
 Results go to <out>/<name>.json (device, versions, command, full config per row) and
 <out>/<name>.md (a table to paste beside a claim); existing files are never overwritten. A
 persistent XLA compilation cache is on by default (--compilation_cache_dir; '' turns it off).
@@ -21,7 +24,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-WHAT = ('train', 'kernels')
+WHAT = ('train', 'kernels', 'decode')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'train: experiment config file '
                                           '(configs/*.py).', lock_config=True)
@@ -48,6 +51,10 @@ _GRID = flags.DEFINE_string('grid', 'default', "kernels: 'default' (the GPU shap
                             '(CPU-sized, seconds).')
 _IMPLS = flags.DEFINE_list('impls', [],
                            "kernels: implementations to run (default: all of the op's).")
+_CONTEXTS = flags.DEFINE_list('contexts', ['1024', '4096', '16384', '32768'],
+                              'decode: context lengths to decode after.')
+_DECODE_STEPS = flags.DEFINE_integer('decode_steps', 64, 'decode: tokens per timed loop.')
+_DECODE_BATCH = flags.DEFINE_integer('decode_batch', 1, 'decode: sequences decoded together.')
 # Internal: a sweep's child process writes its one row here.
 _ROW_FILE = flags.DEFINE_string('row_file', '', 'internal: write the result row here')
 _VARIANT = flags.DEFINE_string('variant', '{}', 'internal: the sweep variant of this child')
@@ -95,6 +102,32 @@ def _kernels() -> None:
   print(kernel_bench.summary(rows, op))
 
 
+def _decode(config) -> None:
+  from effjax import config as config_lib
+  from effjax.bench import decode as decode_bench
+  from effjax.bench import results
+
+  try:
+    config_lib.validate(config)
+    contexts = [int(c) for c in _CONTEXTS.value]
+    if not contexts or min(contexts) < 1:
+      raise ValueError(f'--contexts={",".join(_CONTEXTS.value)}: give positive lengths')
+  except (config_lib.ConfigError, ValueError) as e:
+    print(f'effjax.bench decode: {e}', file=sys.stderr)
+    sys.exit(2)
+  _use_compilation_cache()
+  rows = decode_bench.run(config, contexts, steps=_DECODE_STEPS.value, batch=_DECODE_BATCH.value,
+                          repeats=_REPEATS.value or 5)
+  config_file = config_flags.get_config_filename(flags.FLAGS['config'])
+  name = os.path.splitext(os.path.basename(config_file.split(':')[0]))[0]
+  json_path, md_path = results.write(_OUT.value, _NAME.value or f'decode_{name}',
+                                     results.environment(), rows, decode_bench.COLUMNS,
+                                     f'Decoding throughput: {name} ({config.model.pattern})')
+  with open(md_path, encoding='utf-8') as f:
+    print(f.read())
+  print(f'wrote {json_path} and {md_path}')
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in WHAT:
     print(f'effjax.bench: say what to benchmark: one of {", ".join(WHAT)} (got '
@@ -104,6 +137,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if argv[1] == 'kernels':
     _kernels()
+    return
+  if argv[1] == 'decode':
+    if _CONFIG.value is None:
+      print('effjax.bench: --config=configs/<experiment>.py is required', file=sys.stderr)
+      sys.exit(2)
+    _decode(_CONFIG.value)
     return
   from effjax import config as config_lib
   from effjax.bench import results

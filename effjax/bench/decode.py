@@ -1,0 +1,93 @@
+"""Decoding throughput against context length: `python -m effjax.bench decode --config=...`.
+
+    python -m effjax.bench decode --config=configs/gla.py --contexts=1024,4096,16384,32768
+        [--decode_steps=64] [--decode_batch=1] [--repeats=5]
+
+For each context length L the model (randomly initialised from the config) gets a cache for
+L + steps positions and decodes `steps` tokens from position L on, in one jitted loop of
+single-token steps (the loop the sampler runs). The cache's contents do not change the cost of a
+step: attention attends over all allocated slots under a mask, the recurrent mixers touch their
+fixed-size state; so the timing after a real prefill of L tokens would be the same, without the
+prefill's cost. Reported per row: ms per decoded token, tokens/s (batch x steps / time), the
+cache's bytes, and the tokens/s relative to the shortest context (1.0 = independent of the
+context). The median of `repeats` timed loops after one warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+COLUMNS = (
+    ('context', 'context', ''),
+    ('batch', 'batch', ''),
+    ('steps', 'steps', ''),
+    ('ms_per_token', 'ms / token', '.3f'),
+    ('tokens_per_s', 'tokens/s', '.0f'),
+    ('relative_to_shortest', 'tokens/s vs shortest context', '.2f'),
+    ('cache_mb', 'cache (MB)', '.1f'),
+    ('compile_s', 'compile (s)', '.1f'),
+    ('error', 'error', ''),
+)
+
+
+def _decode_loop(graphdef, steps: int):
+  @jax.jit
+  def run(params, cache, start, tokens_b):
+    model = nnx.merge(graphdef, params)
+
+    def body(i, carry):
+      cache, tokens_b = carry
+      logits, cache = model.decode(tokens_b, start + i, cache)
+      return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return jax.lax.fori_loop(0, steps, body, (cache, tokens_b))
+  return run
+
+
+def run(config, contexts: Sequence[int], *, steps: int, batch: int, repeats: int,
+        log=print) -> list[dict[str, Any]]:
+  from effjax.models.lm import LM
+  model = LM(config.model, rngs=nnx.Rngs(config.seed))
+  if not model.supports_cache():
+    raise ValueError(f'model.pattern={config.model.pattern!r}: a mixer has no cached decoding')
+  graphdef, params = nnx.split(model)
+  loop = _decode_loop(graphdef, steps)
+  tokens = jnp.ones((batch,), jnp.int32)
+  rows = []
+  for context in contexts:
+    row: dict[str, Any] = {'context': context, 'batch': batch, 'steps': steps,
+                           'pattern': config.model.pattern}
+    try:
+      cache = model.init_cache(batch, context + steps)
+      row['cache_mb'] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / 2 ** 20
+      start = jnp.int32(context)
+      t0 = time.perf_counter()
+      compiled = loop.lower(params, cache, start, tokens).compile()
+      row['compile_s'] = time.perf_counter() - t0
+      jax.block_until_ready(compiled(params, cache, start, tokens))
+      seconds = []
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(params, cache, start, tokens))
+        seconds.append(time.perf_counter() - t0)
+      per_loop = statistics.median(seconds)
+      row.update(ms_per_token=1e3 * per_loop / steps, tokens_per_s=batch * steps / per_loop,
+                 seconds=seconds)
+    except Exception as e:  # pylint: disable=broad-except
+      from effjax.bench.kernels import first_line
+      row['error'] = first_line(e)
+    rows.append(row)
+    log(f"[decode] context {context}: " + (row.get('error') or
+                                           f"{row['ms_per_token']:.3f} ms/token, "
+                                           f"{row['tokens_per_s']:.0f} tokens/s"))
+  base = next((r['tokens_per_s'] for r in rows if r.get('tokens_per_s')), None)
+  for r in rows:
+    if base and r.get('tokens_per_s'):
+      r['relative_to_shortest'] = r['tokens_per_s'] / base
+  return rows
