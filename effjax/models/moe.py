@@ -91,12 +91,18 @@ SUMMARY_KEYS = ('loss', 'aux_loss', 'z_loss', 'dropped_fraction', 'router_entrop
                 'load_min')
 
 
+def summary_keys(num_experts: int) -> tuple[str, ...]:
+  """Every scalar `summarize` returns: SUMMARY_KEYS and one load_eNN per expert."""
+  return SUMMARY_KEYS + tuple(f'load_e{i:02d}' for i in range(num_experts))
+
+
 def summarize(stacked: Stats) -> Stats:
   """Layer-stacked statistics -> the scalars training uses and reports.
 
   'loss' is the weighted auxiliary loss summed over layers (what training adds); the unweighted
   losses, entropy and dropped fraction are means over layers; load_max/load_min the largest and
-  smallest fraction of slots any expert of any layer received (1/E each when balanced).
+  smallest fraction of slots any expert of any layer received (1/E each when balanced), and
+  load_eNN expert NN's fraction averaged over the layers.
   """
   if not stacked:
     return {}
@@ -105,6 +111,8 @@ def summarize(stacked: Stats) -> Stats:
   out['loss'] = jnp.sum(stacked['loss'])
   out['load_max'] = jnp.max(stacked['load'])
   out['load_min'] = jnp.min(stacked['load'])
+  per_expert = jnp.mean(stacked['load'], axis=0)
+  out.update({f'load_e{i:02d}': per_expert[i] for i in range(per_expert.shape[0])})
   return out
 
 

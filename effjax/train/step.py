@@ -179,7 +179,7 @@ def make_train_step(setup: TrainSetup, z_loss: float = 0.0, loss_chunk_size: int
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
   model_cfg = nnx.merge(graphdef, setup.abstract_state['params']).cfg
   has_moe = any(ff == 'moe' for _, ff in block_kinds(model_cfg))
-  moe_keys = moe.SUMMARY_KEYS if has_moe else ()
+  moe_keys = moe.summary_keys(model_cfg.moe_num_experts) if has_moe else ()
 
   def step(state: State, batch: dict[str, jax.Array]):
     params = state['params']

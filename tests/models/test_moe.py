@@ -235,7 +235,10 @@ def test_scanned_and_looped_stacks_report_the_same_statistics():
   tokens = jnp.asarray(rng.integers(3, 259, (2, 16)))
   (a, sa), (b, sb) = scanned.logits_and_stats(tokens), looped.logits_and_stats(tokens)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  assert set(sa) == set(moe_lib.SUMMARY_KEYS)
+  assert set(sa) == set(moe_lib.summary_keys(4))
+  per_expert = [float(sa[f'load_e{i:02d}']) for i in range(4)]
+  assert sum(per_expert) == pytest.approx(1.0)  # each layer's loads sum to 1, so does their mean
+  assert min(per_expert) >= float(sa['load_min']) and max(per_expert) <= float(sa['load_max'])
   for k in sa:
     np.testing.assert_allclose(sa[k], sb[k], rtol=1e-5, err_msg=k)
   assert 0 < float(sa['dropped_fraction']) < 1  # capacity 1.0 with a random router drops some
