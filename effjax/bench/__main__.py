@@ -92,12 +92,25 @@ def _kernels() -> None:
     print(f'effjax.bench kernels: {e}', file=sys.stderr)
     sys.exit(2)
   _use_compilation_cache()
-  rows = kernel_bench.run(op, grid=_GRID.value, impls=impls, repeats=_REPEATS.value or 20)
   grid_suffix = '' if _GRID.value == 'default' else f'_{_GRID.value}'
   stem = _NAME.value or f'kernels_{op.name}{grid_suffix}'
+  # Each row is also appended to <out>/<stem>.partial.jsonl as soon as it is measured, so a run
+  # cut short (a time limit, a crash in a later case) keeps what it finished.
+  os.makedirs(_OUT.value, exist_ok=True)
+  partial = os.path.join(_OUT.value, f'{stem}.partial.jsonl')
+
+  def log(line: str, row=None) -> None:
+    print(line, flush=True)
+    if row is not None:
+      with open(partial, 'a', encoding='utf-8') as f:
+        f.write(json.dumps(row, default=str) + '\n')
+
+  rows = kernel_bench.run(op, grid=_GRID.value, impls=impls, repeats=_REPEATS.value or 20,
+                          log=log)
   title = f'Kernel benchmark: {op.name} ({_GRID.value} grid)'
   json_path, md_path = results.write(_OUT.value, stem, results.environment(), rows,
                                      kernel_bench.columns(op), title)
+  os.remove(partial)
   print(f'wrote {json_path} and {md_path}')
   print(kernel_bench.summary(rows, op))
 

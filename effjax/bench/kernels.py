@@ -227,7 +227,10 @@ def run(op: Op, *, grid: str, impls: Sequence[str], repeats: int,
   rows = []
   for op_name, case in cases:
     rows.append(measure(op_name, case, repeats))
-    log(f'[bench] {_describe(rows[-1])}')
+    if log is print:
+      log(f'[bench] {_describe(rows[-1])}')
+    else:
+      log(f'[bench] {_describe(rows[-1])}', rows[-1])
   peak = rows[0].get('tflops')
   for row in rows:
     if peak and row.get('tflops'):

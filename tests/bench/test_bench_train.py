@@ -57,7 +57,7 @@ def test_sweep_writes_json_and_markdown_and_never_overwrites(tmp_path):
 
 def test_bad_requests_are_one_clear_error():
   proc = _bench('inference', *TINY, expect_rc=2)
-  assert 'say what to benchmark: one of train, kernels (got inference)' in proc.stderr
+  assert 'say what to benchmark: one of train, kernels, decode (got inference)' in proc.stderr
   proc = _bench('train', *TINY, '--sweep=train.batch_size', expect_rc=2)
   assert 'expected KEY=V1,V2' in proc.stderr
   proc = _bench('train', *TINY, '--config.model.num_heads=5', expect_rc=2)

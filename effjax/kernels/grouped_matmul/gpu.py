@@ -87,8 +87,9 @@ def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref, 
     b = rhs_ref[rhs_group, pl.ds(k0, tk), pl.ds(col0, tn)]
     return acc + _dot(a, b)
 
-  steps = jnp.where(group < num_groups, num_k, 0)
-  acc = lax.fori_loop(0, steps, step, jnp.zeros((tm, tn), jnp.float32))
+  # Both loop bounds int32 arrays: Triton's scf.for wants one type for lower, upper and step.
+  steps = jnp.where(group < num_groups, num_k, 0).astype(jnp.int32)
+  acc = lax.fori_loop(jnp.int32(0), steps, step, jnp.zeros((tm, tn), jnp.float32))
   rows = row0 + lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
   owned = (rows >= lo_ref[v]) & (rows < hi_ref[v])
   plgpu.store(out_ref.at[pl.ds(row0, tm), pl.ds(col0, tn)], acc.astype(out_ref.dtype),
@@ -126,7 +127,7 @@ def _tgmm_kernel(offsets_ref, lhs_ref, rhs_ref, out_ref, *, tm, tk, tn):
   k0 = pl.multiple_of(kb * tk, tk)
   col0 = pl.multiple_of(nb * tn, tn)
   first = lax.div(start, tm)
-  steps = jnp.where(end > start, lax.div(end + tm - 1, tm) - first, 0)
+  steps = jnp.where(end > start, lax.div(end + tm - 1, tm) - first, 0).astype(jnp.int32)
 
   def step(i, acc):
     row0 = pl.multiple_of((first + i) * tm, tm)
@@ -136,7 +137,7 @@ def _tgmm_kernel(offsets_ref, lhs_ref, rhs_ref, out_ref, *, tm, tk, tn):
     b = jnp.where(mine, rhs_ref[pl.ds(row0, tm), pl.ds(col0, tn)], 0)
     return acc + _dot(a, b, trans_a=True)
 
-  acc = lax.fori_loop(0, steps, step, jnp.zeros((tk, tn), jnp.float32))
+  acc = lax.fori_loop(jnp.int32(0), steps, step, jnp.zeros((tk, tn), jnp.float32))
   out_ref[...] = acc.astype(out_ref.dtype)
 
 
