@@ -87,9 +87,11 @@ def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref, 
     b = rhs_ref[rhs_group, pl.ds(k0, tk), pl.ds(col0, tn)]
     return acc + _dot(a, b)
 
-  # Both loop bounds int32 arrays: Triton's scf.for wants one type for lower, upper and step.
-  steps = jnp.where(group < num_groups, num_k, 0).astype(jnp.int32)
-  acc = lax.fori_loop(jnp.int32(0), steps, step, jnp.zeros((tm, tn), jnp.float32))
+  # The trip count as int32 arithmetic, not jnp.where of two Python ints: Pallas's Triton lowering
+  # (JAX 0.10-0.11) turned that select's scalar cases into i1 constants, so scf.for got an i1
+  # upper bound beside its i32 lower bound and the module failed to verify on the GPU.
+  steps = (group < num_groups).astype(jnp.int32) * num_k
+  acc = lax.fori_loop(0, steps, step, jnp.zeros((tm, tn), jnp.float32))
   rows = row0 + lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
   owned = (rows >= lo_ref[v]) & (rows < hi_ref[v])
   plgpu.store(out_ref.at[pl.ds(row0, tm), pl.ds(col0, tn)], acc.astype(out_ref.dtype),
@@ -127,7 +129,7 @@ def _tgmm_kernel(offsets_ref, lhs_ref, rhs_ref, out_ref, *, tm, tk, tn):
   k0 = pl.multiple_of(kb * tk, tk)
   col0 = pl.multiple_of(nb * tn, tn)
   first = lax.div(start, tm)
-  steps = jnp.where(end > start, lax.div(end + tm - 1, tm) - first, 0).astype(jnp.int32)
+  steps = (end > start).astype(jnp.int32) * (lax.div(end + tm - 1, tm) - first)  # see _gmm_kernel
 
   def step(i, acc):
     row0 = pl.multiple_of((first + i) * tm, tm)
@@ -137,7 +139,7 @@ def _tgmm_kernel(offsets_ref, lhs_ref, rhs_ref, out_ref, *, tm, tk, tn):
     b = jnp.where(mine, rhs_ref[pl.ds(row0, tm), pl.ds(col0, tn)], 0)
     return acc + _dot(a, b, trans_a=True)
 
-  acc = lax.fori_loop(jnp.int32(0), steps, step, jnp.zeros((tk, tn), jnp.float32))
+  acc = lax.fori_loop(0, steps, step, jnp.zeros((tk, tn), jnp.float32))
   out_ref[...] = acc.astype(out_ref.dtype)
 
 
