@@ -170,3 +170,22 @@ def test_vocabulary_must_hold_the_tokenizer():
     c.data.tokenizer = 'sentencepiece'
     c.data.sentencepiece_vocab_size = 4096
   _bad(wrong, r'model\.vocab_size=384: smaller than the sentencepiece tokenizer vocabulary \(4096\)')
+
+
+def test_recurrent_mixer_fields():
+  def head_dim(c):
+    c.model.pattern = 'mamba2:mlp'
+    c.model.ssm_head_dim = 48
+  _bad(head_dim, r'model\.ssm_head_dim=48: must divide the mamba2 inner width')
+
+  def kernel_off_gpu(c):
+    c.model.pattern = 'gla:mlp'
+    c.model.scan_backend = 'triton'
+  _bad(kernel_off_gpu, r"model\.scan_backend='triton': needs a GPU but the backend is cpu")
+
+  def kernel_chunk(c):
+    c.model.pattern = 'gla:mlp'
+    c.model.scan_backend = 'triton'
+    c.model.scan_interpret = True
+    c.model.scan_chunk = 48
+  _bad(kernel_chunk, r'model\.head_dim / model\.scan_chunk: chunk_size=48 must be a power of two')

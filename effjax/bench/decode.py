@@ -8,7 +8,8 @@ L + steps positions and decodes `steps` tokens from position L on, in one jitted
 single-token steps (the loop the sampler runs). The cache's contents do not change the cost of a
 step: attention attends over all allocated slots under a mask, the recurrent mixers touch their
 fixed-size state; so the timing after a real prefill of L tokens would be the same, without the
-prefill's cost. Reported per row: ms per decoded token, tokens/s (batch x steps / time), the
+prefill's cost. Reported per row: ms per decode step (one token for each of the batch's
+sequences), tokens/s (batch x steps / time), the
 cache's bytes, and the tokens/s relative to the shortest context (1.0 = independent of the
 context). The median of `repeats` timed loops after one warm-up.
 """
@@ -27,7 +28,7 @@ COLUMNS = (
     ('context', 'context', ''),
     ('batch', 'batch', ''),
     ('steps', 'steps', ''),
-    ('ms_per_token', 'ms / token', '.3f'),
+    ('ms_per_step', 'ms / step', '.3f'),
     ('tokens_per_s', 'tokens/s', '.0f'),
     ('relative_to_shortest', 'tokens/s vs shortest context', '.2f'),
     ('cache_mb', 'cache (MB)', '.1f'),
@@ -77,16 +78,17 @@ def run(config, contexts: Sequence[int], *, steps: int, batch: int, repeats: int
         jax.block_until_ready(compiled(params, cache, start, tokens))
         seconds.append(time.perf_counter() - t0)
       per_loop = statistics.median(seconds)
-      row.update(ms_per_token=1e3 * per_loop / steps, tokens_per_s=batch * steps / per_loop,
+      row.update(ms_per_step=1e3 * per_loop / steps, tokens_per_s=batch * steps / per_loop,
                  seconds=seconds)
     except Exception as e:  # pylint: disable=broad-except
       from effjax.bench.kernels import first_line
       row['error'] = first_line(e)
     rows.append(row)
     log(f"[decode] context {context}: " + (row.get('error') or
-                                           f"{row['ms_per_token']:.3f} ms/token, "
+                                           f"{row['ms_per_step']:.3f} ms/step, "
                                            f"{row['tokens_per_s']:.0f} tokens/s"))
-  base = next((r['tokens_per_s'] for r in rows if r.get('tokens_per_s')), None)
+  timed = [r for r in rows if r.get('tokens_per_s')]
+  base = min(timed, key=lambda r: r['context'])['tokens_per_s'] if timed else None
   for r in rows:
     if base and r.get('tokens_per_s'):
       r['relative_to_shortest'] = r['tokens_per_s'] / base

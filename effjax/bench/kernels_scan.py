@@ -14,7 +14,7 @@ Two shape variants: 'gla' (H=16 heads, key = value dim 128: GLA / RetNet) and 's
 inner width 2048: H=32 heads of P=64 channels, state N=128, so q, k are [.., 32, 128] and v
 [.., 32, 64]; its attention row uses H=32, D=64). Sequence lengths 1k to 32k with B*S = 16k
 tokens (B=1 from 16k on), bf16 inputs, float32 log-decays drawn like GLA's gates
-(logsigmoid(normal) / 16); forward, and forward + backward (all input gradients). The rate that
+(logsigmoid(normal + 3) / 16, slow decays); forward, and forward + backward (all input gradients). The rate that
 matters is tokens/s (`mtokens_per_s`, millions); TFLOP/s count the chunked form's matmuls
 (per token and head C*(K + V) intra-chunk at half plus 4*K*V for the state, x3 with the
 backward) and causal attention at half, so the two columns are not comparable across ops.

@@ -67,12 +67,15 @@ def scan_op(q, k, v, g, segment_ids, *, backend: str, chunk: int, interpret: boo
 
   if cs.resolve_backend(backend) in ('xla', 'reference'):
     return op(q, k, v, g, segment_ids, initial_state)  # plain JAX: XLA partitions it
-  seg_names = None if segment_ids is None else ('act_batch', 'act_length')
+  # The length dimension is never split here: a shard of the sequence would start from a zero
+  # state (chunked.py says how a sequence axis would pass states instead).
+  bthd = ('act_batch', None, 'act_heads', None)
+  seg_names = None if segment_ids is None else ('act_batch', None)
   init_names = None if initial_state is None else ('act_batch', 'act_heads', None, None)
-  out_names = (ACT_BTHD, ('act_batch', 'act_heads', None, None)) if return_final_state else ACT_BTHD
+  out_names = (bthd, ('act_batch', 'act_heads', None, None)) if return_final_state else bthd
   return map_per_device(op, (q, k, v, g, segment_ids, initial_state),
-                        (ACT_BTHD, ACT_BTHD, ACT_BTHD, ('act_batch', 'act_length', 'act_heads'),
-                         seg_names, init_names), out_names)
+                        (bthd, bthd, bthd, ('act_batch', None, 'act_heads'), seg_names,
+                         init_names), out_names)
 
 
 class LinearAttention(nnx.Module):
@@ -91,8 +94,9 @@ class LinearAttention(nnx.Module):
                                   prec.param)
     if self.kind == 'gla':
       self.w_gate = layers.normal_param(rngs, (d, n), ('embed', 'heads'), std, prec.param)
-      # logsigmoid(b)/tau ~ -0.03 at b = 3 with tau = 16: decays start slow (half-life ~20).
-      self.gate_bias = nnx.Param(jnp.full((n,), 3.0, jnp.float32), out_sharding=('heads',),
+      # Zero bias, as in GLA: logsigmoid(0) / 16 = -0.043, a half-life of about 16 tokens for
+      # an average token, spread by the data-dependent part.
+      self.gate_bias = nnx.Param(jnp.zeros((n,), jnp.float32), out_sharding=('heads',),
                                  eager_sharding=False)
     if self.kind in ('gla', 'retnet'):
       self.w_out_gate = layers.normal_param(rngs, (d, n, h), names, std, prec.param)

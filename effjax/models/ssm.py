@@ -54,6 +54,13 @@ def _param(value, names) -> nnx.Param:
   return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
+def _uniform_param(rngs: nnx.Rngs, shape, names, bound: float, dtype) -> nnx.Param:
+  """U(-bound, bound): the convolution taps (a depthwise Conv1d's default, fan-in = the taps)
+  and Mamba-1's dt projection (its 'random' init), as the reference implementations draw them."""
+  value = jax.random.uniform(rngs.params(), tuple(shape), jnp.float32, -bound, bound)
+  return _param(value.astype(dtype), names)
+
+
 def _dt_bias(rngs: nnx.Rngs, shape) -> jax.Array:
   """softplus^-1 of dt drawn log-uniformly from [_DT_MIN, _DT_MAX]."""
   u = jax.random.uniform(rngs.params(), shape, jnp.float32)
@@ -68,7 +75,8 @@ def causal_conv(x_btc: jax.Array, w_wc: jax.Array, bias_c: jax.Array,
   """y_t = bias + sum_i w[i] x_{t-i} over the same document; returns (y, new history).
 
   history [B, W - 1, C] holds the inputs before t = 0 (zeros when None); it continues the first
-  document only. The new history is the last W - 1 inputs (after the call), for decoding.
+  document only. The new history is the last W - 1 inputs of the last document (zeros where they
+  belong to an earlier one), for decoding to continue it.
   """
   b, t, c = x_btc.shape
   width = w_wc.shape[0]
@@ -86,7 +94,10 @@ def causal_conv(x_btc: jax.Array, w_wc: jax.Array, bias_c: jax.Array,
       same = doc[:, width - 1 - i:width - 1 - i + t] == doc[:, width - 1:]
       shifted = jnp.where(same[..., None], shifted, 0)
     y = y + shifted.astype(jnp.float32) * w_wc[i].astype(jnp.float32)
-  return y.astype(x_btc.dtype), full[:, t:]
+  history = full[:, t:]
+  if doc is not None:  # decoding continues the last document: earlier documents' inputs are gone
+    history = jnp.where((doc[:, t:] == doc[:, -1:])[..., None], history, 0)
+  return y.astype(x_btc.dtype), history
 
 
 def conv_step(x_bc: jax.Array, w_wc: jax.Array, bias_c: jax.Array, history_bwc: jax.Array):
@@ -115,11 +126,11 @@ class Mamba2(nnx.Module):
     self.w_b = layers.normal_param(rngs, (d, n), ('embed', 'state'), std, prec.param)
     self.w_c = layers.normal_param(rngs, (d, n), ('embed', 'state'), std, prec.param)
     self.w_dt = layers.normal_param(rngs, (d, h), ('embed', 'heads'), std, prec.param)
-    conv_std = 1.0 / math.sqrt(w)
-    self.conv_x = layers.normal_param(rngs, (w, h, p), ('conv', 'heads', 'head_dim'), conv_std,
-                                      prec.param)
-    self.conv_b = layers.normal_param(rngs, (w, n), ('conv', 'state'), conv_std, prec.param)
-    self.conv_c = layers.normal_param(rngs, (w, n), ('conv', 'state'), conv_std, prec.param)
+    bound = 1.0 / math.sqrt(w)
+    self.conv_x = _uniform_param(rngs, (w, h, p), ('conv', 'heads', 'head_dim'), bound,
+                                 prec.param)
+    self.conv_b = _uniform_param(rngs, (w, n), ('conv', 'state'), bound, prec.param)
+    self.conv_c = _uniform_param(rngs, (w, n), ('conv', 'state'), bound, prec.param)
     self.conv_x_bias = _param(jnp.zeros((h, p), prec.param), ('heads', 'head_dim'))
     self.conv_b_bias = _param(jnp.zeros((n,), prec.param), ('state',))
     self.conv_c_bias = _param(jnp.zeros((n,), prec.param), ('state',))
@@ -282,13 +293,12 @@ class Mamba1(nnx.Module):
     std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
     self.w_x = layers.normal_param(rngs, (d, e), ('embed', 'inner'), std, prec.param)
     self.w_z = layers.normal_param(rngs, (d, e), ('embed', 'inner'), std, prec.param)
-    self.conv = layers.normal_param(rngs, (w, e), ('conv', 'inner'), 1.0 / math.sqrt(w),
-                                    prec.param)
+    self.conv = _uniform_param(rngs, (w, e), ('conv', 'inner'), 1.0 / math.sqrt(w), prec.param)
     self.conv_bias = _param(jnp.zeros((e,), prec.param), ('inner',))
     self.w_dt_low = layers.normal_param(rngs, (e, r), ('inner', None), std, prec.param)
     self.w_b = layers.normal_param(rngs, (e, n), ('inner', 'state'), std, prec.param)
     self.w_c = layers.normal_param(rngs, (e, n), ('inner', 'state'), std, prec.param)
-    self.w_dt = layers.normal_param(rngs, (r, e), (None, 'inner'), r ** -0.5, prec.param)
+    self.w_dt = _uniform_param(rngs, (r, e), (None, 'inner'), r ** -0.5, prec.param)
     self.dt_bias = _param(_dt_bias(rngs, (e,)), ('inner',))
     a = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.float32), (e, n))  # S4D-real
     self.a_log = _param(jnp.log(a), ('inner', 'state'))

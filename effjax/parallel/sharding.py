@@ -115,7 +115,8 @@ def map_per_device(fn, args: Sequence[Any], names: Sequence[Sequence[str | None]
   outputs' names, a tuple of names per output or one tuple for a single output. A logical name's
   split is decided once, by the first argument that carries it: mesh axes whose sizes do not
   divide that dimension are left out (a one-sequence generation batch is then replicated rather
-  than refused). Outside a mesh, or without rules, fn is called directly.
+  than refused; of several axes, the longest leading run that divides it is kept). Outside a
+  mesh, or without rules, fn is called directly.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty or not current_rules():
@@ -129,11 +130,13 @@ def map_per_device(fn, args: Sequence[Any], names: Sequence[Sequence[str | None]
         continue
       axes_t = tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ()))
                      if mesh.shape[a] > 1)
-      size = 1
+      kept, size = [], 1
       for a in axes_t:
+        if dim % (size * mesh.shape[a]):
+          break
+        kept.append(a)
         size *= mesh.shape[a]
-      keep = axes_t and dim % size == 0
-      chosen[name] = (axes_t[0] if len(axes_t) == 1 else axes_t) if keep else None
+      chosen[name] = None if not kept else kept[0] if len(kept) == 1 else tuple(kept)
 
   def spec(arg_names):
     return P(*(None if n is None else chosen.get(n) for n in arg_names))

@@ -29,7 +29,7 @@ def test_rows_per_context_and_cache_growth(tmp_path, pattern, grows):
   rows = json.loads((tmp_path / 'd.json').read_text())['rows']
   assert [r['context'] for r in rows] == [16, 256]
   for r in rows:
-    assert 'error' not in r and r['ms_per_token'] > 0
+    assert 'error' not in r and r['ms_per_step'] > 0
     assert r['tokens_per_s'] == pytest.approx(r['batch'] * r['steps'] /
                                               statistics.median(r['seconds']))
   assert rows[0]['relative_to_shortest'] == 1.0

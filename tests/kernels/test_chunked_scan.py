@@ -3,8 +3,8 @@
 The recurrent form (token by token) and the quadratic form (an explicit [T, T] decay matrix) are
 the oracles; the chunked form is checked against both at several chunk sizes, including a ragged
 last chunk, with document resets and an initial state. The 'xla' backend (the four chunked steps
-under the op's custom VJP, with the log-decay gradient from the do.o - v.dv identity) must give
-the gradients JAX finds by differentiating the recurrence itself.
+under the op's custom VJP, with the log-decay gradient summed chunk by chunk from q.dq - k.dk)
+must give the gradients JAX finds by differentiating the recurrence itself.
 """
 
 from __future__ import annotations
@@ -120,9 +120,11 @@ def test_reference_backend_is_the_chunked_form_with_jax_gradients():
                   jax.grad(_loss(xla), argnums=range(5))(q, k, v, g, init, ct)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(a))))
   # The reference backend alone admits forward-mode differentiation (Hessian-vector products).
-  tangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-  _, jvp = jax.jvp(lambda q: cs.chunked_scan(q, k, v, g, backend='reference'), (q,), (tangent,))
-  assert bool(jnp.all(jnp.isfinite(jvp)))
+  tangents = [jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (q, k, v, g)]
+  _, jvp = jax.jvp(lambda *a: cs.chunked_scan(*a, backend='reference', chunk_size=8),
+                   (q, k, v, g), tuple(tangents))
+  _, want = jax.jvp(lambda *a: cs.recurrent_reference(*a)[0], (q, k, v, g), tuple(tangents))
+  np.testing.assert_allclose(jvp, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
 
 
 def test_bfloat16_inputs_keep_float32_state():
@@ -170,13 +172,14 @@ def test_errors_name_the_problem(kwargs, match):
 
 
 def test_bfloat16_log_decay_gradient_stays_accurate_over_a_long_sequence():
-  """The chunk-local dg sum: bf16 inputs, 512 tokens, against float32 autodiff of the recurrence
-  on the same (bf16-rounded) inputs. A global reverse sum over T would drift with the length."""
+  """The chunk-local dg sum: bf16 inputs, 2048 tokens, against float32 autodiff of the recurrence
+  on the same (bf16-rounded) inputs: about 1.6e-3 of the largest entry. The whole-sequence
+  do.o - v.dv sum this replaced drifted with the length, to about 1.1e-2 here."""
   rng = np.random.default_rng()
-  q, k, v, g = _inputs(rng, b=1, t=512, h=2, dk=16, dv=16, dtype=jnp.bfloat16, decay=0.2)
+  q, k, v, g = _inputs(rng, b=1, t=2048, h=2, dk=16, dv=16, dtype=jnp.bfloat16, decay=0.2)
   ct = jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
   loss = lambda fn: lambda g: jnp.sum(fn(g).astype(jnp.float32) * ct)
   got = jax.grad(loss(lambda g: cs.chunked_scan(q, k, v, g, chunk_size=64, backend='xla')))(g)
   want = jax.grad(loss(lambda g: cs.recurrent_reference(q, k, v, g)[0]))(g)
   err = float(jnp.max(jnp.abs(got - want))) / float(jnp.max(jnp.abs(want)))
-  assert err < 2e-2, err
+  assert err < 5e-3, err

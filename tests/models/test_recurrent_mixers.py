@@ -73,9 +73,11 @@ def test_chunked_form_equals_token_by_token_recurrence(kind, chunk):
   x = jnp.asarray(rng.standard_normal((b, t, 64)), jnp.float32)
   ct = jnp.asarray(rng.standard_normal((b, t, 64)), jnp.float32)
   full = lambda m, x: m(x, _ctx(b, t))
-  np.testing.assert_allclose(full(mixer, x), _stepped(mixer, x), rtol=1e-4, atol=1e-5)
+  # Float32 sums in two orders: ~1e-4 of the largest entry apart at worst (seen: 1.5e-4 of an
+  # entry of 0.25 once in a few dozen draws); a wrong decay or mask is off by O(1).
+  np.testing.assert_allclose(full(mixer, x), _stepped(mixer, x), rtol=2e-4, atol=2e-5)
   (g_params, g_x), (s_params, s_x) = _grads(full, mixer, x, ct), _grads(_stepped, mixer, x, ct)
-  np.testing.assert_allclose(g_x, s_x, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(s_x))))
+  np.testing.assert_allclose(g_x, s_x, rtol=1e-3, atol=1e-4 * float(jnp.max(jnp.abs(s_x))))
   for (path, a), (_, b_) in zip(jax.tree_util.tree_leaves_with_path(g_params),
                                 jax.tree_util.tree_leaves_with_path(s_params)):
     tol = 1e-4 * float(jnp.max(jnp.abs(b_)) + 1e-6)
@@ -249,3 +251,44 @@ def test_pallas_backend_under_a_mesh_equals_one_device():
     got = out_and_grad(kernel_mixer)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-4)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(want[1]))))
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_decoding_after_a_packed_prefill_continues_only_the_last_document(kind):
+  """The last document is one token long (shorter than the convolution's history): decoding on
+  from it equals decoding on from that token prefilled alone."""
+  rng = np.random.default_rng()
+  mixer = _mixer(kind, rng, scan_chunk=4)
+  x = jnp.asarray(rng.standard_normal((1, 12, 64)), jnp.float32)
+  seg = jnp.asarray([[1] * 11 + [2]], jnp.int32)
+  pos = jnp.asarray([list(range(11)) + [0]], jnp.int32)
+  _, packed = mixer.prefill(x[:, :12], _ctx(1, 12, seg, pos), mixer.init_cache(1, 16))
+  _, alone = mixer.prefill(x[:, 11:12], _ctx(1, 1), mixer.init_cache(1, 16))
+  nxt = jnp.asarray(rng.standard_normal((1, 1, 64)), jnp.float32)
+  y_packed, _ = mixer.decode(nxt, 1, packed)
+  y_alone, _ = mixer.decode(nxt, 1, alone)
+  np.testing.assert_allclose(y_packed, y_alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_prefill_in_two_parts_equals_one_forward(kind):
+  """A prefill that starts from a non-empty cache continues it exactly."""
+  rng = np.random.default_rng()
+  mixer = _mixer(kind, rng, scan_chunk=4)
+  x = jnp.asarray(rng.standard_normal((2, 15, 64)), jnp.float32)
+  full = mixer(x, _ctx(2, 15))
+  y1, cache = mixer.prefill(x[:, :6], _ctx(2, 6), mixer.init_cache(2, 15))
+  y2, _ = mixer.prefill(x[:, 6:], _ctx(2, 9, positions=jnp.broadcast_to(jnp.arange(6, 15), (2, 9))),
+                        cache)
+  np.testing.assert_allclose(jnp.concatenate([y1, y2], axis=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_pure_ssm_stack_without_feed_forwards():
+  config = tiny_config(pattern='mamba2:none, mamba1:none', **SMALL)
+  model = lm_lib.LM(config.model, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  assert lm_lib.count_params(config.model) == sum(x.size for x in jax.tree.leaves(state))
+  assert not any('ff' in jax.tree_util.keystr(p) for p, _ in
+                 jax.tree_util.tree_leaves_with_path(state))
+  logits = model(jnp.zeros((1, 5), jnp.int32))
+  assert logits.shape == (1, 5, 384) and bool(jnp.all(jnp.isfinite(logits)))

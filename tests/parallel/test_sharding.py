@@ -94,3 +94,26 @@ def test_logical_to_spec_uses_each_mesh_axis_once():
   assert shd.logical_to_spec(('a', 'b', 'c'), rules) == P(('data', 'fsdp'), None, None)
   with pytest.raises(KeyError, match="'zzz' has no entry"):
     shd.logical_to_spec(('zzz',), rules)
+
+
+def test_map_per_device_keeps_the_axes_that_divide():
+  """Batch 2 over ('data', 'fsdp') = 2 x 2 splits over data alone; heads 3 over tensor = 2 stays
+  whole; the result equals the unsharded function, in value and gradient."""
+  config = tiny_config()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+  mesh, rules, _ = build(config)
+  rng = np.random.default_rng()
+  x = jax.numpy.asarray(rng.standard_normal((2, 5, 3, 4)), jax.numpy.float32)
+  seen = []
+
+  def fn(x):
+    seen.append(x.shape)  # the per-device block, at trace time
+    return jax.numpy.sin(x) * 2.0
+
+  names = ('act_batch', None, 'act_heads', None)
+  with jax.set_mesh(mesh), shd.axis_rules(rules):
+    out, grad = jax.jit(jax.value_and_grad(
+        lambda x: jax.numpy.sum(shd.map_per_device(fn, (x,), (names,), names))))(x)
+  assert seen[0] == (1, 5, 3, 4)
+  np.testing.assert_allclose(out, float(jax.numpy.sum(jax.numpy.sin(x) * 2.0)), rtol=1e-5)
+  np.testing.assert_allclose(grad, 2.0 * jax.numpy.cos(x), rtol=1e-5)

@@ -24,7 +24,8 @@ The backward pass reuses the same shapes. With G_c = dL/dS_c (G_n = the final st
 
 and the log-decays' gradient needs no kernel of its own. Every output depends on g only through
 differences B_i - B_j of the cumulative decay B (pairs i >= j), so dL/dB_t = q_t . dq_t -
-k_t . dk_t and dL/dg_s = sum_{t >= s} dL/dB_t. Summed chunk by chunk, every pair that crosses
+k_t . dk_t (plus <G_n, S_n> at the last token when the final state has a cotangent) and
+dL/dg_s = sum_{t >= s} dL/dB_t. Summed chunk by chunk, every pair that crosses
 chunk c's end passes through the state leaving it, and what they contribute to each g_s of the
 chunk is one number, <G_{c+1}, S_{c+1}> (with G_n, S_n the final state's cotangent and value):
 
