@@ -120,7 +120,7 @@ def _scan_bwd(static: _Static, residuals, cotangents):
                                               scale=static.scale, **kw)
   dq, dk, dv = mod.chunk_backward(q, k, v, do, cw.b, cw.doc, cw.u, cw.w, states, d_states,
                                   chunk=c, scale=static.scale, **kw)
-  dg = chunked.finish_log_decay_grad(q, k, dq, dk, states, final, d_states, chunk=c)
+  dg = chunked.finish_log_decay_grad(q, k, dq, dk, states, final, d_states, cw.doc, chunk=c)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), None,
           d_initial.astype(initial.dtype))
 

@@ -171,10 +171,13 @@ def chunk_backward(q, k, v, do, b, doc, u, w, states, d_states, *, chunk: int, s
   return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 
-def finish_log_decay_grad(q, k, dq, dk, states, final, d_states, *, chunk: int) -> jax.Array:
+def finish_log_decay_grad(q, k, dq, dk, states, final, d_states, doc=None, *,
+                          chunk: int) -> jax.Array:
   """dL/dg float32 [B, T, H], chunk by chunk (see the module docstring).
 
-  dg_s = sum_{t >= s in its chunk} (q_t . dq_t - k_t . dk_t) + <G_{c+1}, S_{c+1}>.
+  dg_s = sum_{t >= s in its chunk} (q_t . dq_t - k_t . dk_t) + <G_{c+1}, S_{c+1}>, and exactly
+  0 where a document starts (its g multiplies a state that was reset; the sum would give 0 only
+  up to rounding).
   """
   bsz, t, h, _ = q.shape
   n = t // chunk
@@ -183,7 +186,11 @@ def finish_log_decay_grad(q, k, dq, dk, states, final, d_states, *, chunk: int) 
   local = jnp.flip(jnp.cumsum(jnp.flip(db, axis=2), axis=2), axis=2)
   leaving = jnp.concatenate([states[:, 1:], final[:, None]], axis=1)  # S_{c+1}
   through = jnp.sum(d_states * leaving, axis=(-2, -1))  # <G_{c+1}, S_{c+1}> [B, n, H]
-  return (local + through[:, :, None]).reshape(bsz, t, h)
+  dg = (local + through[:, :, None]).reshape(bsz, t, h)
+  if doc is not None:
+    starts = jnp.concatenate([jnp.zeros_like(doc[:, :1], bool), doc[:, 1:] != doc[:, :-1]], 1)
+    dg = jnp.where(starts[..., None], 0.0, dg)
+  return dg
 
 
 def chunked_reference(q, k, v, log_decay, *, segment_ids=None, initial_state=None,
