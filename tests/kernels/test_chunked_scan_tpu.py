@@ -97,7 +97,7 @@ def test_chunk_output_and_backward(dtype, dk, dv):
   args = (q, k, v, do, cw.b, cw.doc, cw.u, cw.w, states, d_states)
   got = tpu.chunk_backward(*args, chunk=C, scale=scale, interpret=True)
   want = chunked.chunk_backward(*args, chunk=C, scale=scale)
-  for name, x, y in zip(('dq', 'dk', 'dv'), got, want):
+  for name, x, y in zip(('dq', 'dk', 'dv', 'db'), got, want):
     assert x.dtype == jnp.float32, name
     _close(x, y, TOL[dtype], name)
 

@@ -291,3 +291,21 @@ def test_triton_forward_logsumexp():
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want_out, np.float32),
                              atol=2e-3)
   np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-4)
+
+
+def test_triton_kernels_lower_to_valid_triton_modules(monkeypatch, capfd):
+  """Forward and both backward kernels lowered for CUDA on this CPU machine (causal, segment ids,
+  a window, bf16): every Triton module verifies (tests/kernels/triton_lowering.py)."""
+  from effjax.kernels.flash_attention import gpu as fa_gpu
+  from tests.kernels.triton_lowering import assert_verified, triton_dump
+  q = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((1, 256), jnp.int32)
+
+  def fwd_bwd(q, k, v, seg):
+    attend = lambda q, k, v: flash_attention(q, k, v, segment_ids=seg, window=96,
+                                             backend='triton')
+    out, pullback = jax.vjp(attend, q, k, v)
+    return pullback(out)
+
+  assert_verified(triton_dump(monkeypatch, capfd, fa_gpu, fwd_bwd, q, kv, kv, seg), 3)

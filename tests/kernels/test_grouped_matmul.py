@@ -252,14 +252,10 @@ def test_errors(case, match):
 
 @pytest.mark.parametrize('op', ['gmm', 'tgmm'])
 def test_triton_kernels_lower_to_a_valid_triton_module(op, monkeypatch, capfd):
-  """Lowered for CUDA on this CPU machine: the Triton module must verify. MLIR prints a module
-  that fails verification in its generic form ("scf.for"(...)); a loop bound of the wrong
-  integer type once did exactly that here and failed only on the GPU."""
-  import functools
-  from jax import export
-  from jax.experimental import pallas as pl
+  """Lowered for CUDA on this CPU machine, the Triton modules verify (tests/kernels/
+  triton_lowering.py): a loop bound of the wrong integer type once failed only on the GPU."""
   from effjax.kernels.grouped_matmul import gpu
-  monkeypatch.setattr(gpu.pl, 'pallas_call', functools.partial(pl.pallas_call, debug=True))
+  from tests.kernels.triton_lowering import assert_verified, triton_dump
   rows, k, n, groups = 256, 128, 128, 4
   lhs = jax.ShapeDtypeStruct((rows, k), jnp.bfloat16)
   sizes = jax.ShapeDtypeStruct((groups,), jnp.int32)
@@ -269,8 +265,6 @@ def test_triton_kernels_lower_to_a_valid_triton_module(op, monkeypatch, capfd):
   else:
     fn = lambda a, b, g: gpu.tgmm(a, b, g, tiling=(64, 64, 64), out_dtype=jnp.bfloat16)
     rhs = jax.ShapeDtypeStruct((rows, n), jnp.bfloat16)
-  check = export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')
-  export.export(jax.jit(fn), platforms=['cuda'], disabled_checks=[check])(lhs, rhs, sizes)
-  dump = capfd.readouterr().out
-  assert 'scf.for %' in dump  # the k-loop, printed in its verified (custom) form
-  assert '"scf.for"' not in dump and '"tt.' not in dump
+  dump = triton_dump(monkeypatch, capfd, gpu, fn, lhs, rhs, sizes)
+  assert 'scf.for %' in dump  # the loop, printed in its verified (custom) form
+  assert_verified(dump, 1)

@@ -118,9 +118,9 @@ def _scan_bwd(static: _Static, residuals, cotangents):
   d_final = d_final.astype(jnp.float32)
   d_states, d_initial = mod.chunk_state_grads(q, do, cw.u, cw.carry, d_final, chunk=c,
                                               scale=static.scale, **kw)
-  dq, dk, dv = mod.chunk_backward(q, k, v, do, cw.b, cw.doc, cw.u, cw.w, states, d_states,
-                                  chunk=c, scale=static.scale, **kw)
-  dg = chunked.finish_log_decay_grad(q, k, dq, dk, states, final, d_states, cw.doc, chunk=c)
+  dq, dk, dv, db = mod.chunk_backward(q, k, v, do, cw.b, cw.doc, cw.u, cw.w, states, d_states,
+                                      chunk=c, scale=static.scale, **kw)
+  dg = chunked.finish_log_decay_grad(db, states, final, d_states, cw.doc, chunk=c)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), None,
           d_initial.astype(initial.dtype))
 

@@ -21,6 +21,7 @@ The backward pass reuses the same shapes. With G_c = dL/dS_c (G_n = the final st
   chunk_backward     dq = scale * [ ((do v^T) * D) k + u * (do S_c^T) ]
                      dk = scale * ((do v^T) * D)^T q + w * (v G_{c+1}^T)
                      dv = scale * ((q k^T) * D)^T do + w * (k G_{c+1})
+                     db = q . dq - k . dk  (per token and head, from the float32 values)
 
 and the log-decays' gradient needs no kernel of its own. Every output depends on g only through
 differences B_i - B_j of the cumulative decay B (pairs i >= j), so dL/dB_t = q_t . dq_t -
@@ -155,7 +156,12 @@ def chunk_output(q, k, v, b, doc, u, states, *, chunk: int, scale: float,
 
 def chunk_backward(q, k, v, do, b, doc, u, w, states, d_states, *, chunk: int, scale: float,
                    interpret: bool = False):
-  """(dq, dk, dv) float32, shaped like q, k, v."""
+  """(dq, dk, dv shaped like q, k, v; db float32 [B, T, H] = q . dq - k . dk).
+
+  The gradients may come in float32 or in the inputs' dtype (a backend's choice: the op casts
+  them to the inputs' dtypes); db is always formed from the float32 values, before any rounding,
+  so the log-decay gradient (finish_log_decay_grad) keeps float32 accuracy.
+  """
   del interpret
   d = intra_decay(b, doc, chunk)
   qc, kc, vc, doc_ = (_chunks(_f32(x), chunk) for x in (q, k, v, do))
@@ -168,20 +174,24 @@ def chunk_backward(q, k, v, do, b, doc, u, w, states, d_states, *, chunk: int, s
         wc * jnp.einsum('bnjhv,bnhkv->bnjhk', vc, d_states, precision=_HIGHEST))
   dv = (scale * jnp.einsum('bnhij,bnihv->bnjhv', p, doc_, precision=_HIGHEST) +
         wc * jnp.einsum('bnjhk,bnhkv->bnjhv', kc, d_states, precision=_HIGHEST))
-  return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+  dq, dk, dv = dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+  return dq, dk, dv, decay_term(q, k, dq, dk)
 
 
-def finish_log_decay_grad(q, k, dq, dk, states, final, d_states, doc=None, *,
-                          chunk: int) -> jax.Array:
+def decay_term(q, k, dq, dk) -> jax.Array:
+  """db float32 [B, T, H] = q . dq - k . dk, from float32 gradients."""
+  return jnp.sum(_f32(q) * _f32(dq), axis=-1) - jnp.sum(_f32(k) * _f32(dk), axis=-1)
+
+
+def finish_log_decay_grad(db, states, final, d_states, doc=None, *, chunk: int) -> jax.Array:
   """dL/dg float32 [B, T, H], chunk by chunk (see the module docstring).
 
   dg_s = sum_{t >= s in its chunk} (q_t . dq_t - k_t . dk_t) + <G_{c+1}, S_{c+1}>, and exactly
   0 where a document starts (its g multiplies a state that was reset; the sum would give 0 only
   up to rounding).
   """
-  bsz, t, h, _ = q.shape
+  bsz, t, h = db.shape
   n = t // chunk
-  db = jnp.sum(_f32(q) * _f32(dq), axis=-1) - jnp.sum(_f32(k) * _f32(dk), axis=-1)
   db = db.reshape(bsz, n, chunk, h)
   local = jnp.flip(jnp.cumsum(jnp.flip(db, axis=2), axis=2), axis=2)
   leaving = jnp.concatenate([states[:, 1:], final[:, None]], axis=1)  # S_{c+1}

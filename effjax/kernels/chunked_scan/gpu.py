@@ -46,7 +46,8 @@ program hides latency only through the programs running beside it.
 Measured (one H200, JAX 0.11.2, Triton 3.6, bf16 with segment ids, B4 S4096 H16 K = V = 128
 unless said; ranges over up to three runs; jitted calls, device-resident inputs):
   kernels at C = 64: chunk_states 145 us, chunk_output 164-175, chunk_state_grads 145,
-    chunk_backward 545-586 (float32 gradients; 367-374 with bf16 ones, see below).
+    chunk_backward 545-586 with float32 gradients, 367-374 with bf16 ones (which it now emits,
+    with the decay term q . dq - k . dk summed in the kernel; not re-timed end to end).
   op: forward 309-321 us (51-53M tokens/s); forward + backward 1278-1367 us against cuDNN causal
     attention's 2022-2069 (1.6x faster); B1 S16384: 1688-1765 against 6661-6800 (3.9-4.0x);
     B4 S1024: 371 against 278 (slower: linear attention wins from a few thousand tokens);
@@ -59,9 +60,9 @@ unless said; ranges over up to three runs; jitted calls, device-resident inputs)
     kernels). Processing several chunks per program with a pipelined loop ran out of shared memory
     (its stages hold float32 state tiles) or was slower (output kernel, 2 chunks: 172 us).
   The backward kernel is latency-bound: Nsight Compute showed 255 registers a thread, one program
-    per multiprocessor at 8 warps and 36% of DRAM bandwidth. The float32 gradients that the
-    chunked.py interface asks for cost a third of its time, and the op then casts them to the
-    input dtype in a separate XLA pass.
+    per multiprocessor at 8 warps and 36% of DRAM bandwidth. Emitting float32 gradients cost a
+    third of its time plus an XLA pass casting them; it now emits them in the inputs' dtype and
+    the per-token decay term beside them (that version is untimed).
 Unmeasured: tiles, warps and stages for float32 and float16 inputs (measured only for accuracy),
 and any GPU other than the H200. The output and backward kernels have no loop, so their
 num_stages does nothing and is left at 1.
@@ -297,7 +298,8 @@ def _slices(start, width: int, sub: int):
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, doc_ref, u_ref, w_ref, s_ref, g_ref,
-                     dq_ref, dk_ref, dv_ref, *, split: int, scale: float, sub: int, dtype):
+                     dq_ref, dk_ref, dv_ref, db_ref, *, split: int, scale: float, sub: int,
+                     dtype):
   chunk, dk = q_ref.shape
   dv = v_ref.shape[1]
   bk, bv = dq_ref.shape[1], dv_ref.shape[1]  # this program's share of the K and V columns
@@ -320,17 +322,23 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, doc_ref, u_ref, w_ref, 
   w = w_ref[...]
 
   # Each gradient slice is finished and stored before the next starts, keeping one float32
-  # accumulator live at a time.
+  # accumulator live at a time; the log-decay term q . dq - k . dk is summed from the float32
+  # slices on the way, so the gradients themselves may leave in the inputs' dtype.
+  db = jnp.zeros((chunk,), jnp.float32)
   for ks, out, width in own_k:
     from_state = jnp.zeros((chunk, width), jnp.float32)
     for vs, _, _ in all_v:
       from_state += _dot(load(do_ref, vs), state(s_ref, ks, vs), trans_b=True)
-    dq_ref[:, out] = (_dot(dp, load(k_ref, ks)) + u[:, None] * from_state).astype(dq_ref.dtype)
+    dq = _dot(dp, load(k_ref, ks)) + u[:, None] * from_state
+    db += jnp.sum(q_ref[:, ks].astype(jnp.float32) * dq, axis=1)
+    dq_ref[:, out] = dq.astype(dq_ref.dtype)
     from_state = jnp.zeros((chunk, width), jnp.float32)
     for vs, _, _ in all_v:
       from_state += _dot(load(v_ref, vs), state(g_ref, ks, vs), trans_b=True)
-    dk_ref[:, out] = (_dot(dp, load(q_ref, ks), trans_a=True) +
-                      w[:, None] * from_state).astype(dk_ref.dtype)
+    dk = _dot(dp, load(q_ref, ks), trans_a=True) + w[:, None] * from_state
+    db -= jnp.sum(k_ref[:, ks].astype(jnp.float32) * dk, axis=1)
+    dk_ref[:, out] = dk.astype(dk_ref.dtype)
+  db_ref[...] = db
   for vs, out, width in own_v:
     from_state = jnp.zeros((chunk, width), jnp.float32)
     for ks, _, _ in all_k:
@@ -346,8 +354,8 @@ def backward_config(chunk: int, key_dim: int, value_dim: int) -> tuple[int, int]
 
 
 def _backward(q, k, v, do, b, doc, u, w, states, d_states, *, chunk: int, scale: float,
-              interpret: bool, sub: int = _SUB, split: int | None = None,
-              grad_dtype=jnp.float32):
+              interpret: bool, sub: int = _SUB, split: int | None = None, grad_dtype=None):
+  """(dq, dk, dv in grad_dtype, default each input's own dtype; db float32 [B, T, H])."""
   bsz, t, h, dk = q.shape
   dv = v.shape[-1]
   n = _check_length(t, chunk)
@@ -361,25 +369,29 @@ def _backward(q, k, v, do, b, doc, u, w, states, d_states, *, chunk: int, scale:
   row_spec = pl.BlockSpec((None, chunk, None), lambda j, c, bh: _at(bh, h, c))
   doc_spec = pl.BlockSpec((None, chunk), lambda j, c, bh: (_batch_head(bh, h)[0], c))
   state_spec = pl.BlockSpec((None, None, None, dk, dv), lambda j, c, bh: _at(bh, h, c, 0, 0))
+  # With split > 1 each program sums the decay term over its own share of the K columns.
+  db_spec = pl.BlockSpec((None, None, chunk, None), lambda j, c, bh: (j, *_at(bh, h, c)))
   kernel = functools.partial(_backward_kernel, split=split, scale=float(scale), sub=sub,
                              dtype=dtype)
-  grad = lambda x: jax.ShapeDtypeStruct(x.shape, grad_dtype)
-  return pl.pallas_call(
+  grad = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype if grad_dtype is None else grad_dtype)
+  dq, dk_, dv_, db = pl.pallas_call(
       kernel,
       grid=(split, n, bsz * h),
       in_specs=[token_spec(dk), token_spec(dk), token_spec(dv), token_spec(dv), row_spec,
                 doc_spec, row_spec, row_spec, state_spec, state_spec],
-      out_specs=[grad_spec(bk), grad_spec(bk), grad_spec(bv)],
-      out_shape=[grad(q), grad(k), grad(v)],
+      out_specs=[grad_spec(bk), grad_spec(bk), grad_spec(bv), db_spec],
+      out_shape=[grad(q), grad(k), grad(v),
+                 jax.ShapeDtypeStruct((split, bsz, t, h), jnp.float32)],
       compiler_params=_CompilerParams(num_warps=warps, num_stages=1),
       interpret=interpret,
       name='chunked_scan_backward',
   )(q, k, v, do, b.astype(jnp.float32), doc.astype(jnp.int32), u.astype(jnp.float32),
     w.astype(jnp.float32), states, d_states)
+  return dq, dk_, dv_, jnp.sum(db, axis=0) if split > 1 else db[0]
 
 
 def chunk_backward(q, k, v, do, b, doc, u, w, states, d_states, *, chunk: int, scale: float,
                    interpret: bool = False):
-  """(dq, dk, dv) float32, shaped like q, k, v."""
+  """(dq, dk, dv in the inputs' dtypes, shaped like q, k, v; db float32 [B, T, H])."""
   return _backward(q, k, v, do, b, doc, u, w, states, d_states, chunk=chunk, scale=scale,
                    interpret=interpret)

@@ -58,6 +58,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from effjax.kernels.chunked_scan import chunked
+
 LANES = 128
 DEFAULT_CHUNK = 128
 MAX_HEAD_DIM = 512
@@ -315,7 +317,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, b_ref, doc_ref, u_ref, w_ref, 
 
 def chunk_backward(q, k, v, do, b, doc, u, w, states, d_states, *, chunk: int, scale: float,
                    interpret: bool = False):
-  """(dq, dk, dv) float32, shaped like q, k, v."""
+  """(dq, dk, dv float32, shaped like q, k, v; db float32 [B, T, H]), as chunked.chunk_backward."""
   bsz, t, h, dk = q.shape
   dv = v.shape[-1]
   _check_length(t, chunk)
@@ -344,4 +346,6 @@ def chunk_backward(q, k, v, do, b, doc, u, w, states, d_states, *, chunk: int, s
   )(_heads_major(q, dtype), _heads_major(k, dtype), _heads_major(v, dtype),
     _heads_major(do, dtype), _rows(b), doc.astype(jnp.int32)[:, None, :], _rows(u), _rows(w),
     states.astype(jnp.float32), d_states.astype(jnp.float32))
-  return tuple(jnp.swapaxes(x, 1, 2) for x in (dq, dk_, dv_))
+  dq, dk_, dv_ = (jnp.swapaxes(x, 1, 2) for x in (dq, dk_, dv_))
+  # The float32 gradients are already in HBM here, so the per-token decay term is an XLA fusion.
+  return dq, dk_, dv_, chunked.decay_term(q, k, dq, dk_)
