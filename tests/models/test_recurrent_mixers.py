@@ -222,7 +222,13 @@ def test_hybrid_stack_is_the_same_on_a_2x2x2_mesh():
         state, metrics = train_step(state, step_lib.device_batch(setup, batch, 1))
         losses[name].append(float(metrics['loss']))
   assert losses['one'][2] < losses['one'][0]
-  np.testing.assert_allclose(losses['2x2x2'], losses['one'], rtol=2e-5)
+  # The first loss is the same forward pass on both layouts. Later ones follow Adam updates from
+  # gradients that differ by rounding, and GLA/RetNet at this init are ill-conditioned: their
+  # per-head output RMSNorm amplifies rounding where a head's output is near zero. Measured: a
+  # 1e-7 relative perturbation of the parameters moves RetNet's logits by 1.1e-4 (attention's and
+  # Mamba-2's by 2e-5), and the two layouts' losses after an update differ by up to 2e-4 relative.
+  np.testing.assert_allclose(losses['2x2x2'][0], losses['one'][0], rtol=2e-6)
+  np.testing.assert_allclose(losses['2x2x2'], losses['one'], rtol=2e-3)
 
 
 def test_pallas_backend_under_a_mesh_equals_one_device():
