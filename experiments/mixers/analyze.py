@@ -18,15 +18,20 @@ from effjax.bench import studies
 
 
 def table(runs) -> str:
+  """Final losses; deltas against the baseline at the shared rate and against the best baseline."""
   base = next((r for r in runs if r['name'] == 'attention'), None)
-  lines = ['| run | pattern x depth | params (non-embedding) | fwd MFLOPs / token | held-out loss '
-           '(nats/byte) | vs attention |', '| --- | --- | --- | --- | --- | --- |']
+  baselines = [r for r in runs if r['pattern'] == 'attention:mlp']
+  best = min(baselines, key=lambda r: r['final_eval_loss']) if baselines else None
+  lines = ['| run | pattern x depth | peak lr | params (non-embedding) | fwd MFLOPs / token | '
+           'held-out loss (nats/byte) | vs attention | vs best attention |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- |']
+  delta = lambda r, ref: ('' if ref is None or r is ref
+                          else f"{r['final_eval_loss'] - ref['final_eval_loss']:+.3f}")
   for r in runs:
-    delta = ('' if base is None or r is base
-             else f"{r['final_eval_loss'] - base['final_eval_loss']:+.3f}")
     lines.append(f"| {r['name']} | `{r['pattern']}` x {r['num_layers']} layers | "
+                 f"{r['config']['optim']['learning_rate']:g} | "
                  f"{r['params_total'] / 1e6:.1f}M | {r['forward_flops_per_token'] / 1e6:.1f} | "
-                 f"{r['final_eval_loss']:.4f} | {delta} |")
+                 f"{r['final_eval_loss']:.4f} | {delta(r, base)} | {delta(r, best)} |")
   return '\n'.join(lines)
 
 
@@ -35,9 +40,15 @@ def main() -> None:
   parser.add_argument('runs_dir')
   parser.add_argument('--out', default='.')
   args = parser.parse_args()
-  order = {'attention': 0, 'gla': 1, 'mamba2': 2, 'hybrid': 3}
+  order = {'attention': 0, 'attention_lr7.5e-4': 1, 'attention_lr3e-3': 2, 'gla': 3,
+           'gla_lr7.5e-4': 4, 'mamba2': 5, 'hybrid': 6}
   runs = sorted(studies.load_runs(args.runs_dir), key=lambda r: (order.get(r['name'], 9),
                                                                  r['name']))
+  for r in runs:  # a run still going is left out, not reported at its last evaluation
+    if not r['evals'] or r['evals'][-1][0] < r['config']['train']['steps']:
+      print(f"{r['name']}: unfinished (last evaluation at step "
+            f"{r['evals'][-1][0] if r['evals'] else 0}), left out")
+  runs = [r for r in runs if r['evals'] and r['evals'][-1][0] >= r['config']['train']['steps']]
   os.makedirs(args.out, exist_ok=True)
   text = ('## Final held-out loss\n\n' + table(runs) +
           '\n\n## Held-out loss at every evaluation\n\n' + studies.eval_table(runs) + '\n')

@@ -5,7 +5,7 @@
 #   python experiments/mixers/analyze.py RUNS_DIR --out=experiments/mixers
 #
 # Each run is an ordinary effjax workdir; rerunning resumes an interrupted run and skips finished
-# ones. On two CPU cores a run takes 15-30 minutes.
+# ones (re-evaluating them, about a minute each). On two CPU cores a run takes 15-55 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=${1:-/tmp/mixer_runs}
@@ -24,3 +24,7 @@ run gla --config.model.pattern=gla:mlp          # GLA in every layer: 27.8M
 run mamba2 --config.model.pattern=mamba2:none --config.model.num_layers=16
 # Three Mamba-2 blocks to one attention block (Jamba's ratio), twice: 29.3M.
 run hybrid '--config.model.pattern=mamba2:mlp, mamba2:mlp, mamba2:mlp, attention:mlp'
+# Checks on the shared learning rate: the baseline at twice and half of it, GLA at half.
+run attention_lr3e-3 --config.optim.learning_rate=3e-3
+run attention_lr7.5e-4 --config.optim.learning_rate=7.5e-4
+run gla_lr7.5e-4 --config.model.pattern=gla:mlp --config.optim.learning_rate=7.5e-4
