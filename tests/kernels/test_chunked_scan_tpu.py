@@ -146,7 +146,14 @@ def test_public_op_matches_reference(dtype, length, dk, dv):
   assert o.shape == (b, length, h, dv) and o.dtype == v.dtype
   _close(o, want_o, tol, 'o')
   _close(final, want_final, tol, 'final')
-  _close(got[0], want[0], tol, 'loss')
+  # The loss is linear in (o, final), a sum with heavy cancellation: its error is bounded by the
+  # outputs' errors weighted by the cotangents, not by a fraction of its own (small) value.
+  f32 = lambda x: np.asarray(x, np.float32)
+  bound = (np.sum(np.abs(f32(o) - f32(want_o)) * np.abs(f32(do))) +
+           np.sum(np.abs(f32(final) - f32(want_final)) * np.abs(f32(d_final))))
+  scale = (np.sum(np.abs(f32(want_o) * f32(do))) +
+           np.sum(np.abs(f32(want_final) * f32(d_final))))
+  assert abs(float(got[0]) - float(want[0])) <= 1.01 * bound + 1e-5 * scale, 'loss'
   for name, x, y, like in zip(('dq', 'dk', 'dv', 'dlog_decay', 'dinitial'), got[1], want[1],
                               (q, k, v, g, initial)):
     assert x.dtype == like.dtype, name
