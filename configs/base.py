@@ -91,6 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Grouped matmul of the experts: 'auto' (Triton on GPU, Mosaic on TPU, jax.lax.ragged_dot
   # elsewhere), 'ragged_dot', 'triton' or 'mosaic' (effjax/kernels/grouped_matmul).
   m.moe_gmm_backend = 'auto'
+  m.moe_gmm_interpret = False  # run the Pallas kernel in interpret mode (slow; CPU testing)
 
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()

@@ -172,6 +172,12 @@ def _check_model(m) -> None:
   if m.moe_routing == 'expert_choice' and m.moe_capacity_factor <= 0:
     raise ConfigError(f'model.moe_capacity_factor={m.moe_capacity_factor}: expert_choice routing '
                       'needs a capacity; set it > 0 (e.g. 1.0) or use token_choice for dropless')
+  gmm_device = {'triton': 'gpu', 'mosaic': 'tpu'}.get(m.moe_gmm_backend)
+  if (gmm_device and any(ff == 'moe' for _, ff in parse_pattern(m.pattern)) and
+      jax.default_backend() != gmm_device and not m.moe_gmm_interpret):
+    raise ConfigError(f"model.moe_gmm_backend='{m.moe_gmm_backend}': needs a "
+                      f"{gmm_device.upper()} but the backend is {jax.default_backend()}; use "
+                      "'auto', 'ragged_dot' or model.moe_gmm_interpret=True")
 
 
 def _check_recurrent_mixers(config) -> None:

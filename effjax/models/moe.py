@@ -129,20 +129,21 @@ def capacity(cfg, group_tokens: int) -> int:
 
 
 def gmm(lhs_md: jax.Array, rhs_gdn: jax.Array, group_sizes_g: jax.Array,
-        backend: str) -> jax.Array:
+        backend: str, interpret: bool = False) -> jax.Array:
   """Grouped matmul: rows of group g times rhs[g]; rows past sum(group_sizes) give 0."""
   if grouped_matmul is None:
     if backend not in GMM_BACKENDS:
       raise ValueError(f"model.moe_gmm_backend={backend!r}: effjax.kernels.grouped_matmul did "
                        f"not import ({GMM_IMPORT_ERROR}); use 'auto' or 'ragged_dot'")
     return jax.lax.ragged_dot(lhs_md, rhs_gdn, group_sizes_g)
-  return grouped_matmul(lhs_md, rhs_gdn, group_sizes_g, backend=backend)
+  return grouped_matmul(lhs_md, rhs_gdn, group_sizes_g, backend=backend, interpret=interpret)
 
 
 def _swiglu_experts(x_sd, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, backend):
-  gate = gmm(x_sd, w_gate_edf, group_sizes_e, backend)
-  up = gmm(x_sd, w_up_edf, group_sizes_e, backend)
-  return gmm(jax.nn.silu(gate) * up, w_down_efd, group_sizes_e, backend)
+  """backend: (name, interpret)."""
+  gate = gmm(x_sd, w_gate_edf, group_sizes_e, *backend)
+  up = gmm(x_sd, w_up_edf, group_sizes_e, *backend)
+  return gmm(jax.nn.silu(gate) * up, w_down_efd, group_sizes_e, *backend)
 
 
 def _inverse(order_s: jax.Array) -> jax.Array:
@@ -150,7 +151,7 @@ def _inverse(order_s: jax.Array) -> jax.Array:
 
 
 def _exchange(x_sd, group_sizes_e, weights, *, cap: int, ep_axes: tuple[str, ...], n_ep: int,
-              backend: str) -> jax.Array:
+              backend: tuple[str, bool]) -> jax.Array:
   """Expert-sorted slot rows -> their expert outputs, the experts living on n_ep peers.
 
   Rows [start_p, start_p + count_p) belong to peer p's experts; each peer gets a [cap, d] block
@@ -257,7 +258,7 @@ def route_and_run(x_btd, valid_bt, router_de, w_gate_edf, w_up_edf, w_down_efd, 
     # Mark the weights as varying with the tokens explicitly: a kernel's custom VJP returns a
     # per-device weight gradient, and this cast's transpose is the psum that totals it.
     weights = tuple(jax.lax.pcast(w, replicated, to='varying') for w in weights)
-  backend = cfg.moe_gmm_backend
+  backend = (cfg.moe_gmm_backend, bool(cfg.get('moe_gmm_interpret', False)))
   if n_ep == 1:
     out_sd = _swiglu_experts(x_sd, *weights, group_sizes_e, backend)
   else:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax.kernels._compat import sum_to_varying
 from effjax.kernels.grouped_matmul.reference import gmm_reference, tgmm_reference
 
 __all__ = [
@@ -174,7 +175,7 @@ def _gmm_bwd(static: _Static, residuals, d_out):
   d_out = d_out.astype(lhs.dtype)
   d_lhs = _gmm(d_out, jnp.swapaxes(rhs, 1, 2), group_sizes, static.swapped())
   d_rhs = _tgmm(lhs, d_out, group_sizes, static.plain())
-  return d_lhs, d_rhs, None
+  return sum_to_varying(d_lhs, lhs), sum_to_varying(d_rhs, rhs), None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -194,7 +195,7 @@ def _tgmm_bwd(static: _Static, residuals, d_out):
   d_out = d_out.astype(lhs.dtype)
   d_lhs = _gmm(rhs, jnp.swapaxes(d_out, 1, 2), group_sizes, static.swapped())
   d_rhs = _gmm(lhs, d_out, group_sizes, static.plain())
-  return d_lhs, d_rhs, None
+  return sum_to_varying(d_lhs, lhs), sum_to_varying(d_rhs, rhs), None
 
 
 _tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)

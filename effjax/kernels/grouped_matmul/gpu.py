@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from effjax.kernels._compat import out_struct
 from effjax.kernels.grouped_matmul import schedule
 
 # The Triton compiler-params class has been `CompilerParams` since JAX 0.7; older releases called
@@ -112,7 +113,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tiling: tuple
       grid=(tables[0].shape[0], n // tn),
       in_specs=[_whole(t.shape) for t in tables] + [_whole(lhs.shape), _whole(rhs.shape)],
       out_specs=_whole((m, n)),
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      out_shape=out_struct((m, n), out_dtype, group_sizes, lhs, rhs),
       compiler_params=_compiler_params(lhs.dtype.itemsize),
       interpret=interpret,
       name='grouped_matmul',
@@ -157,7 +158,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
       grid=(num_groups, k // tk, n // tn),
       in_specs=[_whole(offsets.shape), _whole(lhs.shape), _whole(rhs.shape)],
       out_specs=pl.BlockSpec((None, tk, tn), lambda g, kb, nb: (g, kb, nb)),
-      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      out_shape=out_struct((num_groups, k, n), out_dtype, group_sizes, lhs, rhs),
       compiler_params=_compiler_params(lhs.dtype.itemsize),
       interpret=interpret,
       name='transposed_grouped_matmul',

@@ -37,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from effjax.kernels._compat import out_struct
 from effjax.kernels.grouped_matmul import schedule
 
 TILE_ALIGN = 128
@@ -122,7 +123,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tiling: tuple
                     pl.BlockSpec((None, tk, tn), rhs_block)],
           out_specs=pl.BlockSpec((tm, tn), out_block),
           scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+      out_shape=out_struct((m, n), out_dtype, group_sizes, lhs, rhs),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'arbitrary', 'arbitrary')),
       interpret=_interpret(interpret),
@@ -177,7 +178,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
           out_specs=pl.BlockSpec((None, tk, tn),
                                  lambda kb, nb, v, tile_ref, group_ref, *_: (group_ref[v], kb, nb)),
           scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+      out_shape=out_struct((num_groups, k, n), out_dtype, group_sizes, lhs, rhs),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=('parallel', 'parallel', 'arbitrary')),
       interpret=_interpret(interpret),
