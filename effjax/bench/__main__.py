@@ -84,9 +84,9 @@ def _kernels() -> None:
 
   try:
     op = kernel_bench.get_op(_OP.value)
-    if _GRID.value not in kernel_bench.GRIDS:
-      raise ValueError(f'--grid={_GRID.value!r} is not a grid; allowed: '
-                       f'{", ".join(kernel_bench.GRIDS)}')
+    if _GRID.value not in op.grids:
+      raise ValueError(f'--grid={_GRID.value!r} is not a grid of --op={op.name}; allowed: '
+                       f'{", ".join(op.grids)}')
     impls = kernel_bench.select_impls(op, _IMPLS.value)
   except ValueError as e:
     print(f'effjax.bench kernels: {e}', file=sys.stderr)

@@ -95,6 +95,9 @@ class Case:
   make: Callable[[], tuple[Callable[..., Any], list[tuple[jax.Array, ...]]]]
   info: dict[str, Any] = dataclasses.field(default_factory=dict)  # recorded verbatim in the row
   skip: str | None = None  # why this case cannot run here
+  # (function, input sets) -> fields for the row (e.g. the error against a reference), run once
+  # before timing; an exception fails the row like any other.
+  check: Callable[[Callable[..., Any], list], dict[str, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +109,7 @@ class Op:
   # The unrestricted variant other variants are compared with; None: variants are not
   # restrictions of each other (no 'vs dense' ratios).
   dense_variant: str | None = 'dense'
+  grids: tuple[str, ...] = GRIDS  # the --grid values this op has
 
 
 OPS: dict[str, Op] = {}
@@ -177,6 +181,8 @@ def measure(op_name: str, case: Case, repeats: int) -> dict[str, Any]:
     return row
   try:
     fn, input_sets = case.make()
+    if case.check is not None:
+      row.update(case.check(fn, input_sets))
     compile_s, seconds = time_calls(fn, input_sets, repeats)
   except Exception as e:  # pylint: disable=broad-except
     row['error'] = first_line(e)
@@ -222,7 +228,7 @@ def add_ratios(rows: list[dict[str, Any]], baseline: str, dense: str | None = 'd
 def run(op: Op, *, grid: str, impls: Sequence[str], repeats: int,
         log: Callable[[str], None] = print) -> list[dict[str, Any]]:
   """The matmul peak, then every case of `op` on `grid`: the result rows, ratios filled in."""
-  cases = [('matmul', matmul_case(MATMUL_SIZE[grid]))]
+  cases = [('matmul', matmul_case(MATMUL_SIZE.get(grid, MATMUL_SIZE['default'])))]
   cases += [(op.name, case) for case in op.cases(grid, impls)]
   rows = []
   for op_name, case in cases:

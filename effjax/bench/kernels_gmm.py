@@ -1,10 +1,13 @@
 """The grouped-matmul rows of the kernel benchmark (--op=gmm): MoE expert matmuls.
 
-    python -m effjax.bench kernels --op=gmm [--grid=default|tiny] [--impls=effjax,ragged_dot,einsum]
+    python -m effjax.bench kernels --op=gmm [--grid=default|tune|tiny]
+        [--impls=effjax,tokamax,ragged_dot,einsum]
 
 One row multiplies M token rows, sorted by expert, by their expert's [K, N] matrix (G experts):
   effjax      effjax.kernels.grouped_matmul (backend 'auto': Pallas Triton on GPU, Mosaic on TPU,
               jax.lax.ragged_dot elsewhere, recorded as `backend`);
+  tokamax     tokamax.ragged_dot(..., implementation='mosaic'): Google's Pallas Mosaic GPU kernel
+              library, an optional peer (rows say 'skipped' where it is not installed);
   ragged_dot  jax.lax.ragged_dot, XLA's own grouped matmul;
   einsum      the same FLOPs as a dense batched einsum [G, M/G, K] x [G, K, N] (every expert
               exactly M/G rows): what a grouped matmul would reach with no raggedness at all,
@@ -17,8 +20,11 @@ sum(out * cotangent): d_lhs (another grouped matmul) and d_rhs (the transposed g
 effjax's transposed_grouped_matmul). FLOPs are 2*M*K*N forward, 3x that with the backward.
 
 Default grid: 16k rows; Mixtral-like experts (8 x 4096 x 14336, and the down projection
-8 x 14336 x 4096) and the same expert split 8 ways finer (64 x 4096 x 1792, 64 x 1792 x 4096),
-bf16 in and out with float32 accumulation. The tiny grid is the same path at CPU sizes.
+8 x 14336 x 4096) and fine-grained ones (64 x 2048 x 1408 and 64 x 1408 x 2048, DeepSeek-MoE-like
+widths), bf16 in and out with float32 accumulation. The 'tune' grid runs effjax alone at the
+first and third of those shapes (uniform groups) for a list of Triton tilings (tm, tk, tn), each
+row named 'effjax tm,tk,tn', to choose the defaults from. The tiny grid is the same path at CPU
+sizes.
 """
 
 from __future__ import annotations
@@ -42,10 +48,13 @@ class GmmGrid:
 
 GMM_GRIDS = {
     'default': GmmGrid(rows=16384, shapes=((8, 4096, 14336), (8, 14336, 4096),
-                                           (64, 4096, 1792), (64, 1792, 4096))),
+                                           (64, 2048, 1408), (64, 1408, 2048))),
+    'tune': GmmGrid(rows=16384, shapes=((8, 4096, 14336), (64, 2048, 1408))),
     'tiny': GmmGrid(rows=256, shapes=((4, 128, 256), (16, 128, 64))),
 }
 VARIANTS = ('uniform', 'skewed')
+TUNE_TILINGS = ((64, 64, 128), (128, 64, 128), (128, 64, 256), (128, 128, 128), (64, 64, 256),
+                (256, 64, 128))
 
 
 def group_sizes(rows: int, groups: int, variant: str, rng: np.random.Generator) -> np.ndarray:
@@ -72,11 +81,15 @@ def _inputs(m: int, g: int, k: int, n: int, variant: str) -> list[tuple[jax.Arra
   return sets
 
 
-def _product(impl: str, m: int, g: int):
+def _product(impl: str, m: int, g: int, tiling=None):
   """(lhs, rhs, sizes) -> [M, N] for one implementation, float32 accumulation, bf16 out."""
   if impl == 'effjax':
     from effjax.kernels.grouped_matmul import grouped_matmul
-    return lambda lhs, rhs, sizes: grouped_matmul(lhs, rhs, sizes, backend='auto')
+    return lambda lhs, rhs, sizes: grouped_matmul(lhs, rhs, sizes, backend='auto', tiling=tiling)
+  if impl == 'tokamax':
+    import tokamax  # pylint: disable=import-outside-toplevel
+    return lambda lhs, rhs, sizes: tokamax.ragged_dot(lhs, rhs, sizes,
+                                                      implementation='mosaic')
   if impl == 'ragged_dot':
     return lambda lhs, rhs, sizes: jax.lax.ragged_dot(lhs, rhs, sizes)
 
@@ -98,6 +111,28 @@ def _with_mode(product, mode: str):
   return fwd_bwd
 
 
+def _relative_error(got, want) -> float:
+  got, want = jnp.asarray(got, jnp.float32), jnp.asarray(want, jnp.float32)
+  return float(jnp.linalg.norm(got - want) / jnp.maximum(jnp.linalg.norm(want), 1e-30))
+
+
+def _check_against_reference(mode: str):
+  """Before timing: the row's outputs (the product, or both gradients) on a fresh input set
+  against float32 ragged_dot on the same bf16 values; recorded as rel_err (||d|| / ||ref||)."""
+  reference = _with_mode(
+      lambda a, b, s: jax.lax.ragged_dot(a, b, s, precision=jax.lax.Precision.HIGHEST), mode)
+  upcast = lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+  def check(fn, input_sets):
+    got = jax.jit(fn)(*input_sets[0])
+    want = jax.jit(reference)(*map(upcast, input_sets[0]))
+    errors = [_relative_error(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+    if not all(np.isfinite(errors)) or max(errors) > 2e-2:
+      raise AssertionError(f'wrong result: relative errors {errors} against float32 ragged_dot')
+    return {'rel_err': max(errors)}
+  return check
+
+
 def _effjax_info(m: int, k: int, n: int) -> dict[str, Any]:
   from effjax.kernels import grouped_matmul as gm
   backend = gm.resolve_backend('auto')
@@ -107,21 +142,44 @@ def _effjax_info(m: int, k: int, n: int) -> dict[str, Any]:
   return info
 
 
+def _tokamax_missing() -> str | None:
+  try:
+    import tokamax  # pylint: disable=import-outside-toplevel,unused-import
+  except Exception as e:  # pylint: disable=broad-except  (ImportError, or its own deps failing)
+    return f'tokamax is not importable here ({kb.first_line(e)})'
+  return None
+
+
 def gmm_case(impl: str, mode: str, variant: str, *, rows: int, groups: int, k: int,
-             n: int) -> kb.Case:
+             n: int, tiling=None) -> kb.Case:
   group = f'M={rows} G={groups} K={k} N={n}'
   info: dict[str, Any] = {'rows': rows, 'groups': groups, 'k': k, 'n': n, 'dtype': 'bfloat16'}
   if impl == 'effjax':
     info.update(_effjax_info(rows, k, n))
+    if tiling is not None:
+      info['tiling'] = list(tiling)
+  skip = _tokamax_missing() if impl == 'tokamax' else None
+  if impl == 'tokamax':
+    info['implementation'] = 'mosaic'
   flops = 2.0 * rows * k * n * (3.0 if mode == 'fwd+bwd' else 1.0)
-  make = lambda: (_with_mode(_product(impl, rows, groups), mode),
+  make = lambda: (_with_mode(_product(impl, rows, groups, tiling), mode),
                   _inputs(rows, groups, k, n, variant))
-  return kb.Case(group=group, variant=variant, impl=impl, mode=mode, useful_flops=flops,
-                 make=make, info=info)
+  name = impl if tiling is None else f'{impl} {",".join(map(str, tiling))}'
+  check = _check_against_reference(mode) if impl in ('effjax', 'tokamax') else None
+  return kb.Case(group=group, variant=variant, impl=name, mode=mode, useful_flops=flops,
+                 make=make, info=info, skip=skip, check=check)
 
 
 def gmm_cases(grid: str, impls: Sequence[str]) -> Iterator[kb.Case]:
   g = GMM_GRIDS[grid]
+  if grid == 'tune':  # effjax's Triton tilings side by side, uniform groups
+    for groups, k, n in g.shapes:
+      for mode in kb.MODES:
+        yield gmm_case('einsum', mode, 'uniform', rows=g.rows, groups=groups, k=k, n=n)
+        for tiling in TUNE_TILINGS:
+          yield gmm_case('effjax', mode, 'uniform', rows=g.rows, groups=groups, k=k, n=n,
+                         tiling=tiling)
+    return
   for groups, k, n in g.shapes:
     for variant in VARIANTS:
       for mode in kb.MODES:
@@ -131,5 +189,6 @@ def gmm_cases(grid: str, impls: Sequence[str]) -> Iterator[kb.Case]:
           yield gmm_case(impl, mode, variant, rows=g.rows, groups=groups, k=k, n=n)
 
 
-kb.register(kb.Op(name='gmm', impls=('effjax', 'ragged_dot', 'einsum'), baseline='einsum',
+kb.register(kb.Op(name='gmm', impls=('effjax', 'tokamax', 'ragged_dot', 'einsum'),
+                  baseline='einsum', grids=('default', 'tune', 'tiny'),
                   cases=gmm_cases, dense_variant='uniform'))

@@ -10,8 +10,11 @@ export PYTHONUNBUFFERED=1
 CACHE=--compilation_cache_dir=/tmp/effjax_xla_cache
 TRAIN="python3 -m effjax.bench train --out=$RES $CACHE --config=configs/moe_gpu.py"
 
-# Grouped matmul vs jax.lax.ragged_dot vs the dense batched einsum of the same FLOPs.
+# Grouped matmul (effjax, tokamax where installed) vs jax.lax.ragged_dot vs the dense batched
+# einsum of the same FLOPs; each kernel row is checked against float32 ragged_dot before timing.
 gmm_kernels() { python3 -m effjax.bench kernels --op=gmm --out="$RES" $CACHE; }
+# effjax's Triton tilings side by side at an 8- and a 64-expert shape.
+gmm_tune() { python3 -m effjax.bench kernels --op=gmm --grid=tune --out="$RES" $CACHE; }
 # The 8-expert top-2 training step vs the dense model of equal active parameters.
 moe_step() { $TRAIN --name=moe_vs_dense --sweep=model.pattern=attention:mlp,attention:moe; }
 # The same MoE step with XLA's ragged_dot instead of the Pallas kernel.

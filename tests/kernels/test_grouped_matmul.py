@@ -268,3 +268,15 @@ def test_triton_kernels_lower_to_a_valid_triton_module(op, monkeypatch, capfd):
   dump = triton_dump(monkeypatch, capfd, gpu, fn, lhs, rhs, sizes)
   assert 'scf.for %' in dump  # the loop, printed in its verified (custom) form
   assert_verified(dump, 1)
+
+
+@pytest.mark.parametrize('rows,cols', [(1, 1), (7, 3), (8, 5), (21, 112), (64, 2)])
+def test_banded_program_order_visits_every_tile_once(rows, cols):
+  """The Triton kernels' 1-D grid walks bands of BAND rows across all columns: a bijection."""
+  from effjax.kernels.grouped_matmul import gpu
+  r, c = jax.jit(lambda pid: gpu._banded(pid, rows, cols))(jnp.arange(rows * cols))  # pylint: disable=protected-access
+  pairs = set(zip(np.asarray(r).tolist(), np.asarray(c).tolist()))
+  assert pairs == {(i, j) for i in range(rows) for j in range(cols)}
+  # The first band's programs come first and stay within its rows.
+  first = min(rows, gpu.BAND) * cols
+  assert int(np.max(np.asarray(r)[:first])) < gpu.BAND

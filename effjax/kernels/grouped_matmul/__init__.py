@@ -10,7 +10,8 @@ Backends: 'triton' (Pallas on GPU, gpu.py), 'mosaic' (Pallas on TPU, tpu.py), 'r
 (jax.lax.ragged_dot, any device) and 'auto', which picks by the default JAX backend. Both ops are
 differentiable in both arrays through custom VJPs built from each other:
   grouped_matmul:   d_lhs = grouped_matmul(d_out, rhs^T),  d_rhs = transposed(lhs, d_out);
-  transposed:       d_lhs = grouped_matmul(rhs, d_out^T),  d_rhs = grouped_matmul(lhs, d_out).
+  transposed:       d_lhs = grouped_matmul(rhs, d_out^T),  d_rhs = grouped_matmul(lhs, d_out),
+  where the ^T of a weight is read in place by the Triton kernel (no transposed copy).
 The kernel backends define reverse mode only (custom VJPs around opaque kernels). grouped_matmul
 with 'ragged_dot' is XLA's op with JAX's own derivatives (the same formulas, forward mode
 included, for Hessian-vector products), so it bypasses the custom VJP; JAX can't transpose the
@@ -127,25 +128,33 @@ class _Static:
   tiling: tuple[int, int, int] | None
   interpret: bool
   out_dtype: jnp.dtype | None = None  # None: the inputs' dtype
+  # gmm only: rhs comes as [G, N, K] and is used transposed (the backward's rhs^T without a copy;
+  # the Triton kernel reads it in place, other backends transpose it first).
+  transpose_rhs: bool = False
 
-  def swapped(self, out_dtype=None) -> '_Static':
+  def swapped(self, transpose_rhs: bool) -> '_Static':
     """The same op with the roles of K and N exchanged (a transposed product's tiling)."""
     tiling = None if self.tiling is None else (self.tiling[0], self.tiling[2], self.tiling[1])
-    return dataclasses.replace(self, tiling=tiling, out_dtype=out_dtype)
+    return dataclasses.replace(self, tiling=tiling, out_dtype=None, transpose_rhs=transpose_rhs)
 
   def plain(self) -> '_Static':
-    return dataclasses.replace(self, out_dtype=None)
+    return dataclasses.replace(self, out_dtype=None, transpose_rhs=False)
 
 
 def _gmm_impl(lhs, rhs, group_sizes, static: _Static):
+  in_place = static.transpose_rhs and static.backend == 'triton'
+  if static.transpose_rhs and not in_place:
+    rhs = jnp.swapaxes(rhs, 1, 2)
   if static.backend == 'ragged_dot':
     return gmm_reference(lhs, rhs, group_sizes, preferred_element_type=static.out_dtype,
                          precision=None)
-  (m, k), n = lhs.shape, rhs.shape[2]
+  (m, k), n = lhs.shape, rhs.shape[1 if in_place else 2]
   tm, tk, tn = static.tiling or default_tiling(static.backend, m, k, n)
+  kwargs = dict(transpose_rhs=True) if in_place else {}
   out = _kernel_module(static.backend).gmm(
-      _pad(lhs, (tm, tk)), _pad(rhs, (1, tk, tn)), group_sizes, tiling=(tm, tk, tn),
-      out_dtype=static.out_dtype or lhs.dtype, interpret=static.interpret)
+      _pad(lhs, (tm, tk)), _pad(rhs, (1, tn, tk) if in_place else (1, tk, tn)), group_sizes,
+      tiling=(tm, tk, tn), out_dtype=static.out_dtype or lhs.dtype, interpret=static.interpret,
+      **kwargs)
   return out if out.shape == (m, n) else out[:m, :n]
 
 
@@ -173,8 +182,12 @@ def _gmm_fwd(lhs, rhs, group_sizes, static: _Static):
 def _gmm_bwd(static: _Static, residuals, d_out):
   lhs, rhs, group_sizes = residuals
   d_out = d_out.astype(lhs.dtype)
-  d_lhs = _gmm(d_out, jnp.swapaxes(rhs, 1, 2), group_sizes, static.swapped())
-  d_rhs = _tgmm(lhs, d_out, group_sizes, static.plain())
+  # out = lhs @ B with B = rhs (or rhs^T): d_lhs = d_out @ B^T, the same rhs with the flag flipped.
+  d_lhs = _gmm(d_out, rhs, group_sizes, static.swapped(transpose_rhs=not static.transpose_rhs))
+  if static.transpose_rhs:  # rhs [G, N, K]
+    d_rhs = _tgmm(d_out, lhs, group_sizes, static.swapped(False))
+  else:
+    d_rhs = _tgmm(lhs, d_out, group_sizes, static.plain())
   return sum_to_varying(d_lhs, lhs), sum_to_varying(d_rhs, rhs), None
 
 
@@ -193,7 +206,7 @@ def _tgmm_fwd(lhs, rhs, group_sizes, static: _Static):
 def _tgmm_bwd(static: _Static, residuals, d_out):
   lhs, rhs, group_sizes = residuals
   d_out = d_out.astype(lhs.dtype)
-  d_lhs = _gmm(rhs, jnp.swapaxes(d_out, 1, 2), group_sizes, static.swapped())
+  d_lhs = _gmm(rhs, d_out, group_sizes, static.swapped(transpose_rhs=True))  # rhs @ d_out^T
   d_rhs = _gmm(lhs, d_out, group_sizes, static.plain())
   return sum_to_varying(d_lhs, lhs), sum_to_varying(d_rhs, rhs), None
 

@@ -7,13 +7,21 @@ lhs[tile rows, k] @ rhs[group, k, n] in float32, and stores only the rows it own
 (predicated) store: rows outside [lo, hi) are not written at all. Visits partition the rows, so
 two programs that share an m-tile write disjoint rows and need no ordering or atomics. Visits of
 the tail segment (rows past the groups) run zero K steps and store zeros; padded no-op visits own
-no rows and store nothing.
+no rows, run zero K steps and store nothing. With transpose_rhs the weights come as [G, N, K]
+(the backward's rhs^T, read in place instead of copied).
 
 tgmm (lhs [M, K], rhs [M, N] -> [G, K, N]). One program per (group, K tile, N tile). It loops over
 its group's rows in tm-row chunks (a dynamic trip count from the group offsets; chunks are
 tile-aligned, so the first and last may hold rows of neighbouring groups, which are zeroed in both
 operands) and accumulates lhs_chunk^T @ rhs_chunk in float32. An empty group runs no step and
 writes zeros. This kernel needs no visit list: each program reads two offsets.
+
+Program order. Both grids are one-dimensional and walked in bands, so that the programs running
+at one time share their operands in L2: gmm takes BAND visits (m-tiles, one group's rows mostly)
+across every N tile before the next band, so a band's lhs rows (BAND * tm * K) stay cached while
+the weights stream; tgmm takes one group at a time and within it BAND K tiles across every N tile.
+In plain (visit, N tile) order the ~260 programs in flight covered every m-tile for one N tile,
+and each N tile re-read all of lhs from HBM (16k x 4096 bf16: 128 MB, 112 times at N=14336).
 
 Shapes reaching this module are already padded to tile multiples (see __init__.py). Tiles are
 powers of two, at least 16 (Triton's smallest dot).
@@ -39,17 +47,32 @@ _CompilerParams = getattr(plgpu, 'CompilerParams', None) or plgpu.TritonCompiler
 MIN_TILE = 16
 
 
+BAND = 8  # visits (gmm) or K tiles (tgmm) walked across all N tiles together; see above
+
+
 def default_tiling() -> tuple[int, int, int]:
-  """(tm, tk, tn) before fitting to the shapes. Unmeasured: a common Triton matmul starting
-  point; tm stays moderate because tiles straddling a group boundary are computed once per group.
-  """
-  return 64, 64, 128
+  """(tm, tk, tn) before fitting to the shapes: 128 x 128 output tiles with 64-wide K steps, the
+  usual Hopper starting point for a bf16 Triton matmul (the benchmark sweeps alternatives)."""
+  return 128, 64, 128
 
 
-def _compiler_params(itemsize: int):
-  # Three stages let the K loop prefetch the next tiles while the current dot runs; 4-byte inputs
-  # keep two so the staged tiles fit in shared memory.
-  return _CompilerParams(num_warps=4, num_stages=3 if itemsize <= 2 else 2)
+def _compiler_params(itemsize: int, tm: int, tn: int):
+  # Stages let the K loop prefetch the next tiles while the current dot runs (4-byte inputs keep
+  # two so the staged tiles fit in shared memory); 8 warps from 128 x 256 accumulators up, which
+  # would otherwise hold 256 float32 registers a thread.
+  return _CompilerParams(num_warps=8 if tm * tn >= 128 * 256 else 4,
+                         num_stages=(4 if tm * tn <= 128 * 128 else 3) if itemsize <= 2 else 2)
+
+
+def _banded(pid, num_rows: int, num_cols: int):
+  """Program id -> (row, col) of a num_rows x num_cols grid walked in bands of BAND rows, each band
+  across every column before the next (the last band may be narrower)."""
+  per_band = BAND * num_cols
+  band = lax.div(pid, per_band)
+  first = band * BAND
+  height = jnp.minimum(num_rows - first, BAND)
+  within = pid - band * per_band
+  return first + lax.rem(within, height), lax.div(within, height)
 
 
 def _whole(shape):
@@ -75,9 +98,10 @@ def _check_tiles(tm: int, tk: int, tn: int, m: int, k: int, n: int) -> None:
 
 
 def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref, *, tm, tk, tn,
-                num_k, num_groups):
-  v, nb = pl.program_id(0), pl.program_id(1)
+                num_k, num_groups, num_visits, num_n, transpose_rhs):
+  v, nb = _banded(pl.program_id(0), num_visits, num_n)
   group = group_ref[v]
+  lo, hi = lo_ref[v], hi_ref[v]
   row0 = pl.multiple_of(tile_ref[v] * tm, tm)
   col0 = pl.multiple_of(nb * tn, tn)
   rhs_group = jnp.minimum(group, num_groups - 1)  # the tail segment (id G) reads no weights
@@ -85,36 +109,45 @@ def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, out_ref, 
   def step(kk, acc):
     k0 = pl.multiple_of(kk * tk, tk)
     a = lhs_ref[pl.ds(row0, tm), pl.ds(k0, tk)]
+    if transpose_rhs:
+      b = rhs_ref[rhs_group, pl.ds(col0, tn), pl.ds(k0, tk)]
+      return acc + lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
     b = rhs_ref[rhs_group, pl.ds(k0, tk), pl.ds(col0, tn)]
     return acc + _dot(a, b)
 
   # The trip count as int32 arithmetic, not jnp.where of two Python ints: Pallas's Triton lowering
   # (JAX 0.10-0.11) turned that select's scalar cases into i1 constants, so scf.for got an i1
-  # upper bound beside its i32 lower bound and the module failed to verify on the GPU.
-  steps = (group < num_groups).astype(jnp.int32) * num_k
+  # upper bound beside its i32 lower bound and the module failed to verify on the GPU. Tail
+  # visits (group G) and padded no-op visits (no owned rows) run no K step.
+  steps = ((group < num_groups) & (hi > lo)).astype(jnp.int32) * num_k
   acc = lax.fori_loop(0, steps, step, jnp.zeros((tm, tn), jnp.float32))
   rows = row0 + lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
-  owned = (rows >= lo_ref[v]) & (rows < hi_ref[v])
+  owned = (rows >= lo) & (rows < hi)
   plgpu.store(out_ref.at[pl.ds(row0, tm), pl.ds(col0, tn)], acc.astype(out_ref.dtype),
               mask=owned)
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tiling: tuple[int, int, int],
-        out_dtype, interpret: bool = False) -> jax.Array:
-  """lhs [M, K] x rhs [G, K, N] -> [M, N] in out_dtype; M, K, N multiples of the tiles."""
-  (m, k), (num_groups, _, n) = lhs.shape, rhs.shape
+        out_dtype, interpret: bool = False, transpose_rhs: bool = False) -> jax.Array:
+  """lhs [M, K] x rhs [G, K, N] (or [G, N, K] with transpose_rhs) -> [M, N] in out_dtype;
+  M, K, N multiples of the tiles."""
+  m, k = lhs.shape
+  num_groups, n = rhs.shape[0], rhs.shape[1 if transpose_rhs else 2]
   tm, tk, tn = tiling
   _check_tiles(tm, tk, tn, m, k, n)
   tables = tuple(schedule.gmm_visits(group_sizes, m, tm))
+  num_visits = tables[0].shape[0]
   kernel = functools.partial(_gmm_kernel, tm=tm, tk=tk, tn=tn, num_k=k // tk,
-                             num_groups=num_groups)
+                             num_groups=num_groups, num_visits=num_visits, num_n=n // tn,
+                             transpose_rhs=transpose_rhs)
   return pl.pallas_call(
       kernel,
-      grid=(tables[0].shape[0], n // tn),
+      grid=(num_visits * (n // tn),),
       in_specs=[_whole(t.shape) for t in tables] + [_whole(lhs.shape), _whole(rhs.shape)],
       out_specs=_whole((m, n)),
       out_shape=out_struct((m, n), out_dtype, group_sizes, lhs, rhs),
-      compiler_params=_compiler_params(lhs.dtype.itemsize),
+      compiler_params=_compiler_params(lhs.dtype.itemsize, tm, tn),
       interpret=interpret,
       name='grouped_matmul',
   )(*tables, lhs, rhs)
@@ -124,8 +157,16 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tiling: tuple
 # tgmm
 
 
-def _tgmm_kernel(offsets_ref, lhs_ref, rhs_ref, out_ref, *, tm, tk, tn):
-  g, kb, nb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _tile_of(pid, *, num_k, num_n):
+  """tgmm's program id -> (group, K tile, N tile): groups one after another, banded within."""
+  per_group = num_k * num_n
+  g = lax.div(pid, per_group)
+  kb, nb = _banded(pid - g * per_group, num_k, num_n)
+  return g, kb, nb
+
+
+def _tgmm_kernel(offsets_ref, lhs_ref, rhs_ref, out_ref, *, tm, tk, tn, num_k, num_n):
+  g, kb, nb = _tile_of(pl.program_id(0), num_k=num_k, num_n=num_n)
   start, end = offsets_ref[g], offsets_ref[g + 1]
   k0 = pl.multiple_of(kb * tk, tk)
   col0 = pl.multiple_of(nb * tn, tn)
@@ -153,13 +194,14 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   _check_tiles(tm, tk, tn, m, k, n)
   starts, ends = schedule.group_bounds(group_sizes, m)
   offsets = jnp.append(starts, ends[-1])  # [G + 1]
+  tile_of = functools.partial(_tile_of, num_k=k // tk, num_n=n // tn)
   return pl.pallas_call(
-      functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn),
-      grid=(num_groups, k // tk, n // tn),
+      functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn, num_k=k // tk, num_n=n // tn),
+      grid=(num_groups * (k // tk) * (n // tn),),
       in_specs=[_whole(offsets.shape), _whole(lhs.shape), _whole(rhs.shape)],
-      out_specs=pl.BlockSpec((None, tk, tn), lambda g, kb, nb: (g, kb, nb)),
+      out_specs=pl.BlockSpec((None, tk, tn), tile_of),
       out_shape=out_struct((num_groups, k, n), out_dtype, group_sizes, lhs, rhs),
-      compiler_params=_compiler_params(lhs.dtype.itemsize),
+      compiler_params=_compiler_params(lhs.dtype.itemsize, tk, tn),
       interpret=interpret,
       name='transposed_grouped_matmul',
   )(offsets, lhs, rhs)
