@@ -78,6 +78,8 @@ COLUMNS_BEFORE_RATIOS = (
 COLUMNS_AFTER_RATIOS = (
     ('block_sparsity_pct', 'block sparsity (%)', '.1f'),
     ('computed_tflops', 'computed TFLOP/s', '.1f'),
+    ('rel_err', 'rel. error', '.1e'),
+    ('check', 'check', ''),
     ('compile_s', 'compile (s)', '.1f'),
     ('skipped', 'skipped', ''),
     ('error', 'error', ''),
@@ -252,7 +254,8 @@ def _describe(row: dict[str, Any]) -> str:
     return f'{what} skipped ({row["skipped"]})'
   if row.get('error'):
     return f'{what} failed ({row["error"]})'
-  return f'{what} {row["ms"]:.3f} ms, {row["tflops"]:.1f} TFLOP/s'
+  flag = f' [{row["check"]}]' if row.get('check') else ''
+  return f'{what} {row["ms"]:.3f} ms, {row["tflops"]:.1f} TFLOP/s{flag}'
 
 
 def _cell(row: dict[str, Any]) -> str:

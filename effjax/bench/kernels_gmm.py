@@ -87,7 +87,7 @@ def _product(impl: str, m: int, g: int, tiling=None):
     from effjax.kernels.grouped_matmul import grouped_matmul
     return lambda lhs, rhs, sizes: grouped_matmul(lhs, rhs, sizes, backend='auto', tiling=tiling)
   if impl == 'tokamax':
-    import tokamax  # pylint: disable=import-outside-toplevel
+    tokamax = _import_tokamax()
     return lambda lhs, rhs, sizes: tokamax.ragged_dot(lhs, rhs, sizes,
                                                       implementation='mosaic')
   if impl == 'ragged_dot':
@@ -116,9 +116,12 @@ def _relative_error(got, want) -> float:
   return float(jnp.linalg.norm(got - want) / jnp.maximum(jnp.linalg.norm(want), 1e-30))
 
 
-def _check_against_reference(mode: str):
+def _check_against_reference(mode: str, tolerance: float = 2e-2):
   """Before timing: the row's outputs (the product, or both gradients) on a fresh input set
-  against float32 ragged_dot on the same bf16 values; recorded as rel_err (||d|| / ||ref||)."""
+  against float32 ragged_dot on the same bf16 values. Recorded as rel_err (the largest
+  ||d|| / ||ref|| over the outputs); beyond `tolerance` (bf16 outputs of a float32-accumulated
+  product land near 2e-3) the row is still timed but marked check='FAILED', so a wrong result
+  is in the table rather than hidden; a non-finite one fails the row."""
   reference = _with_mode(
       lambda a, b, s: jax.lax.ragged_dot(a, b, s, precision=jax.lax.Precision.HIGHEST), mode)
   upcast = lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
@@ -127,9 +130,10 @@ def _check_against_reference(mode: str):
     got = jax.jit(fn)(*input_sets[0])
     want = jax.jit(reference)(*map(upcast, input_sets[0]))
     errors = [_relative_error(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
-    if not all(np.isfinite(errors)) or max(errors) > 2e-2:
-      raise AssertionError(f'wrong result: relative errors {errors} against float32 ragged_dot')
-    return {'rel_err': max(errors)}
+    if not all(np.isfinite(errors)):
+      raise AssertionError(f'non-finite result: relative errors {errors}')
+    worst = max(errors)
+    return {'rel_err': worst, **({'check': 'FAILED'} if worst > tolerance else {})}
   return check
 
 
@@ -142,9 +146,28 @@ def _effjax_info(m: int, k: int, n: int) -> dict[str, Any]:
   return info
 
 
+def _import_tokamax():
+  """tokamax, imported for its kernels alone. Its package __init__ imports its own benchmarking
+  helpers, which import xprof (a profiler UI, not on the GPU machine) at the top: when that is all
+  that is missing, an empty stand-in for xprof.cli.tools lets the kernels import; nothing here
+  calls those helpers."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  try:
+    return importlib.import_module('tokamax')
+  except ModuleNotFoundError as e:
+    if not (e.name or '').startswith('xprof'):
+      raise
+  for name in ('xprof', 'xprof.cli', 'xprof.cli.tools'):
+    sys.modules.setdefault(name, types.ModuleType(name))
+  sys.modules['xprof.cli.tools'].get_kernel_stats_tool = None
+  return importlib.import_module('tokamax')
+
+
 def _tokamax_missing() -> str | None:
   try:
-    import tokamax  # pylint: disable=import-outside-toplevel,unused-import
+    _import_tokamax()
   except Exception as e:  # pylint: disable=broad-except  (ImportError, or its own deps failing)
     return f'tokamax is not importable here ({kb.first_line(e)})'
   return None

@@ -160,8 +160,11 @@ def main() -> int:
   t0 = time.time()
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
     futures = {pool.submit(smoke, n, out, args.steps, args.timeout, devices): n for n in names}
+    done = []
     for future in concurrent.futures.as_completed(futures):
       r = future.result()
+      done.append(r)  # partial results survive a run cut short
+      (out / 'smoke.partial.json').write_text(json.dumps(done, indent=1))
       print(f"[smoke] {r['config']}: {'skipped' if 'skipped' in r else ('ok' if r['ok'] else 'FAILED')}"
             f" {r.get('error', '')}", flush=True)
   rows = sorted((f.result() for f in futures), key=lambda r: r['config'])

@@ -93,7 +93,7 @@ def test_tiny_grid_runs_end_to_end_on_cpu(tmp_path):
                                'attention, gmm, scan')),
     (['--impls=effjax,triton'], ('--impls=effjax,triton names triton, not an implementation of '
                                  'attention; allowed: effjax, xla, cudnn')),
-    (['--grid=huge'], "--grid='huge' is not a grid; allowed: default, tiny"),
+    (['--grid=huge'], "--grid='huge' is not a grid of --op=attention; allowed: default, tiny"),
 ])
 def test_bad_requests_are_one_clear_error(args, message):
   proc = _bench(*args, expect_rc=2)
@@ -162,12 +162,19 @@ def test_gmm_tiny_grid_runs_end_to_end_on_cpu(tmp_path):
   for g, k, n in kbg.GMM_GRIDS['tiny'].shapes:
     for mode in ('fwd', 'fwd+bwd'):
       group = f'M=256 G={g} K={k} N={n}'
-      expected |= {(group, 'uniform', impl, mode) for impl in ('effjax', 'ragged_dot', 'einsum')}
-      expected |= {(group, 'skewed', impl, mode) for impl in ('effjax', 'ragged_dot')}
+      expected |= {(group, 'uniform', impl, mode)
+                   for impl in ('effjax', 'tokamax', 'ragged_dot', 'einsum')}
+      expected |= {(group, 'skewed', impl, mode) for impl in ('effjax', 'tokamax', 'ragged_dot')}
   assert {(r['group'], r['variant'], r['impl'], r['mode']) for r in rows} == expected
   by_key = {(r['group'], r['variant'], r['impl'], r['mode']): r for r in rows}
   for r in rows:
     assert 'error' not in r, r['error']
+    if r['impl'] == 'tokamax':  # an optional peer: skipped with the reason where not installed
+      assert 'ms' in r or 'tokamax is not importable' in r['skipped']
+      if 'ms' not in r:
+        continue
+    if r['impl'] in ('effjax', 'tokamax'):  # checked against float32 ragged_dot before timing
+      assert r['rel_err'] < 1e-2 and 'check' not in r
     factor = 3.0 if r['mode'] == 'fwd+bwd' else 1.0
     assert r['useful_flops'] == 2.0 * r['rows'] * r['k'] * r['n'] * factor
     einsum = by_key[(r['group'], 'uniform', 'einsum', r['mode'])]

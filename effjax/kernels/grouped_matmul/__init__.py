@@ -87,9 +87,11 @@ def _fit_width(dim: int, default: int, align: int, triton: bool) -> int:
   return tile
 
 
-def default_tiling(backend: str, m: int, k: int, n: int) -> tuple[int, int, int]:
-  """(tm, tk, tn) for lhs [m, k] x [k, n] blocks, from the backend's defaults fitted to the dims."""
-  tm, tk, tn = _kernel_module(backend).default_tiling()
+def default_tiling(backend: str, m: int, k: int, n: int,
+                   op: str = 'gmm') -> tuple[int, int, int]:
+  """(tm, tk, tn) for lhs [m, k] x [k, n] blocks, from the backend's defaults fitted to the dims;
+  op 'tgmm' for the transposed product (tk x tn is then its output tile)."""
+  tm, tk, tn = _kernel_module(backend).default_tiling(n=n, op=op)
   triton = backend == 'triton'
   align = _TRITON_MIN_TILE if triton else _MOSAIC_TILE
   # M is padded rather than tiled finer: finer m-tiles mean more visits, and M (tokens x top-k)
@@ -163,7 +165,7 @@ def _tgmm_impl(lhs, rhs, group_sizes, static: _Static):
     return tgmm_reference(lhs, rhs, group_sizes, preferred_element_type=static.out_dtype,
                           precision=None)
   (m, k), n = lhs.shape, rhs.shape[1]
-  tm, tk, tn = static.tiling or default_tiling(static.backend, m, k, n)
+  tm, tk, tn = static.tiling or default_tiling(static.backend, m, k, n, op='tgmm')
   out = _kernel_module(static.backend).tgmm(
       _pad(lhs, (tm, tk)), _pad(rhs, (tm, tn)), group_sizes, tiling=(tm, tk, tn),
       out_dtype=static.out_dtype or lhs.dtype, interpret=static.interpret)

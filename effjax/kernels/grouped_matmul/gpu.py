@@ -50,9 +50,15 @@ MIN_TILE = 16
 BAND = 8  # visits (gmm) or K tiles (tgmm) walked across all N tiles together; see above
 
 
-def default_tiling() -> tuple[int, int, int]:
-  """(tm, tk, tn) before fitting to the shapes: 128 x 128 output tiles with 64-wide K steps, the
-  usual Hopper starting point for a bf16 Triton matmul (the benchmark sweeps alternatives)."""
+def default_tiling(n: int = 0, op: str = 'gmm') -> tuple[int, int, int]:
+  """(tm, tk, tn) before fitting to the shapes, from the tuning grid on one H200 (bf16, 16k rows,
+  `python -m effjax.bench kernels --op=gmm --grid=tune`, experiments/moe): gmm forward at
+  8 x 4096 x 14336 ran 578 TFLOP/s with 128 x 64 x 256 (8 warps), 513 with 128 x 64 x 128 and 393
+  with the earlier 64 x 64 x 128; at 64 x 2048 x 1408 128 x 64 x 128 was best (155). So 256-wide
+  N tiles where N is large, 128 elsewhere and for tgmm, whose 128-row chunk beside a 64 x 256
+  output tile would not fit three stages in shared memory."""
+  if op == 'gmm' and n >= 4096:
+    return 128, 64, 256
   return 128, 64, 128
 
 

@@ -44,11 +44,12 @@ TILE_ALIGN = 128
 _NN = (((1,), (0,)), ((), ()))  # a [m, k] x b [k, n] -> [m, n]
 
 
-def default_tiling() -> tuple[int, int, int]:
+def default_tiling(n: int = 0, op: str = 'gmm') -> tuple[int, int, int]:
   """(tm, tk, tn) before fitting to the shapes. Unmeasured on hardware: 128-row m-tiles keep the
   work repeated on group boundaries small; 512-wide K / N tiles keep the MXU fed per DMA
   (bf16: 0.5 MiB per lhs / rhs block, 1 MiB float32 accumulator, well inside scoped VMEM).
   """
+  del n, op
   return 128, 512, 512
 
 
