@@ -19,9 +19,23 @@ gmm_tune() { python3 -m effjax.bench kernels --op=gmm --grid=tune --out="$RES" $
 moe_step() { $TRAIN --name=moe_vs_dense --sweep=model.pattern=attention:mlp,attention:moe; }
 # The same MoE step with XLA's ragged_dot instead of the Pallas kernel.
 moe_step_ragged() { $TRAIN --name=moe_ragged_dot --config.model.moe_gmm_backend=ragged_dot; }
-# Two GPUs (nvidia-h200-x2): experts split over the 'expert' axis vs data parallel.
-moe_ep2() { $TRAIN --name=moe_ep2 --config.train.batch_size=32 \
-            --sweep=mesh.expert=1,2; }
+# Two GPUs (nvidia-h200-x2): experts split over the 'expert' axis vs data parallel (same global
+# batch), then one GPU at half the batch for the scaling ratio, then the expert-parallel step
+# profiled (device time per op, the all_to_all included, in $RES/ep2_profile/summary.txt).
+moe_ep2() { $TRAIN --name=moe_ep2 --config.train.batch_size=32 --sweep=mesh.expert=1,2;
+            CUDA_VISIBLE_DEVICES=0 $TRAIN --name=moe_ep2_one_gpu --config.train.batch_size=16; }
+moe_ep2_profile() { $TRAIN --name=moe_ep2_profiled --config.train.batch_size=32 \
+                    --config.mesh.expert=2 --profile_dir="$RES/ep2_profile"; }
+
+# The same two-device sweep at toy sizes on two forced CPU devices: checks the script's path, no
+# performance meaning (experiments/moe/results/cpu_ep2_dry).
+moe_ep2_dry() { XLA_FLAGS=--xla_force_host_platform_device_count=2 python3 -m effjax.bench train \
+  --out="$RES" --config=configs/moe_gpu.py --name=moe_ep2_dry --config.model.d_model=128 \
+  --config.model.num_layers=2 --config.model.num_heads=2 --config.model.num_kv_heads=2 \
+  --config.model.mlp_dim=256 --config.model.moe_expert_mlp_dim=128 --config.model.vocab_size=512 \
+  --config.data.seq_len=128 --config.train.batch_size=8 --config.train.loss_chunk_size=0 \
+  --config.model.compute_dtype=float32 --config.model.output_dtype=float32 \
+  --sweep=mesh.expert=1,2 --steps=2 --repeats=1 --warmup_steps=1; }
 
 steps=("$@")
 if [ "${steps[0]:-all}" = all ]; then steps=(gmm_kernels moe_step moe_step_ragged); fi
