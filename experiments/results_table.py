@@ -1,0 +1,507 @@
+"""README.md's "Results so far" table, built from the result files committed under experiments/.
+
+    python experiments/results_table.py           # print the table
+    python experiments/results_table.py --write   # replace it in README.md between the markers
+    python experiments/results_table.py --check   # exit 1 if README.md differs or a file is missing
+
+Each row names the files it reads (paths relative to the repository root) and a function that
+turns them into the 'result' cell. A figure that no committed file holds is kept only where the
+row says so in its cell (see `no_file`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import re
+import statistics
+import sys
+from typing import Callable, Sequence
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = 'README.md'
+BEGIN = '<!-- results-table:begin -->'
+END = '<!-- results-table:end -->'
+HEADER = ('| what | machine | result | where |', '| --- | --- | --- | --- |')
+FOOTER = ('This table is generated from the result files each row names in\n'
+          '[experiments/results_table.py](experiments/results_table.py); after a result file\n'
+          'changes, regenerate it with `python experiments/results_table.py --write`\n'
+          '(`--check` exits 1 when it is stale).')
+NO_FILE = 'figure from the experiment README, no result file'
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers and formatters.
+
+
+def load_json(path: pathlib.Path):
+  """The parsed JSON file."""
+  return json.loads(path.read_text())
+
+
+def load_jsonl(path: pathlib.Path) -> list[dict]:
+  """One dict per non-empty line."""
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def bench_rows(path: pathlib.Path) -> list[dict]:
+  """The rows of an `effjax.bench` JSON file."""
+  return load_json(path)['rows']
+
+
+def bench_row(path: pathlib.Path, **match) -> dict:
+  """The single bench row whose fields equal `match`."""
+  rows = [r for r in bench_rows(path) if all(r.get(k) == v for k, v in match.items())]
+  if len(rows) != 1:
+    raise ValueError(f'{path}: {len(rows)} rows match {match}')
+  return rows[0]
+
+
+def ok_rows(rows: Sequence[dict]) -> list[dict]:
+  """Rows that ran: no error, not skipped."""
+  return [r for r in rows if not r.get('error') and not r.get('skipped')]
+
+
+def md_table(path: pathlib.Path, first_header: str) -> list[dict]:
+  """The rows of the first markdown table in `path` whose header starts with `first_header`."""
+  lines = path.read_text().splitlines()
+  for i, line in enumerate(lines):
+    cells = _cells(line)
+    if cells and cells[0] == first_header:
+      out = []
+      for row in lines[i + 2:]:
+        if not row.startswith('|'):
+          break
+        out.append(dict(zip(cells, _cells(row))))
+      return out
+  raise ValueError(f'{path}: no table headed {first_header!r}')
+
+
+def _cells(line: str) -> list[str]:
+  line = line.strip()
+  if not line.startswith('|'):
+    return []
+  return [c.strip() for c in line.strip('|').split('|')]
+
+
+def kilo(x: float, digits: int = 1) -> str:
+  """562670 -> '562.7K'."""
+  return f'{x / 1e3:.{digits}f}K'
+
+
+def span(values: Sequence[float], digits: int = 2, unit: str = 'x') -> str:
+  """'lo-hi' with `unit`, or one number where both round the same."""
+  lo, hi = f'{min(values):.{digits}f}', f'{max(values):.{digits}f}'
+  return f'{lo}{unit}' if lo == hi else f'{lo}-{hi}{unit}'
+
+
+def lr_text(lr: float) -> str:
+  """0.00075 -> '7.5e-4'."""
+  mantissa, exponent = f'{lr:.1e}'.split('e')
+  return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def seq_text(s: int) -> str:
+  """16384 -> '16k'."""
+  return f'{s // 1024}k'
+
+
+def no_file(text: str) -> str:
+  """A figure kept from an experiment README that no committed file holds, marked as such."""
+  return f'{text} ({NO_FILE})'
+
+
+# ---------------------------------------------------------------------------------------------
+# One function per row: the row's files in, the 'result' cell out.
+
+
+def cpu_default(metrics, base_config) -> str:
+  """Held-out loss, the uniform loss, median tokens/s of the quickstart run."""
+  records = load_jsonl(metrics)
+  held_out = [r['eval/loss'] for r in records if 'eval/loss' in r][-1]
+  tps = statistics.median(r['train/tokens_per_second'] for r in records
+                          if 'train/tokens_per_second' in r)
+  vocab = int(re.search(r'vocab_size\s*=\s*(\d+)', base_config.read_text()).group(1))
+  return (f'held-out {held_out:.2f} nats/byte (uniform: {math.log(vocab):.2f}), '
+          f'{tps / 1e3:.1f}k tokens/s, ' + no_file('4 min 5 s end to end'))
+
+
+def gpt2_tuned(bench, peer) -> str:
+  """Batch-128 tokens/s and MFU, and the ratio to the PyTorch peer at the same batch."""
+  row = bench_row(bench, batch_size=128)
+  peer_tps = load_json(peer)['tokens_per_second']
+  return (f"{kilo(row['tokens_per_second'])} tokens/s, {row['mfu_percent']:.1f}% MFU; "
+          f"{row['tokens_per_second'] / peer_tps:.2f}x a torch.compile PyTorch peer "
+          'in the same run')
+
+
+def gpt1b(bench) -> str:
+  """Batch-32 tokens/s and MFU of the 1B model."""
+  row = bench_row(bench, batch_size=32)
+  return f"{kilo(row['tokens_per_second'])} tokens/s, {row['mfu_percent']:.1f}% MFU"
+
+
+def two_gpu_scaling(one_gpu, data_parallel, fsdp) -> str:
+  """Best two-GPU tokens/s of each layout over twice the one-GPU rate."""
+  base = 2 * ok_rows(bench_rows(one_gpu))[0]['tokens_per_second']
+  dp = max(r['tokens_per_second'] for r in ok_rows(bench_rows(data_parallel))) / base
+  fs = max(r['tokens_per_second'] for r in ok_rows(bench_rows(fsdp))) / base
+  return f'{dp:.1%} / {fs:.1%} of twice one GPU'
+
+
+def largest_on_80gb(*benches) -> str:
+  """The largest model that trained, and its peak memory per parameter."""
+  rows = [r for b in benches for r in ok_rows(bench_rows(b))]
+  row = max(rows, key=lambda r: r['params_m'])
+  per_param = row['peak_memory_gb'] * 1e9 / (row['params_m'] * 1e6)
+  return f"{row['params_m'] / 1e3:.2f}B parameters, {per_param:.1f} bytes per parameter"
+
+
+def gpt2_untuned(metrics) -> str:
+  """Median tokens/s and MFU over the run's log windows."""
+  records = [r for r in load_jsonl(metrics) if 'train/tokens_per_second' in r]
+  tps = statistics.median(r['train/tokens_per_second'] for r in records)
+  mfu = statistics.median(r['train/mfu'] for r in records)
+  return f'{kilo(tps, 0)} tokens/s, {mfu:.1%} MFU'
+
+
+def sophia(results) -> str:
+  """Whether any Sophia run reached the best AdamW loss; the refresh's per-step overhead."""
+  data = load_json(results)
+  runs = [r for r in data['runs'] if r['optimizer'].startswith('sophia')]
+  reached = [r for r in runs if r['steps_to_target'] is not None]
+  best = min(r['final_loss'] for r in runs)
+  over = {r['optimizer']: r['overhead_pct'] for r in runs}
+  lead = ('no Sophia run reached' if not reached else
+          f'{len(reached)} of {len(runs)} Sophia runs reached')
+  return (f"{lead} AdamW's final loss ({best:.2f} vs {data['target']:.3f} nats/byte); "
+          f"Sophia-G's refresh costs {over['sophia_g']:+.1f}% a step "
+          f"(Sophia-H {over['sophia_h']:+.1f}%)")
+
+
+def scan_kernel(bench) -> str:
+  """Chunked scan fwd+bwd against cuDNN causal attention and its plain-JAX reference."""
+  rows = [r for r in ok_rows(bench_rows(bench)) if r['op'] == 'scan' and r['mode'] == 'fwd+bwd']
+  ours = [r for r in rows if r['impl'] == 'effjax']
+  ref = {(r['group'], r['variant']): r['ms'] for r in rows if r['impl'] == 'reference'}
+
+  def vs_cudnn(keep):
+    return [r['speedup_vs_baseline'] for r in ours if keep(r['seq_len'])]
+
+  below = vs_cudnn(lambda s: s < 4096)
+  slower = 'slower' if max(below) < 1 else 'not always slower'
+  vs_ref = [ref[r['group'], r['variant']] / r['ms'] for r in ours if r['seq_len'] >= 4096]
+  return (f'{span(vs_cudnn(lambda s: s == 4096))} at S=4k, '
+          f'{span(vs_cudnn(lambda s: s == 16384))} at 16k, '
+          f'{span(vs_cudnn(lambda s: s == 32768), 1)} at 32k; '
+          f'{slower} below 4k ({span(below)}); '
+          f'{span(vs_ref, 1)} its plain-JAX reference from 4k on')
+
+
+def decode(gla, mamba2, attention) -> str:
+  """Decoding tokens/s at every context relative to the shortest one."""
+  def rel(path):
+    rows = ok_rows(bench_rows(path))
+    return rows, [r['relative_to_shortest'] for r in rows]
+
+  drift = max(abs(v - 1) for p in (gla, mamba2) for v in rel(p)[1])
+  rows, att = rel(attention)
+  return (f'GLA and Mamba-2 within {drift:.0%} of their {seq_text(rows[0]["context"])} rate; '
+          f'softmax attention {1 / att[-1]:.0f}x slower at {seq_text(rows[-1]["context"])}')
+
+
+def mixers_quality(results, results_md) -> str:
+  """Final held-out losses of the sequence-mixer study, best run per mixer."""
+  runs = {r['name']: r for r in load_json(results)}
+  lrs = {r['run']: float(r['peak lr']) for r in md_table(results_md, 'run')}
+
+  def best(pattern):
+    return min((r for r in runs.values() if r['pattern'] == pattern),
+               key=lambda r: r['final_eval_loss'])
+
+  att, gla = best('attention:mlp'), best('gla:mlp')
+  base = runs['attention']
+  hybrid = runs['hybrid']
+  layers = [p.strip().split(':')[0] for p in hybrid['pattern'].split(',')]
+  ratio = f"{layers.count('mamba2')}:{layers.count('attention')}"
+  mamba_lrs = sorted({lrs[n] for n, r in runs.items() if 'mamba2' in r['pattern']})
+  only = ' or '.join(lr_text(x) for x in mamba_lrs)
+  return (f"held-out nats/byte: best attention {att['final_eval_loss']:.3f} "
+          f"(lr {lr_text(lrs[att['name']])}; {base['final_eval_loss']:.3f} at "
+          f"{lr_text(lrs['attention'])}), GLA {gla['final_eval_loss']:.3f}, "
+          f"Mamba-2 x{runs['mamba2']['num_layers']} {runs['mamba2']['final_eval_loss']:.3f}, "
+          f"{ratio} Mamba-2/attention hybrid {hybrid['final_eval_loss']:.3f} "
+          f"(Mamba runs at {only} only)")
+
+
+def _tail_mean(series, fraction: float = 0.2) -> float:
+  """Mean of the last `fraction` of a [[step, value], ...] series (as analyze.py does)."""
+  tail = series[-max(1, int(len(series) * fraction)):]
+  return statistics.fmean(v for _, v in tail)
+
+
+def moe_quality(results) -> str:
+  """Final held-out losses of the MoE study, collapse and dropped slots from the last 20%."""
+  runs = {r['name']: r for r in load_json(results)}
+  loss = {n: r['final_eval_loss'] for n, r in runs.items()}
+  collapsed = _tail_mean(runs['moe_8x2_no_aux']['moe_load_min']) < 0.01
+  dropped = _tail_mean(runs['switch_8x1_cap1.25']['moe_dropped_fraction'])
+  return (f"dense {loss['dense']:.3f} nats/byte; 8x top-2 {loss['moe_8x2']:.3f} "
+          f"({loss['moe_8x2_no_aux']:.3f} without the balancing loss"
+          f"{', routing collapsed' if collapsed else ''}); "
+          f"Switch top-1 cap 1.25: {loss['switch_8x1_cap1.25']:.3f}, {dropped:.1%} dropped")
+
+
+_CONSOLE = re.compile(r'\[bench\] (M=\d+ G=(\d+) K=\d+ N=\d+) (\w+) (\w+) (fwd\+bwd|fwd): '
+                      r'[\d.]+ ms, ([\d.]+) TFLOP/s')
+
+
+def grouped_matmul(bench, tokamax_log) -> str:
+  """Grouped matmul TFLOP/s against the einsum, ragged_dot and tokamax (uniform groups)."""
+  rows = [r for r in ok_rows(bench_rows(bench)) if r['op'] == 'gmm']
+  tflops = {(r['group'], r['variant'], r['impl'], r['mode']): r['tflops'] for r in rows}
+  ours = [r for r in rows if r['impl'] == 'effjax' and r['variant'] == 'uniform']
+
+  def vs(impl, groups, mode):
+    return [r['tflops'] / tflops[r['group'], 'uniform', impl, r['mode']] for r in ours
+            if r['groups'] == groups and r['mode'] == mode]
+
+  ragged = [x for g in (8, 64) for x in vs('ragged_dot', g, 'fwd')]
+  printed = {}
+  for m in _CONSOLE.finditer(tokamax_log.read_text()):
+    group, groups, variant, impl, mode, value = m.groups()
+    printed[group, int(groups), variant, mode, impl] = float(value)
+  vs_tokamax = {8: [], 64: []}
+  for (group, groups, variant, mode, impl), value in printed.items():
+    peer = printed.get((group, groups, variant, mode, 'tokamax'))
+    if impl == 'effjax' and peer:
+      vs_tokamax[groups].append(value / peer)
+  return (f"8 experts: {span(vs('einsum', 8, 'fwd'))} fwd, "
+          f"{span(vs('einsum', 8, 'fwd+bwd'))} fwd+bwd; "
+          f"64 experts: {span(vs('einsum', 64, 'fwd'))} fwd, "
+          f"{span(vs('einsum', 64, 'fwd+bwd'))} fwd+bwd; "
+          f"{span(ragged, 0)} `jax.lax.ragged_dot` (fwd); "
+          f"vs tokamax: {span(vs_tokamax[8], 1)} at 8 experts, {span(vs_tokamax[64])} at 64")
+
+
+MOE_STEP_TARGET = 0.8  # the goal set for the MoE step against its dense twin, not a measurement
+
+
+def moe_step(moe_vs_dense, ragged) -> str:
+  """MoE training step tokens/s against its dense twin and against ragged_dot."""
+  moe = bench_row(moe_vs_dense, name='pattern=attention:moe')['tokens_per_second']
+  dense = bench_row(moe_vs_dense, name='pattern=attention:mlp')['tokens_per_second']
+  other = ok_rows(bench_rows(ragged))[0]['tokens_per_second']
+  verdict = 'met' if moe / dense >= MOE_STEP_TARGET else 'missed'
+  return (f'{kilo(moe, 0)} vs {kilo(dense, 0)} tokens/s ({moe / dense:.2f}x; '
+          f'target {MOE_STEP_TARGET}x {verdict}); {moe / other:.1f}x the same MoE on `ragged_dot`')
+
+
+def gpu_smoke(status_log, run2, logs_tail, sharded_cpu) -> str:
+  """Configs run, completed and skipped over the two smoke runs."""
+  state = {}
+  for m in re.finditer(r'^\[smoke\] (\w+): (\w+)', status_log.read_text(), re.M):
+    state[m.group(1)] = m.group(2)
+  for r in load_json(run2):
+    state[r['config']] = 'ok' if r['ok'] else state.get(r['config'], 'FAILED')
+  for name in re.findall(r'^== \S*/(\w+)\.train\.log', logs_tail.read_text(), re.M):
+    state.setdefault(name, 'not completed')
+  done = sorted(n for n, s in state.items() if s == 'ok')
+  skipped = sorted(n for n, s in state.items() if s == 'skipped')
+  unfinished = sorted(n for n, s in state.items() if s not in ('ok', 'skipped'))
+  axes = re.findall(r'config\.mesh\.\w+\s*=\s*(\d+)', sharded_cpu.read_text())
+  devices = math.prod(int(a) for a in axes)
+  started = len(state) - len(skipped)
+  skip_note = '; '.join(f'{n} needs {devices} devices' if n == 'sharded_cpu' else f'{n} skipped'
+                        for n in skipped)
+  return (f"{started} of {len(state)} ran, {len(done)} to the end; "
+          f"{', '.join(unfinished)} not completed within the run's time cap; {skip_note}")
+
+
+def attention_kernels(bench) -> str:
+  """Flash attention against cuDNN (causal, S >= 4k), and window / sparse against dense."""
+  rows = [r for r in ok_rows(bench_rows(bench))
+          if r['op'] == 'attention' and r['impl'] == 'effjax' and r['causal']]
+  dense = [r for r in rows if r['variant'] == 'dense' and r['seq_len'] >= 4096]
+  window = [r for r in rows if r.get('window') and r['mode'] == 'fwd+bwd']
+  sparse = [r for r in rows if r.get('layout') and r['mode'] == 'fwd+bwd']
+  pct = statistics.fmean(r['block_sparsity_pct'] for r in sparse)
+  return (f"{span([r['speedup_vs_baseline'] for r in dense if r['mode'] == 'fwd+bwd'])} cuDNN "
+          f"fwd+bwd, {span([r['speedup_vs_baseline'] for r in dense if r['mode'] == 'fwd'])} fwd; "
+          f"sliding window {window[0]['window']} at {seq_text(window[0]['seq_len'])}: "
+          f"{span([r['speedup_vs_dense'] for r in window], 1)} faster than the same kernel's "
+          f"dense; {pct:.0f}% block-sparse: {span([r['speedup_vs_dense'] for r in sparse], 1)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The rows, in README order.
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One table row: fixed 'what' and 'machine' text, the files behind 'result'."""
+  what: str
+  machine: str
+  experiment: str
+  files: tuple[str, ...]
+  result: Callable[..., str]
+
+  def paths(self, root: pathlib.Path) -> list[pathlib.Path]:
+    return [root / f for f in self.files]
+
+  def render(self, root: pathlib.Path) -> str:
+    where = f'[experiments/{self.experiment}](experiments/{self.experiment}/README.md)'
+    return f'| {self.what} | {self.machine} | {self.result(*self.paths(root))} | {where} |'
+
+
+TP = 'experiments/throughput/results'
+MOE_H200 = 'experiments/moe/results/h200_2026_12_02'
+
+ROWS = (
+    Row('default quickstart, 3.05M params, 240 steps', '2 CPU cores', 'cpu_default',
+        ('experiments/cpu_default/metrics.jsonl', 'configs/base.py'), cpu_default),
+    Row('GPT-2-small shape, bf16, batch 128 x 1024', '1 x H200', 'throughput',
+        (f'{TP}/round6/gpt2_b128.json', f'{TP}/round6/gpt2_torch_peer_b128.json'), gpt2_tuned),
+    Row('1.03B model, seq 2048, batch 32', '1 x H200', 'throughput',
+        (f'{TP}/round4/gpt1b_final.json',), gpt1b),
+    Row('same, data parallel / FSDP', '2 x H200', 'throughput',
+        (f'{TP}/round5/gpt1b_1gpu.json', f'{TP}/round5/gpt1b_dp2.json',
+         f'{TP}/round5/gpt1b_fsdp2.json'), two_gpu_scaling),
+    Row('largest model on 80 GB, full remat, no FSDP', '1 x H200 capped at 80 GB', 'throughput',
+        (f'{TP}/round4/memory_80gb.json', f'{TP}/round5/memory_80gb_edge.json'), largest_on_80gb),
+    Row('GPT-2-small shape, the first untuned version', '1 x H200', 'gpu_smoke',
+        ('experiments/gpu_smoke/gpt2_metrics.jsonl',), gpt2_untuned),
+    Row('Sophia-G / -H vs a tuned AdamW, 117M model, 33M tokens', '1 x H100', 'sophia_vs_adamw',
+        ('experiments/sophia_vs_adamw/results.json',), sophia),
+    Row('chunked scan (GLA / SSD shapes, Pallas Triton) vs cuDNN causal attention, fwd+bwd',
+        '1 x H200', 'mixers', ('experiments/mixers/results/kernels_scan.json',), scan_kernel),
+    Row('decoding tokens/s, context 1k to 32k, 26M models', '2 CPU cores', 'mixers',
+        tuple(f'experiments/mixers/results/decode_cpu_{m}.json'
+              for m in ('gla', 'mamba2', 'attention')), decode),
+    Row('GLA, Mamba-2, hybrid vs softmax attention, 26-29M params, 0.82M tokens', '2 CPU cores',
+        'mixers', ('experiments/mixers/results.json', 'experiments/mixers/results.md'),
+        mixers_quality),
+    Row('MoE vs dense at equal active FLOPs, 3M-active models, 2M tokens', '2 CPU cores', 'moe',
+        ('experiments/moe/results.json',), moe_quality),
+    Row('MoE grouped matmul (Pallas Triton), 16k rows, bf16, vs the same FLOPs as a dense einsum',
+        '1 x H200', 'moe',
+        (f'{MOE_H200}/kernels_gmm.json', f'{MOE_H200}/gmm_tokamax_console.log'), grouped_matmul),
+    Row('MoE 8x top-2 training step vs its dense twin (equal active FLOPs), 12 layers, '
+        'width 1024', '1 x H200', 'moe',
+        (f'{MOE_H200}/moe_vs_dense.json', f'{MOE_H200}/moe_ragged_dot.json'), moe_step),
+    Row('every config through `effjax.main` (train, eval, checkpoint, resume, sample)',
+        '1 x H200', 'gpu_smoke',
+        ('experiments/gpu_smoke/smoke_h200_run1_status.log',
+         'experiments/gpu_smoke/smoke_h200_run2.json',
+         'experiments/gpu_smoke/smoke_h200_run2_logs_tail.txt', 'configs/sharded_cpu.py'),
+        gpu_smoke),
+    Row('flash attention (Pallas Triton) vs cuDNN, causal, S 4k-16k', '1 x H100',
+        'attention_kernels', ('experiments/attention_kernels/results/round2_final.json',),
+        attention_kernels),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering, checking, writing.
+
+
+def missing_files(root: pathlib.Path = ROOT, rows: Sequence[Row] = ROWS) -> list[str]:
+  """'path (row: what)' for every referenced file that does not exist."""
+  return [f'{f} (row: {r.what})' for r in rows for f, p in zip(r.files, r.paths(root))
+          if not p.is_file()]
+
+
+def table_lines(root: pathlib.Path = ROOT, rows: Sequence[Row] = ROWS) -> list[str]:
+  """The table: header, then one line per row."""
+  return [*HEADER, *(r.render(root) for r in rows)]
+
+
+def region(root: pathlib.Path = ROOT) -> str:
+  """The text between (and including) the markers."""
+  return '\n'.join([BEGIN, *table_lines(root), '', FOOTER, END])
+
+
+def check(readme_text: str, root: pathlib.Path = ROOT, rows: Sequence[Row] = ROWS) -> list[str]:
+  """Problems that make README.md's table differ from the files; empty when up to date."""
+  missing = missing_files(root, rows)
+  if missing:
+    return [f'missing file: {m}' for m in missing]
+  if BEGIN not in readme_text or END not in readme_text:
+    return [f'README.md lacks the markers {BEGIN} / {END}']
+  current = readme_text.split(BEGIN, 1)[1].split(END, 1)[0].strip('\n').splitlines()
+  problems = []
+  by_what = {_cells(line)[0]: line for line in current if _cells(line)}
+  for row in rows:
+    try:
+      want = row.render(root)
+    except Exception as e:  # a malformed or changed result file
+      problems.append(f'row {row.what}: cannot read its files: {type(e).__name__}: {e}')
+      continue
+    have = by_what.get(row.what)
+    if have is None:
+      problems.append(f'missing row: {row.what}')
+    elif have != want:
+      problems.append(f'stale row: {row.what}\n  README: {have}\n  files:  {want}')
+  generated = region(root).splitlines()[1:-1]
+  if not problems and current != generated:
+    problems.append('the marked region differs from the generated one (row order, extra rows '
+                    'or the note under the table)')
+  return problems
+
+
+def replace_region(text: str, new_region: str) -> str:
+  """`text` with the marked region (or, the first time, the bare results table) replaced."""
+  if BEGIN in text and END in text:
+    head, rest = text.split(BEGIN, 1)
+    return head + new_region + rest.split(END, 1)[1]
+  lines = text.split('\n')
+  start = lines.index(HEADER[0])
+  stop = start
+  while stop < len(lines) and lines[stop].startswith('|'):
+    stop += 1
+  return '\n'.join(lines[:start] + [new_region] + lines[stop:])
+
+
+def write(root: pathlib.Path = ROOT) -> None:
+  """Regenerates the marked region of README.md, leaving every other line as it is on disk."""
+  missing = missing_files(root)
+  if missing:
+    raise SystemExit('missing file: ' + '; '.join(missing))
+  new_region = region(root)  # computed first, so the read-modify-write below is short
+  path = root / README
+  text = path.read_text()
+  path.write_text(replace_region(text, new_region))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument('--write', action='store_true', help='replace the table in README.md')
+  mode.add_argument('--check', action='store_true', help='exit 1 if README.md is stale')
+  args = parser.parse_args(argv)
+  if args.check:
+    problems = check((ROOT / README).read_text())
+    for p in problems:
+      print(p, file=sys.stderr)
+    if problems:
+      print('regenerate with: python experiments/results_table.py --write', file=sys.stderr)
+      return 1
+    print('README.md results table is up to date')
+    return 0
+  if args.write:
+    write()
+    print(f'wrote the results table into {README}')
+    return 0
+  missing = missing_files()
+  if missing:
+    print('missing file: ' + '; '.join(missing), file=sys.stderr)
+    return 1
+  print('\n'.join(table_lines()))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
