@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effjax.bench import energy
+
 COLUMNS = (
     ('context', 'context', ''),
     ('batch', 'batch', ''),
@@ -31,6 +33,9 @@ COLUMNS = (
     ('ms_per_step', 'ms / step', '.3f'),
     ('tokens_per_s', 'tokens/s', '.0f'),
     ('relative_to_shortest', 'tokens/s vs shortest context', '.2f'),
+    ('joules_per_token', 'J/token', '.3g'),
+    ('mean_watts', 'power (W)', '.0f'),
+    ('energy_method', 'energy from', ''),
     ('cache_mb', 'cache (MB)', '.1f'),
     ('compile_s', 'compile (s)', '.1f'),
     ('error', 'error', ''),
@@ -72,14 +77,18 @@ def run(config, contexts: Sequence[int], *, steps: int, batch: int, repeats: int
       compiled = loop.lower(params, cache, start, tokens).compile()
       row['compile_s'] = time.perf_counter() - t0
       jax.block_until_ready(compiled(params, cache, start, tokens))
-      seconds = []
+      seconds, meters = [], []
       for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(params, cache, start, tokens))
-        seconds.append(time.perf_counter() - t0)
+        # The loop's inputs are ready (the warm-up blocked) and its output is blocked on inside
+        # the meter's window: the energy is that of the timed loop.
+        with energy.Meter() as meter:
+          t0 = time.perf_counter()
+          jax.block_until_ready(compiled(params, cache, start, tokens))
+          seconds.append(time.perf_counter() - t0)
+        meters.append(meter)
       per_loop = statistics.median(seconds)
       row.update(ms_per_step=1e3 * per_loop / steps, tokens_per_s=batch * steps / per_loop,
-                 seconds=seconds)
+                 seconds=seconds, **energy.row_fields(meters, batch * steps * repeats))
     except Exception as e:  # pylint: disable=broad-except
       from effjax.bench.kernels import first_line
       row['error'] = first_line(e)

@@ -44,6 +44,9 @@ COLUMNS = (
     ('step_time_spread_pct', 'spread (%)', '.1f'),
     ('tokens_per_second', 'tokens/s', ',.0f'),
     ('mfu_percent', 'MFU (%)', '.1f'),
+    ('joules_per_token', 'J/token', '.3g'),
+    ('mean_watts', 'power (W)', '.0f'),
+    ('energy_method', 'energy from', ''),
     ('peak_memory_gb', 'peak mem (GB)', '.1f'),
     ('compile_s', 'compile (s)', '.1f'),
     ('error', 'error', ''),
@@ -128,6 +131,7 @@ def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps:
 
   from effjax import config as config_lib
   from effjax import data as data_lib
+  from effjax.bench import energy
   from effjax.models.lm import count_params
   from effjax.optim.factory import make_optimizer
   from effjax.parallel import mesh as mesh_lib
@@ -171,14 +175,18 @@ def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps:
     for _ in range(max(warmup_steps, 1)):
       state, metrics = compiled(state, next_batch())
     first_loss = float(metrics['loss'])
-    windows = []
+    windows, meters = [], []
     for _ in range(repeats):
       jax.block_until_ready(state)
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        state, metrics = compiled(state, next_batch())
-      jax.block_until_ready((state, metrics))
-      windows.append((time.perf_counter() - t0) / steps)
+      # The meter's window encloses the timed one; both ends are synchronised, so its energy is
+      # that of exactly these steps.
+      with energy.Meter() as meter:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+          state, metrics = compiled(state, next_batch())
+        jax.block_until_ready((state, metrics))
+        windows.append((time.perf_counter() - t0) / steps)
+      meters.append(meter)
     last_loss = float(metrics['loss'])
     profile_summary = None
     if profile_dir:
@@ -193,6 +201,7 @@ def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps:
 
   step_time = statistics.median(windows)
   tokens_per_step = tc.batch_size * config.data.seq_len
+  tokens_timed = rows_per_host * config.data.seq_len * steps * repeats
   flops_per_token = flops_lib.train_flops_per_token(config.model, config.data.seq_len)
   peak = flops_lib.peak_flops_per_device(override_tflops=tc.peak_tflops)
   mfu = flops_lib.mfu(tokens_per_step / step_time, flops_per_token, jax.device_count(), peak)
@@ -219,6 +228,9 @@ def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps:
       'flops_per_token': flops_per_token,
       'peak_flops_per_device': peak,
       'mfu': mfu, 'mfu_percent': None if mfu is None else 100 * mfu,
+      # Energy of this process's devices over all timed windows, over this process's tokens.
+      'tokens_timed': tokens_timed,
+      **energy.row_fields(meters, tokens_timed),
       # XLA's own count of the compiled step (includes rematerialisation and the optimizer).
       'xla_flops_per_step_per_device': xla_flops,
       'peak_memory_gb': mem.get('memory_peak_gb'),
