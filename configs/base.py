@@ -13,7 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.seed = 0  # model init and every other seeded random choice derive from this
   # 'train' trains (evaluating, checkpointing and sampling along the way); 'eval' evaluates the
-  # latest checkpoint; 'generate' samples from it.
+  # latest checkpoint; 'generate' samples from it; 'compile_only' compiles the train and eval
+  # steps for the mesh from abstract shapes and reports per-device memory, running nothing.
   c.mode = 'train'
 
   # ---------------------------------------------------------------- model

@@ -27,7 +27,7 @@ from effjax.optim.factory import check_name as check_optimizer_name
 from effjax.parallel.mesh import AXES, mesh_shape
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    'mode': ('train', 'eval', 'generate'),
+    'mode': ('train', 'eval', 'generate', 'compile_only'),
     'model.attention_impl': attention.IMPLEMENTATIONS,
     'model.attention_backend': attention.BACKENDS,
     'model.scan_backend': linear_attention.BACKENDS,

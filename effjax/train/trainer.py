@@ -27,6 +27,7 @@ from effjax.parallel import sharding as shd
 from effjax.train import flops as flops_lib
 from effjax.train import step as step_lib
 from effjax.train.checkpoint import CheckpointError, Checkpointer
+from effjax.train.compile_only import compile_only
 from effjax.train.metrics import MetricsWriter, device_memory, progress_line
 
 
@@ -311,4 +312,4 @@ def generate(config, workdir: str) -> str:
   return text
 
 
-MODES = {'train': train, 'eval': evaluate, 'generate': generate}
+MODES = {'train': train, 'eval': evaluate, 'generate': generate, 'compile_only': compile_only}
