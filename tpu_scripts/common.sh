@@ -99,6 +99,21 @@ parse_args() {  # parse_args "$@": fill OPT and ARGS; stops at the first positio
   return 0
 }
 
+parse_run_target() {  # parse_run_target WHERE: sets config, workdir and rest (effjax.main flags)
+  # from --config/--workdir or the first two positionals; WHERE says where WORKDIR must live.
+  config=${OPT[--config]:-}
+  workdir=${OPT[--workdir]:-}
+  rest=(${ARGS[@]+"${ARGS[@]}"})
+  if [[ -z $config && ${#rest[@]} -gt 0 && ${rest[0]} != --* ]]; then config=${rest[0]}; rest=("${rest[@]:1}"); fi
+  if [[ -z $workdir && ${#rest[@]} -gt 0 && ${rest[0]} != --* ]]; then workdir=${rest[0]}; rest=("${rest[@]:1}"); fi
+  [[ -n $config ]] || die "no config: give CONFIG (e.g. configs/default.py) as the first argument"
+  [[ -n $workdir ]] || die "no workdir: give WORKDIR ($1) after CONFIG"
+  local arg
+  for arg in ${rest[@]+"${rest[@]}"}; do
+    [[ $arg == --* ]] || die "unexpected argument '$arg' after CONFIG WORKDIR (only --flag=value for effjax.main)"
+  done
+}
+
 _flag() {  # _flag OPTION ENVVAR: 1 if the flag is given or ENVVAR=1, else 0
   local value=${OPT[$1]:-${!2:-0}}
   [[ $value == 0 || $value == 1 ]] || die "$2='$value': must be 0 or 1"

@@ -15,16 +15,7 @@ FLAG_OPTS=()
 source "$(dirname "$0")/common.sh"
 parse_args "$@"
 tpu_settings
-config=${OPT[--config]:-}
-workdir=${OPT[--workdir]:-}
-rest=(${ARGS[@]+"${ARGS[@]}"})
-if [[ -z $config && ${#rest[@]} -gt 0 && ${rest[0]} != --* ]]; then config=${rest[0]}; rest=("${rest[@]:1}"); fi
-if [[ -z $workdir && ${#rest[@]} -gt 0 && ${rest[0]} != --* ]]; then workdir=${rest[0]}; rest=("${rest[@]:1}"); fi
-[[ -n $config ]] || die "no config: give CONFIG (e.g. configs/default.py) as the first argument"
-[[ -n $workdir ]] || die "no workdir: give WORKDIR (shared by all workers) after CONFIG"
-for arg in ${rest[@]+"${rest[@]}"}; do
-  [[ $arg == --* ]] || die "unexpected argument '$arg' after CONFIG WORKDIR (only --flag=value for effjax.main)"
-done
+parse_run_target "shared by all workers"
 
 cmd=$(quote python3 -m effjax.main --config="$config" --workdir="$workdir" \
   --config.distributed.initialize=True ${rest[@]+"${rest[@]}"})

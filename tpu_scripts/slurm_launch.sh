@@ -42,16 +42,7 @@ case $per in
 esac
 python=${OPT[--python]:-${PYTHON:-python}}
 
-config=${OPT[--config]:-}
-workdir=${OPT[--workdir]:-}
-rest=(${ARGS[@]+"${ARGS[@]}"})
-if [[ -z $config && ${#rest[@]} -gt 0 && ${rest[0]} != --* ]]; then config=${rest[0]}; rest=("${rest[@]:1}"); fi
-if [[ -z $workdir && ${#rest[@]} -gt 0 && ${rest[0]} != --* ]]; then workdir=${rest[0]}; rest=("${rest[@]:1}"); fi
-[[ -n $config ]] || die "no config: give CONFIG (e.g. configs/default.py) as the first argument"
-[[ -n $workdir ]] || die "no workdir: give WORKDIR (on a filesystem every node sees) after CONFIG"
-for arg in ${rest[@]+"${rest[@]}"}; do
-  [[ $arg == --* ]] || die "unexpected argument '$arg' after CONFIG WORKDIR (only --flag=value for effjax.main)"
-done
+parse_run_target "on a filesystem every node sees"
 if [[ $in_job == 0 && -z ${OPT[--task]:-} ]]; then  # the job starts in the repository root
   [[ $config != /* && -f $config ]] && config=$PWD/$config
   [[ $workdir != /* && $workdir != *://* ]] && workdir=$PWD/$workdir

@@ -252,13 +252,10 @@ def route_and_run(x_btd, valid_bt, router_de, w_gate_edf, w_up_edf, w_down_efd, 
   order = jnp.argsort(key, stable=True)
   group_sizes_e = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
   x_sd = x_nd[slot_token[order]]
+  # Weights replicated over the token axes stay so: the grouped-matmul VJPs total their per-device
+  # weight gradient over those axes themselves (kernels._compat.sum_to_varying).
   weights = (w_gate_edf, w_up_edf, w_down_efd)
-  replicated = tuple(a for a in token_axes if a not in ep_axes)
-  if replicated:
-    # Mark the weights as varying with the tokens explicitly: a kernel's custom VJP returns a
-    # per-device weight gradient, and this cast's transpose is the psum that totals it.
-    weights = tuple(jax.lax.pcast(w, replicated, to='varying') for w in weights)
-  backend = (cfg.moe_gmm_backend, bool(cfg.get('moe_gmm_interpret', False)))
+  backend = (cfg.moe_gmm_backend, cfg.moe_gmm_interpret)
   if n_ep == 1:
     out_sd = _swiglu_experts(x_sd, *weights, group_sizes_e, backend)
   else:
