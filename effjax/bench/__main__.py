@@ -40,8 +40,10 @@ _REPEATS = flags.DEFINE_integer('repeats', None, 'Timed windows (train, default 
 _OUT = flags.DEFINE_string('out', 'bench_results', 'Directory for the JSON and markdown results.')
 _NAME = flags.DEFINE_string('name', None, 'File stem of the results (default: train_<config> or '
                             'kernels_<op>[_<grid>]).')
-_PROFILE = flags.DEFINE_string('profile_dir', '', 'If set, trace 3 steps with jax.profiler here '
-                               'and write a per-op device-time summary (summary.txt).')
+_PROFILE = flags.DEFINE_string('profile_dir', '', 'If set, trace with jax.profiler here and write '
+                               'a per-op device-time summary (summary.txt): train traces 3 steps; '
+                               'kernels traces 3 calls of every case, each in a subfolder, and '
+                               'adds the top kernels to its rows.')
 _CACHE = flags.DEFINE_string('compilation_cache_dir',
                              os.path.join(os.path.expanduser('~'), '.cache', 'effjax', 'xla'),
                              "Persistent XLA compilation cache; '' disables it.")
@@ -106,7 +108,7 @@ def _kernels() -> None:
         f.write(json.dumps(row, default=str) + '\n')
 
   rows = kernel_bench.run(op, grid=_GRID.value, impls=impls, repeats=_REPEATS.value or 20,
-                          log=log)
+                          log=log, profile_dir=_PROFILE.value)
   title = f'Kernel benchmark: {op.name} ({_GRID.value} grid)'
   json_path, md_path = results.write(_OUT.value, stem, results.environment(), rows,
                                      kernel_bench.columns(op), title)

@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import re
 import statistics
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -78,6 +80,7 @@ COLUMNS_BEFORE_RATIOS = (
 COLUMNS_AFTER_RATIOS = (
     ('block_sparsity_pct', 'block sparsity (%)', '.1f'),
     ('computed_tflops', 'computed TFLOP/s', '.1f'),
+    ('profile_ms', 'traced device ms / call', '.3f'),
     ('rel_err', 'rel. error', '.1e'),
     ('check', 'check', ''),
     ('compile_s', 'compile (s)', '.1f'),
@@ -173,8 +176,56 @@ def time_calls(fn: Callable[..., Any], input_sets: Sequence[tuple[jax.Array, ...
   return compile_s, seconds
 
 
-def measure(op_name: str, case: Case, repeats: int) -> dict[str, Any]:
-  """Runs one case into a result row; failures end up in the row, never raised."""
+PROFILE_CALLS = 3
+PROFILE_TOP = 8
+
+
+def _kernel_line(times: dict) -> tuple[str, str] | None:
+  """The trace line whose events are the GPU's kernels (a 'Stream' line), else XLA's op line,
+  else the busiest: the 'XLA Modules' line holds one event per call and says nothing per op."""
+  def busy(key):
+    return sum(ns for ns, _ in times[key].values())
+  keys = [key for key in times if key[1] != 'XLA Modules'] or list(times)
+  if not keys:
+    return None
+  streams = [key for key in keys if key[1].startswith('Stream')]
+  ops = [key for key in keys if key[1] == 'XLA Ops']
+  return max(streams or ops or keys, key=busy)
+
+
+def profile_calls(fn: Callable[..., Any], input_sets: Sequence[tuple[jax.Array, ...]],
+                  trace_dir: str, calls: int = PROFILE_CALLS) -> dict[str, Any]:
+  """Traces `calls` synchronised calls of jit(fn) with jax.profiler into trace_dir: where one
+  call's device time goes, as row fields. `profile_ms` is the device-busy time per call on the
+  kernel line (what the wall-clock `ms` minus it leaves is launch and host overhead);
+  `profile_top` lists the biggest kernels (or ops) with their time per call and share."""
+  from effjax.bench.train import device_op_times, summarise_profile
+  jitted = jax.jit(fn)
+  jax.block_until_ready(jitted(*input_sets[0]))
+  jax.profiler.start_trace(trace_dir)
+  try:
+    for i in range(calls):
+      jax.block_until_ready(jitted(*input_sets[i % len(input_sets)]))
+  finally:
+    jax.profiler.stop_trace()
+  times = device_op_times(trace_dir)
+  line = _kernel_line(times)
+  if line is None:
+    return {'profile_error': f'no device events in the trace under {trace_dir}'}
+  totals = times[line]
+  busy = sum(ns for ns, _ in totals.values())
+  top = sorted(totals.items(), key=lambda kv: -kv[1][0])[:PROFILE_TOP]
+  with open(f'{trace_dir}/summary.txt', 'w', encoding='utf-8') as f:
+    f.write(summarise_profile(trace_dir) + '\n')
+  return {'profile_line': f'{line[0]} / {line[1]}', 'profile_ms': busy / calls / 1e6,
+          'profile_top': [{'name': name[:160], 'ms': ns / calls / 1e6,
+                           'percent': 100 * ns / max(busy, 1), 'per_call': count / calls}
+                          for name, (ns, count) in top]}
+
+
+def measure(op_name: str, case: Case, repeats: int, profile_dir: str = '') -> dict[str, Any]:
+  """Runs one case into a result row; failures end up in the row, never raised. With
+  profile_dir, the timed case is then traced (profile_calls) into a folder of its own there."""
   row: dict[str, Any] = {'op': op_name, 'group': case.group, 'variant': case.variant,
                          'impl': case.impl, 'mode': case.mode, **case.info,
                          'useful_flops': case.useful_flops}
@@ -193,6 +244,11 @@ def measure(op_name: str, case: Case, repeats: int) -> dict[str, Any]:
   ms = 1e3 * statistics.median(seconds)
   row.update(compile_s=compile_s, ms=ms, ms_calls=[1e3 * s for s in seconds],
              tflops=case.useful_flops / ms / 1e9)
+  if profile_dir:
+    try:
+      row.update(profile_calls(fn, input_sets, profile_dir))
+    except Exception as e:  # pylint: disable=broad-except  (a profiler problem loses no timing)
+      row['profile_error'] = first_line(e)
   if row.get('tokens'):
     row['mtokens_per_s'] = row['tokens'] / ms / 1e3
   if row.get('computed_flops'):
@@ -227,14 +283,21 @@ def add_ratios(rows: list[dict[str, Any]], baseline: str, dense: str | None = 'd
       row['speedup_vs_baseline_dense'] = speedup(row, dense, baseline)
 
 
+def _case_dir(profile_dir: str, index: int, case: Case) -> str:
+  name = f'{index:03d}_{case.group}_{case.variant}_{case.impl}_{case.mode}'
+  return os.path.join(profile_dir, re.sub(r'[^A-Za-z0-9_.=+-]+', '_', name))
+
+
 def run(op: Op, *, grid: str, impls: Sequence[str], repeats: int,
-        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-  """The matmul peak, then every case of `op` on `grid`: the result rows, ratios filled in."""
+        log: Callable[[str], None] = print, profile_dir: str = '') -> list[dict[str, Any]]:
+  """The matmul peak, then every case of `op` on `grid`: the result rows, ratios filled in.
+  With profile_dir every case is also traced (`profile_calls`), each into a subfolder."""
   cases = [('matmul', matmul_case(MATMUL_SIZE.get(grid, MATMUL_SIZE['default'])))]
   cases += [(op.name, case) for case in op.cases(grid, impls)]
   rows = []
-  for op_name, case in cases:
-    rows.append(measure(op_name, case, repeats))
+  for index, (op_name, case) in enumerate(cases):
+    trace = _case_dir(profile_dir, index, case) if profile_dir else ''
+    rows.append(measure(op_name, case, repeats, trace))
     if log is print:
       log(f'[bench] {_describe(rows[-1])}')
     else:
@@ -255,7 +318,12 @@ def _describe(row: dict[str, Any]) -> str:
   if row.get('error'):
     return f'{what} failed ({row["error"]})'
   flag = f' [{row["check"]}]' if row.get('check') else ''
-  return f'{what} {row["ms"]:.3f} ms, {row["tflops"]:.1f} TFLOP/s{flag}'
+  text = f'{what} {row["ms"]:.3f} ms, {row["tflops"]:.1f} TFLOP/s{flag}'
+  if row.get('profile_top'):
+    top = '; '.join(f'{t["name"][:48]} {t["ms"]:.3f} ms {t["percent"]:.0f}%'
+                    for t in row['profile_top'][:4])
+    text += f'\n    device {row["profile_ms"]:.3f} ms/call: {top}'
+  return text
 
 
 def _cell(row: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ effjax's transposed_grouped_matmul). FLOPs are 2*M*K*N forward, 3x that with the
 Default grid: 16k rows; Mixtral-like experts (8 x 4096 x 14336, and the down projection
 8 x 14336 x 4096) and fine-grained ones (64 x 2048 x 1408 and 64 x 1408 x 2048, DeepSeek-MoE-like
 widths), bf16 in and out with float32 accumulation. The 'tune' grid runs effjax alone at the
-first and third of those shapes (uniform groups) for a list of Triton tilings (tm, tk, tn), each
+first, third and fourth of those shapes (uniform groups) for a list of Triton tilings (tm, tk, tn), each
 row named 'effjax tm,tk,tn', to choose the defaults from. The tiny grid is the same path at CPU
 sizes.
 """
@@ -49,12 +49,12 @@ class GmmGrid:
 GMM_GRIDS = {
     'default': GmmGrid(rows=16384, shapes=((8, 4096, 14336), (8, 14336, 4096),
                                            (64, 2048, 1408), (64, 1408, 2048))),
-    'tune': GmmGrid(rows=16384, shapes=((8, 4096, 14336), (64, 2048, 1408))),
+    'tune': GmmGrid(rows=16384, shapes=((8, 4096, 14336), (64, 2048, 1408), (64, 1408, 2048))),
     'tiny': GmmGrid(rows=256, shapes=((4, 128, 256), (16, 128, 64))),
 }
 VARIANTS = ('uniform', 'skewed')
 TUNE_TILINGS = ((64, 64, 128), (128, 64, 128), (128, 64, 256), (128, 128, 128), (64, 64, 256),
-                (256, 64, 128))
+                (256, 64, 128), (128, 128, 64), (64, 128, 128), (128, 32, 128), (128, 32, 256))
 
 
 def group_sizes(rows: int, groups: int, variant: str, rng: np.random.Generator) -> np.ndarray:

@@ -96,32 +96,49 @@ def _host_batch(config, kind: str, rng: np.random.Generator, rows: int) -> dict[
           'segment_ids': segment_ids, 'positions': positions, 'weights': weights}
 
 
-def summarise_profile(trace_dir: str, top: int = 30) -> str:
-  """Device time per op name from a jax.profiler trace: where the step's time goes."""
+def device_op_times(trace_dir: str) -> dict[tuple[str, str], dict[str, tuple[float, int]]]:
+  """Device time per event name from the newest jax.profiler trace under trace_dir:
+  {(device plane, line): {name: (total ns, count)}}; empty when there is no trace. Off GPU and
+  TPU (no '/device:' plane) the CPU client's threads stand in: they run XLA's ops there."""
   import glob
 
   from jax.profiler import ProfileData
-  files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True))
+  files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True),
+                 key=os.path.getmtime)
   if not files:
-    return f'no trace under {trace_dir}'
+    return {}
   data = ProfileData.from_file(files[-1])
-  out = []
-  for plane in data.planes:
-    if not plane.name.startswith('/device:'):
-      continue
+  out: dict[tuple[str, str], dict[str, tuple[float, int]]] = {}
+  planes = [p for p in data.planes if p.name.startswith('/device:')]
+  cpu = not planes
+  for plane in planes or [p for p in data.planes if p.name == '/host:CPU']:
     for line in plane.lines:
+      if cpu and 'CpuClient' not in line.name:
+        continue
       totals: dict[str, list[float]] = {}
       for event in line.events:
+        if event.name.startswith('end: '):  # the CPU client's completion markers
+          continue
         entry = totals.setdefault(event.name, [0.0, 0])
         entry[0] += event.duration_ns
         entry[1] += 1
-      if not totals:
-        continue
-      busy = sum(v[0] for v in totals.values())
-      out.append(f'{plane.name} / {line.name}: {busy / 1e6:.2f} ms in {len(totals)} names')
-      for name, (ns, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
-        out.append(f'  {ns / 1e6:9.3f} ms {100 * ns / max(busy, 1):5.1f}%  x{count:<5d} {name[:140]}')
-  return '\n'.join(out) or 'no device planes in the trace'
+      if totals:
+        out[(plane.name, line.name)] = {k: (v[0], int(v[1])) for k, v in totals.items()}
+  return out
+
+
+def summarise_profile(trace_dir: str, top: int = 30) -> str:
+  """Device time per op name from a jax.profiler trace: where the step's time goes."""
+  times = device_op_times(trace_dir)
+  if not times:
+    return f'no device events in a trace under {trace_dir}'
+  out = []
+  for (plane, line), totals in times.items():
+    busy = sum(ns for ns, _ in totals.values())
+    out.append(f'{plane} / {line}: {busy / 1e6:.2f} ms in {len(totals)} names')
+    for name, (ns, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]:
+      out.append(f'  {ns / 1e6:9.3f} ms {100 * ns / max(busy, 1):5.1f}%  x{count:<5d} {name[:140]}')
+  return '\n'.join(out)
 
 
 def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps: int = 10,

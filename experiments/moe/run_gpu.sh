@@ -12,11 +12,17 @@ TRAIN="python3 -m effjax.bench train --out=$RES $CACHE --config=configs/moe_gpu.
 
 # Grouped matmul (effjax, tokamax where installed) vs jax.lax.ragged_dot vs the dense batched
 # einsum of the same FLOPs; each kernel row is checked against float32 ragged_dot before timing.
-gmm_kernels() { python3 -m effjax.bench kernels --op=gmm --out="$RES" $CACHE; }
+# Every case is also traced (3 calls): the rows name the kernels a call's device time goes to.
+gmm_kernels() { python3 -m effjax.bench kernels --op=gmm --out="$RES" $CACHE \
+                --profile_dir="$RES/gmm_profile"; }
 # effjax's Triton tilings side by side at an 8- and a 64-expert shape.
-gmm_tune() { python3 -m effjax.bench kernels --op=gmm --grid=tune --out="$RES" $CACHE; }
+gmm_tune() { python3 -m effjax.bench kernels --op=gmm --grid=tune --out="$RES" $CACHE \
+             --profile_dir="$RES/gmm_tune_profile"; }
 # The 8-expert top-2 training step vs the dense model of equal active parameters.
 moe_step() { $TRAIN --name=moe_vs_dense --sweep=model.pattern=attention:mlp,attention:moe; }
+# The MoE step traced: device time per op (the expert kernels, routing, sorting, attention) in
+# $RES/moe_step_profile/summary.txt.
+moe_step_profile() { $TRAIN --name=moe_step_profiled --profile_dir="$RES/moe_step_profile"; }
 # The same MoE step with XLA's ragged_dot instead of the Pallas kernel.
 moe_step_ragged() { $TRAIN --name=moe_ragged_dot --config.model.moe_gmm_backend=ragged_dot; }
 # Two GPUs (nvidia-h200-x2): experts split over the 'expert' axis vs data parallel (same global
@@ -42,5 +48,5 @@ if [ "${steps[0]:-all}" = all ]; then steps=(gmm_kernels moe_step moe_step_ragge
 for step in "${steps[@]}"; do
   echo "=== $step"
   "$step" 2>&1 | tail -40
-  tar czf "$OUT/results.tgz" -C "$RES" .
+  tar czf "$OUT/results.tgz" -C "$RES" --exclude='*.xplane.pb' .
 done

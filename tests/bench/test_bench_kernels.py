@@ -236,3 +236,19 @@ def test_scan_implementations_agree(mode):
     for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(other)):
       np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                  rtol=5e-2, atol=5e-2)
+
+
+def test_profile_dir_traces_the_case_and_names_its_ops(tmp_path):
+  """--profile_dir: the case's calls are traced; the row says where one call's time goes."""
+  g, k, n = kbg.GMM_GRIDS['tiny'].shapes[0]
+  case = kbg.gmm_case('effjax', 'fwd+bwd', 'skewed', rows=256, groups=g, k=k, n=n)
+  row = kb.measure('gmm', case, repeats=2, profile_dir=str(tmp_path / 'trace'))
+  assert 'profile_error' not in row, row['profile_error']
+  top = row['profile_top']
+  assert 0 < len(top) <= kb.PROFILE_TOP and row['profile_ms'] > 0
+  assert [t['ms'] for t in top] == sorted((t['ms'] for t in top), reverse=True)
+  assert sum(t['percent'] for t in top) <= 100 + 1e-6
+  assert all(t['per_call'] > 0 for t in top)
+  summary = (tmp_path / 'trace' / 'summary.txt').read_text()
+  assert top[0]['name'][:40] in summary
+  assert 'device' in kb._describe(row)  # pylint: disable=protected-access

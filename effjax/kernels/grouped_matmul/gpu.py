@@ -12,8 +12,9 @@ no rows, run zero K steps and store nothing. With transpose_rhs the weights come
 
 tgmm (lhs [M, K], rhs [M, N] -> [G, K, N]). One program per (group, K tile, N tile). It loops over
 its group's rows in tm-row chunks (a dynamic trip count from the group offsets; chunks are
-tile-aligned, so the first and last may hold rows of neighbouring groups, which are zeroed in both
-operands) and accumulates lhs_chunk^T @ rhs_chunk in float32. An empty group runs no step and
+tile-aligned, so the first and last may hold rows of neighbouring groups, which the lhs chunk's
+masked load zeroes; a non-finite value in a neighbour's rhs rows would still reach the product
+as 0 * inf) and accumulates lhs_chunk^T @ rhs_chunk in float32. An empty group runs no step and
 writes zeros. This kernel needs no visit list: each program reads two offsets.
 
 Program order. Both grids are one-dimensional and walked in bands, so that the programs running
@@ -52,22 +53,34 @@ BAND = 8  # visits (gmm) or K tiles (tgmm) walked across all N tiles together; s
 
 def default_tiling(n: int = 0, op: str = 'gmm') -> tuple[int, int, int]:
   """(tm, tk, tn) before fitting to the shapes, from the tuning grid on one H200 (bf16, 16k rows,
-  `python -m effjax.bench kernels --op=gmm --grid=tune`, experiments/moe): gmm forward at
-  8 x 4096 x 14336 ran 578 TFLOP/s with 128 x 64 x 256 (8 warps), 513 with 128 x 64 x 128 and 393
-  with the earlier 64 x 64 x 128; at 64 x 2048 x 1408 128 x 64 x 128 was best (155). So 256-wide
-  N tiles where N is large, 128 elsewhere and for tgmm, whose 128-row chunk beside a 64 x 256
-  output tile would not fit three stages in shared memory."""
-  if op == 'gmm' and n >= 4096:
+  `python -m effjax.bench kernels --op=gmm --grid=tune --profile_dir=...`, experiments/moe). gmm:
+  at 8 x 4096 x 14336 the forward ran 578-613 TFLOP/s with 128 x 64 x 256 (8 warps), 509 with
+  128 x 64 x 128 and 393 with the earlier 64 x 64 x 128; at 64 experts (N 1408, 2048) 128 x 64 x
+  128 is within 10% of the best and 256-wide N tiles pad N. So 256-wide N tiles from N = 4096,
+  128 below. tgmm (the traced kernel time alone): 64-row chunks into a 128 x 128 output tile took
+  7.4 ms at 8 x 4096 x 14336 and 0.52 ms at 64 x 2048 x 1408, against 9.5 and 0.76 with the
+  earlier 128 x 64 x 128."""
+  if op == 'tgmm':
+    return 64, 128, 128
+  if n >= 4096:
     return 128, 64, 256
   return 128, 64, 128
 
 
-def _compiler_params(itemsize: int, tm: int, tn: int):
-  # Stages let the K loop prefetch the next tiles while the current dot runs (4-byte inputs keep
-  # two so the staged tiles fit in shared memory); 8 warps from 128 x 256 accumulators up, which
-  # would otherwise hold 256 float32 registers a thread.
-  return _CompilerParams(num_warps=8 if tm * tn >= 128 * 256 else 4,
-                         num_stages=(4 if tm * tn <= 128 * 128 else 3) if itemsize <= 2 else 2)
+SHARED_MEMORY_BYTES = 224 * 1024  # per block on Hopper (227 KB less a margin)
+
+
+def _compiler_params(itemsize: int, acc_elems: int, stage_elems: int):
+  """Stages let the K loop prefetch the next tiles while the current dot runs: 4 for accumulators
+  up to 128 x 128, 3 above, fewer where that many copies of one step's tiles (`stage_elems`
+  elements) would not fit in shared memory (a 128 x 128 x 128 tiling asked for 256 KB at 4);
+  4-byte inputs keep two. 8 warps from 128 x 256 accumulators up, which would otherwise hold 256
+  float32 registers a thread."""
+  stages = 4 if acc_elems <= 128 * 128 else 3
+  while stages > 2 and stages * stage_elems * itemsize > SHARED_MEMORY_BYTES:
+    stages -= 1
+  return _CompilerParams(num_warps=8 if acc_elems >= 128 * 256 else 4,
+                         num_stages=stages if itemsize <= 2 else 2)
 
 
 def _banded(pid, num_rows: int, num_cols: int):
@@ -153,7 +166,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tiling: tuple
       in_specs=[_whole(t.shape) for t in tables] + [_whole(lhs.shape), _whole(rhs.shape)],
       out_specs=_whole((m, n)),
       out_shape=out_struct((m, n), out_dtype, group_sizes, lhs, rhs),
-      compiler_params=_compiler_params(lhs.dtype.itemsize, tm, tn),
+      compiler_params=_compiler_params(lhs.dtype.itemsize, tm * tn, tk * (tm + tn)),
       interpret=interpret,
       name='grouped_matmul',
   )(*tables, lhs, rhs)
@@ -183,8 +196,13 @@ def _tgmm_kernel(offsets_ref, lhs_ref, rhs_ref, out_ref, *, tm, tk, tn, num_k, n
     row0 = pl.multiple_of((first + i) * tm, tm)
     rows = row0 + lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
     mine = (rows >= start) & (rows < end)
-    a = jnp.where(mine, lhs_ref[pl.ds(row0, tm), pl.ds(k0, tk)], 0)
-    b = jnp.where(mine, rhs_ref[pl.ds(row0, tm), pl.ds(col0, tn)], 0)
+    # Only the lhs chunk is masked, inside the load (a zero-filling copy that the pipeliner keeps
+    # asynchronous): its zero rows already remove the neighbours' rows from the product. Masking
+    # both operands with selects after the loads routed every tile through registers and ran
+    # this kernel at ~60 TFLOP/s in the MoE step (profiled on an H200).
+    a = plgpu.load(lhs_ref.at[pl.ds(row0, tm), pl.ds(k0, tk)],
+                   mask=jnp.broadcast_to(mine, (tm, tk)), other=0)
+    b = rhs_ref[pl.ds(row0, tm), pl.ds(col0, tn)]
     return acc + _dot(a, b, trans_a=True)
 
   acc = lax.fori_loop(0, steps, step, jnp.zeros((tk, tn), jnp.float32))
@@ -207,7 +225,7 @@ def tgmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
       in_specs=[_whole(offsets.shape), _whole(lhs.shape), _whole(rhs.shape)],
       out_specs=pl.BlockSpec((None, tk, tn), tile_of),
       out_shape=out_struct((num_groups, k, n), out_dtype, group_sizes, lhs, rhs),
-      compiler_params=_compiler_params(lhs.dtype.itemsize, tk, tn),
+      compiler_params=_compiler_params(lhs.dtype.itemsize, tk * tn, tm * (tk + tn)),
       interpret=interpret,
       name='transposed_grouped_matmul',
   )(offsets, lhs, rhs)
