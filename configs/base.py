@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0  # model init and every other seeded random choice derive from this
   # 'train' trains (evaluating, checkpointing and sampling along the way); 'eval' evaluates the
   # latest checkpoint; 'generate' samples from it; 'compile_only' compiles the train and eval
-  # steps for the mesh from abstract shapes and reports per-device memory, running nothing.
+  # steps for the mesh from abstract shapes and reports per-device memory, running nothing;
+  # 'compress' writes a compressed copy of the latest checkpoint (the compress section below).
   c.mode = 'train'
 
   # ---------------------------------------------------------------- model
@@ -93,6 +94,13 @@ def get_config() -> ml_collections.ConfigDict:
   # elsewhere), 'ragged_dot', 'triton' or 'mosaic' (effjax/kernels/grouped_matmul).
   m.moe_gmm_backend = 'auto'
   m.moe_gmm_interpret = False  # run the Pallas kernel in interpret mode (slow; CPU testing)
+  # Early exit (effjax/models/early_exit.py): exit heads after these layers, e.g. '2,4' puts one
+  # after the 2nd and one after the 4th block (each 1 <= l < num_layers; '' = none). Exit heads
+  # are trained by train.exit_loss_* and used by infer.method early_exit / self_speculative.
+  m.exit_layers = ''
+  # What an exit head is: 'shared' (the final norm and output projection, no new parameters),
+  # 'norm' (its own RMSNorm, the shared projection) or 'own' (its own norm and projection).
+  m.exit_head = 'shared'
 
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
@@ -136,6 +144,23 @@ def get_config() -> ml_collections.ConfigDict:
   t.loss_chunk_size = 0
   t.profile_steps = 0  # >0: trace this many steps with jax.profiler into workdir/profile
   t.peak_tflops = 0.0  # per-device peak for MFU; 0 -> looked up from the device kind
+  # Early-exit losses (with model.exit_layers): the loss adds sum_e w_e(step) * CE(exit e).
+  # 'constant': w_e = exit_loss_scale; 'linear': w_e = exit_loss_scale * l_e / num_layers (deeper
+  # exits weigh more); 'layerskip': LayerSkip's scale, exit l ~ exit_loss_scale * sum_{i<=l} i and
+  # the final layer ~ L - 1 + the same, all (final included) normalised to sum to 1.
+  t.exit_loss_schedule = 'constant'
+  t.exit_loss_scale = 1.0
+  t.exit_loss_weights = ''  # explicit per-exit weights 'w1,w2,...' (override the schedule)
+  # Which exits train at a step (LayerSkip's curricula): 'none' (all), 'rotational' (exit i at
+  # steps where i = step mod exit_curriculum_period), 'gradual' (switched on from the deepest
+  # down, all on after exit_curriculum_steps; 0 = train.steps).
+  t.exit_curriculum = 'none'
+  t.exit_curriculum_period = 2
+  t.exit_curriculum_steps = 0
+  # Self-distillation of every exit from the final layer: + weight * T^2 * KL(final/T || exit/T),
+  # the final layer's distribution held fixed (stop-gradient).
+  t.exit_distill_weight = 0.0
+  t.exit_distill_temperature = 1.0
 
   # ---------------------------------------------------------------- optimizer
   o = c.optim = ml_collections.ConfigDict()
@@ -206,6 +231,79 @@ def get_config() -> ml_collections.ConfigDict:
   g.temperature = 0.8  # 0 = greedy
   g.top_k = 40  # 0 = no top-k filtering
   g.at_end = True  # print a sample when training ends
+  # --mode=generate: prompts_file (one prompt a line; a literal \n inside a line is a newline)
+  # overrides prompt; all prompts decode as one batch (left-padded, per-sequence positions).
+  g.prompts_file = ''
+  g.top_p = 1.0  # nucleus sampling: keep the smallest set of tokens with this much mass (1 = off)
+  g.seed = -1  # sampling seed; -1 -> the global seed
+  g.stop_tokens = ''  # comma-separated token ids that end a sequence (besides end-of-document)
+
+  # ---------------------------------------------------------------- inference engine
+  # effjax/infer/: how --mode=generate (and bench decode) decodes.
+  inf = c.infer = ml_collections.ConfigDict()
+  # 'plain' (one full forward per token), 'early_exit' (CALM: a token leaves at the first exit
+  # whose confidence beats exit_threshold; deeper layers' caches are filled from its hidden
+  # state), 'self_speculative' (LayerSkip: draft with the first layers + an exit head, verify
+  # with the rest in one pass), 'speculative' (a separate draft model, exact rejection sampling).
+  inf.method = 'plain'
+  inf.weights_dtype = ''  # weights cast once for decoding: '' = model.compute_dtype, or a dtype
+  inf.max_len = 0  # cache positions; 0 = longest prompt + generate.max_new_tokens + gamma + 1
+  # early_exit: the confidence measure: 'softmax' (top-1 probability), 'margin' (top-1 minus
+  # top-2 probability), 'entropy' (1 - entropy / log(vocab)), 'state' (cosine of the hidden state
+  # with the previous layer's). A token exits when confidence > threshold (1.0 = never).
+  inf.confidence = 'softmax'
+  inf.exit_threshold = 0.9
+  # > 0: calibrate the threshold on held-out data instead: the lowest threshold at which the
+  # exits' greedy token differs from the full model's on at most this fraction of tokens.
+  inf.exit_tolerance = 0.0
+  inf.calibration_batches = 2  # held-out batches of train.batch_size for the calibration
+  # early_exit with several sequences: skip the deeper layers (lax.cond, filling their caches
+  # only) when every sequence of the batch has exited; False always computes every layer.
+  inf.exit_skip = True
+  inf.gamma = 4  # speculative methods: tokens drafted per verification pass
+  inf.draft_exit = 0  # self_speculative: the exit layer that drafts; 0 = the first exit
+  # speculative: the draft model, a config file (its vocabulary must match) and the workdir of
+  # its trained checkpoint ('' = a randomly initialised draft, for benchmarks only).
+  inf.draft_config = ''
+  inf.draft_workdir = ''
+
+  # ---------------------------------------------------------------- compression
+  # --mode=compress (effjax/compress/): reads the latest checkpoint of --workdir (this config must
+  # describe it), writes the compressed model to out_workdir (which must not exist yet) with
+  # report.json / report.md (bytes, decode tokens/s, held-out loss before and after) and
+  # compression.json, which every mode reading out_workdir applies to its config by itself.
+  cp = c.compress = ml_collections.ConfigDict()
+  # '' (none), post-training quantization 'int8' (weights), 'w8a8' (weights + activations),
+  # 'fp8' (e4m3 weights), 'int4' (weights, groups); 'qat_int8' / 'qat_int4' (fake-quantized
+  # fine-tuning, straight-through gradients); pruning 'magnitude' or '2:4'; 'lowrank' (SVD);
+  # 'lora' (adapters on a frozen base); 'merge' (LoRA / low-rank / QAT back to a dense model);
+  # 'distill' (train a student with the model of --workdir as its teacher).
+  cp.method = ''
+  cp.out_workdir = ''  # where the compressed checkpoint and the report go (required)
+  # Parameter names compressed (the projections of every mixer use these names).
+  cp.targets = 'wq,wk,wv,wo,w_gate,w_up,w_down'
+  cp.int4_group_size = 128  # int4 / qat_int4: input entries sharing a scale (per output channel)
+  cp.calibration_batches = 2  # w8a8: held-out batches of train.batch_size that fix the scales
+  cp.prune_sparsity = 0.5  # 'magnitude': fraction of each target (or all targets) set to zero
+  cp.prune_scope = 'layer'  # 'layer' (each layer's matrix) or 'global' (all targets ranked together)
+  cp.lowrank_energy = 0.9  # 'lowrank': kept fraction of the squared singular values (0, 1]
+  cp.lowrank_ranks = ''  # 'name=rank,...'; set by --mode=compress from the energy (recorded)
+  cp.lora_rank = 8
+  cp.lora_alpha = 16.0  # the update is (alpha / rank) * A @ B; B starts at zero
+  # 'distill': the student is this config's model with these overrides ('num_layers=2,...');
+  # teacher_model is the teacher's model section as JSON (recorded by --mode=compress).
+  cp.student_model = ''
+  cp.teacher_model = ''
+  cp.distill_temperature = 2.0
+  cp.distill_weight = 1.0  # loss = CE + weight * T^2 * KL(teacher || student)
+  cp.distill_hidden_weight = 0.0  # + weight * MSE of the final hidden states (equal widths)
+  # Fine-tuning of the compressed model inside --mode=compress (0 = none; 'distill' needs > 0):
+  # this many train steps at this peak learning rate (0 = optim.learning_rate).
+  cp.finetune_steps = 0
+  cp.finetune_learning_rate = 0.0
+  # The report's decoding measurement: tokens/s at batch 1 after a prompt of decode_context.
+  cp.decode_context = 64
+  cp.decode_steps = 32
 
   # ---------------------------------------------------------------- multi-host
   # One process per host (or per group of local devices), all running the same command; each

@@ -19,7 +19,7 @@ import ml_collections
 
 from configs import base as base_config
 from effjax.data.tokenizers import ByteTokenizer
-from effjax.models import attention, linear_attention, moe, remat
+from effjax.models import attention, early_exit, linear_attention, moe, remat
 from effjax.models import lm as _lm  # noqa: F401  (registers the layer parts)
 from effjax.models.registry import FEED_FORWARDS, MIXERS, parse_pattern
 from effjax.optim.factory import SCHEDULES, parse_multipliers
@@ -27,7 +27,10 @@ from effjax.optim.factory import check_name as check_optimizer_name
 from effjax.parallel.mesh import AXES, mesh_shape
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    'mode': ('train', 'eval', 'generate', 'compile_only'),
+    'mode': ('train', 'eval', 'generate', 'compile_only', 'compress'),
+    'compress.method': ('', 'int8', 'w8a8', 'fp8', 'int4', 'qat_int8', 'qat_int4', 'magnitude',
+                        '2:4', 'lowrank', 'lora', 'merge', 'distill'),
+    'compress.prune_scope': ('layer', 'global'),
     'model.attention_impl': attention.IMPLEMENTATIONS,
     'model.attention_backend': attention.BACKENDS,
     'model.scan_backend': linear_attention.BACKENDS,
@@ -42,6 +45,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     'train.nan_policy': ('skip', 'stop'),
     'optim.schedule': SCHEDULES,
     'optim.hessian_probe': ('rademacher', 'gaussian'),
+    'model.exit_head': early_exit.HEADS,
+    'train.exit_loss_schedule': early_exit.SCHEDULES,
+    'train.exit_curriculum': early_exit.CURRICULA,
+    'infer.method': ('plain', 'early_exit', 'self_speculative', 'speculative'),
+    'infer.confidence': early_exit.CONFIDENCES,
+    'infer.weights_dtype': ('', 'float32', 'bfloat16', 'float16'),
 }
 POSITIVE = ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
             'model.num_kv_heads', 'data.seq_len', 'train.batch_size', 'train.grad_accum_steps',
@@ -304,6 +313,93 @@ def _axes_of(config, logical: str) -> tuple[str, ...]:
   return (rule,) if isinstance(rule, str) else tuple(rule or ())
 
 
+def _check_early_exit(config) -> None:
+  """The exit heads, their training losses and the inference engine's fields."""
+  m, t, inf, g = config.model, config.train, config.infer, config.generate
+  try:
+    exits = early_exit.parse_exit_layers(m)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  weights = [w.strip() for w in t.exit_loss_weights.split(',') if w.strip()]
+  try:
+    bad = [w for w in weights if float(w) < 0]
+  except ValueError:
+    bad = weights
+  if bad or (weights and len(weights) != len(exits)):
+    raise ConfigError(f'train.exit_loss_weights={t.exit_loss_weights!r}: give one non-negative '
+                      f'weight per exit of model.exit_layers={m.exit_layers!r} ({len(exits)})')
+  for name in ('exit_loss_scale', 'exit_distill_weight'):
+    if t[name] < 0:
+      raise ConfigError(f'train.{name}={t[name]}: must be >= 0')
+  if t.exit_distill_temperature <= 0:
+    raise ConfigError(f'train.exit_distill_temperature={t.exit_distill_temperature}: must be > 0')
+  if t.exit_curriculum_period < 1 or t.exit_curriculum_steps < 0:
+    raise ConfigError(f'train.exit_curriculum_period={t.exit_curriculum_period} / '
+                      f'exit_curriculum_steps={t.exit_curriculum_steps}: need a period >= 1 and '
+                      'steps >= 0')
+  if not 0 < g.top_p <= 1:
+    raise ConfigError(f'generate.top_p={g.top_p}: must be in (0, 1] (1 = off)')
+  try:
+    [int(x) for x in g.stop_tokens.split(',') if x.strip()]
+  except ValueError:
+    raise ConfigError(f'generate.stop_tokens={g.stop_tokens!r}: give comma-separated token ids') \
+        from None
+  if inf.gamma < 1:
+    raise ConfigError(f'infer.gamma={inf.gamma}: must be >= 1 (tokens drafted per pass)')
+  if inf.max_len < 0 or inf.calibration_batches < 1:
+    raise ConfigError(f'infer.max_len={inf.max_len} / infer.calibration_batches='
+                      f'{inf.calibration_batches}: need max_len >= 0 and >= 1 batch')
+  if not 0 <= inf.exit_tolerance < 1:
+    raise ConfigError(f'infer.exit_tolerance={inf.exit_tolerance}: must be in [0, 1)')
+  if inf.method in ('early_exit', 'self_speculative') and not exits:
+    raise ConfigError(f'infer.method={inf.method}: needs exit heads; set model.exit_layers '
+                      "(e.g. '2') and train with them")
+  if inf.draft_exit and inf.draft_exit not in exits:
+    raise ConfigError(f'infer.draft_exit={inf.draft_exit}: not one of model.exit_layers='
+                      f'{m.exit_layers!r} (0 = the first exit)')
+  if inf.method == 'speculative' and config.mode == 'generate' and not inf.draft_config:
+    raise ConfigError("infer.draft_config='': infer.method=speculative needs a draft model "
+                      'config file (and infer.draft_workdir for its checkpoint)')
+  if config.mode == 'generate':
+    for mixer, _ in parse_pattern(m.pattern):
+      if not callable(getattr(MIXERS.get(mixer), 'decode', None)):
+        raise ConfigError(f'model.pattern={m.pattern!r}: the {mixer!r} mixer cannot decode with '
+                          'a cache, so --mode=generate cannot run it')
+
+
+def _check_compress(config) -> None:
+  """The compression section (effjax/compress/): numbers in range, what --mode=compress needs."""
+  cp = config.compress
+  for name in ('int4_group_size', 'lora_rank', 'calibration_batches', 'decode_context',
+               'decode_steps'):
+    if cp[name] < 1:
+      raise ConfigError(f'compress.{name}={cp[name]}: must be a positive integer')
+  for name in ('finetune_steps', 'finetune_learning_rate', 'distill_weight',
+               'distill_hidden_weight'):
+    if cp[name] < 0:
+      raise ConfigError(f'compress.{name}={cp[name]}: must be >= 0')
+  if not 0 <= cp.prune_sparsity < 1:
+    raise ConfigError(f'compress.prune_sparsity={cp.prune_sparsity}: must be in [0, 1)')
+  if not 0 < cp.lowrank_energy <= 1:
+    raise ConfigError(f'compress.lowrank_energy={cp.lowrank_energy}: must be in (0, 1]')
+  if cp.distill_temperature <= 0:
+    raise ConfigError(f'compress.distill_temperature={cp.distill_temperature}: must be > 0')
+  if not [n for n in cp.targets.split(',') if n.strip()]:
+    raise ConfigError("compress.targets='': name at least one parameter, e.g. 'wq,wo,w_up'")
+  if config.mode == 'compress':
+    if not cp.method:
+      raise ConfigError("compress.method='': --mode=compress needs a method; allowed: "
+                        + ', '.join(m for m in CHOICES['compress.method'] if m))
+    if not cp.out_workdir:
+      raise ConfigError("compress.out_workdir='': --mode=compress needs an output directory "
+                        '(it must not exist yet)')
+    if cp.method == 'distill' and cp.finetune_steps < 1:
+      raise ConfigError("compress.finetune_steps=0: compress.method='distill' trains the "
+                        'student; give it steps (e.g. 200)')
+  if cp.method == 'merge' and config.mode != 'compress':
+    raise ConfigError("compress.method='merge' is for --mode=compress (it writes a dense model)")
+
+
 def validate(config, num_devices: int | None = None) -> None:
   """Raise ConfigError on the first problem; return None for a config that can run."""
   _check_fields(config)
@@ -323,6 +419,7 @@ def validate(config, num_devices: int | None = None) -> None:
                       f"{jax.default_backend()}; use 'auto' or 'xla'")
   _check_attention_kinds(config)
   _check_recurrent_mixers(config)
+  _check_early_exit(config)
   if config.optim.warmup_steps > config.train.steps:
     raise ConfigError(f'optim.warmup_steps={config.optim.warmup_steps}: longer than '
                       f'train.steps={config.train.steps}')
@@ -335,4 +432,5 @@ def validate(config, num_devices: int | None = None) -> None:
   if not 0 <= config.data.validation_percent < 100:
     raise ConfigError(f'data.validation_percent={config.data.validation_percent}: must be in '
                       '[0, 100)')
+  _check_compress(config)
   _check_parallel(config, jax.device_count() if num_devices is None else num_devices)

@@ -3,7 +3,8 @@
 Any config field can be overridden, e.g. `--config.train.steps=100 --config.mesh.fsdp=2`.
 `--mode` (or config.mode) picks train (default), eval or generate; `--mode=compile_only` compiles
 the train and eval steps for the config's mesh from abstract shapes and reports their per-device
-memory without initialising or running anything (effjax/train/compile_only.py).
+memory without initialising or running anything (effjax/train/compile_only.py); `--mode=compress`
+writes a compressed copy of the latest checkpoint and a report (effjax/compress/run.py).
 """
 
 import os
@@ -15,7 +16,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.')
-_MODE = flags.DEFINE_enum('mode', None, ['train', 'eval', 'generate', 'compile_only'],
+_MODE = flags.DEFINE_enum('mode', None,
+                          ['train', 'eval', 'generate', 'compile_only', 'compress'],
                           'Overrides config.mode when given.')
 flags.mark_flags_as_required(['config', 'workdir'])
 

@@ -30,6 +30,10 @@ def shrink_model(config) -> None:
   m.num_kv_heads = 4 if m.num_kv_heads == m.num_heads else 2
   m.num_heads, m.d_model, m.head_dim, m.mlp_dim = 4, 64, 0, 128
   m.moe_expert_mlp_dim = min(m.moe_expert_mlp_dim, 64)
+  if m.exit_layers:  # still an exit head, below the shrunk depth
+    m.exit_layers = '1'
+    if config.train.get('exit_loss_weights'):
+      config.train.exit_loss_weights = ''
   config.data.seq_len = 64
   config.train.batch_size = 8
   config.train.grad_accum_steps = 1

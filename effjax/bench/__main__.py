@@ -9,6 +9,8 @@
 
     python -m effjax.bench decode --config=configs/gla.py --contexts=1024,4096,16384,32768
         [--decode_steps=64] [--decode_batch=1] [--repeats=5]
+        [--methods=plain,early_exit,self_speculative,speculative --draft_config=configs/x.py
+         --target_workdir=DIR --draft_workdir=DIR --exit_threshold=0.9]
 
 Results go to <out>/<name>.json (device, versions, command, full config per row) and
 <out>/<name>.md (a table to paste beside a claim); existing files are never overwritten. A
@@ -57,6 +59,19 @@ _CONTEXTS = flags.DEFINE_list('contexts', ['1024', '4096', '16384', '32768'],
                               'decode: context lengths to decode after.')
 _DECODE_STEPS = flags.DEFINE_integer('decode_steps', 64, 'decode: tokens per timed loop.')
 _DECODE_BATCH = flags.DEFINE_integer('decode_batch', 1, 'decode: sequences decoded together.')
+_METHODS = flags.DEFINE_list('methods', [], 'decode: rows per method through the decoding engine '
+                             '(plain, early_exit, self_speculative, speculative; see '
+                             'effjax/bench/decode_methods.py); empty = the context rows only.')
+_DRAFT_CONFIG = flags.DEFINE_string('draft_config', '', 'decode: the speculative draft model\'s '
+                                    'config file (default: the target config itself).')
+_TARGET_WORKDIR = flags.DEFINE_string('target_workdir', '', 'decode: a trained checkpoint of '
+                                      '--config to load (default: random weights).')
+_DRAFT_WORKDIR = flags.DEFINE_string('draft_workdir', '', 'decode: a trained checkpoint of '
+                                     '--draft_config (default: random weights).')
+_EXIT_THRESHOLD = flags.DEFINE_float('exit_threshold', None, 'decode: early-exit threshold '
+                                     '(default: config.infer.exit_threshold).')
+_BANDWIDTH_MB = flags.DEFINE_integer('bandwidth_mb', 512, 'decode: size of the timed device '
+                                     'copy that measures memory bandwidth.')
 # Internal: a sweep's child process writes its one row here.
 _ROW_FILE = flags.DEFINE_string('row_file', '', 'internal: write the result row here')
 _VARIANT = flags.DEFINE_string('variant', '{}', 'internal: the sweep variant of this child')
@@ -131,13 +146,57 @@ def _decode(config) -> None:
     print(f'effjax.bench decode: {e}', file=sys.stderr)
     sys.exit(2)
   _use_compilation_cache()
-  rows = decode_bench.run(config, contexts, steps=_DECODE_STEPS.value, batch=_DECODE_BATCH.value,
-                          repeats=_REPEATS.value or 5)
   config_file = config_flags.get_config_filename(flags.FLAGS['config'])
   name = os.path.splitext(os.path.basename(config_file.split(':')[0]))[0]
+  if _METHODS.value:
+    _decode_methods(config, contexts, name)
+    return
+  rows = decode_bench.run(config, contexts, steps=_DECODE_STEPS.value, batch=_DECODE_BATCH.value,
+                          repeats=_REPEATS.value or 5)
   json_path, md_path = results.write(_OUT.value, _NAME.value or f'decode_{name}',
                                      results.environment(), rows, decode_bench.COLUMNS,
                                      f'Decoding throughput: {name} ({config.model.pattern})')
+  with open(md_path, encoding='utf-8') as f:
+    print(f.read())
+  print(f'wrote {json_path} and {md_path}')
+
+
+def _decode_methods(config, contexts, name: str) -> None:
+  """decode --methods=...: one row per (context, method) (effjax/bench/decode_methods.py)."""
+  from effjax.bench import decode_methods, results
+  from effjax.infer import cli
+  from effjax.train import trainer
+
+  bad = [m for m in _METHODS.value if m not in decode_methods.METHODS]
+  if bad:
+    print(f'effjax.bench decode: --methods={",".join(_METHODS.value)}: unknown {bad[0]!r}; '
+          f'allowed: {", ".join(decode_methods.METHODS)}', file=sys.stderr)
+    sys.exit(2)
+
+  def trained(cfg, workdir):
+    run = trainer.build_run(cfg, workdir)
+    with jax.set_mesh(run.mesh), shd.axis_rules(run.rules):
+      state, _ = trainer._load_latest(run)  # pylint: disable=protected-access
+    return run.setup.graphdef, state['params']
+
+  import jax
+  from effjax.parallel import sharding as shd
+  draft_config = cli.load_config_file(_DRAFT_CONFIG.value) if _DRAFT_CONFIG.value else None
+  params = trained(config, _TARGET_WORKDIR.value) if _TARGET_WORKDIR.value else None
+  draft_params = (trained(draft_config or config, _DRAFT_WORKDIR.value) if _DRAFT_WORKDIR.value
+                  else None)
+  threshold = (config.infer.exit_threshold if _EXIT_THRESHOLD.value is None
+               else _EXIT_THRESHOLD.value)
+  rows = decode_methods.run(config, contexts, _METHODS.value, steps=_DECODE_STEPS.value,
+                            batch=_DECODE_BATCH.value, repeats=_REPEATS.value or 5, params=params,
+                            draft_config=draft_config, draft_params=draft_params,
+                            gamma=config.infer.gamma, exit_threshold=threshold,
+                            bandwidth_mb=_BANDWIDTH_MB.value)
+  stem = _NAME.value or f'decode_methods_{name}_b{_DECODE_BATCH.value}'
+  json_path, md_path = results.write(_OUT.value, stem, results.environment(), rows,
+                                     decode_methods.COLUMNS,
+                                     f'Decoding methods: {name} ({config.model.pattern}), batch '
+                                     f'{_DECODE_BATCH.value}')
   with open(md_path, encoding='utf-8') as f:
     print(f.read())
   print(f'wrote {json_path} and {md_path}')

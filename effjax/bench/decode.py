@@ -102,3 +102,27 @@ def run(config, contexts: Sequence[int], *, steps: int, batch: int, repeats: int
     if base and r.get('tokens_per_s'):
       r['relative_to_shortest'] = r['tokens_per_s'] / base
   return rows
+
+
+def time_decode(graphdef, params, context: int, *, steps: int = 32, batch: int = 1,
+                repeats: int = 3) -> dict[str, Any]:
+  """Decode tokens/s of given (e.g. trained or compressed) parameters: the loop `run` times.
+
+  The caches hold context + steps positions and decoding starts at position `context`; the
+  median of `repeats` timed loops after one warm-up.
+  """
+  model = nnx.merge(graphdef, params)
+  if not model.supports_cache():
+    return {'error': 'a mixer of the pattern has no cached decoding'}
+  cache = model.init_cache(batch, context + steps)
+  start, tokens = jnp.int32(context), jnp.ones((batch,), jnp.int32)
+  compiled = _decode_loop(graphdef, steps).lower(params, cache, start, tokens).compile()
+  jax.block_until_ready(compiled(params, cache, start, tokens))
+  seconds = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(params, cache, start, tokens))
+    seconds.append(time.perf_counter() - t0)
+  per_loop = statistics.median(seconds)
+  return {'context': context, 'batch': batch, 'steps': steps, 'ms_per_step': 1e3 * per_loop / steps,
+          'tokens_per_s': batch * steps / per_loop}

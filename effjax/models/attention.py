@@ -199,9 +199,9 @@ class Attention(nnx.Module):
 
   def _qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
     cdt = self.compute_dtype
-    q = jnp.einsum('btd,dnh->btnh', x_btd, self.wq[...].astype(cdt))
-    k = jnp.einsum('btd,dkh->btkh', x_btd, self.wk[...].astype(cdt))
-    v = jnp.einsum('btd,dkh->btkh', x_btd, self.wv[...].astype(cdt))
+    q = layers.matmul('btd,dnh->btnh', x_btd, self.wq, cdt)
+    k = layers.matmul('btd,dkh->btkh', x_btd, self.wk, cdt)
+    v = layers.matmul('btd,dkh->btkh', x_btd, self.wv, cdt)
     q = constrain(apply_rope(q, positions_bt, self.rope_theta),
                   ('act_batch', 'act_length', 'act_heads', None))
     k = constrain(apply_rope(k, positions_bt, self.rope_theta),
@@ -211,7 +211,7 @@ class Attention(nnx.Module):
 
   def _output(self, out_btnh: jax.Array) -> jax.Array:
     out_btnh = checkpoint_name(out_btnh, 'attention_out')
-    y = jnp.einsum('btnh,nhd->btd', out_btnh, self.wo[...].astype(self.compute_dtype))
+    y = layers.matmul('btnh,nhd->btd', out_btnh, self.wo, self.compute_dtype)
     return constrain(y, ('act_batch', 'act_length', 'act_embed'))
 
   def _attend(self, q, k, v, segment_ids, layout_len: int | None = None) -> jax.Array:

@@ -50,3 +50,14 @@ def mlp_dim(model_cfg) -> int:
   if model_cfg.mlp_dim:
     return model_cfg.mlp_dim
   return -(-(8 * model_cfg.d_model // 3) // 64) * 64
+
+
+def matmul(equation: str, x: jax.Array, weight: Any, dtype) -> jax.Array:
+  """x times a projection weight in `dtype`: jnp.einsum(equation, x, weight[...] as dtype).
+
+  A compressed weight (effjax.compress.weights: quantized, low-rank, LoRA) brings its own
+  `einsum` and computes the product its way; a plain parameter is read and cast.
+  """
+  if hasattr(type(weight), 'einsum'):
+    return weight.einsum(equation, x, dtype)
+  return jnp.einsum(equation, x, weight[...].astype(dtype))

@@ -31,7 +31,7 @@ from effjax.models import attention as _attention  # noqa: F401
 from effjax.models import linear_attention as _linear_attention  # noqa: F401
 from effjax.models import ssm as _ssm  # noqa: F401
 from effjax.models import mlp as _mlp  # noqa: F401
-from effjax.models import layers, moe, remat
+from effjax.models import early_exit, layers, moe, remat
 from effjax.models.norms import RMSNorm
 from effjax.models.registry import FEED_FORWARDS, MIXERS, parse_pattern
 from effjax.parallel.sharding import constrain
@@ -139,6 +139,8 @@ class LM(nnx.Module):
     if not cfg.tie_embeddings:
       self.unembedding = layers.normal_param(rngs, (cfg.d_model, cfg.vocab_size),
                                              ('embed', 'vocab'), cfg.init_std, prec.param)
+    if early_exit.parse_exit_layers(cfg):  # heads after intermediate layers (early_exit.py)
+      self.exit_heads = early_exit.ExitHeads(cfg, rngs=rngs)
 
   def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
                segment_ids_bt: jax.Array | None = None) -> jax.Array:
@@ -296,6 +298,9 @@ def count_params(cfg, include_embedding: bool = True, active: bool = False) -> i
     total += (2 if ff != 'none' else 1) * cfg.d_model  # the block's norms
   total += cfg.d_model  # final norm
   embedding = cfg.vocab_size * cfg.d_model
+  exits = len(early_exit.parse_exit_layers(cfg))
+  if exits and cfg.exit_head in ('norm', 'own'):  # the exits' own norms and projections
+    total += exits * (cfg.d_model + (embedding if cfg.exit_head == 'own' else 0))
   if include_embedding:
     total += embedding
   if not cfg.tie_embeddings:

@@ -28,10 +28,10 @@ class SwiGLU(nnx.Module):
   def __call__(self, x_btd: jax.Array, ctx: layers.Context) -> jax.Array:
     del ctx
     cdt = self.compute_dtype
-    gate = jnp.einsum('btd,df->btf', x_btd, self.w_gate[...].astype(cdt))
-    up = jnp.einsum('btd,df->btf', x_btd, self.w_up[...].astype(cdt))
+    gate = layers.matmul('btd,df->btf', x_btd, self.w_gate, cdt)
+    up = layers.matmul('btd,df->btf', x_btd, self.w_up, cdt)
     hidden = constrain(jax.nn.silu(gate) * up, ('act_batch', 'act_length', 'act_mlp'))
-    y = jnp.einsum('btf,fd->btd', hidden, self.w_down[...].astype(cdt))
+    y = layers.matmul('btf,fd->btd', hidden, self.w_down, cdt)
     return constrain(y, ('act_batch', 'act_length', 'act_embed'))
 
   @staticmethod

@@ -77,6 +77,8 @@ def param_specs(tree: Any) -> Any:
   """
   def spec_of(x):
     if isinstance(x, nnx.Variable):
+      if not hasattr(x.get_value(), 'shape'):
+        return x  # a placeholder without arrays (optax.MaskedNode of a frozen parameter)
       names = x.get_metadata().get('out_sharding')
       return x.replace(logical_to_spec(names) if names else P(*([None] * len(x.shape))))
     return P(*([None] * len(getattr(x, 'shape', ()))))

@@ -17,8 +17,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from effjax.models import attention, moe
-from effjax.models.lm import LM, block_kinds
+from effjax.compress import training as compress_training
+from effjax.models import attention, early_exit, moe
+from effjax.models.lm import LM, block_kinds, head_logits
 from effjax.optim import sophia
 from effjax.optim.factory import HESSIAN_ESTIMATORS
 from effjax.parallel import sharding as shd
@@ -39,6 +40,9 @@ class TrainSetup:
   batch_sharding: NamedSharding  # for [micro_batches, rows, length] arrays
   mesh: jax.sharding.Mesh
   build: Callable[[int], State]  # seed -> fresh state (unsharded function; see init)
+  # (path names, leaf) -> whether the step differentiates and updates it; None = every parameter
+  # (effjax.compress.training: LoRA adapters only, quantized values frozen, ...).
+  trainable: Callable[[tuple, Any], bool] | None = None
 
   def init(self, seed: int) -> State:
     """Initialise directly sharded: each device materialises only its own shards."""
@@ -48,14 +52,16 @@ class TrainSetup:
 def make_setup(config, optimizer, schedule, mesh) -> TrainSetup:
   """Abstract model -> shardings, checked for divisibility. Call under the rules/mesh context."""
   model_cfg = config.model
+  # A compressed model (config.compress) has its own structure, frozen parts and masks.
+  optimizer, trainable = compress_training.wrap_optimizer(config, optimizer)
 
   def build(seed):
-    model = LM(model_cfg, rngs=nnx.Rngs(jax.random.key(seed)))
+    model = compress_training.build_model(config, nnx.Rngs(jax.random.key(seed)))
     params = nnx.state(model, nnx.Param)
     return {'step': jnp.zeros((), jnp.int32), 'params': params,
             'opt_state': optimizer.init(params)}
 
-  abstract_model = nnx.eval_shape(lambda: LM(model_cfg, rngs=nnx.Rngs(0)))
+  abstract_model = nnx.eval_shape(lambda: compress_training.build_model(config, nnx.Rngs(0)))
   graphdef = nnx.graphdef(abstract_model)
   shapes = jax.eval_shape(build, 0)
   specs = shd.param_specs(shapes)  # optax moments mirror params
@@ -64,7 +70,8 @@ def make_setup(config, optimizer, schedule, mesh) -> TrainSetup:
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, shardings)
   batch_sharding = NamedSharding(mesh, P(None, *shd.logical_to_spec(('batch', 'act_length'))))
-  return TrainSetup(graphdef, optimizer, schedule, abstract, shardings, batch_sharding, mesh, build)
+  return TrainSetup(graphdef, optimizer, schedule, abstract, shardings, batch_sharding, mesh, build,
+                    trainable)
 
 
 def token_losses(logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array,
@@ -93,6 +100,31 @@ def _forward_losses(graphdef, params, mb: dict[str, jax.Array], z_loss: float,
   # Without segment ids every row is one causal sequence (no document mask).
   logits, moe_stats = model.logits_and_stats(mb['inputs'], mb['positions'], mb.get('segment_ids'))
   return (*token_losses(logits, mb['targets'], mb['weights'], z_loss), moe_stats)
+
+
+def _forward_losses_with_exits(graphdef, params, mb: dict[str, jax.Array], z_loss: float,
+                               loss_chunk_size: int, distill_temperature: float):
+  """_forward_losses plus each exit's summed losses ({'ce', 'correct', 'kl'}, [E] each)."""
+  model = nnx.merge(graphdef, params)
+  exits, x, moe_stats = early_exit.hidden_states(model, mb['inputs'], mb['positions'],
+                                                 mb.get('segment_ids'))
+  count = jnp.sum(mb['weights'].astype(jnp.float32))
+  if loss_chunk_size:
+    total, ce_sum = losses.chunked_cross_entropy(x, model.head_matrix(), mb['targets'],
+                                                 mb['weights'], float(z_loss), loss_chunk_size,
+                                                 model.precision.output)
+    z_sum = total - jax.lax.stop_gradient(ce_sum)
+  else:
+    logits = head_logits(x, model.head_matrix(), model.precision.output)
+    ce_sum, z_sum, _ = token_losses(logits, mb['targets'], mb['weights'], z_loss)
+  sums = early_exit.exit_losses(model, exits, x, mb['targets'], mb['weights'],
+                                chunk=loss_chunk_size, distill_temperature=distill_temperature)
+  return ce_sum, z_sum, count, moe_stats, sums
+
+
+def exit_options(config) -> dict[str, Any]:
+  """make_train_step's early-exit argument from the config (empty without model.exit_layers)."""
+  return {'exit_train_cfg': config.train} if early_exit.parse_exit_layers(config.model) else {}
 
 
 def hessian_fn_for(estimator: str, graphdef, mb: dict[str, jax.Array], key: jax.Array,
@@ -152,7 +184,9 @@ def hessian_options(config) -> dict[str, Any]:
 
 def make_train_step(setup: TrainSetup, z_loss: float = 0.0, loss_chunk_size: int = 0,
                     hessian_estimator: str = '', hessian_probe: str = 'rademacher',
-                    hessian_rows: int = 0, seed: int = 0) -> Callable[[State, dict], tuple]:
+                    hessian_rows: int = 0, seed: int = 0,
+                    exit_train_cfg=None,
+                    forward_losses: Callable | None = None) -> Callable[[State, dict], tuple]:
   """(state, batch of [micro_batches, rows, length]) -> (new state, metrics).
 
   Gradients of the *summed* token loss are accumulated over micro-batches and divided once by the
@@ -164,39 +198,67 @@ def make_train_step(setup: TrainSetup, z_loss: float = 0.0, loss_chunk_size: int
   token) to the training loss, scaled by the micro-batch's token count to fit the summed form;
   the reported 'loss' stays the cross-entropy, and the router statistics come as moe_* metrics
   (token-weighted over micro-batches).
+
+  forward_losses replaces the plain per-micro-batch loss (distillation's, from
+  effjax.compress.training.forward_losses); with setup.trainable only those leaves get gradients.
+
+  With early exits (exit_train_cfg = config.train), the loss is w_final * CE + sum_e w_e * CE_e
+  (+ the distillation term), the weights from early_exit.loss_weights at the step; 'loss' stays
+  the final layer's cross-entropy and each exit logs exit<l>_loss, exit<l>_accuracy (and
+  exit<l>_distill) as token means.
   """
   graphdef, optimizer, schedule = setup.graphdef, setup.optimizer, setup.schedule
 
-  def summed_loss(params, mb):
-    ce_sum, z_sum, count, moe_stats = _forward_losses(graphdef, params, mb, z_loss,
-                                                      loss_chunk_size)
+  def summed_loss(params, mb, exit_weights=None):
+    exit_sums = {}
+    if exit_train_cfg is None:
+      ce_sum, z_sum, count, moe_stats = (forward_losses or _forward_losses)(
+          graphdef, params, mb, z_loss, loss_chunk_size)
+      total = ce_sum + z_sum
+    else:
+      distill = float(exit_train_cfg.exit_distill_weight)
+      temperature = float(exit_train_cfg.exit_distill_temperature) if distill else 0.0
+      ce_sum, z_sum, count, moe_stats, exit_sums = _forward_losses_with_exits(
+          graphdef, params, mb, z_loss, loss_chunk_size, temperature)
+      w_exits, w_final = exit_weights
+      total = w_final * ce_sum + z_sum + jnp.sum(w_exits * exit_sums['ce'])
+      if distill:
+        total = total + distill * jnp.sum(exit_sums['kl'])
     moe_sums = {k: v * count for k, v in moe_stats.items()}
-    total = ce_sum + z_sum
     if moe_sums:
       total = total + moe_sums['loss']
-    return total, (ce_sum, count, moe_sums)
+    return total, (ce_sum, count, moe_sums, exit_sums)
 
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+  if setup.trainable is not None:  # frozen parameters get no gradient (compress.training)
+    grad_fn = compress_training.partial_grad(summed_loss, setup.trainable)
   model_cfg = nnx.merge(graphdef, setup.abstract_state['params']).cfg
   has_moe = any(ff == 'moe' for _, ff in block_kinds(model_cfg))
   moe_keys = moe.summary_keys(model_cfg.moe_num_experts) if has_moe else ()
+  exits = early_exit.parse_exit_layers(model_cfg) if exit_train_cfg is not None else ()
+  exit_keys = ('ce', 'correct', 'kl') if exits else ()
 
   def step(state: State, batch: dict[str, jax.Array]):
     params = state['params']
     num_micro = batch['inputs'].shape[0]
+    exit_weights = (early_exit.loss_weights(exit_train_cfg, exits, model_cfg.num_layers,
+                                            state['step']) if exits else None)
     if num_micro == 1:
-      (_, (ce_sum, count, moe_sums)), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+      (_, (ce_sum, count, moe_sums, exit_sums)), grads = grad_fn(
+          params, jax.tree.map(lambda x: x[0], batch), exit_weights)
     else:
       def accumulate(carry, mb):
-        g_acc, ce_acc, n_acc, moe_acc = carry
-        (_, (ce, n, moe_mb)), g = grad_fn(params, mb)
+        g_acc, ce_acc, n_acc, moe_acc, exit_acc = carry
+        (_, (ce, n, moe_mb, exit_mb)), g = grad_fn(params, mb, exit_weights)
         return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, n_acc + n,
-                jax.tree.map(jnp.add, moe_acc, moe_mb)), None
+                jax.tree.map(jnp.add, moe_acc, moe_mb),
+                jax.tree.map(jnp.add, exit_acc, exit_mb)), None
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
       zero = jnp.zeros((), jnp.float32)
       moe_zeros = {k: zero for k in moe_keys}
-      (grads, ce_sum, count, moe_sums), _ = jax.lax.scan(
-          accumulate, (zeros, zero, zero, moe_zeros), batch)
+      exit_zeros = {k: jnp.zeros((len(exits),), jnp.float32) for k in exit_keys}
+      (grads, ce_sum, count, moe_sums, exit_sums), _ = jax.lax.scan(
+          accumulate, (zeros, zero, zero, moe_zeros, exit_zeros), batch)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
     loss = ce_sum / denom
@@ -222,6 +284,12 @@ def make_train_step(setup: TrainSetup, z_loss: float = 0.0, loss_chunk_size: int
                'tokens': count, 'finite': finite.astype(jnp.int32),
                'param_norm': optax.tree.norm(new_params)}
     metrics.update({f'moe_{k}': v / denom for k, v in moe_sums.items()})
+    for i, layer in enumerate(exits):
+      metrics[f'exit{layer}_loss'] = exit_sums['ce'][i] / denom
+      metrics[f'exit{layer}_accuracy'] = exit_sums['correct'][i] / denom
+      metrics[f'exit{layer}_weight'] = exit_weights[0][i]
+      if exit_train_cfg.exit_distill_weight:
+        metrics[f'exit{layer}_distill'] = exit_sums['kl'][i] / denom
     if hessian_estimator:
       metrics.update({f'sophia_{k}': v for k, v in sophia.sophia_stats(new_opt_state).items()})
     return new_state, metrics
@@ -231,12 +299,20 @@ def make_train_step(setup: TrainSetup, z_loss: float = 0.0, loss_chunk_size: int
 
 
 def make_eval_step(setup: TrainSetup) -> Callable[[Any, dict], dict]:
-  """(params, batch of [1, rows, length]) -> summed loss and token count (exact over batches)."""
+  """(params, batch of [1, rows, length]) -> summed loss and token count (exact over batches).
+
+  A model with early exits also returns exit<l>_loss_sum per exit (held-out exit losses).
+  """
   graphdef = setup.graphdef
+  exits = early_exit.parse_exit_layers(nnx.merge(graphdef, setup.abstract_state['params']).cfg)
 
   def step(params, batch):
-    ce_sum, _, count, _ = _forward_losses(graphdef, params, jax.tree.map(lambda x: x[0], batch),
-                                          0.0)
+    mb = jax.tree.map(lambda x: x[0], batch)
+    if exits:
+      ce_sum, _, count, _, sums = _forward_losses_with_exits(graphdef, params, mb, 0.0, 0, 0.0)
+      out = {f'exit{l}_loss_sum': sums['ce'][i] for i, l in enumerate(exits)}
+      return {'loss_sum': ce_sum, 'tokens': count, **out}
+    ce_sum, _, count, _ = _forward_losses(graphdef, params, mb, 0.0)
     return {'loss_sum': ce_sum, 'tokens': count}
 
   return jax.jit(step, in_shardings=(setup.state_shardings['params'], setup.batch_sharding))

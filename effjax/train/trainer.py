@@ -20,6 +20,8 @@ from absl import logging
 import jax
 
 from effjax import data as data_lib
+from effjax.compress import run as compress_run
+from effjax.compress import training as compress_training
 from effjax.infer.generate import generate_text
 from effjax.optim.factory import make_optimizer
 from effjax.parallel import mesh as mesh_lib
@@ -79,7 +81,12 @@ class Run:
   writer: MetricsWriter
 
 
-def build_run(config, workdir: str) -> Run:
+def build_run(config, workdir: str, read_only: bool = False) -> Run:
+  """The run of config in workdir; read_only writes nothing there (no metrics, no TensorBoard).
+
+  A workdir written by --mode=compress carries its compression (compression.json), applied here.
+  """
+  config = compress_run.apply_recorded(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = shd.rules_from_config(config.sharding_rules)
   tokenizer = data_lib.make_tokenizer(config)
@@ -94,17 +101,23 @@ def build_run(config, workdir: str) -> Run:
                               save_every=config.train.checkpoint_every,
                               keep=config.train.keep_checkpoints,
                               async_save=config.train.async_checkpointing)
-  return Run(config, workdir, mesh, rules, setup, tokenizer, checkpointer, MetricsWriter(workdir))
+  writer = MetricsWriter(workdir, enabled=False if read_only else None)
+  return Run(config, workdir, mesh, rules, setup, tokenizer, checkpointer, writer)
 
 
 def _evaluate(run: Run, eval_step, params, batches) -> dict[str, float]:
   loss_sum, tokens = 0.0, 0.0
+  exit_sums: dict[str, float] = {}  # exit<l>_loss_sum of a model with early exits
   for batch in batches:
     out = eval_step(params, step_lib.device_batch(run.setup, batch, 1))
     loss_sum += float(out['loss_sum'])
     tokens += float(out['tokens'])
+    for k in out:
+      if k.startswith('exit'):
+        exit_sums[k] = exit_sums.get(k, 0.0) + float(out[k])
   loss = loss_sum / max(tokens, 1.0)
-  return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)), 'tokens': tokens}
+  exits = {k[:-len('_sum')]: v / max(tokens, 1.0) for k, v in exit_sums.items()}
+  return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)), 'tokens': tokens, **exits}
 
 
 def _sample(run: Run, params, step: int) -> str:
@@ -143,6 +156,7 @@ def _restore_or_init(run: Run, data_iterator=None) -> tuple[dict, int]:
 def train(config, workdir: str) -> dict[str, Any]:
   """Train per config.train; returns the final metrics (train loss, eval loss, sample)."""
   os.makedirs(workdir, exist_ok=True)
+  config = compress_run.apply_recorded(config, workdir)  # fine-tuning a compressed model
   run = build_run(config, workdir)
   tc = config.train
   process, processes = jax.process_index(), jax.process_count()
@@ -162,7 +176,9 @@ def train(config, workdir: str) -> dict[str, Any]:
     state, start = _restore_or_init(run, train_iter)
     train_step = step_lib.make_train_step(run.setup, z_loss=tc.z_loss,
                                           loss_chunk_size=tc.loss_chunk_size,
-                                          **step_lib.hessian_options(config))
+                                          forward_losses=compress_training.forward_losses(config),
+                                          **step_lib.hessian_options(config),
+                                          **step_lib.exit_options(config))
     eval_step = step_lib.make_eval_step(run.setup)
     run.writer.print(
         f'effjax: {config.model.num_layers} layers, d_model {config.model.d_model}, pattern '
@@ -303,13 +319,11 @@ def evaluate(config, workdir: str) -> dict[str, float]:
 
 
 def generate(config, workdir: str) -> str:
-  run = build_run(config, workdir)
-  with jax.set_mesh(run.mesh), shd.axis_rules(run.rules):
-    state, step = _load_latest(run)
-    text = _sample(run, state['params'], step)
-  run.writer.print(text)
-  run.checkpointer.close()
-  return text
+  """--mode=generate: a batch of prompts decoded with infer.method (effjax/infer/cli.py)."""
+  import sys
+  from effjax.infer import cli
+  return '\n'.join(cli.generate(config, workdir, sys.modules[__name__]))
 
 
-MODES = {'train': train, 'eval': evaluate, 'generate': generate, 'compile_only': compile_only}
+MODES = {'train': train, 'eval': evaluate, 'generate': generate, 'compile_only': compile_only,
+         'compress': compress_run.compress}

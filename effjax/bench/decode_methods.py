@@ -1,0 +1,208 @@
+"""Decoding rows per method: `python -m effjax.bench decode --methods=plain,early_exit,...`.
+
+For each (context, method) the engine (effjax/infer/engine.py: weights cast once to the decoding
+dtype, one jitted loop, the cache donated) decodes `steps` tokens per sequence from position
+`context` on, as bench/decode.py does (the cache's contents do not change a step's cost). Per row:
+  - ms per token (per sequence: the loop's time / tokens each sequence got);
+  - bytes read per generated token: the weights of the layers run plus the cache they read (an
+    attention layer reads its whole allocated key/value cache: the decode attention runs over
+    every slot under a mask; a recurrent layer its state). Early exit counts, per token, the
+    layers up to its exit, the exit heads asked, the deeper layers' key/value projections and
+    the head; speculative methods count a round (gamma + 1 draft steps, one verification pass)
+    divided by the tokens the round produced;
+  - the measured memory bandwidth (a large device copy timed in the same run, read + write) and
+    the fraction of that roofline the row reached (bytes per token / seconds per token / bandwidth);
+  - speculative rows: acceptance rate (accepted / drafted) and tokens per round; early exit: the
+    fraction of tokens that left early; every row: speedup = plain's ms per token / its own.
+Weights are random unless --target_workdir / --draft_workdir name trained checkpoints: a random
+model's acceptance and exit rates say nothing about a trained one's (the timing mechanics do).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effjax.infer import exit_decode, speculative
+from effjax.infer.engine import Engine
+from effjax.infer.exit_decode import ExitPolicy
+from effjax.infer.sampling import Sampler
+
+METHODS = ('plain', 'early_exit', 'self_speculative', 'speculative')
+COLUMNS = (
+    ('method', 'method', ''),
+    ('context', 'context', ''),
+    ('batch', 'batch', ''),
+    ('ms_per_token', 'ms / token', '.3f'),
+    ('tokens_per_s', 'tokens/s', '.0f'),
+    ('speedup_vs_plain', 'speedup vs plain', '.2f'),
+    ('mb_per_token', 'MB read / step', '.2f'),
+    ('bandwidth_gbs', 'copy bandwidth (GB/s)', '.1f'),
+    ('roofline_fraction', 'of roofline', '.2f'),
+    ('acceptance_rate', 'acceptance', '.3f'),
+    ('tokens_per_round', 'tokens / round', '.2f'),
+    ('exit_fraction', 'exited early', '.3f'),
+    ('compile_s', 'compile (s)', '.1f'),
+    ('error', 'error', ''),
+)
+
+
+def measure_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
+  """Bytes/s of an elementwise pass over a large float32 array (reads + writes counted)."""
+  x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
+  f = jax.jit(lambda x: x * 1.0001)
+  jax.block_until_ready(f(x))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x))
+    times.append(time.perf_counter() - t0)
+  return 2 * x.size * 4 / statistics.median(times)
+
+
+def _bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _kv_weight_bytes(engine, i: int) -> int:
+  block = engine.arrays['blocks'][i]
+  if not engine.is_attention[i]:
+    return _bytes(block['mixer'])  # a recurrent state still advances: its projections run
+  return _bytes(block['mixer']['wk']) + _bytes(block['mixer']['wv'])
+
+
+def step_bytes(engine, caches, exit_index: int | None = None) -> int:
+  """Bytes one token reads: full depth, or leaving at exit `exit_index` (propagated caches)."""
+  head = engine.param_bytes(0, 0, head=True)
+  if exit_index is None:
+    return engine.param_bytes(head=False) + head + _bytes(caches)
+  layer = engine.exits[exit_index]
+  exit_heads = head * (exit_index + 1) if engine.exit_kind == 'own' else head
+  deeper = sum(_kv_weight_bytes(engine, i) for i in range(layer, engine.num_layers))
+  return (engine.param_bytes(0, layer, head=False) + exit_heads + deeper +
+          _bytes(caches[:layer]))
+
+
+def _program(method, engine, draft, steps, gamma, policy, exit_index):
+  sampler = Sampler()
+
+  def run(a, da, t_caches, d_caches, slot, tokens_b, key):
+    start = jnp.zeros(tokens_b.shape, jnp.int32)
+    if method in ('plain', 'early_exit'):
+      def body(i, carry):
+        caches, tok, hist = carry
+        if method == 'plain':
+          x, caches, _ = engine.run(a, 0, engine.num_layers, engine.embed(a, tok[:, None]),
+                                    slot + i, start, caches)
+          nxt, where = sampler.sample(engine.head(a, x)[:, 0], key), jnp.zeros_like(tok)
+        else:
+          nxt, where, caches = exit_decode.step(engine, a, tok, slot + i, start, caches, policy,
+                                                sampler, jax.random.fold_in(key, i))
+        hist = hist + jnp.sum(jax.nn.one_hot(where, len(engine.exits) + 1, dtype=jnp.int32), 0)
+        return caches, nxt, hist
+
+      hist = jnp.zeros((len(engine.exits) + 1,), jnp.int32)
+      caches, _, hist = jax.lax.fori_loop(0, steps, body, (t_caches, tokens_b, hist))
+      return caches, d_caches, {'exit_histogram': hist}
+    _, stats = speculative.continue_loop(
+        engine, a, t_caches, d_caches, tokens_b, slot, start, key, max_new=steps, gamma=gamma,
+        sampler=sampler, stop_ids=(-1,), draft=draft, da=da, exit_index=exit_index)
+    return t_caches, d_caches, stats
+
+  return jax.jit(run, donate_argnums=(2, 3))
+
+
+def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, batch: int,
+        repeats: int, params=None, draft_config=None, draft_params=None, gamma: int = 4,
+        exit_threshold: float = 0.9, bandwidth_mb: int = 512, log=print) -> list[dict[str, Any]]:
+  """One row per (context, method); params / draft_params: trained (graphdef, params) or None."""
+  from effjax.models.lm import LM
+  bandwidth = measure_bandwidth(bandwidth_mb)
+  log(f'[decode] copy bandwidth {bandwidth / 1e9:.1f} GB/s')
+  split = params or nnx.split(LM(config.model, rngs=nnx.Rngs(config.seed)))
+  weights_dtype = config.infer.weights_dtype
+  engine = Engine(*split, weights_dtype)
+  draft = None
+  if 'speculative' in methods:
+    if draft_params is None:
+      draft_params = nnx.split(LM((draft_config or config).model, rngs=nnx.Rngs(config.seed + 1)))
+    draft = Engine(*draft_params, weights_dtype)
+  policy = ExitPolicy(exit_threshold, config.infer.confidence, config.infer.exit_skip)
+  rows = []
+  for context in contexts:
+    plain_ms = None
+    for method in methods:
+      row: dict[str, Any] = {'method': method, 'context': context, 'batch': batch,
+                             'steps': steps, 'gamma': gamma, 'pattern': config.model.pattern,
+                             'bandwidth_gbs': bandwidth / 1e9}
+      try:
+        if method in ('early_exit', 'self_speculative') and not engine.exits:
+          raise ValueError(f'infer.method={method} needs model.exit_layers')
+        length = context + steps + 2 * (gamma + 1)
+        uses_draft = method == 'speculative'
+        new_caches = lambda: (engine.init_cache(batch, length, gamma + 1),
+                              draft.init_cache(batch, length, gamma + 1) if uses_draft else None)
+        program = _program(method, engine, draft if uses_draft else None, steps, gamma, policy,
+                           0 if method == 'self_speculative' else None)
+        da = draft.arrays if uses_draft else None
+        args = lambda c: (engine.arrays, da, *c, jnp.int32(context),
+                          jnp.ones((batch,), jnp.int32), jax.random.key(0))
+        t0 = time.perf_counter()
+        compiled = program.lower(*args(new_caches())).compile()
+        row['compile_s'] = time.perf_counter() - t0
+        caches = new_caches()
+        _, _, stats = jax.block_until_ready(compiled(*args(caches)))
+        seconds = []
+        for _ in range(repeats):
+          caches = new_caches()  # donated: a fresh one each call (outside the timed window)
+          jax.block_until_ready(caches)
+          t0 = time.perf_counter()
+          _, _, stats = jax.block_until_ready(compiled(*args(caches)))
+          seconds.append(time.perf_counter() - t0)
+        stats = {k: jax.device_get(v).tolist() for k, v in stats.items()}
+        made = stats['tokens'] - 1 if 'tokens' in stats else steps  # per sequence
+        per_token = statistics.median(seconds) / made
+        t_caches, d_caches = new_caches()
+        if method == 'plain':
+          per_token_bytes = step_bytes(engine, t_caches)
+        elif method == 'early_exit':
+          hist = stats['exit_histogram']
+          per_token_bytes = sum(
+              n * step_bytes(engine, t_caches, None if e == len(engine.exits) else e)
+              for e, n in enumerate(hist)) / max(sum(hist), 1)
+          row['exit_fraction'] = 1 - hist[-1] / max(sum(hist), 1)
+        else:
+          rounds = max(stats['rounds'], 1)
+          produced = (stats['tokens'] - 1) / rounds  # per sequence; the first was pending
+          if uses_draft:
+            draft_step = step_bytes(draft, d_caches) - draft.param_bytes(0, 0, head=True)
+            round_bytes = (gamma + 1) * draft_step + gamma * draft.param_bytes(0, 0, head=True)
+          else:
+            layer = engine.exits[0]
+            round_bytes = (gamma + 1) * (engine.param_bytes(0, layer, head=False) +
+                                         _bytes(t_caches[:layer]))
+            round_bytes += gamma * engine.param_bytes(0, 0, head=True)
+          round_bytes += step_bytes(engine, t_caches)  # the verification pass reads it all once
+          per_token_bytes = round_bytes / produced
+          row['acceptance_rate'] = stats['accepted'] / max(stats['drafted'], 1)
+          row['tokens_per_round'] = produced
+        row.update(ms_per_token=1e3 * per_token, tokens_per_s=batch / per_token,
+                   seconds=seconds, stats=stats, mb_per_token=per_token_bytes / 2 ** 20,
+                   roofline_fraction=per_token_bytes / per_token / bandwidth)
+        if method == 'plain':
+          plain_ms = row['ms_per_token']
+        if plain_ms:
+          row['speedup_vs_plain'] = plain_ms / row['ms_per_token']
+      except Exception as e:  # pylint: disable=broad-except
+        from effjax.bench.kernels import first_line
+        row['error'] = first_line(e)
+      rows.append(row)
+      log(f"[decode] {method} context {context}: " + (
+          row.get('error') or f"{row['ms_per_token']:.3f} ms/token, "
+          f"{row['roofline_fraction']:.2f} of roofline"))
+  return rows

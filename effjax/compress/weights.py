@@ -1,0 +1,380 @@
+"""Compressed weights: modules that stand in for a projection's `nnx.Param` inside any mixer.
+
+Every layer reads a projection as `self.w[...]`, and the attention and SwiGLU projections call
+`effjax.models.layers.matmul(equation, x, self.w, dtype)`. A compressed weight answers both:
+`w[...]` gives the dense matrix it represents (computed inside the jitted step, one layer at a
+time under the layer scan), and `w.einsum(equation, x, dtype)` computes the product its own way
+(low-rank and LoRA as two thin matmuls, W8A8 as an int8 x int8 matmul with int32 accumulation).
+So a compression applies to every mixer of the registry without a change to its code; the
+projections that go through `layers.matmul` also get the fast product.
+
+A weight's dimensions are read from its logical axis names: leading batch axes ('layers' of the
+scanned stack, 'experts'), then its input (contracted) axes, then its output axes. Input axes are
+one axis, or ('heads', 'head_dim') for the output projections of attention and state-space
+layers (wo, w_out). Per-channel quantization scales are per output channel (and layer, expert);
+int4 groups run along the last input axis; SVD and LoRA factor [inputs, outputs].
+
+`restructure(model, compress_cfg)` swaps the configured parameters of a built model for these
+modules (quantizing, factoring or wrapping the values they hold), so the structure of a
+compressed model is a function of the config and a compressed checkpoint restores like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effjax.compress import quantize as q_lib
+
+BATCH_AXES = ('layers', 'experts')
+TWO_INPUT_AXES = ('heads', 'head_dim')  # wo [heads, head_dim, embed] contracts both
+QUANT_METHODS = ('int8', 'w8a8', 'fp8', 'int4')
+QAT_METHODS = ('qat_int8', 'qat_int4')
+PRUNE_METHODS = ('magnitude', '2:4')
+STRUCTURAL = QUANT_METHODS + QAT_METHODS + ('lowrank', 'lora')  # methods that change the tree
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where a weight's batch, input and output axes are (counted on the stored, stacked array)."""
+  names: tuple
+  batch: int
+  inputs: int
+
+  @property
+  def outputs(self) -> int:
+    return len(self.names) - self.batch - self.inputs
+
+  def axes(self, kind: str, ndim: int | None = None) -> tuple[int, ...]:
+    """Axis indices of 'batch', 'inputs' or 'outputs' on an array of ndim dims (default: stored).
+
+    Inside the layer scan a weight has lost its 'layers' axis; counting from the end keeps the
+    input and output axes right either way.
+    """
+    ndim = len(self.names) if ndim is None else ndim
+    batch = ndim - self.inputs - self.outputs
+    if kind == 'batch':
+      return tuple(range(batch))
+    if kind == 'inputs':
+      return tuple(range(batch, batch + self.inputs))
+    return tuple(range(batch + self.inputs, ndim))
+
+
+def layout_of(names: tuple) -> Layout:
+  names = tuple(names)
+  batch = 0
+  while batch < len(names) and names[batch] in BATCH_AXES:
+    batch += 1
+  rest = names[batch:]
+  if not rest:
+    raise ValueError(f'a weight with axes {names} has no input axis to compress')
+  inputs = 2 if len(rest) > 2 and rest[:2] == TWO_INPUT_AXES else 1
+  return Layout(names, batch, inputs)
+
+
+def _param(value: jax.Array, names) -> nnx.Param:
+  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def _letters(equation: str, count: int) -> str:
+  free = [c for c in string.ascii_letters if c not in equation]
+  return ''.join(free[:count])
+
+
+def _split_equation(equation: str, layout: Layout, ndim: int):
+  """(lhs, weight input letters, weight output letters, out) or None when the form is unusual."""
+  inputs, out = equation.replace(' ', '').split('->')
+  lhs, rhs = inputs.split(',')
+  if len(rhs) != ndim or ndim != layout.inputs + layout.outputs:
+    return None  # a weight that kept batch axes here: use the dense path
+  return lhs, rhs[:layout.inputs], rhs[layout.inputs:], out
+
+
+def factored_einsum(equation: str, x: jax.Array, a: jax.Array, b: jax.Array,
+                    layout: Layout) -> jax.Array | None:
+  """x @ (a @ b) as (x @ a) @ b for a [inputs, rank], b [rank, outputs]; None if not applicable."""
+  parts = _split_equation(equation, layout, a.ndim + b.ndim - 2)
+  if parts is None:
+    return None
+  lhs, ins, outs, out = parts
+  r = _letters(equation, 1)
+  mid = ''.join(c for c in lhs if c not in ins) + r
+  h = jnp.einsum(f'{lhs},{ins}{r}->{mid}', x, a.astype(x.dtype))
+  return jnp.einsum(f'{mid},{r}{outs}->{out}', h, b.astype(x.dtype))
+
+
+def _product(a: jax.Array, b: jax.Array, layout: Layout) -> jax.Array:
+  """The dense [batch..., inputs..., outputs...] matrix of factors a [.., in, r], b [.., r, out]."""
+  nb = a.ndim - 1 - layout.inputs
+  letters = _letters('', nb + layout.inputs + layout.outputs + 1)
+  bt, ins = letters[:nb], letters[nb:nb + layout.inputs]
+  outs, r = letters[nb + layout.inputs:-1], letters[-1]
+  return jnp.einsum(f'{bt}{ins}{r},{bt}{r}{outs}->{bt}{ins}{outs}', a, b)
+
+
+class CompressedWeight(nnx.Module):
+  """Base: `w[...]` is the dense weight; `einsum` the product with it in a compute dtype."""
+  layout: Layout
+
+  def dense(self) -> jax.Array:
+    raise NotImplementedError
+
+  def __getitem__(self, key) -> jax.Array:
+    return self.dense()[key]
+
+  def einsum(self, equation: str, x: jax.Array, dtype) -> jax.Array:
+    return jnp.einsum(equation, x, self.dense().astype(dtype))
+
+
+class QuantizedWeight(CompressedWeight):
+  """A weight stored as int8 / int4 / float8 values and float32 scales (qwix's quantization).
+
+  `qvalue` has the weight's shape; `scale` has it too, with the input axes reduced to 1 (per
+  channel) or to the number of groups (int4). The dense weight is formed in the jitted step from
+  these (XLA fuses the conversion into the consumer); no full-precision copy is kept. W8A8
+  weights also hold `act_scale`, the static per-tensor scale of their input calibrated on
+  held-out batches: their product quantizes the activation to int8 and multiplies int8 by int8.
+  """
+
+  def __init__(self, qvalue, scale, layout: Layout, kind: str, act_scale=None):
+    self.layout, self.kind = layout, kind
+    self.qvalue = qvalue
+    self.scale = scale
+    self.act_scale = act_scale
+
+  def qarray(self, dtype=jnp.float32):
+    return q_lib.as_qarray(self.qvalue[...], self.scale[...].astype(dtype), self.kind,
+                           self.layout)
+
+  def dense(self) -> jax.Array:
+    return q_lib.dequantize(self.qarray())
+
+  def einsum(self, equation: str, x: jax.Array, dtype) -> jax.Array:
+    if self.kind == 'w8a8' and self.act_scale is not None:
+      xq = q_lib.quantize_static(x, self.act_scale[...])
+      return q_lib.einsum(equation, xq, self.qarray()).astype(dtype)
+    return q_lib.einsum(equation, x, self.qarray(dtype)).astype(dtype)
+
+
+class FakeQuantWeight(CompressedWeight):
+  """Quantization-aware training: the forward sees quantize-dequantize(w), gradients pass straight
+  through to the float weight (the straight-through estimator; scales are w's absmax, so nothing
+  is clipped and the gradient is the identity's)."""
+
+  def __init__(self, value, layout: Layout, kind: str, group: int):
+    self.layout, self.kind, self.group = layout, kind, group
+    self.value = value
+
+  def dense(self) -> jax.Array:
+    w = self.value[...]
+    return q_lib.fake_quant(w, self.layout, self.kind, self.group)
+
+
+class LowRankWeight(CompressedWeight):
+  """w ~ u @ v with u [inputs, rank] and v [rank, outputs] from a truncated SVD."""
+
+  def __init__(self, u, v, layout: Layout):
+    self.layout = layout
+    self.u, self.v = u, v
+
+  def dense(self) -> jax.Array:
+    return _product(self.u[...], self.v[...], self.layout)
+
+  def einsum(self, equation: str, x: jax.Array, dtype) -> jax.Array:
+    y = factored_einsum(equation, x, self.u[...].astype(dtype), self.v[...].astype(dtype),
+                        self.layout)
+    return super().einsum(equation, x, dtype) if y is None else y
+
+
+class LoRAWeight(CompressedWeight):
+  """A frozen base weight plus a trainable low-rank update: w = base + (alpha / r) a @ b.
+
+  b starts at zero, so the adapted model starts equal to the base model.
+  """
+
+  def __init__(self, base, lora_a, lora_b, layout: Layout, scale: float):
+    self.layout, self.scale = layout, scale
+    self.base, self.lora_a, self.lora_b = base, lora_a, lora_b
+
+  def delta(self) -> jax.Array:
+    return self.scale * _product(self.lora_a[...], self.lora_b[...], self.layout)
+
+  def dense(self) -> jax.Array:
+    base = self.base[...]
+    return (base + self.delta().astype(base.dtype)).astype(base.dtype)
+
+  def einsum(self, equation: str, x: jax.Array, dtype) -> jax.Array:
+    y = jnp.einsum(equation, x, self.base[...].astype(dtype))
+    low = factored_einsum(equation, x, self.lora_a[...].astype(dtype),
+                          self.lora_b[...].astype(dtype), self.layout)
+    if low is None:
+      return super().einsum(equation, x, dtype)
+    return y + (self.scale * low).astype(y.dtype)
+
+
+class ObservedWeight(CompressedWeight):
+  """Calibration only: a dense weight whose product reports max|input| per layer to the host."""
+
+  def __init__(self, value, layout: Layout, key: str, layer, sink: Callable):
+    self.layout, self.key, self.sink = layout, key, sink
+    self.value = value
+    self.layer = layer  # [layers] int32 under the scan: which layer a product belongs to
+
+  def dense(self) -> jax.Array:
+    return self.value[...]
+
+  def einsum(self, equation: str, x: jax.Array, dtype) -> jax.Array:
+    jax.debug.callback(self.sink, self.key, self.layer[...], jnp.max(jnp.abs(x)))
+    return super().einsum(equation, x, dtype)
+
+
+# ------------------------------------------------------------------ swapping weights in a model
+
+def path_key(path) -> str:
+  """('groups', 'blocks', 0, 'mixer', 'wq') -> 'groups.blocks.0.mixer.wq'."""
+  return '.'.join(str(p) for p in path)
+
+
+def target_names(compress_cfg) -> tuple[str, ...]:
+  return tuple(n.strip() for n in compress_cfg.targets.split(',') if n.strip())
+
+
+def find_targets(model: nnx.Module, names: tuple[str, ...]) -> list[tuple[tuple, nnx.Module, str]]:
+  """(module path, module, attribute) of every plain Param named in `names`, model order."""
+  found = []
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, CompressedWeight):
+      continue
+    for name in names:
+      value = vars(module).get(name)
+      if isinstance(value, nnx.Param) and not isinstance(value, CompressedWeight):
+        found.append((tuple(path), module, name))
+  return found
+
+
+def parse_ranks(spec: str) -> dict[str, int]:
+  """'wq=12,w_up=40' -> {'wq': 12, 'w_up': 40}."""
+  out = {}
+  for item in filter(None, (s.strip() for s in spec.split(','))):
+    name, _, value = item.partition('=')
+    out[name.strip()] = int(value)
+  return out
+
+
+def _names(param: nnx.Param) -> tuple:
+  names = param.get_metadata().get('out_sharding')
+  return tuple(names) if names else (None,) * param[...].ndim
+
+
+def compress_param(param: nnx.Param, name: str, method: str, cfg, *, rngs: nnx.Rngs | None = None,
+                   act_amax: jax.Array | None = None) -> CompressedWeight:
+  """One Param -> its compressed stand-in per `method` (values quantized / factored / wrapped)."""
+  names = _names(param)
+  layout = layout_of(names)
+  w = param[...]
+  batch_names = names[:layout.batch]
+  in_names = names[layout.batch:layout.batch + layout.inputs]
+  out_names = names[layout.batch + layout.inputs:]
+  if method in QUANT_METHODS:
+    qvalue, scale = q_lib.quantize_weight(w, layout, method, cfg.int4_group_size)
+    act = None
+    if method == 'w8a8':
+      layers = w.shape[:1] if batch_names[:1] == ('layers',) else ()
+      amax = jnp.ones(layers, jnp.float32) * 127.0 if act_amax is None else act_amax
+      act = _param(q_lib.static_scale(amax), batch_names[:len(layers)])
+    return QuantizedWeight(_param(qvalue, names), _param(scale, names), layout, method, act)
+  if method in QAT_METHODS:
+    return FakeQuantWeight(_param(w, names), layout, method[len('qat_'):], cfg.int4_group_size)
+  if method == 'lowrank':
+    rank = parse_ranks(cfg.lowrank_ranks).get(name)
+    if not rank:
+      raise ValueError(f'compress.lowrank_ranks={cfg.lowrank_ranks!r} gives no rank for {name}')
+    from effjax.compress import lowrank
+    u, v = lowrank.factor(w, layout, rank)
+    return LowRankWeight(_param(u.astype(w.dtype), batch_names + in_names + (None,)),
+                         _param(v.astype(w.dtype), batch_names + (None,) + out_names), layout)
+  if method == 'lora':
+    r = cfg.lora_rank
+    rngs = rngs or nnx.Rngs(0)
+    in_shape = w.shape[:layout.batch + layout.inputs]
+    fan_in = math.prod(w.shape[layout.batch:layout.batch + layout.inputs])
+    a = jax.random.normal(rngs.params(), in_shape + (r,), jnp.float32) / math.sqrt(fan_in)
+    b = jnp.zeros(w.shape[:layout.batch] + (r,) + w.shape[layout.batch + layout.inputs:],
+                  jnp.float32)
+    return LoRAWeight(_param(w, names), _param(a, batch_names + in_names + (None,)),
+                      _param(b, batch_names + (None,) + out_names), layout,
+                      cfg.lora_alpha / r)
+  raise ValueError(f'compress.method={method!r} does not change weights')
+
+
+def restructure(model: nnx.Module, config, *, act_amax: dict[str, jax.Array] | None = None,
+                method: str | None = None) -> nnx.Module:
+  """The model with its target projections swapped per config.compress (in place; returned).
+
+  Methods that keep the parameter tree (pruning, distillation, none) return the model unchanged.
+  `act_amax` ({path key: per-layer max|x|}) is the W8A8 calibration.
+  """
+  cfg = config.compress
+  method = cfg.method if method is None else method
+  if method not in STRUCTURAL:
+    return model
+  rngs = nnx.Rngs(config.seed + 1)
+  for path, module, name in find_targets(model, target_names(cfg)):
+    key = path_key(path + (name,))
+    amax = None if act_amax is None else act_amax.get(key)
+    setattr(module, name, compress_param(vars(module)[name], name, method, cfg, rngs=rngs,
+                                         act_amax=amax))
+  return model
+
+
+def observe(model: nnx.Module, names: tuple[str, ...], sink: Callable) -> nnx.Module:
+  """Wrap the target projections so each product reports its input's max|x| to sink."""
+  for path, module, name in find_targets(model, names):
+    param = vars(module)[name]
+    layout = layout_of(_names(param))
+    stacked = _names(param)[:1] == ('layers',)
+    layer = jnp.arange(param[...].shape[0], dtype=jnp.int32) if stacked else jnp.zeros((),
+                                                                                      jnp.int32)
+    setattr(module, name, ObservedWeight(param, layout, path_key(path + (name,)),
+                                         _param(layer, ('layers',) if stacked else ()), sink))
+  return model
+
+
+def densify(model: nnx.Module) -> nnx.Module:
+  """Every compressed weight replaced by a plain Param of its dense value (LoRA merged, low-rank
+  multiplied out, fake quantization dropped; quantized weights dequantized), in place."""
+  for _, module in list(nnx.iter_modules(model)):
+    for name, value in list(vars(module).items()):
+      if isinstance(value, CompressedWeight):
+        ref = {QuantizedWeight: 'qvalue', FakeQuantWeight: 'value', LowRankWeight: 'u',
+               LoRAWeight: 'base', ObservedWeight: 'value'}[type(value)]
+        like = vars(value)[ref]
+        dtype = value.scale[...].dtype if isinstance(value, QuantizedWeight) else None
+        dense = value.value[...] if isinstance(value, FakeQuantWeight) else value.dense()
+        if dtype is not None:
+          dense = dense.astype(dtype)
+        elif isinstance(value, LowRankWeight):
+          dense = dense.astype(like[...].dtype)
+        setattr(module, name, _param(dense, value.layout.names))
+  return model
+
+
+def trainable_fn(config) -> Callable[[tuple, Any], bool] | None:
+  """(path names, leaf) -> whether the train step differentiates and updates it; None = all.
+
+  LoRA trains only its adapters. Otherwise integer leaves (quantized values) and the scales of
+  quantized weights stay fixed; everything else trains.
+  """
+  method = config.compress.method
+  if method == 'lora':
+    return lambda names, leaf: bool({'lora_a', 'lora_b'} & set(names))
+  if method in QUANT_METHODS:
+    return lambda names, leaf: (jnp.issubdtype(leaf.dtype, jnp.floating) and not
+                                {'qvalue', 'scale', 'act_scale'} & set(names))
+  return None

@@ -1,0 +1,45 @@
+"""The decoding benchmark's method rows on a tiny config: one row per (context, method) with ms per
+token, bytes per step, the measured bandwidth and its roofline fraction, acceptance and speedup."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+TINY = ['--config.model.d_model=32', '--config.model.num_layers=2', '--config.model.num_heads=2',
+        '--config.model.num_kv_heads=2', '--config.model.mlp_dim=64',
+        '--config.model.exit_layers=1']
+
+
+def test_method_rows(tmp_path):
+  cmd = [sys.executable, '-m', 'effjax.bench', 'decode', '--compilation_cache_dir=',
+         '--config=configs/default.py', *TINY, '--contexts=16', '--decode_steps=6',
+         '--repeats=1', '--methods=plain,early_exit,self_speculative,speculative',
+         '--exit_threshold=0.0', '--bandwidth_mb=8', f'--out={tmp_path}', '--name=m',
+         '--config.infer.gamma=2']
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((tmp_path / 'm.json').read_text())['rows']
+  assert [r['method'] for r in rows] == ['plain', 'early_exit', 'self_speculative', 'speculative']
+  for r in rows:
+    assert 'error' not in r, r['error']
+    assert r['ms_per_token'] > 0 and r['mb_per_token'] > 0 and r['bandwidth_gbs'] > 0
+    assert 0 < r['roofline_fraction'] and r['speedup_vs_plain'] > 0
+  assert rows[0]['speedup_vs_plain'] == 1.0
+  assert rows[1]['exit_fraction'] == 1.0  # threshold 0: every token leaves at the first exit
+  assert rows[1]['mb_per_token'] < rows[0]['mb_per_token']
+  for r in rows[2:]:
+    assert 0 <= r['acceptance_rate'] <= 1 and 1 <= r['tokens_per_round'] <= 3
+  assert '| speedup vs plain |' in (tmp_path / 'm.md').read_text()
+
+
+def test_unknown_method_is_one_clear_error():
+  proc = subprocess.run([sys.executable, '-m', 'effjax.bench', 'decode',
+                         '--config=configs/default.py', '--methods=fast'], capture_output=True,
+                        text=True, timeout=300, cwd=REPO_ROOT, check=False)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "effjax.bench decode: --methods=fast: unknown 'fast'; allowed: plain, early_exit, "
+      'self_speculative, speculative')

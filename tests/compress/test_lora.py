@@ -1,0 +1,98 @@
+"""LoRA: zero-initialised adapters leave every mixer's model unchanged, merging changes nothing,
+the optimizer holds only adapter moments, and a step on an 8-device mesh equals one device's."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from effjax.compress import weights as w_lib
+from effjax.models.lm import LM
+from effjax.parallel import sharding as shd
+from effjax.train import step as step_lib
+from tests.helpers import build, random_batch, tiny_config
+
+PATTERNS = {
+    'attention:mlp': 'wq,wk,wv,wo,w_gate,w_up,w_down',
+    'gla:mlp': 'wq,wk,wv,wo,w_gate,w_up,w_down',
+    'mamba2:none': 'w_z,w_x,w_out',
+    'attention:moe': 'wq,wo,w_gate,w_up,w_down',
+}
+
+
+@pytest.mark.parametrize('pattern', list(PATTERNS))
+def test_zero_init_equals_base_and_merged_equals_unmerged(pattern):
+  config = tiny_config(pattern=pattern, ssm_head_dim=16, ssm_state_dim=16, moe_num_experts=4)
+  config.compress.method = 'lora'
+  config.compress.targets = PATTERNS[pattern]
+  config.compress.lora_rank = 4
+  tokens = jnp.asarray(np.random.default_rng(0).integers(3, 259, (2, 16)), jnp.int32)
+  model = LM(config.model, rngs=nnx.Rngs(0))
+  base_logits = model(tokens)
+  w_lib.restructure(model, config)
+  adapted = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.LoRAWeight)]
+  assert len(adapted) >= len(PATTERNS[pattern].split(','))  # gla has a w_gate of its own
+  np.testing.assert_array_equal(model(tokens), base_logits)  # B = 0: exactly the base model
+  for i, weight in enumerate(adapted):  # some training later: B no longer zero
+    b = weight.lora_b[...]
+    weight.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(i), b.shape, b.dtype)
+  unmerged = model(tokens)
+  assert float(jnp.max(jnp.abs(unmerged - base_logits))) > 1e-4
+  merged = w_lib.densify(model)
+  assert not [m for _, m in nnx.iter_modules(merged) if isinstance(m, w_lib.CompressedWeight)]
+  np.testing.assert_allclose(merged(tokens), unmerged, rtol=2e-4, atol=2e-4)
+
+
+def _lora_config():
+  config = tiny_config()
+  config.compress.method = 'lora'
+  config.compress.lora_rank = 4
+  config.optim.warmup_steps = 0
+  return config
+
+
+def test_optimizer_state_holds_only_adapter_moments():
+  config = _lora_config()
+  _, _, setup = build(config, jax.devices()[:1])
+  arrays = [(jax.tree_util.keystr(p), leaf) for p, leaf in
+            jax.tree_util.tree_flatten_with_path(setup.abstract_state['opt_state'])[0]
+            if leaf.ndim]
+  assert arrays and all('lora_a' in name or 'lora_b' in name for name, _ in arrays)
+  adapters = [leaf for p, leaf in jax.tree_util.tree_flatten_with_path(
+      setup.abstract_state['params'])[0] if 'lora_' in jax.tree_util.keystr(p)]
+  # Adam's two moments per adapter, nothing per base weight.
+  assert sum(a.size for _, a in arrays) == 2 * sum(a.size for a in adapters)
+
+
+def _train(layout, batch, steps=3):
+  config = _lora_config()
+  for axis, size in layout.items():
+    config.mesh[axis] = size
+  devices = jax.devices()[:int(np.prod(list(layout.values())))]
+  mesh, rules, setup = build(config, devices)
+  with jax.set_mesh(mesh), shd.axis_rules(rules):
+    state = setup.init(seed=3)
+    base = np.asarray(jax.device_get(state['params']['groups']['blocks'][0]['mixer']['wq']
+                                     ['base'][...]))
+    train_step = step_lib.make_train_step(setup)
+    losses = []
+    for _ in range(steps):
+      state, metrics = train_step(state, step_lib.device_batch(setup, batch, 1))
+      losses.append(float(metrics['loss']))
+    wq = state['params']['groups']['blocks'][0]['mixer']['wq']
+    return (losses, np.asarray(jax.device_get(wq['lora_b'][...])),
+            np.asarray(jax.device_get(wq['base'][...])), base, wq['base'][...].sharding)
+
+
+def test_lora_step_on_8_device_mesh_equals_one_device():
+  batch = random_batch(np.random.default_rng(1), 16, 32)
+  ref_losses, ref_b, ref_base, base0, _ = _train(dict(data=1, fsdp=1, tensor=1), batch)
+  losses, b, base, _, sharding = _train(dict(data=2, fsdp=2, tensor=2), batch)
+  assert ref_losses[-1] < ref_losses[0]
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+  np.testing.assert_allclose(b, ref_b, rtol=1e-3, atol=1e-5)
+  assert np.abs(ref_b).max() > 0  # the adapters trained
+  np.testing.assert_array_equal(ref_base, base0)  # the base stayed frozen
+  np.testing.assert_array_equal(base, base0)
+  assert sharding.shard_shape(base.shape) == (2, 32, 2, 16)  # [layers, embed, heads, head_dim]

@@ -1,0 +1,96 @@
+"""Quantization: error bounds of int8 / int4 / fp8 weights, W8A8 products, QAT's straight-through
+gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effjax.compress import quantize as q_lib
+from effjax.compress import weights as w_lib
+
+WQ = w_lib.layout_of(('layers', 'embed', 'heads', 'head_dim'))  # [L, d, n, h], contracts d
+WO = w_lib.layout_of(('heads', 'head_dim', 'embed'))  # [n, h, d], contracts n and h
+
+
+def _w(shape, seed=0):
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32) * 0.05
+
+
+def test_layouts():
+  assert (WQ.batch, WQ.inputs, WQ.outputs) == (1, 1, 2)
+  assert (WO.batch, WO.inputs, WO.outputs) == (0, 2, 1)
+  assert WQ.axes('inputs', 3) == (0,)  # inside the layer scan the 'layers' axis is gone
+
+
+def test_int8_per_channel_error_at_most_half_a_step():
+  w = _w((2, 64, 4, 16))
+  qvalue, scale = q_lib.quantize_weight(w, WQ, 'int8')
+  assert qvalue.dtype == jnp.int8 and scale.shape == (2, 1, 4, 16)  # per layer and output
+  deq = q_lib.dequantize(q_lib.as_qarray(qvalue, scale, 'int8'))
+  err = jnp.abs(deq - w)
+  assert bool(jnp.all(err <= scale / 2 * (1 + 1e-4)))  # float32 rounding aside
+  # qwix's scale: the channel's absmax over the input axis / 127.5 (the extremes round to 127).
+  np.testing.assert_allclose(scale[:, 0], jnp.max(jnp.abs(w), axis=1) / 127.5, rtol=1e-6)
+
+
+def test_int4_groups_error_and_packing():
+  w = _w((4, 16, 32), seed=1)  # wo-like [n, h, d]; groups of 8 along head_dim
+  qvalue, scale = q_lib.quantize_weight(w, WO, 'int4', group=8)
+  assert qvalue.dtype == jnp.uint8 and qvalue.shape == (4, 8, 32)  # two values a byte
+  assert scale.shape == (4, 2, 32)  # 16 / 8 groups per output channel
+  qarr = q_lib.as_qarray(qvalue, scale, 'int4', WO)
+  assert int(jnp.min(qarr.qvalue)) >= -8 and int(jnp.max(qarr.qvalue)) <= 7
+  err = jnp.abs(q_lib.dequantize(qarr) - w)
+  bound = jnp.repeat(scale, 8, axis=1) / 2
+  assert bool(jnp.all(err <= bound * (1 + 1e-4)))
+  values = jax.random.randint(jax.random.key(2), (3, 6, 5), -8, 8).astype(jnp.int8)
+  np.testing.assert_array_equal(q_lib.unpack_int4(q_lib.pack_int4(values, 1), 1), values)
+  with pytest.raises(ValueError, match='int4_group_size=5'):
+    q_lib.quantize_weight(w, WO, 'int4', group=5)
+
+
+def test_fp8_relative_error():
+  w = _w((64, 32), seed=3)
+  layout = w_lib.layout_of(('embed', 'mlp'))
+  qvalue, scale = q_lib.quantize_weight(w, layout, 'fp8')
+  assert qvalue.dtype == jnp.uint8  # the e4m3 bit pattern
+  deq = q_lib.dequantize(q_lib.as_qarray(qvalue, scale, 'fp8'))
+  # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 for normal values.
+  big = jnp.abs(w) > 0.05 * jnp.max(jnp.abs(w), axis=0)
+  rel = jnp.abs(deq - w) / jnp.abs(w)
+  assert float(jnp.max(jnp.where(big, rel, 0))) <= 2 ** -4 + 1e-6
+
+
+def test_quantized_weight_products():
+  w = _w((64, 4, 16), seed=4)
+  x = jax.random.normal(jax.random.key(5), (2, 3, 64))
+  layout = w_lib.layout_of(('embed', 'heads', 'head_dim'))
+  qvalue, scale = q_lib.quantize_weight(w, layout, 'int8')
+  p = lambda v, names: w_lib._param(v, names)
+  names = layout.names
+  weight = w_lib.QuantizedWeight(p(qvalue, names), p(scale, names), layout, 'int8')
+  ref = jnp.einsum('btd,dnh->btnh', x, weight[...])
+  np.testing.assert_allclose(weight.einsum('btd,dnh->btnh', x, jnp.float32), ref, rtol=1e-5,
+                             atol=1e-5)
+  act = p(q_lib.static_scale(jnp.max(jnp.abs(x))), ())
+  w8a8 = w_lib.QuantizedWeight(p(qvalue, names), p(scale, names), layout, 'w8a8', act)
+  y = w8a8.einsum('btd,dnh->btnh', x, jnp.float32)
+  exact = jnp.einsum('btd,dnh->btnh', x, w)
+  assert float(jnp.max(jnp.abs(y - exact))) < 0.02 * float(jnp.max(jnp.abs(exact)))
+  jaxpr = str(jax.make_jaxpr(lambda x: w8a8.einsum('btd,dnh->btnh', x, jnp.float32))(x))
+  assert 'preferred_element_type=int32' in jaxpr  # an int8 x int8 product
+
+
+def test_qat_straight_through_gradient():
+  layout = w_lib.layout_of(('embed', 'mlp'))
+  w = _w((32, 16), seed=6)
+  c = jax.random.normal(jax.random.key(7), w.shape)
+  fq = lambda w: q_lib.fake_quant(w, layout, 'int8')
+  qvalue, scale = q_lib.quantize_weight(w, layout, 'int8')
+  np.testing.assert_allclose(fq(w), q_lib.dequantize(q_lib.as_qarray(qvalue, scale, 'int8')),
+                             rtol=1e-6, atol=1e-7)
+  grad = jax.grad(lambda w: jnp.sum(c * fq(w)))(w)
+  np.testing.assert_array_equal(grad, c)  # the identity's gradient, every entry in range
+  grad4 = jax.grad(lambda w: jnp.sum(c * q_lib.fake_quant(w, layout, 'int4', 8)))(w)
+  np.testing.assert_array_equal(grad4, c)

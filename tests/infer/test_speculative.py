@@ -1,0 +1,135 @@
+"""Speculative decoding: greedy output equals plain greedy token for token (draft model and
+self-speculative, attention and a sliding-window + Mamba-2 stack whose rejected drafts need the
+ring's spare slots and the recurrent snapshots); a batch of prompts of different lengths equals
+each prompt alone; the rejection rule's output distribution equals the target's (exactly, by
+enumeration, and by a chi-square test of the sampler)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats as scipy_stats
+
+from effjax.infer import generate as gen
+from effjax.infer import sampling
+from effjax.infer.sampling import Sampler
+from effjax.models import lm as lm_lib
+from tests.helpers import tiny_config
+
+FIELDS = dict(init_std=0.1, attention_backend='reference', attention_window=6, ssm_state_dim=8,
+              ssm_head_dim=16, scan_chunk=4, num_layers=4, exit_layers='1,2', exit_head='norm')
+
+
+def _split(seed, **overrides):
+  config = tiny_config(**{**FIELDS, **overrides})
+  return nnx.split(lm_lib.LM(config.model, rngs=nnx.Rngs(seed)))
+
+
+def _decode(split, method, prompts, draft=None, **kw):
+  options = gen.Options(method=method, max_new_tokens=kw.pop('max_new', 12),
+                        sampler=kw.pop('sampler', Sampler(vocab_limit=259)), gamma=3, **kw)
+  return gen.Decoder(*split, options, draft=draft).generate(prompts)
+
+
+@pytest.mark.parametrize('pattern', ['attention:mlp', 'sliding_window:mlp, mamba2:mlp'])
+def test_greedy_speculative_and_self_speculative_equal_plain(pattern):
+  target = _split(0, pattern=pattern)
+  draft = _split(1, pattern='attention:mlp', num_layers=2, exit_layers='')
+  rng = np.random.default_rng(0)
+  prompts = [[int(t) for t in rng.integers(3, 259, n)] for n in (5, 9)]
+  plain = _decode(target, 'plain', prompts).tokens
+  reference = gen.generate_tokens_cached(*target, prompts[0], 12, temperature=0, top_k=0, seed=0,
+                                         vocab_limit=259)
+  assert plain[0] == reference
+  spec = _decode(target, 'speculative', prompts, draft=draft)
+  self_spec = _decode(target, 'self_speculative', prompts)
+  assert spec.tokens == plain and self_spec.tokens == plain
+  assert spec.stats['accepted'] < spec.stats['drafted']  # rejections (and rollbacks) happened
+  assert self_spec.stats['accepted'] < self_spec.stats['drafted']
+
+
+def test_batch_of_prompts_of_different_lengths_equals_each_alone():
+  target = _split(0, pattern='attention:mlp, mamba2:mlp')
+  rng = np.random.default_rng(2)
+  prompts = [[int(t) for t in rng.integers(3, 259, n)] for n in (3, 17, 8)]
+  batch = _decode(target, 'plain', prompts, max_new=8).tokens
+  for prompt, row in zip(prompts, batch):
+    assert _decode(target, 'plain', [prompt], max_new=8).tokens[0] == row
+
+
+def test_stop_tokens_and_sampling_with_a_seed():
+  target = _split(0)
+  prompt = [[5, 6, 7, 8]]
+  full = _decode(target, 'plain', prompt).tokens[0]
+  stopped = _decode(target, 'plain', prompt, stop_tokens=(full[3],)).tokens[0]
+  assert stopped == full[:full.index(full[3]) + 1]
+  hot = Sampler(temperature=1.0, top_k=20, top_p=0.9, vocab_limit=259)
+  a = _decode(target, 'plain', prompt, sampler=hot, seed=3).tokens
+  assert a == _decode(target, 'plain', prompt, sampler=hot, seed=3).tokens
+  assert a != _decode(target, 'plain', prompt, sampler=hot, seed=4).tokens
+  # A draft identical to the target has p == q: every draft is accepted, also when sampling.
+  same = _decode(target, 'speculative', prompt, draft=target, sampler=hot, seed=3)
+  assert same.stats['acceptance_rate'] == 1.0
+
+
+def _pq(v, seed):
+  rng = np.random.default_rng(seed)
+  p, q = rng.dirichlet(np.ones(v)), rng.dirichlet(np.ones(v) * 0.5)
+  q[0] = 0.0  # the draft never proposes token 0, which the target still likes
+  return jnp.asarray(p, jnp.float32), jnp.asarray(q / q.sum(), jnp.float32)
+
+
+def test_rejection_rule_distribution_is_the_target_exactly():
+  """Exact enumeration over a 5-token vocabulary with the rule's own two pieces."""
+  for seed in range(5):
+    p, q = _pq(5, seed)
+    accept = sampling.acceptance_probability(p, q)  # min(1, p(x)/q(x)) for each drafted x
+    rejected_mass = jnp.sum(q * (1 - accept))
+    out = q * accept + rejected_mass * sampling.residual(p, q)
+    np.testing.assert_allclose(out, p, atol=1e-6)
+
+
+def test_rejection_sampler_chi_square():
+  """The sampler itself (drafts from q, verify) vs the target, first and second token jointly.
+
+  N = 200,000 draws of (token 1, token 2) over 4 x 4 cells, chi-square at alpha = 1e-3 with a
+  fixed seed. Power: a shift of 0.01 probability between two cells of mass ~1/16 gives a
+  noncentrality N * 2 * 0.01^2 / (1/16) = 640 on 15 degrees of freedom: power ~ 1.
+  """
+  v, n = 4, 200_000
+  p, q = _pq(v, 7)
+  key_draft, key_verify = jax.random.split(jax.random.key(0))
+  drafts = jax.random.categorical(key_draft, jnp.log(q), shape=(n, 2)).astype(jnp.int32)
+  p_bgv = jnp.broadcast_to(p, (n, 3, v))
+  q_bgv = jnp.broadcast_to(q, (n, 2, v))
+  accepted, choice = sampling.verify(p_bgv, q_bgv, drafts, key_verify)
+  # Per row (batch of one): token 1 = choice[0]; token 2 = the draft if kept, else (rejected at
+  # index 0) the next round's first token, drawn again the same way: emulate with choice[1] of
+  # rows that kept draft 0 only, which is also exactly p.
+  first = np.asarray(choice[:, 0])
+  counts = np.bincount(first, minlength=v)
+  assert scipy_stats.chisquare(counts, n * np.asarray(p, np.float64)).pvalue > 1e-3
+  kept = np.asarray(accepted) >= 1
+  pairs = np.asarray(choice[kept][:, :2])
+  joint = np.bincount(pairs[:, 0] * v + pairs[:, 1], minlength=v * v)
+  expected = np.outer(np.asarray(q * sampling.acceptance_probability(p, q), np.float64),
+                      np.asarray(p, np.float64)).ravel()
+  expected = expected / expected.sum() * kept.sum()
+  assert not joint[expected == 0].any()  # never-drafted first tokens never come out kept
+  cells = expected >= 5  # the chi-square approximation needs a few expected counts per cell
+  observed, expected = joint[cells], expected[cells]
+  assert scipy_stats.chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
+  # And the lockstep commit keeps both rows' tokens at the minimum accepted index.
+  m, tokens = sampling.commit(drafts[:2], choice[:2], accepted[:2])
+  assert int(m) == int(np.min(np.asarray(accepted[:2])))
+  for row in range(2):
+    assert list(np.asarray(tokens[row, :int(m)])) == list(np.asarray(drafts[row, :int(m)]))
+    assert int(tokens[row, int(m)]) == int(choice[row, int(m)])
+
+
+def test_greedy_rule_is_argmax():
+  p = jax.nn.one_hot(jnp.asarray([[2, 1, 3]]), 4)
+  q = jax.nn.one_hot(jnp.asarray([[2, 0]]), 4)
+  accepted, choice = sampling.verify(p, q, jnp.asarray([[2, 0]]), jax.random.key(0))
+  assert int(accepted[0]) == 1 and list(np.asarray(choice[0, :2])) == [2, 1]
