@@ -63,35 +63,14 @@ def run(config, contexts: Sequence[int], *, steps: int, batch: int, repeats: int
   if not model.supports_cache():
     raise ValueError(f'model.pattern={config.model.pattern!r}: a mixer has no cached decoding')
   graphdef, params = nnx.split(model)
-  loop = _decode_loop(graphdef, steps)
-  tokens = jnp.ones((batch,), jnp.int32)
   rows = []
   for context in contexts:
-    row: dict[str, Any] = {'context': context, 'batch': batch, 'steps': steps,
-                           'pattern': config.model.pattern}
     try:
-      cache = model.init_cache(batch, context + steps)
-      row['cache_mb'] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / 2 ** 20
-      start = jnp.int32(context)
-      t0 = time.perf_counter()
-      compiled = loop.lower(params, cache, start, tokens).compile()
-      row['compile_s'] = time.perf_counter() - t0
-      jax.block_until_ready(compiled(params, cache, start, tokens))
-      seconds, meters = [], []
-      for _ in range(repeats):
-        # The loop's inputs are ready (the warm-up blocked) and its output is blocked on inside
-        # the meter's window: the energy is that of the timed loop.
-        with energy.Meter() as meter:
-          t0 = time.perf_counter()
-          jax.block_until_ready(compiled(params, cache, start, tokens))
-          seconds.append(time.perf_counter() - t0)
-        meters.append(meter)
-      per_loop = statistics.median(seconds)
-      row.update(ms_per_step=1e3 * per_loop / steps, tokens_per_s=batch * steps / per_loop,
-                 seconds=seconds, **energy.row_fields(meters, batch * steps * repeats))
+      row = time_decode(graphdef, params, context, steps=steps, batch=batch, repeats=repeats)
     except Exception as e:  # pylint: disable=broad-except
       from effjax.bench.kernels import first_line
-      row['error'] = first_line(e)
+      row = {'context': context, 'batch': batch, 'steps': steps, 'error': first_line(e)}
+    row['pattern'] = config.model.pattern
     rows.append(row)
     log(f"[decode] context {context}: " + (row.get('error') or
                                            f"{row['ms_per_step']:.3f} ms/step, "
@@ -106,23 +85,31 @@ def run(config, contexts: Sequence[int], *, steps: int, batch: int, repeats: int
 
 def time_decode(graphdef, params, context: int, *, steps: int = 32, batch: int = 1,
                 repeats: int = 3) -> dict[str, Any]:
-  """Decode tokens/s of given (e.g. trained or compressed) parameters: the loop `run` times.
+  """One row: decode tokens/s of given (random, trained or compressed) parameters.
 
-  The caches hold context + steps positions and decoding starts at position `context`; the
-  median of `repeats` timed loops after one warm-up.
+  The caches hold context + steps positions and decoding starts at position `context`: one
+  compile, one warm-up, then the median of `repeats` timed loops, each inside an energy meter's
+  window (its inputs are ready and its output is blocked on inside the window).
   """
   model = nnx.merge(graphdef, params)
+  row: dict[str, Any] = {'context': context, 'batch': batch, 'steps': steps}
   if not model.supports_cache():
-    return {'error': 'a mixer of the pattern has no cached decoding'}
+    return {**row, 'error': 'a mixer of the pattern has no cached decoding'}
   cache = model.init_cache(batch, context + steps)
+  row['cache_mb'] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / 2 ** 20
   start, tokens = jnp.int32(context), jnp.ones((batch,), jnp.int32)
+  t0 = time.perf_counter()
   compiled = _decode_loop(graphdef, steps).lower(params, cache, start, tokens).compile()
+  row['compile_s'] = time.perf_counter() - t0
   jax.block_until_ready(compiled(params, cache, start, tokens))
-  seconds = []
+  seconds, meters = [], []
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(params, cache, start, tokens))
-    seconds.append(time.perf_counter() - t0)
+    with energy.Meter() as meter:
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(params, cache, start, tokens))
+      seconds.append(time.perf_counter() - t0)
+    meters.append(meter)
   per_loop = statistics.median(seconds)
-  return {'context': context, 'batch': batch, 'steps': steps, 'ms_per_step': 1e3 * per_loop / steps,
-          'tokens_per_s': batch * steps / per_loop}
+  row.update(ms_per_step=1e3 * per_loop / steps, tokens_per_s=batch * steps / per_loop,
+             seconds=seconds, **energy.row_fields(meters, batch * steps * repeats))
+  return row

@@ -122,8 +122,8 @@ class CompressedWeight(nnx.Module):
   """Base: `w[...]` is the dense weight; `einsum` the product with it in a compute dtype."""
   layout: Layout
 
-  def dense(self) -> jax.Array:
-    raise NotImplementedError
+  def dense(self) -> jax.Array:  # every subclass defines it
+    raise NotImplementedError(f'{type(self).__name__} does not define dense()')
 
   def __getitem__(self, key) -> jax.Array:
     return self.dense()[key]

@@ -159,11 +159,10 @@ def _permute(x_sd: jax.Array, order_s: jax.Array, inverse_s: jax.Array) -> jax.A
 
 
 def _permute_fwd(x_sd, order_s, inverse_s):
-  return x_sd[order_s], (order_s, inverse_s)
+  return x_sd[order_s], inverse_s
 
 
-def _permute_bwd(residuals, g_sd):
-  order_s, inverse_s = residuals
+def _permute_bwd(inverse_s, g_sd):
   return g_sd[inverse_s], None, None
 
 
