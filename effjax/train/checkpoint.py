@@ -41,6 +41,7 @@ Layout of one step: `<directory>/<step>/{state, data_iter, metadata}`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import os
 from typing import Any
 
 import grain.checkpoint as grain_checkpoint
@@ -182,6 +183,10 @@ class Checkpointer:
       raise ValueError(f'save_every must be a positive number of steps, got {save_every}')
     if keep is not None and keep < 1:
       raise ValueError(f'keep must be a positive number of checkpoints or None (all), got {keep}')
+    # orbax refuses a relative local path at its first save (after a whole run has trained), so
+    # a relative workdir is resolved against the current directory here; URIs (gs://) pass as is.
+    if '://' not in os.fspath(directory):
+      directory = os.path.abspath(os.fspath(directory))
     self.directory = epath.Path(directory)
     self.save_every = save_every
     policies = ocp.checkpoint_managers

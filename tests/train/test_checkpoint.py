@@ -327,3 +327,15 @@ def test_process_killed_during_async_save_leaves_previous_step_latest(tmp_path, 
     ckpt.wait()
     assert ckpt.latest_step() == 2
     _assert_same_values(ckpt.restore(2, abstract), new_step_2)
+
+
+def test_relative_directory_saves_and_restores(tmp_path, seed, monkeypatch):
+  # orbax rejects a relative local path only when it first writes; the wrapper resolves it.
+  monkeypatch.chdir(tmp_path)
+  state = _place({'w': np.random.default_rng(seed).standard_normal((8, 4))}, _one_device())
+  with Checkpointer('runs/ckpt', save_every=1) as ckpt:
+    assert ckpt.save(1, state)
+  with Checkpointer('runs/ckpt') as ckpt:
+    assert ckpt.latest_step() == 1
+    _assert_same_values(ckpt.restore(None, _abstract(state, _one_device())), state)
+  assert (tmp_path / 'runs' / 'ckpt' / '1').is_dir()
