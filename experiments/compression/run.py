@@ -118,8 +118,13 @@ def main():
 
   # Decode speed again, every model in one process, interleaved over rounds, best round kept:
   # the reports' single measurements each ran at a different moment of a shared machine.
+  # The reports' own measurements count too (--decode_rounds=0 keeps only those: on a dedicated
+  # GPU one measurement per model is enough, and a rerun after an interruption stays short).
   workdirs = [source] + [r['out_workdir'] for _, r in rows]
   best = {w: 0.0 for w in workdirs}
+  for _, r in rows:
+    best[source] = max(best[source], r['before'].get('decode_tokens_per_s') or 0.0)
+    best[r['out_workdir']] = r['after'].get('decode_tokens_per_s') or 0.0
   for _ in range(args.decode_rounds):
     for w in workdirs:
       best[w] = max(best[w], decode_tokens_per_s(config, w))

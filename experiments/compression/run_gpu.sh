@@ -1,0 +1,46 @@
+#!/bin/bash
+# The compression study on one GPU at configs/gpt_1b.py sizes, most important first. Every step
+# resumes: a technique whose report.json exists is not run again, so a run cut short is continued
+# by the same command. Results go to experiments/compression/results/ (and are copied to $OUT).
+#   bash experiments/compression/run_gpu.sh STEP [STEP ...]     (steps: the functions below, or all)
+set -u
+OUT=${OUT:-/tmp/effjax_compression_out}
+WORK=${WORK:-/tmp/effjax_compression_1b}  # the source checkpoint and one directory per technique
+RES=experiments/compression/results
+mkdir -p "$OUT" "$RES"
+export PYTHONUNBUFFERED=1
+
+# The source: gpt_1b (1.03B parameters) trained 150 steps of 8 x 2048 tokens on the embedded
+# corpus (long enough for the loss rows to mean something, short enough for one call); held-out
+# loss over 8 batches; decode timed at batch 1 after a 1024-token context, 64 tokens a loop.
+STUDY="python3 experiments/compression/run.py --config=configs/gpt_1b.py --out=$WORK --steps=150
+  --finetune_steps=100 --finetune_learning_rate=1e-4 --decode_rounds=0 --name=h200_gpt_1b
+  --set model.d_model=2048 --set model.num_layers=16 --set model.mlp_dim=5632
+  --set data.seq_len=2048 --set train.batch_size=8 --set compress.decode_context=1024
+  --set compress.decode_steps=64 --set train.eval_batches=8"
+
+# Post-training quantization: int8 and int4 weight-only (the decode targets), then fp8 and W8A8.
+ptq() { $STUDY --only=int8,int4,fp8,w8a8; }
+# 2:4 pruning with 100 fine-tuning steps, and the table of every technique run so far.
+prune() { $STUDY --only=int8,int4,fp8,w8a8,2:4; }
+# Peak memory of full fine-tuning vs LoRA (r=8 on all seven projections, base frozen) at the
+# config's batch of 16 and at 4; bf16 compute, float32 parameters and Adam moments as configured.
+memory() {
+  for method in full lora; do
+    flag=""; [ "$method" = lora ] && flag="--config.compress.method=lora"
+    [ -f "$RES/finetune_memory_$method.json" ] || python3 -m effjax.bench train \
+      --config=configs/gpt_1b.py $flag --sweep=train.batch_size=4,16 --steps=3 --repeats=1 \
+      --warmup_steps=1 --out="$RES" --name="finetune_memory_$method"
+  done
+}
+
+steps=("$@")
+if [ "${steps[0]:-all}" = all ]; then steps=(ptq prune memory); fi
+for step in "${steps[@]}"; do
+  echo "=== $step"
+  "$step" 2>&1 | tail -30
+  cp "$RES"/h200_gpt_1b.* "$RES"/finetune_memory_* "$OUT"/ 2>/dev/null
+  for d in "$WORK"/*/; do
+    [ -f "$d/report.json" ] && cp "$d/report.json" "$OUT/$(basename "$d").report.json"
+  done
+done
