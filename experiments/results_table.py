@@ -290,35 +290,64 @@ def grouped_matmul(bench, tokamax_log) -> str:
 MOE_STEP_TARGET = 0.8  # the goal set for the MoE step against its dense twin, not a measurement
 
 
-def moe_step(moe_vs_dense, ragged) -> str:
-  """MoE training step tokens/s against its dense twin and against ragged_dot."""
-  moe = bench_row(moe_vs_dense, name='pattern=attention:moe')['tokens_per_second']
-  dense = bench_row(moe_vs_dense, name='pattern=attention:mlp')['tokens_per_second']
+def moe_step(latest, earlier, ragged) -> str:
+  """MoE training step tokens/s against its dense twin (latest run) and against ragged_dot (the
+  earlier run that timed both backends)."""
+  moe = bench_row(latest, name='pattern=attention:moe')['tokens_per_second']
+  dense = bench_row(latest, name='pattern=attention:mlp')['tokens_per_second']
+  moe_then = bench_row(earlier, name='pattern=attention:moe')['tokens_per_second']
   other = ok_rows(bench_rows(ragged))[0]['tokens_per_second']
   verdict = 'met' if moe / dense >= MOE_STEP_TARGET else 'missed'
   return (f'{kilo(moe, 0)} vs {kilo(dense, 0)} tokens/s ({moe / dense:.2f}x; '
-          f'target {MOE_STEP_TARGET}x {verdict}); {moe / other:.1f}x the same MoE on `ragged_dot`')
+          f'target {MOE_STEP_TARGET}x {verdict}); in an earlier run {moe_then / other:.1f}x the '
+          'same MoE on `ragged_dot`')
 
 
-def gpu_smoke(status_log, run2, logs_tail, sharded_cpu) -> str:
-  """Configs run, completed and skipped over the two smoke runs."""
+def gpu_smoke(*runs_and_config) -> str:
+  """Configs run to the end, failed and skipped over smoke runs (a later run's row wins)."""
+  *runs, sharded_cpu = runs_and_config
   state = {}
-  for m in re.finditer(r'^\[smoke\] (\w+): (\w+)', status_log.read_text(), re.M):
-    state[m.group(1)] = m.group(2)
-  for r in load_json(run2):
-    state[r['config']] = 'ok' if r['ok'] else state.get(r['config'], 'FAILED')
-  for name in re.findall(r'^== \S*/(\w+)\.train\.log', logs_tail.read_text(), re.M):
-    state.setdefault(name, 'not completed')
+  for run in runs:
+    rows = load_json(run)
+    for r in rows['rows'] if isinstance(rows, dict) else rows:
+      state[r['config']] = 'skipped' if r.get('skipped') else 'ok' if r.get('ok') else 'FAILED'
   done = sorted(n for n, s in state.items() if s == 'ok')
   skipped = sorted(n for n, s in state.items() if s == 'skipped')
-  unfinished = sorted(n for n, s in state.items() if s not in ('ok', 'skipped'))
+  failed = sorted(n for n, s in state.items() if s == 'FAILED')
   axes = re.findall(r'config\.mesh\.\w+\s*=\s*(\d+)', sharded_cpu.read_text())
   devices = math.prod(int(a) for a in axes)
-  started = len(state) - len(skipped)
   skip_note = '; '.join(f'{n} needs {devices} devices' if n == 'sharded_cpu' else f'{n} skipped'
                         for n in skipped)
-  return (f"{started} of {len(state)} ran, {len(done)} to the end; "
-          f"{', '.join(unfinished)} not completed within the run's time cap; {skip_note}")
+  return (f"{len(done)} of {len(state)} ran to the end; failed: {', '.join(failed) or 'none'}; "
+          f"{skip_note}")
+
+
+def compression_decode(study) -> str:
+  """Weight-only PTQ decode speed and loss against the bf16 source."""
+  rows = {r['technique'].split(' (')[0]: r for r in load_json(study)['rows']}
+  dense = rows['dense source']
+  parts = []
+  for name, label, target in (('int8 weight-only', 'int8', 1.6),
+                              ('int4 weight-only, groups of 64', 'int4', 2.5)):
+    r = rows[name]
+    speed = r['decode_tokens_per_s'] / dense['decode_tokens_per_s']
+    loss = (r['loss'] - dense['loss']) / dense['loss'] * 100
+    verdict = 'met' if speed >= target else 'missed'
+    parts.append(f'{label} {speed:.2f}x bf16 tokens/s (target {target}x {verdict}), '
+                 f'{r["bytes"] / dense["bytes"]:.2f}x the bytes, loss {loss:+.2f}%')
+  return '; '.join(parts)
+
+
+def lora_memory(full, lora) -> str:
+  """LoRA peak memory as a fraction of full fine-tuning, per batch size."""
+  parts = []
+  for f in bench_rows(full):
+    r = bench_row(lora, name=f['name'])
+    parts.append(f"{r['peak_memory_gb'] / f['peak_memory_gb']:.0%} at batch {f['batch_size']} "
+                 f"({r['peak_memory_gb']:.1f} vs {f['peak_memory_gb']:.1f} GB)")
+  return ', '.join(parts) + ' (target 40% missed)' * all(
+      bench_row(lora, name=f['name'])['peak_memory_gb'] > 0.4 * f['peak_memory_gb']
+      for f in bench_rows(full))
 
 
 def attention_kernels(bench) -> str:
@@ -391,13 +420,19 @@ ROWS = (
         (f'{MOE_H200}/kernels_gmm.json', f'{MOE_H200}/gmm_tokamax_console.log'), grouped_matmul),
     Row('MoE 8x top-2 training step vs its dense twin (equal active FLOPs), 12 layers, '
         'width 1024', '1 x H200', 'moe',
-        (f'{MOE_H200}/moe_vs_dense.json', f'{MOE_H200}/moe_ragged_dot.json'), moe_step),
+        (f'{MOE_H200}_profiled/run4_moe_step_new_tgmm/moe_vs_dense_run4.json',
+         f'{MOE_H200}/moe_vs_dense.json', f'{MOE_H200}/moe_ragged_dot.json'), moe_step),
     Row('every config through `effjax.main` (train, eval, checkpoint, resume, sample)',
         '1 x H200', 'gpu_smoke',
-        ('experiments/gpu_smoke/smoke_h200_run1_status.log',
-         'experiments/gpu_smoke/smoke_h200_run2.json',
-         'experiments/gpu_smoke/smoke_h200_run2_logs_tail.txt', 'configs/sharded_cpu.py'),
-        gpu_smoke),
+        ('experiments/gpu_smoke/smoke_h200_run4.json',
+         'experiments/gpu_smoke/smoke_h200_run5.json', 'configs/sharded_cpu.py'), gpu_smoke),
+    Row('int8 / int4 weight-only quantization (PTQ) of the 1.03B model, decode at batch 1',
+        '1 x H200', 'compression', ('experiments/compression/results/h200_gpt_1b.json',),
+        compression_decode),
+    Row('LoRA (r=8, base frozen) vs full fine-tuning peak memory, 1.03B model, seq 2048',
+        '1 x H200', 'compression', ('experiments/compression/results/finetune_memory_full.json',
+                                    'experiments/compression/results/finetune_memory_lora.json'),
+        lora_memory),
     Row('flash attention (Pallas Triton) vs cuDNN, causal, S 4k-16k', '1 x H100',
         'attention_kernels', ('experiments/attention_kernels/results/round2_final.json',),
         attention_kernels),

@@ -9,6 +9,16 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_backend_optimization_level=0').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# One persistent XLA compilation cache per test run, shared by the xdist workers (they inherit
+# the controller's environment) and by the command-line tests' subprocesses: a program compiled
+# once (the same tiny model trained, resumed, evaluated and sampled by four `effjax.main` runs) is
+# loaded from it afterwards. Tracing still happens; only XLA's compile is skipped.
+_OWN_CACHE = None
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  import tempfile
+  _OWN_CACHE = os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+      prefix='effjax_test_xla_cache_')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
 
 import jax  # noqa: E402  (after the flags above)
 
@@ -32,3 +42,10 @@ def stdlib_data_dir(tmp_path_factory) -> str:
   sources.load_documents(config, 'train')
   print(f'\nbuilt the stdlib dataset in {time.perf_counter() - start:.2f} s')
   return path
+
+
+def pytest_sessionfinish(session):
+  """The run's compilation cache is removed by the process that made it (not by xdist workers)."""
+  if _OWN_CACHE and not hasattr(session.config, 'workerinput'):
+    import shutil
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -26,7 +26,9 @@ def shrink_model(config) -> None:
   """Tiny widths and depth, keeping what the config is about: pattern, dtypes, mesh, vocabulary."""
   m = config.model
   blocks = len(parse_pattern(m.pattern))
-  m.num_layers = blocks * min(2, m.num_layers // blocks)
+  # Two repeats of the pattern where layers are scanned (the scan over groups is kept), one where
+  # they are unrolled (each repeat would be compiled again for nothing new).
+  m.num_layers = blocks * min(2 if m.scan_layers else 1, m.num_layers // blocks)
   m.num_kv_heads = 4 if m.num_kv_heads == m.num_heads else 2
   m.num_heads, m.d_model, m.head_dim, m.mlp_dim = 4, 64, 0, 128
   m.moe_expert_mlp_dim = min(m.moe_expert_mlp_dim, 64)

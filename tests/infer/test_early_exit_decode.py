@@ -23,10 +23,14 @@ def _split(**overrides):
   return nnx.split(lm_lib.LM(config.model, rngs=nnx.Rngs(0)))
 
 
-def _decode(split, prompts, method='early_exit', **policy):
+def _decoder(split, method='early_exit', **policy):
   options = gen.Options(method=method, max_new_tokens=10, sampler=Sampler(vocab_limit=259),
                         exit_policy=ExitPolicy(**policy))
-  return gen.Decoder(*split, options).generate(prompts)
+  return gen.Decoder(*split, options)  # compiles once per batch shape, reused across prompts
+
+
+def _decode(split, prompts, method='early_exit', **policy):
+  return _decoder(split, method, **policy).generate(prompts)
 
 
 def test_threshold_one_equals_plain():
@@ -76,10 +80,11 @@ def test_skip_path_equals_selecting_and_batch_rows_equal_each_alone():
   prompts = [[5, 9, 11], [7, 8, 9, 10, 11, 12, 13]]
   for confidence, threshold in (('softmax', 0.0), ('state', 0.5), ('margin', 0.002)):
     policy = dict(confidence=confidence, threshold=threshold)
-    batch = _decode(split, prompts, **policy)
-    assert batch.tokens == _decode(split, prompts, skip=False, **policy).tokens
+    skipping, selecting = _decoder(split, **policy), _decoder(split, skip=False, **policy)
+    batch = skipping.generate(prompts)
+    assert batch.tokens == selecting.generate(prompts).tokens
     for prompt, row in zip(prompts, batch.tokens):
-      alone = _decode(split, [prompt], **policy)
+      alone = skipping.generate([prompt])
       assert alone.tokens[0] == row
-      assert alone.tokens[0] == _decode(split, [prompt], skip=False, **policy).tokens[0]
+      assert alone.tokens[0] == selecting.generate([prompt]).tokens[0]
   assert sum(batch.stats['exit_histogram'][:2]) > 0  # some tokens did exit early
