@@ -206,8 +206,11 @@ class LoRAWeight(CompressedWeight):
     return self.scale * _product(self.lora_a[...], self.lora_b[...], self.layout)
 
   def dense(self) -> jax.Array:
+    # In the adapters' dtype (float32) when the base is stored narrower (compress.lora_base_dtype):
+    # the merged model is the dense model of the source's parameter dtype.
     base = self.base[...]
-    return (base + self.delta().astype(base.dtype)).astype(base.dtype)
+    dtype = jnp.promote_types(base.dtype, self.lora_a[...].dtype)
+    return base.astype(dtype) + self.delta().astype(dtype)
 
   def einsum(self, equation: str, x: jax.Array, dtype) -> jax.Array:
     y = jnp.einsum(equation, x, self.base[...].astype(dtype))
@@ -307,7 +310,8 @@ def compress_param(param: nnx.Param, name: str, method: str, cfg, *, rngs: nnx.R
     a = jax.random.normal(rngs.params(), in_shape + (r,), jnp.float32) / math.sqrt(fan_in)
     b = jnp.zeros(w.shape[:layout.batch] + (r,) + w.shape[layout.batch + layout.inputs:],
                   jnp.float32)
-    return LoRAWeight(_param(w, names), _param(a, batch_names + in_names + (None,)),
+    base = w.astype(cfg.lora_base_dtype) if cfg.get('lora_base_dtype') else w
+    return LoRAWeight(_param(base, names), _param(a, batch_names + in_names + (None,)),
                       _param(b, batch_names + (None,) + out_names), layout,
                       cfg.lora_alpha / r)
   raise ValueError(f'compress.method={method!r} does not change weights')

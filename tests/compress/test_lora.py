@@ -96,3 +96,37 @@ def test_lora_step_on_8_device_mesh_equals_one_device():
   np.testing.assert_array_equal(ref_base, base0)  # the base stayed frozen
   np.testing.assert_array_equal(base, base0)
   assert sharding.shard_shape(base.shape) == (2, 32, 2, 16)  # [layers, embed, heads, head_dim]
+
+
+def test_bfloat16_base_halves_its_bytes_and_trains_only_the_adapters():
+  config = _lora_config()
+  config.compress.lora_base_dtype = 'bfloat16'
+  _, _, setup = build(config, jax.devices()[:1])
+  leaves = {jax.tree_util.keystr(p): leaf for p, leaf in
+            jax.tree_util.tree_flatten_with_path(setup.abstract_state['params'])[0]}
+  bases = [leaf for k, leaf in leaves.items() if "'base'" in k]
+  adapters = [leaf for k, leaf in leaves.items() if 'lora_' in k]
+  assert bases and all(b.dtype == jnp.bfloat16 for b in bases)
+  assert adapters and all(a.dtype == jnp.float32 for a in adapters)
+  # The same model at zero-initialised adapters: the base model with bf16-rounded projections.
+  tokens = jnp.asarray(np.random.default_rng().integers(3, 259, (2, 16)), jnp.int32)
+  model = LM(config.model, rngs=nnx.Rngs(1))
+  rounded = LM(config.model, rngs=nnx.Rngs(1))
+  for path, w in nnx.iter_graph(rounded):
+    if isinstance(w, nnx.Param) and path[-1] in config.compress.targets.split(','):
+      w[...] = w[...].astype(jnp.bfloat16).astype(w[...].dtype)
+  w_lib.restructure(model, config)
+  np.testing.assert_allclose(model(tokens), rounded(tokens), rtol=1e-5, atol=1e-5)
+  batch = random_batch(np.random.default_rng(), 16, 32)
+  for weight in [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.LoRAWeight)]:
+    assert weight.dense().dtype == jnp.float32  # merging gives the source's parameter dtype
+  assert all(p[...].dtype == jnp.float32 for _, p in nnx.iter_graph(w_lib.densify(model))
+             if isinstance(p, nnx.Param))
+  with jax.set_mesh(setup.mesh):
+    state = setup.init(seed=2)
+    base_before = jax.device_get(state['params']['groups']['blocks'][0]['mixer']['wq']['base'][...])
+    state, metrics = step_lib.make_train_step(setup)(state, step_lib.device_batch(setup, batch, 1))
+    assert np.isfinite(float(metrics['loss']))
+    np.testing.assert_array_equal(
+        jax.device_get(state['params']['groups']['blocks'][0]['mixer']['wq']['base'][...]),
+        base_before)
