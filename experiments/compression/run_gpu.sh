@@ -24,14 +24,23 @@ ptq() { $STUDY --only=int8,int4,fp8,w8a8; }
 # 2:4 pruning with 100 fine-tuning steps, and the table of every technique run so far.
 prune() { $STUDY --only=int8,int4,fp8,w8a8,2:4; }
 # Peak memory of full fine-tuning vs LoRA (r=8 on all seven projections, base frozen) at the
-# config's batch of 16 and at 4; bf16 compute, float32 parameters and Adam moments as configured.
+# config's batch of 16 and at 4; bf16 compute, float32 parameters and Adam moments as configured;
+# then LoRA with the frozen base stored in bf16, and both with every block rematerialised.
+# A variant whose result file exists is not run again.
 memory() {
-  for method in full lora; do
-    flag=""; [ "$method" = lora ] && flag="--config.compress.method=lora"
-    [ -f "$RES/finetune_memory_$method.json" ] || python3 -m effjax.bench train \
-      --config=configs/gpt_1b.py $flag --sweep=train.batch_size=4,16 --steps=3 --repeats=1 \
-      --warmup_steps=1 --out="$RES" --name="finetune_memory_$method"
-  done
+  local lora="--config.compress.method=lora" bf16="--config.compress.lora_base_dtype=bfloat16"
+  local remat="--config.model.remat_policy=full"
+  while read -r name flags; do
+    [ -f "$RES/finetune_memory_$name.json" ] || python3 -m effjax.bench train \
+      --config=configs/gpt_1b.py $flags --sweep=train.batch_size=4,16 --steps=3 --repeats=1 \
+      --warmup_steps=1 --out="$RES" --name="finetune_memory_$name"
+  done <<EOF_VARIANTS
+full
+lora $lora
+lora_bf16_base $lora $bf16
+full_remat $remat
+lora_bf16_base_remat $lora $bf16 $remat
+EOF_VARIANTS
 }
 
 steps=("$@")
