@@ -3,6 +3,7 @@
 # resumes: a technique whose report.json exists is not run again, so a run cut short is continued
 # by the same command. Results go to experiments/compression/results/ (and are copied to $OUT).
 #   bash experiments/compression/run_gpu.sh STEP [STEP ...]     (steps: the functions below, or all)
+#   'all' is ptq prune memory rest
 set -u
 OUT=${OUT:-/tmp/effjax_compression_out}
 WORK=${WORK:-/tmp/effjax_compression_1b}  # the source checkpoint and one directory per technique
@@ -23,6 +24,9 @@ STUDY="python3 experiments/compression/run.py --config=configs/gpt_1b.py --out=$
 ptq() { $STUDY --only=int8,int4,fp8,w8a8; }
 # 2:4 pruning with 100 fine-tuning steps, and the table of every technique run so far.
 prune() { $STUDY --only=int8,int4,fp8,w8a8,2:4; }
+# The remaining techniques (QAT, magnitude, SVD, LoRA, the distilled student), each fine-tuned 100
+# steps, and the table of all of them; more than one call's time: rerun until it prints the table.
+rest() { $STUDY; }
 # Peak memory of full fine-tuning vs LoRA (r=8 on all seven projections, base frozen) at the
 # config's batch of 16 and at 4; bf16 compute, float32 parameters and Adam moments as configured;
 # then LoRA with the frozen base stored in bf16, and both with every block rematerialised.
@@ -44,7 +48,7 @@ EOF_VARIANTS
 }
 
 steps=("$@")
-if [ "${steps[0]:-all}" = all ]; then steps=(ptq prune memory); fi
+if [ "${steps[0]:-all}" = all ]; then steps=(ptq prune memory rest); fi
 for step in "${steps[@]}"; do
   echo "=== $step"
   "$step" 2>&1 | tail -30
