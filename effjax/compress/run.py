@@ -37,7 +37,8 @@ RECORD = 'compression.json'
 METHODS = ('int8', 'w8a8', 'fp8', 'int4', 'qat_int8', 'qat_int4', 'magnitude', '2:4', 'lowrank',
            'lora', 'merge', 'distill')
 RECORDED = ('method', 'targets', 'int4_group_size', 'lowrank_ranks', 'lora_rank', 'lora_alpha',
-            'lora_base_dtype', 'teacher_model', 'distill_temperature', 'distill_weight', 'distill_hidden_weight')
+            'lora_base_dtype', 'teacher_model', 'distill_temperature', 'distill_weight',
+            'distill_hidden_weight')
 
 
 def apply_recorded(config, workdir: str):

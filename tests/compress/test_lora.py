@@ -117,11 +117,11 @@ def test_bfloat16_base_halves_its_bytes_and_trains_only_the_adapters():
       w[...] = w[...].astype(jnp.bfloat16).astype(w[...].dtype)
   w_lib.restructure(model, config)
   np.testing.assert_allclose(model(tokens), rounded(tokens), rtol=1e-5, atol=1e-5)
-  batch = random_batch(np.random.default_rng(), 16, 32)
   for weight in [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.LoRAWeight)]:
     assert weight.dense().dtype == jnp.float32  # merging gives the source's parameter dtype
   assert all(p[...].dtype == jnp.float32 for _, p in nnx.iter_graph(w_lib.densify(model))
              if isinstance(p, nnx.Param))
+  batch = random_batch(np.random.default_rng(), 16, 32)
   with jax.set_mesh(setup.mesh):
     state = setup.init(seed=2)
     base_before = jax.device_get(state['params']['groups']['blocks'][0]['mixer']['wq']['base'][...])
