@@ -131,7 +131,8 @@ def _check_fields(config) -> None:
                         f'{type(value).__name__}')
   for name, allowed in CHOICES.items():
     if given[name] not in allowed:
-      raise ConfigError(f'{name}={given[name]!r}: allowed values are {", ".join(allowed)}')
+      shown = ', '.join(a or repr(a) for a in allowed)  # '' (the default "none") shown as ''
+      raise ConfigError(f'{name}={given[name]!r}: allowed values are {shown}')
   for name in POSITIVE:
     if given[name] <= 0:
       raise ConfigError(f'{name}={given[name]}: must be a positive integer')
