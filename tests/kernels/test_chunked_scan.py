@@ -119,14 +119,16 @@ def test_reference_backend_is_the_chunked_form_with_jax_gradients():
                                    return_final_state=True)
   xla = lambda *a: cs.chunked_scan(*a[:4], initial_state=a[4], backend='xla', chunk_size=8,
                                    return_final_state=True)
-  for a, b in zip(jax.grad(_loss(ref), argnums=range(5))(q, k, v, g, init, ct),
-                  jax.grad(_loss(xla), argnums=range(5))(q, k, v, g, init, ct)):
+  for a, b in zip(jax.jit(jax.grad(_loss(ref), argnums=range(5)))(q, k, v, g, init, ct),
+                  jax.jit(jax.grad(_loss(xla), argnums=range(5)))(q, k, v, g, init, ct)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(a))))
   # The reference backend alone admits forward-mode differentiation (Hessian-vector products).
   tangents = [jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (q, k, v, g)]
-  _, jvp = jax.jvp(lambda *a: cs.chunked_scan(*a, backend='reference', chunk_size=8),
-                   (q, k, v, g), tuple(tangents))
-  _, want = jax.jvp(lambda *a: cs.recurrent_reference(*a)[0], (q, k, v, g), tuple(tangents))
+  _, jvp = jax.jit(lambda p, t: jax.jvp(
+      lambda *a: cs.chunked_scan(*a, backend='reference', chunk_size=8), p, t))(
+          (q, k, v, g), tuple(tangents))
+  _, want = jax.jit(lambda p, t: jax.jvp(lambda *a: cs.recurrent_reference(*a)[0], p, t))(
+      (q, k, v, g), tuple(tangents))
   np.testing.assert_allclose(jvp, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
 
 
@@ -182,7 +184,8 @@ def test_bfloat16_log_decay_gradient_stays_accurate_over_a_long_sequence():
   q, k, v, g = _inputs(rng, b=1, t=2048, h=2, dk=16, dv=16, dtype=jnp.bfloat16, decay=0.2)
   ct = jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
   loss = lambda fn: lambda g: jnp.sum(fn(g).astype(jnp.float32) * ct)
-  got = jax.grad(loss(lambda g: cs.chunked_scan(q, k, v, g, chunk_size=64, backend='xla')))(g)
-  want = jax.grad(loss(lambda g: cs.recurrent_reference(q, k, v, g)[0]))(g)
+  got = jax.jit(jax.grad(loss(lambda g: cs.chunked_scan(q, k, v, g, chunk_size=64,
+                                                         backend='xla'))))(g)
+  want = jax.jit(jax.grad(loss(lambda g: cs.recurrent_reference(q, k, v, g)[0])))(g)
   err = float(jnp.max(jnp.abs(got - want))) / float(jnp.max(jnp.abs(want)))
   assert err < 5e-3, err

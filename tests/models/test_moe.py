@@ -32,11 +32,17 @@ def _moe(rng, **moe):
 
 
 def _run(module, x_btd, seg_bt=None):
-  ctx = layers.Context(positions=jnp.zeros(x_btd.shape[:2], jnp.int32),
-                       segment_ids=None if seg_bt is None else jnp.asarray(seg_bt))
-  with moe_lib.collect_stats() as sink:
-    y = module(jnp.asarray(x_btd), ctx)
-  return y, sink[0]
+  """The layer's output and statistics, as one compiled program (called eagerly, each of its
+  primitives would be compiled on its own: most of a test's time on CPU)."""
+  graphdef, state = nnx.split(module)
+
+  @jax.jit
+  def run(state, x_btd, seg_bt):
+    ctx = layers.Context(positions=jnp.zeros(x_btd.shape[:2], jnp.int32), segment_ids=seg_bt)
+    with moe_lib.collect_stats() as sink:
+      y = nnx.merge(graphdef, state)(x_btd, ctx)
+    return y, sink[0]
+  return run(state, jnp.asarray(x_btd), None if seg_bt is None else jnp.asarray(seg_bt))
 
 
 def _swiglu(x_d, wg, wu, wd):
@@ -102,8 +108,9 @@ def test_dropless_output_and_gradients_equal_token_loop(top_k, shared):
     y = loop_reference(p, module.cfg, x, seg)
     return jnp.sum(y * cot), y
 
-  (_, y), (g_state, g_x) = jax.value_and_grad(ours, argnums=(0, 1), has_aux=True)(state, x)
-  (_, y_ref), (g_p, g_x_ref) = jax.value_and_grad(ref, argnums=(0, 1), has_aux=True)(
+  (_, y), (g_state, g_x) = jax.jit(jax.value_and_grad(ours, argnums=(0, 1), has_aux=True))(
+      state, x)
+  (_, y_ref), (g_p, g_x_ref) = jax.jit(jax.value_and_grad(ref, argnums=(0, 1), has_aux=True))(
       _params(module), x)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(g_x, g_x_ref, rtol=1e-4, atol=1e-5)
@@ -233,7 +240,8 @@ def test_scanned_and_looped_stacks_report_the_same_statistics():
     nnx.update(group, jax.tree.map(lambda x: x[i], stacked))
   looped.embedding[...] = scanned.embedding[...]
   tokens = jnp.asarray(rng.integers(3, 259, (2, 16)))
-  (a, sa), (b, sb) = scanned.logits_and_stats(tokens), looped.logits_and_stats(tokens)
+  forward = nnx.jit(lambda model, tokens: model.logits_and_stats(tokens))
+  (a, sa), (b, sb) = forward(scanned, tokens), forward(looped, tokens)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   assert set(sa) == set(moe_lib.summary_keys(4))
   per_expert = [float(sa[f'load_e{i:02d}']) for i in range(4)]

@@ -38,6 +38,34 @@ def _mixer(kind: str, rng, **overrides):
   return MIXERS.get(kind)(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
 
 
+class _Jitted:
+  """A mixer's forward, prefill and decode, each one compiled program.
+
+  The same computation as calling the module eagerly, which would compile every primitive on
+  its own (about 300 small XLA compiles per test, most of the test's time on CPU)."""
+
+  def __init__(self, mixer):
+    graphdef, state = nnx.split(mixer)
+    self.mixer, self._state = mixer, state
+    m = lambda state: nnx.merge(graphdef, state)
+    self._call = jax.jit(lambda s, x, pos, seg: m(s)(x, layers.Context(pos, seg)))
+    self._prefill = jax.jit(lambda s, x, pos, seg, cache:
+                            m(s).prefill(x, layers.Context(pos, seg), cache))
+    self._decode = jax.jit(lambda s, x, pos, cache: m(s).decode(x, pos, cache))
+
+  def __call__(self, x, ctx):
+    return self._call(self._state, x, ctx.positions, ctx.segment_ids)
+
+  def prefill(self, x, ctx, cache):
+    return self._prefill(self._state, x, ctx.positions, ctx.segment_ids, cache)
+
+  def decode(self, x, pos, cache):
+    return self._decode(self._state, x, jnp.asarray(pos, jnp.int32), cache)
+
+  def init_cache(self, batch, max_len):
+    return self.mixer.init_cache(batch, max_len)
+
+
 def _stepped(mixer, x_btd):
   """The mixer run one token at a time through decode (a lax.scan over positions)."""
   graphdef, state = nnx.split(mixer)
@@ -53,7 +81,7 @@ def _stepped(mixer, x_btd):
 
     _, ys = jax.lax.scan(step, cache, (jnp.moveaxis(x_btd, 1, 0), jnp.arange(x_btd.shape[1])))
     return jnp.moveaxis(ys, 0, 1)
-  return run(state, x_btd)
+  return jax.jit(run)(state, x_btd)
 
 
 def _ctx(b, t, segment_ids=None, positions=None):
@@ -64,7 +92,7 @@ def _ctx(b, t, segment_ids=None, positions=None):
 def _grads(fn, mixer, x, ct):
   graphdef, state = nnx.split(mixer)
   loss = lambda state, x: jnp.sum(fn(nnx.merge(graphdef, state), x) * ct)
-  return jax.grad(loss, argnums=(0, 1))(state, x)
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))(state, x)
 
 
 @pytest.mark.parametrize('kind', KINDS)
@@ -80,7 +108,7 @@ def test_chunked_form_equals_token_by_token_recurrence(kind, chunk):
   # Float32 sums in two orders: seen up to 3e-5 of the largest entry apart (at a document's first
   # token, before the eps above); a wrong decay or mask is off by O(1).
   y_ref = _stepped(mixer, x)
-  np.testing.assert_allclose(full(mixer, x), y_ref, rtol=2e-4,
+  np.testing.assert_allclose(_Jitted(mixer)(x, _ctx(b, t)), y_ref, rtol=2e-4,
                              atol=1e-4 * float(jnp.max(jnp.abs(y_ref))))
   (g_params, g_x), (s_params, s_x) = _grads(full, mixer, x, ct), _grads(_stepped, mixer, x, ct)
   np.testing.assert_allclose(g_x, s_x, rtol=1e-3, atol=1e-4 * float(jnp.max(jnp.abs(s_x))))
@@ -93,7 +121,7 @@ def test_chunked_form_equals_token_by_token_recurrence(kind, chunk):
 @pytest.mark.parametrize('kind', KINDS)
 def test_packed_documents_equal_documents_run_alone(kind):
   rng = np.random.default_rng()
-  mixer = _mixer(kind, rng, scan_chunk=4)
+  mixer = _Jitted(_mixer(kind, rng, scan_chunk=4))
   lengths = (5, 9, 4)
   t = sum(lengths)
   x = jnp.asarray(rng.standard_normal((1, t, 64)), jnp.float32)
@@ -110,7 +138,7 @@ def test_packed_documents_equal_documents_run_alone(kind):
 @pytest.mark.parametrize('kind', KINDS)
 def test_decoding_state_does_not_grow_with_the_context(kind):
   rng = np.random.default_rng()
-  mixer = _mixer(kind, rng)
+  mixer = _Jitted(_mixer(kind, rng))
   shapes = {max_len: jax.tree.map(lambda a: a.shape, mixer.init_cache(2, max_len))
             for max_len in (8, 1024, 1 << 20)}
   assert len({str(s) for s in shapes.values()}) == 1, shapes
@@ -124,7 +152,7 @@ def test_decoding_state_does_not_grow_with_the_context(kind):
 @pytest.mark.parametrize('kind', KINDS)
 def test_prefill_then_decode_continues_the_full_forward(kind):
   rng = np.random.default_rng()
-  mixer = _mixer(kind, rng, scan_chunk=4)
+  mixer = _Jitted(_mixer(kind, rng, scan_chunk=4))
   t, prompt = 11, 6
   x = jnp.asarray(rng.standard_normal((2, t, 64)), jnp.float32)
   full = mixer(x, _ctx(2, t))
@@ -271,7 +299,7 @@ def test_decoding_after_a_packed_prefill_continues_only_the_last_document(kind):
   """The last document is one token long (shorter than the convolution's history): decoding on
   from it equals decoding on from that token prefilled alone."""
   rng = np.random.default_rng()
-  mixer = _mixer(kind, rng, scan_chunk=4)
+  mixer = _Jitted(_mixer(kind, rng, scan_chunk=4))
   x = jnp.asarray(rng.standard_normal((1, 12, 64)), jnp.float32)
   seg = jnp.asarray([[1] * 11 + [2]], jnp.int32)
   pos = jnp.asarray([list(range(11)) + [0]], jnp.int32)
@@ -287,7 +315,7 @@ def test_decoding_after_a_packed_prefill_continues_only_the_last_document(kind):
 def test_prefill_in_two_parts_equals_one_forward(kind):
   """A prefill that starts from a non-empty cache continues it exactly."""
   rng = np.random.default_rng()
-  mixer = _mixer(kind, rng, scan_chunk=4)
+  mixer = _Jitted(_mixer(kind, rng, scan_chunk=4))
   x = jnp.asarray(rng.standard_normal((2, 15, 64)), jnp.float32)
   full = mixer(x, _ctx(2, 15))
   y1, cache = mixer.prefill(x[:, :6], _ctx(2, 6), mixer.init_cache(2, 15))

@@ -139,9 +139,9 @@ class _Tiny(nnx.Module):
 
 
 def test_estimators_and_update_on_bf16_nnx_state(seed):
-  """bf16 nnx.State params: estimates are float32 trees of the same structure and equal those of
-  the float32-upcast params (the estimators differentiate in float32); the update keeps the
-  gradient's dtype while the moments stay float32."""
+  """bf16 nnx.State params: estimates are float32 trees of the same structure and equal (to
+  float32 rounding) those of the float32-upcast params (the estimators differentiate in float32);
+  the update keeps the gradient's dtype while the moments stay float32."""
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.standard_normal((2, 7, 3)), jnp.float32)
   model = _Tiny(jnp.bfloat16, nnx.Rngs(seed))
@@ -158,7 +158,9 @@ def test_estimators_and_update_on_bf16_nnx_state(seed):
     assert jax.tree.structure(low) == jax.tree.structure(state)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(low))
     for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(high)):
-      np.testing.assert_array_equal(a, b)
+      # Two programs: float32 rounding apart (seen 3.5e-7 relative); differentiating in bf16
+      # would be about 1e-2 off.
+      np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7 * float(np.max(np.abs(b))))
 
   opt = sophia_lib.sophia(1e-2, weight_decay_mask=lambda s: jax.tree.map(lambda v: v.ndim > 1, s))
 
