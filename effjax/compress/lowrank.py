@@ -9,6 +9,8 @@ expert) of a projection: the largest any of them needs. The singular values are 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +36,7 @@ def rank_for_energy(w: jax.Array, layout, energy: float) -> int:
   return min(rank, min(_matrices(w, layout).shape[1:]))
 
 
+@functools.partial(jax.jit, static_argnames=('layout', 'rank'))
 def factor(w: jax.Array, layout, rank: int) -> tuple[jax.Array, jax.Array]:
   """(u [batch..., inputs..., rank], v [batch..., rank, outputs...]) with u @ v ~ w."""
   nb = layout.batch

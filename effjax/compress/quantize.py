@@ -14,6 +14,8 @@ runs other methods (prefill, decode); swapping the weights themselves works for 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import qwix
@@ -38,8 +40,12 @@ def _how(layout, ndim: int, kind: str, group: int, shape) -> dict:
   return how
 
 
+@functools.partial(jax.jit, static_argnames=('layout', 'kind', 'group'))
 def quantize_weight(w: jax.Array, layout, kind: str, group: int = 128):
   """(qvalue, float32 scale) of w: per output channel and layer; int4 in groups along the input.
+
+  One compiled program per weight shape and layout (the weights of a model share a few), not a
+  dispatch and a compile per primitive.
 
   int4 values are stored two to a byte (uint8) along the last input axis, which halves, and
   float8 as its uint8 bit pattern: plain uint8 arrays go through the optimizer's arithmetic,
