@@ -11,6 +11,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,24 +120,34 @@ def test_sigkill_then_rerun_reproduces_the_uninterrupted_losses(tmp_path, stdlib
     assert loss == uninterrupted[step]
 
 
-def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, stdlib_data_dir,
-                                                            uninterrupted):
+@pytest.fixture(scope='module')
+def preempted(tmp_path_factory, stdlib_data_dir):
+  """(workdir, step saved) of one run sent SIGTERM at a random step; tests resume copies of it."""
   term_at = int(np.random.default_rng().integers(4, STEPS - 2))
   print(f'term_at={term_at}')
-  workdir = tmp_path / 'preempted'
-  stopped = _preempt(workdir, stdlib_data_dir, term_at)
+  workdir = tmp_path_factory.mktemp('preempted') / 'run'
+  return workdir, _preempt(workdir, stdlib_data_dir, term_at)
 
+
+def _copy(preempted, tmp_path):
+  source, stopped = preempted
+  shutil.copytree(source, tmp_path / 'run')
+  return tmp_path / 'run', stopped
+
+
+def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, stdlib_data_dir,
+                                                            uninterrupted, preempted):
+  workdir, stopped = _copy(preempted, tmp_path)
   out = _run(workdir, stdlib_data_dir)
   assert f'resumed from the checkpoint at step {stopped}' in out
   assert _losses(workdir) == uninterrupted
 
 
 def test_checkpoint_from_data_parallel_resumes_on_a_2x2x2_mesh(tmp_path, stdlib_data_dir,
-                                                              uninterrupted):
-  workdir = tmp_path / 'remeshed'
+                                                              uninterrupted, preempted):
   # mesh data=-1: 8-way data parallel; stopped part-way (the schedule depends on train.steps, so
   # the run keeps its length and is preempted instead).
-  stopped = _preempt(workdir, stdlib_data_dir, 7)
+  workdir, stopped = _copy(preempted, tmp_path)
   out = _run(workdir, stdlib_data_dir, '--config.mesh.data=2', '--config.mesh.fsdp=2',
              '--config.mesh.tensor=2')
   assert f'resumed from the checkpoint at step {stopped}' in out
