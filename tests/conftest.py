@@ -23,11 +23,11 @@ def _xla_knows(flag: str) -> bool:
   return False
 
 
-# LLVM optimisation level 0 cuts CPU compile time ~3x (17 s -> 5 s for a tiny train step), and the
-# older elemental emitter in place of XLA:CPU's fusion emitters another 1.7-4x (a one-layer Mamba-2
-# train step 2.1 s -> 0.75 s, the 4-mixer hybrid on 2x2x2 8.1 s -> 4.7 s); compile is most of this
-# suite's time. Tests compare numbers computed under the same flags, so the slower generated code
-# costs nothing here.
+# Seen on a 2-core CPU: LLVM optimisation level 0 cuts compile time ~3x (17 s -> 5 s for a tiny
+# train step), and the older elemental emitter in place of XLA:CPU's fusion emitters another
+# 1.7-4x (a one-layer Mamba-2 train step 2.1 s -> 0.75 s, the 4-mixer hybrid on 2x2x2 8.1 s ->
+# 4.7 s); compile is most of this suite's time. Tests compare numbers computed under the same
+# flags, so the slower generated code costs nothing here.
 _FLAGS = ['--xla_force_host_platform_device_count=8', '--xla_backend_optimization_level=0']
 if _xla_knows('xla_cpu_use_fusion_emitters'):
   _FLAGS.append('--xla_cpu_use_fusion_emitters=false')
