@@ -283,6 +283,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Parameter names compressed (the projections of every mixer use these names).
   cp.targets = 'wq,wk,wv,wo,w_gate,w_up,w_down'
   cp.int4_group_size = 128  # int4 / qat_int4: input entries sharing a scale (per output channel)
+  # The int8 / int4 weight-only product (effjax/kernels/quantized_matmul): 'auto' (a Triton
+  # kernel reading the stored bytes once, on GPU for products of at most 64 rows: decoding;
+  # dequantize + matmul in XLA otherwise), 'triton' or 'xla'. Not recorded with the compressed
+  # model: give it when evaluating or decoding one to compare the two paths.
+  cp.qmm_backend = 'auto'
+  cp.qmm_interpret = False  # run the kernel in Pallas interpret mode (slow; CPU testing)
   cp.calibration_batches = 2  # w8a8: held-out batches of train.batch_size that fix the scales
   cp.prune_sparsity = 0.5  # 'magnitude': fraction of each target (or all targets) set to zero
   cp.prune_scope = 'layer'  # 'layer' (each layer's matrix) or 'global' (all targets ranked together)

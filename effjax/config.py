@@ -19,6 +19,7 @@ import ml_collections
 
 from configs import base as base_config
 from effjax.data.tokenizers import ByteTokenizer
+from effjax.kernels.quantized_matmul import QMM_BACKENDS
 from effjax.models import attention, early_exit, linear_attention, moe, remat
 from effjax.models import lm as _lm  # noqa: F401  (registers the layer parts)
 from effjax.models.registry import FEED_FORWARDS, MIXERS, parse_pattern
@@ -32,6 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
                         '2:4', 'lowrank', 'lora', 'merge', 'distill'),
     'compress.prune_scope': ('layer', 'global'),
     'compress.lora_base_dtype': ('', 'float32', 'bfloat16'),
+    'compress.qmm_backend': QMM_BACKENDS,
     'model.attention_impl': attention.IMPLEMENTATIONS,
     'model.attention_backend': attention.BACKENDS,
     'model.scan_backend': linear_attention.BACKENDS,
@@ -388,6 +390,10 @@ def _check_compress(config) -> None:
     raise ConfigError(f'compress.distill_temperature={cp.distill_temperature}: must be > 0')
   if not [n for n in cp.targets.split(',') if n.strip()]:
     raise ConfigError("compress.targets='': name at least one parameter, e.g. 'wq,wo,w_up'")
+  if cp.qmm_backend == 'triton' and jax.default_backend() != 'gpu' and not cp.qmm_interpret:
+    raise ConfigError(f"compress.qmm_backend='triton': needs a GPU but the backend is "
+                      f"{jax.default_backend()}; use 'auto', 'xla' or "
+                      'compress.qmm_interpret=True')
   if config.mode == 'compress':
     if not cp.method:
       raise ConfigError("compress.method='': --mode=compress needs a method; allowed: "

@@ -37,6 +37,10 @@ in seconds, for tests.
 Grouped matmul (--op=gmm): effjax's grouped matmul vs jax.lax.ragged_dot vs a dense batched
 einsum of the same FLOPs, for MoE expert shapes (effjax/bench/kernels_gmm.py).
 
+Weight-only quantized matmul (--op=qmm): int8 / int4 weights through effjax's Triton kernel and
+through XLA's dequantize-and-matmul against the bf16 matmul, at decode sizes (M = 1 to 16 rows),
+in ms and GB/s of weight bytes read (effjax/bench/kernels_qmm.py).
+
 Chunked scan (--op=scan): GLA / SSD shapes through effjax's chunked-scan op (kernel, plain-JAX
 steps, reference) against cuDNN causal attention of the same heads, S 1k-32k, in tokens/s
 (effjax/bench/kernels_scan.py).
@@ -75,12 +79,14 @@ COLUMNS_BEFORE_RATIOS = (
     ('ms', 'time (ms)', '.3f'),
     ('tflops', 'TFLOP/s', '.1f'),
     ('mtokens_per_s', 'Mtokens/s', '.2f'),
+    ('gb_per_s', 'GB/s read', '.0f'),
     ('peak_percent', '% matmul peak', '.1f'),
 )
 COLUMNS_AFTER_RATIOS = (
     ('block_sparsity_pct', 'block sparsity (%)', '.1f'),
     ('computed_tflops', 'computed TFLOP/s', '.1f'),
-    ('profile_ms', 'traced device ms / call', '.3f'),
+    ('profile_ms', 'traced device ms', '.3f'),
+    ('device_gb_per_s', 'traced GB/s read', '.0f'),
     ('rel_err', 'rel. error', '.1e'),
     ('check', 'check', ''),
     ('compile_s', 'compile (s)', '.1f'),
@@ -103,6 +109,11 @@ class Case:
   # (function, input sets) -> fields for the row (e.g. the error against a reference), run once
   # before timing; an exception fails the row like any other.
   check: Callable[[Callable[..., Any], list], dict[str, Any]] | None = None
+  # How many times one call of the function computes the row's product (on different operands):
+  # a product of a few microseconds is timed over a call long enough to hide the dispatch, with
+  # operands too large together for the caches. ms, TFLOP/s, GB/s and profile_ms are then per
+  # product (ms_calls stays per call).
+  products: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,16 +252,24 @@ def measure(op_name: str, case: Case, repeats: int, profile_dir: str = '') -> di
     row['error'] = first_line(e)
     row['out_of_memory'] = is_oom(e)
     return row
-  ms = 1e3 * statistics.median(seconds)
+  ms = 1e3 * statistics.median(seconds) / case.products
   row.update(compile_s=compile_s, ms=ms, ms_calls=[1e3 * s for s in seconds],
              tflops=case.useful_flops / ms / 1e9)
+  if case.products > 1:
+    row['products_per_call'] = case.products
   if profile_dir:
     try:
       row.update(profile_calls(fn, input_sets, profile_dir))
+      if 'profile_ms' in row:
+        row['profile_ms'] /= case.products
     except Exception as e:  # pylint: disable=broad-except  (a profiler problem loses no timing)
       row['profile_error'] = first_line(e)
   if row.get('tokens'):
     row['mtokens_per_s'] = row['tokens'] / ms / 1e3
+  if row.get('bytes'):  # bytes a product must read (a weight-bound kernel's figure of merit)
+    row['gb_per_s'] = row['bytes'] / ms / 1e6
+    if row.get('profile_ms'):
+      row['device_gb_per_s'] = row['bytes'] / row['profile_ms'] / 1e6
   if row.get('computed_flops'):
     row['computed_tflops'] = row['computed_flops'] / ms / 1e9
   return row
@@ -322,7 +341,8 @@ def _describe(row: dict[str, Any]) -> str:
   if row.get('profile_top'):
     top = '; '.join(f'{t["name"][:48]} {t["ms"]:.3f} ms {t["percent"]:.0f}%'
                     for t in row['profile_top'][:4])
-    text += f'\n    device {row["profile_ms"]:.3f} ms/call: {top}'
+    per = 'product' if row.get('products_per_call') else 'call'
+    text += f'\n    device {row["profile_ms"]:.3f} ms/{per}: {top}'
   return text
 
 
@@ -333,6 +353,8 @@ def _cell(row: dict[str, Any]) -> str:
     return 'OOM' if row.get('out_of_memory') else 'error'
   if row.get('mtokens_per_s'):
     return f'{row["ms"]:.3f} ms {row["mtokens_per_s"]:.3g} Mtok/s'
+  if row.get('gb_per_s'):
+    return f'{row["ms"]:.4f} ms {row["gb_per_s"]:.0f} GB/s'
   return f'{row["ms"]:.3f} ms {row["tflops"]:.3g} TF/s'
 
 
@@ -532,3 +554,4 @@ register(Op(name='attention', impls=('effjax', 'xla', 'cudnn'), baseline='cudnn'
 # Ops in modules of their own register on import.
 from effjax.bench import kernels_gmm as _kernels_gmm  # noqa: E402,F401  pylint: disable=wrong-import-position
 from effjax.bench import kernels_scan as _kernels_scan  # noqa: E402,F401  pylint: disable=wrong-import-position
+from effjax.bench import kernels_qmm as _kernels_qmm  # noqa: E402,F401  pylint: disable=wrong-import-position

@@ -4,7 +4,9 @@ Every layer reads a projection as `self.w[...]`, and the attention and SwiGLU pr
 `effjax.models.layers.matmul(equation, x, self.w, dtype)`. A compressed weight answers both:
 `w[...]` gives the dense matrix it represents (computed inside the jitted step, one layer at a
 time under the layer scan), and `w.einsum(equation, x, dtype)` computes the product its own way
-(low-rank and LoRA as two thin matmuls, W8A8 as an int8 x int8 matmul with int32 accumulation).
+(low-rank and LoRA as two thin matmuls, W8A8 as an int8 x int8 matmul with int32 accumulation,
+int8 / int4 weight-only through effjax.kernels.quantized_matmul: on GPU at decode sizes a kernel
+that reads the stored bytes once; elsewhere the dequantized weight times x, as before).
 So a compression applies to every mixer of the registry without a change to its code; the
 projections that go through `layers.matmul` also get the fast product.
 
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effjax.compress import quantize as q_lib
+from effjax.kernels import quantized_matmul as qmm
 
 BATCH_AXES = ('layers', 'experts')
 TWO_INPUT_AXES = ('heads', 'head_dim')  # wo [heads, head_dim, embed] contracts both
@@ -142,11 +145,14 @@ class QuantizedWeight(CompressedWeight):
   held-out batches: their product quantizes the activation to int8 and multiplies int8 by int8.
   """
 
-  def __init__(self, qvalue, scale, layout: Layout, kind: str, act_scale=None):
+  def __init__(self, qvalue, scale, layout: Layout, kind: str, act_scale=None, *,
+               backend: str = 'auto', interpret: bool = False):
     self.layout, self.kind = layout, kind
     self.qvalue = qvalue
     self.scale = scale
     self.act_scale = act_scale
+    # The weight-only matmul's backend (compress.qmm_backend; effjax/kernels/quantized_matmul).
+    self.backend, self.interpret = backend, interpret
 
   def qarray(self, dtype=jnp.float32):
     return q_lib.as_qarray(self.qvalue[...], self.scale[...].astype(dtype), self.kind,
@@ -159,7 +165,38 @@ class QuantizedWeight(CompressedWeight):
     if self.kind == 'w8a8' and self.act_scale is not None:
       xq = q_lib.quantize_static(x, self.act_scale[...])
       return q_lib.einsum(equation, xq, self.qarray()).astype(dtype)
+    if self.kind in qmm.KINDS:
+      y = self._matmul(equation, x, dtype)
+      if y is not None:
+        return y
     return q_lib.einsum(equation, x, self.qarray(dtype)).astype(dtype)
+
+  def _matmul(self, equation: str, x: jax.Array, dtype) -> jax.Array | None:
+    """The product through effjax.kernels.quantized_matmul when the einsum is a plain projection
+    (x's trailing axes are the weight's input axes, in order; the output is x's other axes then
+    the weight's output axes); None for any other form. The weight's input axes flatten to one
+    K axis (wo's heads x head_dim) and its outputs to one N axis, which is a reshape of the
+    stored arrays: int4 is packed and grouped along the last input axis, so K's pairs and
+    groups stay consecutive."""
+    qvalue, scale = self.qvalue[...], self.scale[...]
+    parts = _split_equation(equation, self.layout, qvalue.ndim)
+    if parts is None:
+      return None
+    lhs, ins, outs, out = parts
+    free = lhs[:len(lhs) - len(ins)]
+    if not lhs.endswith(ins) or out != free + outs or len(set(lhs + outs)) != len(lhs + outs):
+      return None
+    n_in = len(ins)
+    in_shape, out_shape = qvalue.shape[:n_in], qvalue.shape[n_in:]
+    k, n = math.prod(x.shape[len(free):]), math.prod(out_shape)
+    rows = math.prod(in_shape)  # int4: K / 2 bytes
+    if rows * (1 if self.kind == 'int8' else 2) != k:
+      return None
+    compute = jnp.promote_types(x.dtype, dtype)
+    y = qmm.quantized_matmul(x.reshape(*x.shape[:len(free)], k).astype(compute),
+                             qvalue.reshape(rows, n), scale.reshape(-1, n), kind=self.kind,
+                             backend=self.backend, interpret=self.interpret)
+    return y.reshape(*x.shape[:len(free)], *out_shape).astype(dtype)
 
 
 class FakeQuantWeight(CompressedWeight):
@@ -291,7 +328,9 @@ def compress_param(param: nnx.Param, name: str, method: str, cfg, *, rngs: nnx.R
       layers = w.shape[:1] if batch_names[:1] == ('layers',) else ()
       amax = jnp.ones(layers, jnp.float32) * 127.0 if act_amax is None else act_amax
       act = _param(q_lib.static_scale(amax), batch_names[:len(layers)])
-    return QuantizedWeight(_param(qvalue, names), _param(scale, names), layout, method, act)
+    return QuantizedWeight(_param(qvalue, names), _param(scale, names), layout, method, act,
+                           backend=cfg.get('qmm_backend', 'auto'),
+                           interpret=bool(cfg.get('qmm_interpret', False)))
   if method in QAT_METHODS:
     return FakeQuantWeight(_param(w, names), layout, method[len('qat_'):], cfg.int4_group_size)
   if method == 'lowrank':

@@ -11,6 +11,7 @@ import pytest
 
 from effjax.bench import kernels as kb
 from effjax.bench import kernels_gmm as kbg
+from effjax.bench import kernels_qmm as kbq
 from effjax.bench import kernels_scan as kbs
 from effjax.kernels.flash_attention import bigbird_layout
 from effjax.kernels.flash_attention.layout import token_mask
@@ -90,7 +91,7 @@ def test_tiny_grid_runs_end_to_end_on_cpu(tmp_path):
 
 @pytest.mark.parametrize('args, message', [
     (['--op=grouped_matmul'], ("--op='grouped_matmul' is not a benchmarked op; allowed: "
-                               'attention, gmm, scan')),
+                               'attention, gmm, scan, qmm')),
     (['--impls=effjax,triton'], ('--impls=effjax,triton names triton, not an implementation of '
                                  'attention; allowed: effjax, xla, cudnn')),
     (['--grid=huge'], "--grid='huge' is not a grid of --op=attention; allowed: default, tiny"),
@@ -256,3 +257,47 @@ def test_profile_dir_traces_the_case_and_names_its_ops(tmp_path):
   summary = (tmp_path / 'trace' / 'summary.txt').read_text()
   assert top[0]['name'][:40] in summary
   assert 'device' in kb._describe(row)  # pylint: disable=protected-access
+
+
+def test_qmm_tiny_grid_runs_end_to_end_on_cpu(tmp_path):
+  """Every (shape, M, implementation) row, checked against float32 before timing; the kernel
+  rows run the Triton kernel in interpret mode here; rates are per product."""
+  _bench('--op=qmm', '--grid=tiny', '--repeats=2', f'--out={tmp_path}', '--name=q',
+         '--compilation_cache_dir=')
+  rows = json.loads((tmp_path / 'q.json').read_text())['rows'][1:]
+  grid = kbq.QMM_GRIDS['tiny']
+  expected = {(f'M={m} K={k} N={n}', impl) for k, n in grid.shapes for m in grid.rows
+              for impl in kbq.IMPLS}
+  assert {(r['group'], r['impl']) for r in rows} == expected and len(rows) == len(expected)
+  by_key = {(r['group'], r['impl']): r for r in rows}
+  for r in rows:
+    assert 'error' not in r and 'skipped' not in r, r
+    assert r['variant'] == 'decode' and r['mode'] == 'fwd'
+    assert r['rel_err'] < 1e-2 and 'check' not in r
+    assert r['bytes'] == kbq.weight_bytes(r['impl'], r['k'], r['n'])
+    assert r['gb_per_s'] == pytest.approx(r['bytes'] / r['ms'] / 1e6)
+    assert r['useful_flops'] == 2.0 * r['m'] * r['k'] * r['n']
+    assert r['products_per_call'] >= 2 and len(r['ms_calls']) == 2
+    assert r['ms'] == pytest.approx(np.median(r['ms_calls']) / r['products_per_call'])
+    baseline = by_key[(r['group'], 'bf16')]
+    assert r['speedup_vs_baseline'] == pytest.approx(baseline['ms'] / r['ms'])
+    if r['impl'].startswith('effjax'):
+      assert r['backend'] == 'triton' and r['interpret'] is True
+      bn, bk, split = r['tiling']
+      assert r['n'] % bn == 0 and r['k'] % (bk * split) == 0
+  int4 = by_key[(f'M=1 K={grid.shapes[0][0]} N={grid.shapes[0][1]}', 'effjax_int4')]
+  assert int4['bytes'] < by_key[(int4['group'], 'effjax_int8')]['bytes'] < \
+      by_key[(int4['group'], 'bf16')]['bytes']
+  assert 'GB/s read' in (tmp_path / 'q.md').read_text()
+
+
+def test_qmm_tune_grid_names_its_tilings_and_skips_the_invalid_ones():
+  cases = list(kbq.qmm_cases('tune', ('effjax_int8',)))
+  k, n = kbq.QMM_GRIDS['tune'].shapes[0]
+  first = [c for c in cases if c.group == f'M=1 K={k} N={n}']
+  assert [c.impl for c in first[:2]] == ['bf16', 'effjax_int8']
+  assert {c.impl for c in first[2:]} == {f'effjax_int8 {bn},{bk},{s}'
+                                         for bn, bk, s in kbq.TUNE_TILINGS}
+  for case in first[2:]:
+    bn, bk, split = case.info.get('tiling') or map(int, case.impl.split()[1].split(','))
+    assert (case.skip is None) == (k % (bk * split) == 0 and n % bn == 0), case.skip

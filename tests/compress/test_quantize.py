@@ -94,3 +94,69 @@ def test_qat_straight_through_gradient():
   np.testing.assert_array_equal(grad, c)  # the identity's gradient, every entry in range
   grad4 = jax.grad(lambda w: jnp.sum(c * q_lib.fake_quant(w, layout, 'int4', 8)))(w)
   np.testing.assert_array_equal(grad4, c)
+
+
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+def test_weight_only_products_go_through_the_quantized_matmul(kind):
+  """wq-like (two output axes) and wo-like (two input axes) projections: the product through
+  effjax.kernels.quantized_matmul ('auto', which is XLA here, and the Triton kernel in interpret
+  mode) equals the qwix einsum it replaced and the dense weight's product; an einsum of another
+  form (outputs permuted) takes the qwix path and is still right."""
+  rng = np.random.default_rng()
+  cases = (('btd,dnh->btnh', ('embed', 'heads', 'head_dim'), (64, 4, 16), (2, 3, 64)),
+           ('btnh,nhd->btd', ('heads', 'head_dim', 'embed'), (4, 32, 48), (2, 3, 4, 32)),
+           ('btd,dnh->bnth', ('embed', 'heads', 'head_dim'), (64, 4, 16), (2, 3, 64)))
+  for equation, names, w_shape, x_shape in cases:
+    w = jnp.asarray(rng.standard_normal(w_shape) * 0.05, jnp.float32)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    layout = w_lib.layout_of(names)
+    qvalue, scale = q_lib.quantize_weight(w, layout, kind, 32)
+    p = lambda v: w_lib._param(v, names)
+    make = lambda **kw: w_lib.QuantizedWeight(p(qvalue), p(scale), layout, kind, **kw)
+    auto, kernel = make(), make(backend='triton', interpret=True)
+    before = q_lib.einsum(equation, x, auto.qarray(jnp.float32))
+    dense = jnp.einsum(equation, x, auto[...])
+    for weight in (auto, kernel):
+      y = jax.jit(lambda x, wt=weight: wt.einsum(equation, x, jnp.float32))(x)
+      np.testing.assert_allclose(y, before, rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(y, dense, rtol=1e-5, atol=1e-5)
+    simple = equation != 'btd,dnh->bnth'
+    jaxpr = str(jax.make_jaxpr(lambda x: kernel.einsum(equation, x, jnp.float32))(x))
+    assert ('pallas_call' in jaxpr) == simple
+    y16 = auto.einsum(equation, x.astype(jnp.bfloat16), jnp.bfloat16)
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y16, np.float32), before, rtol=2e-2,
+                               atol=2e-2 * float(jnp.max(jnp.abs(before))))
+
+
+def test_qmm_backend_reaches_the_weights_and_is_validated():
+  from configs import base
+  from effjax import config as config_lib
+  from effjax.models.lm import LM
+  from flax import nnx
+  c = base.get_config()
+  # head_dim 32: wo's int4 groups have 32 entries, the kernel's smallest
+  c.model.d_model, c.model.mlp_dim, c.model.num_layers = 128, 128, 2
+  c.compress.method, c.compress.int4_group_size = 'int4', 32
+  c.compress.qmm_backend, c.compress.qmm_interpret = 'triton', True
+  config_lib.validate(c)
+  tokens = jnp.asarray(np.random.default_rng().integers(0, 256, (1, 4)), jnp.int32)
+  model = LM(c.model, rngs=nnx.Rngs(0))
+  w_lib.restructure(model, c)
+  weights = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.QuantizedWeight)]
+  assert weights and all(w.backend == 'triton' and w.interpret for w in weights)
+  graphdef, state = nnx.split(model)
+  logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+  for w in weights:
+    w.backend, w.interpret = 'xla', False
+  graphdef, state = nnx.split(model)
+  want = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+  np.testing.assert_allclose(np.asarray(logits, np.float32), np.asarray(want, np.float32),
+                             rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(want))))
+  c.compress.qmm_interpret = False
+  with pytest.raises(config_lib.ConfigError, match="compress.qmm_backend='triton': needs a GPU"):
+    config_lib.validate(c)
+  c.compress.qmm_backend = 'pallas'
+  with pytest.raises(config_lib.ConfigError,
+                     match="compress.qmm_backend='pallas': allowed values are auto, triton, xla"):
+    config_lib.validate(c)

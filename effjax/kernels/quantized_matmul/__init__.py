@@ -1,0 +1,324 @@
+"""Weight-only quantized matmul: x times an int8 or packed-int4 weight, for decoding.
+
+`quantized_matmul(x [..., K], qvalue, scale, kind=...)` -> [..., N] in x's dtype, float32
+accumulation, with the storage of effjax.compress.quantize flattened to one K and one N axis
+(reference.py states it exactly):
+  kind='int8'  qvalue int8 [K, N], scale [1, N];
+  kind='int4'  qvalue uint8 [K/2, N] (two entries of K a byte), scale [K/group, N]; the group
+               size is read from the shapes.
+
+Why a kernel: decoding a batch of a few sequences is bound by reading the weights, so an int8
+weight should decode up to 2x and an int4 one up to 4x faster than bf16. Through XLA the weight
+is first dequantized into a bf16 copy that the matmul then reads again (a 1B model decoded at
+int8 0.65x and int4 0.36x of its bf16 tokens/s on an H200, experiments/compression). The Triton
+kernel (gpu.py) reads each quantized byte once and widens it in registers.
+
+Backends:
+  'triton'  the Pallas kernel (GPU; interpret=True runs it on CPU for tests);
+  'xla'     dequantize (the reference's dequantization, the weight rounded to x's dtype) then one
+            dot with float32 accumulation: any device, and the better choice for many rows;
+  'auto'    'triton' on GPU when the product has at most MAX_KERNEL_ROWS rows (decode sizes),
+            the shapes fit the kernel (`kernel_unsupported`) and no multi-device mesh with
+            automatically partitioned axes is active (XLA cannot partition a Pallas call; it
+            would gather the weights to every device); 'xla' otherwise. Inside jax.shard_map
+            every axis is manual and the kernel runs per device.
+
+Tiling (bn, bk, split): output columns per program, K entries per loop step, and the number of
+K ranges whose float32 partial products are summed afterwards (split-K, for enough programs to
+keep every SM reading). `default_tiling` fits them to the shapes; a given tiling is checked and
+a violated constraint named (gpu.check_tiling). Rows are zero-padded to a power of two >= 16
+(Triton's smallest dot), in row blocks of at most 64; K and N are never padded (that would copy
+the weight): shapes the kernel cannot tile go to 'xla' under 'auto' and are an error naming the
+reason under 'triton'.
+
+Differentiation (reverse mode only): the kernel path is wrapped in a custom_vjp whose backward
+is the 'xla' path's VJP (cotangents for x and the scales; none for the integer values), so a
+quantized model fine-tunes its other parameters on any backend; the 'xla' path is plain JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from effjax.kernels.quantized_matmul.reference import (
+  dequantize_int4,
+  dequantize_int8,
+  int4_matmul_reference,
+  int8_matmul_reference,
+  unpack_int4,
+)
+
+__all__ = [
+  'KINDS',
+  'QMM_BACKENDS',
+  'default_tiling',
+  'dequantize_int4',
+  'dequantize_int8',
+  'int4_matmul_reference',
+  'int8_matmul_reference',
+  'kernel_unsupported',
+  'plan',
+  'quantized_matmul',
+  'resolve_backend',
+  'unpack_int4',
+]
+
+QMM_BACKENDS = ('auto', 'triton', 'xla')
+KINDS = ('int8', 'int4')
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+# Rows up to which 'auto' takes the kernel on GPU. Beyond a few dozen rows the product stops
+# being bound by reading the weights (and the kernel re-reads them for every 64-row block), so
+# XLA's matmul over a dequantized copy should do better; the benchmark's M = 16 rows show how
+# the kernel fares on the way there (effjax/bench/kernels_qmm.py).
+MAX_KERNEL_ROWS = 64
+MIN_ROWS = 16  # Triton's smallest dot
+DEFAULT_BN = 128
+DEFAULT_BK = {'int8': 256, 'int4': 256}
+# Programs to aim for when choosing split: about two per SM of an H100 / H200 (132 SMs), so
+# every SM streams weights, without partial products outgrowing their use.
+TARGET_PROGRAMS = 256
+
+
+def _partitioned_mesh() -> bool:
+  """A mesh in context with an automatically partitioned axis of more than one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return False
+  return any(mesh.shape[a] > 1 for a in mesh.axis_names if a not in mesh.manual_axes)
+
+
+def _tiles(dim: int, largest: int) -> list[int]:
+  """Powers of two in [MIN_TILE, largest] dividing dim, largest first."""
+  from effjax.kernels.quantized_matmul import gpu
+  out, tile = [], gpu.MIN_TILE
+  while tile <= min(dim, largest):
+    if dim % tile == 0:
+      out.append(tile)
+    tile *= 2
+  return out[::-1]
+
+
+def _int4_fits(bk: int, group: int | None) -> bool:
+  from effjax.kernels.quantized_matmul import gpu
+  return (group is not None and (bk % group == 0 or group % bk == 0) and
+          min(bk, group) >= gpu.MIN_INT4_PIECE)
+
+
+def _k_steps(kind: str, k: int, group: int | None) -> list[int]:
+  """The K steps (bk) the kernel can take for these shapes, largest first."""
+  tiles = _tiles(k, k)
+  return [t for t in tiles if _int4_fits(t, group)] if kind == 'int4' else tiles
+
+
+def kernel_unsupported(kind: str, k: int, n: int, group: int | None = None) -> str | None:
+  """Why the kernel cannot tile these shapes (K and N must split into power-of-two tiles of at
+  least 16, and int4 groups into pieces of at least 32 entries), or None when it can."""
+  from effjax.kernels.quantized_matmul import gpu
+  if n % gpu.MIN_TILE:
+    return f'N={n} is not a multiple of {gpu.MIN_TILE}'
+  if k % gpu.MIN_TILE:
+    return f'K={k} is not a multiple of {gpu.MIN_TILE}'
+  if not _k_steps(kind, k, group):
+    return (f'int4 groups of {group} entries (K={k}): the kernel needs groups of at least '
+            f'{gpu.MIN_INT4_PIECE} entries that a power-of-two K step divides or is divided by')
+  return None
+
+
+def _padded_rows(rows: int) -> int:
+  return max(MIN_ROWS, 1 << (max(rows, 1) - 1).bit_length())
+
+
+def default_tiling(kind: str, rows: int, k: int, n: int,
+                   group: int | None = None) -> tuple[int, int, int]:
+  """(bn, bk, split) for the kernel: the largest power-of-two widths up to the defaults that
+  divide N and K (int4: whose pieces fit the groups), then the largest split of K's steps that
+  keeps the programs (column tiles x row blocks x split) within TARGET_PROGRAMS."""
+  from effjax.kernels.quantized_matmul import gpu
+  reason = kernel_unsupported(kind, k, n, group)
+  if reason:
+    raise ValueError(f'the quantized matmul kernel cannot tile these shapes: {reason}')
+  bn = _tiles(n, DEFAULT_BN)[0]
+  steps = _k_steps(kind, k, group)
+  # The default step where it fits; else the smallest allowed one above it (int4 groups larger
+  # than the default step divide no smaller one).
+  bk = next((t for t in steps if t <= DEFAULT_BK[kind]), steps[-1])
+  mp = _padded_rows(rows)
+  blocks = (n // bn) * (mp // min(mp, gpu.MAX_ROW_BLOCK))
+  count = k // bk
+  split = max(d for d in range(1, count + 1)
+              if count % d == 0 and (d == 1 or blocks * d <= TARGET_PROGRAMS))
+  return bn, bk, split
+
+
+def resolve_backend(backend: str, rows: int | None = None) -> str:
+  """'auto' -> 'triton' on GPU for at most MAX_KERNEL_ROWS rows outside an automatically
+  partitioned multi-device mesh, else 'xla'. (Shape fit is checked by `plan`.)"""
+  if backend not in QMM_BACKENDS:
+    raise ValueError(f'backend must be one of {QMM_BACKENDS}, got {backend!r}')
+  if backend != 'auto':
+    return backend
+  if jax.default_backend() != 'gpu' or _partitioned_mesh():
+    return 'xla'
+  return 'triton' if rows is not None and rows <= MAX_KERNEL_ROWS else 'xla'
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What quantized_matmul will do for given shapes: the backend, and the kernel's tiling."""
+  backend: str
+  tiling: tuple[int, int, int] | None = None  # (bn, bk, split) for 'triton'
+  reason: str = ''  # why 'auto' fell back to 'xla' for shape reasons ('' otherwise)
+
+
+def plan(kind: str, rows: int, k: int, n: int, group: int | None = None, *,
+         backend: str = 'auto', tiling=None) -> Plan:
+  """The backend and tiling for x [rows, K] x a [K, N] weight of `kind` (group: int4's)."""
+  resolved = resolve_backend(backend, rows)
+  if resolved == 'xla':
+    return Plan('xla')
+  reason = kernel_unsupported(kind, k, n, group)
+  if reason and backend == 'auto':
+    return Plan('xla', reason=reason)
+  if reason:
+    raise ValueError(f"backend='triton': the quantized matmul kernel cannot tile these shapes: "
+                     f"{reason}; use backend='xla' or 'auto'")
+  if tiling is None:
+    return Plan('triton', default_tiling(kind, rows, k, n, group))
+  if len(tiling) != 3:
+    raise ValueError(f'tiling must be (bn, bk, split), got {tiling!r}')
+  from effjax.kernels.quantized_matmul import gpu
+  bn, bk, split = (int(t) for t in tiling)
+  mp = _padded_rows(rows)
+  gpu.check_tiling(kind, mp, k, n, bm=min(mp, gpu.MAX_ROW_BLOCK), bn=bn, bk=bk, split=split,
+                   group=group)
+  return Plan('triton', (bn, bk, split))
+
+
+# ----------------------------------------------------------------------------------------------
+# The two paths
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  kind: str
+  group: int | None
+  tiling: tuple[int, int, int]
+  interpret: bool
+
+
+def _dequantized(qvalue, scale, kind: str, group: int | None, dtype) -> jax.Array:
+  w = dequantize_int8(qvalue, scale) if kind == 'int8' else dequantize_int4(qvalue, scale, group)
+  return w.astype(dtype)
+
+
+def _xla_product(x_mk, qvalue, scale, kind: str, group: int | None) -> jax.Array:
+  """The 'xla' path: the weight dequantized into x's dtype, one dot, float32 accumulation."""
+  w = _dequantized(qvalue, scale, kind, group, x_mk.dtype)
+  return jnp.matmul(x_mk, w, preferred_element_type=jnp.float32).astype(x_mk.dtype)
+
+
+def _kernel_impl(x_mk, qvalue, scale, static: _Static) -> jax.Array:
+  from effjax.kernels.quantized_matmul import gpu
+  rows = x_mk.shape[0]
+  mp = _padded_rows(rows)
+  bm = min(mp, gpu.MAX_ROW_BLOCK)
+  bn, bk, split = static.tiling
+  x_pad = jnp.pad(x_mk, ((0, mp - rows), (0, 0))) if mp != rows else x_mk
+  scale = scale.astype(jnp.float32)
+  kw = dict(rows=rows, bm=bm, bn=bn, bk=bk, split=split, interpret=static.interpret)
+  if static.kind == 'int8':
+    partials = gpu.int8_matmul(x_pad, qvalue, scale, **kw)
+  else:
+    partials = gpu.int4_matmul(x_pad[:, 0::2], x_pad[:, 1::2], qvalue, scale, **kw)
+  # Only rows [0, rows) were written; slicing before the sum keeps the reduction's reads to them.
+  out = partials[0, :rows] if split == 1 else jnp.sum(partials[:, :rows], axis=0)
+  return out.astype(x_mk.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kernel_product(x_mk, qvalue, scale, static: _Static):
+  return _kernel_impl(x_mk, qvalue, scale, static)
+
+
+def _kernel_fwd(x_mk, qvalue, scale, static: _Static):
+  return _kernel_impl(x_mk, qvalue, scale, static), (x_mk, qvalue, scale)
+
+
+def _kernel_bwd(static: _Static, residuals, d_out):
+  x_mk, qvalue, scale = residuals
+  # The XLA path's own VJP: the same function, so the same cotangents (and shard_map's psums of
+  # the replicated scale's cotangent come from JAX's autodiff, not from here).
+  _, pullback = jax.vjp(lambda x, s: _xla_product(x, qvalue, s, static.kind, static.group),
+                        x_mk, scale)
+  d_x, d_scale = pullback(d_out.astype(x_mk.dtype))
+  return d_x, None, d_scale
+
+
+_kernel_product.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The op
+
+
+def _check(x, qvalue, scale, kind: str) -> tuple[int, int, int | None]:
+  """(K, N, group or None) after checking shapes and dtypes; one error naming the problem."""
+  if kind not in KINDS:
+    raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
+  if x.ndim < 1 or jnp.dtype(x.dtype) not in DTYPES:
+    raise ValueError(f'x must be [..., K] in bfloat16, float16 or float32, got {x.dtype} '
+                     f'{x.shape}')
+  k = x.shape[-1]
+  want = jnp.dtype(jnp.int8 if kind == 'int8' else jnp.uint8)
+  if qvalue.ndim != 2 or jnp.dtype(qvalue.dtype) != want:
+    layout = '[K, N]' if kind == 'int8' else '[K/2, N], two entries a byte'
+    raise ValueError(f'{kind} qvalue must be 2-D {want} {layout}, got {qvalue.dtype} '
+                     f'{qvalue.shape}')
+  n = qvalue.shape[1]
+  rows_needed = k if kind == 'int8' else k / 2
+  if qvalue.shape[0] != rows_needed:
+    raise ValueError(f'{kind} qvalue must have {"K" if kind == "int8" else "K/2"}='
+                     f'{rows_needed:g} rows for x [..., K={k}], got shape {qvalue.shape}')
+  if scale.ndim != 2 or scale.shape[1] != n or not jnp.issubdtype(scale.dtype, jnp.floating):
+    raise ValueError(f'scale must be a float [rows, N={n}] array, got {scale.dtype} '
+                     f'{scale.shape}')
+  if kind == 'int8':
+    if scale.shape[0] != 1:
+      raise ValueError(f'int8 scale must be [1, N] (one scale per output column), got shape '
+                       f'{scale.shape}')
+    return k, n, None
+  groups = scale.shape[0]
+  if groups < 1 or k % groups:
+    raise ValueError(f'int4 scale must be [K/group, N] with its rows dividing K={k}, got shape '
+                     f'{scale.shape}')
+  return k, n, k // groups
+
+
+def quantized_matmul(x: jax.Array, qvalue: jax.Array, scale: jax.Array, *, kind: str,
+                     backend: str = 'auto', interpret: bool = False,
+                     tiling: tuple[int, int, int] | None = None) -> jax.Array:
+  """x [..., K] times a weight-only quantized [K, N] weight -> [..., N] in x's dtype.
+
+  kind 'int8': qvalue int8 [K, N], scale [1, N]; kind 'int4': qvalue uint8 [K/2, N] (entry 2i
+  the low nibble, 2i + 1 the high one), scale [K/group, N]. Float32 accumulation. backend and
+  tiling (bn, bk, split) as in the module docstring; interpret=True runs the Pallas kernel in
+  interpret mode (CPU tests). Reverse-mode differentiable in x and scale.
+  """
+  k, n, group = _check(x, qvalue, scale, kind)
+  lead = x.shape[:-1]
+  rows = math.prod(lead)
+  chosen = plan(kind, rows, k, n, group, backend=backend, tiling=tiling)
+  x_mk = x.reshape(rows, k)
+  if chosen.backend == 'xla':
+    out = _xla_product(x_mk, qvalue, scale, kind, group)
+  elif rows == 0:
+    out = jnp.zeros((0, n), x.dtype)
+  else:
+    out = _kernel_product(x_mk, qvalue, scale, _Static(kind, group, chosen.tiling,
+                                                       bool(interpret)))
+  return out.reshape(*lead, n)

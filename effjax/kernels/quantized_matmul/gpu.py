@@ -1,0 +1,201 @@
+"""Weight-only quantized matmul for small M (decoding) as Pallas kernels for the Triton lowering.
+
+x [Mp, K] (bf16 / f16 / f32, Mp a power of two >= 16, the rows past the real ones zero) times
+weights stored as int8 [K, N] with one float32 scale per output column, or as int4 packed two to
+a byte along K ([K / 2, N] uint8, entry 2i in the low nibble, 2i + 1 in the high one) with one
+scale per group of `group` consecutive K entries and column ([K / group, N]); see reference.py.
+
+At decode sizes (M of 1 to 16) the product is bound by reading the weights: the kernels read
+each weight byte once, widen it to x's dtype in registers (int8 and int4 values are exact in
+bf16 and f16), multiply on the tensor cores with float32 accumulation and apply the scales to
+the accumulated products (per column after the K loop for int8; per group to each group's
+partial product for int4), so no dequantized copy of a weight is ever written to memory. With
+bf16 / f16 x the result is the exact product of x with the dequantized weight up to float32
+summation order; float32 x is rounded to TF32 in the dots (Triton's default, like XLA's).
+
+Grid: (N / bn column tiles) x (split K ranges) x (Mp / bm row blocks). With M that small the
+N / bn tiles alone are too few programs to keep every SM reading (16 tiles for N = 2048), so K
+is split into `split` ranges and each program writes its float32 partial product [bm, bn] into
+out[split index]; the caller sums the partials. Only the real rows are stored (a masked store),
+so for M = 1 the partials cost split x N floats written and read, not split x 16 x N. Row
+blocks exist so that a larger M still runs (each row block re-reads the weights: for M beyond
+a few dozen rows XLA's dequantize-and-matmul is the better path, which the op's 'auto' picks).
+
+int4 weights are read as the packed bytes; the two nibbles meet the even and odd K entries of x,
+which the caller passes as two arrays (x[:, 0::2], x[:, 1::2]), so no shuffle happens in
+registers. A K step of bk entries is done in pieces of min(bk, group) entries that each lie in
+one group (two dots of [bm, piece / 2] x [piece / 2, bn] and one scale row per piece): bk and
+group need only divide one another, and a piece needs at least 32 entries (Triton's dots need
+16 along K, and a piece holds half its entries in each nibble).
+
+Tile rules (checked by `check_tiling`): bm, bn, bk powers of two >= 16 (Triton's smallest dot),
+bn dividing N, bk * split dividing K. Shapes reaching the kernels are not padded in K or N:
+padding a weight would copy it, the very traffic this kernel exists to avoid.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from effjax.kernels._compat import out_struct
+
+# The Triton compiler-params class has been `CompilerParams` since JAX 0.7; older releases called
+# it TritonCompilerParams.
+_CompilerParams = getattr(plgpu, 'CompilerParams', None) or plgpu.TritonCompilerParams
+MIN_TILE = 16
+MIN_INT4_PIECE = 2 * MIN_TILE  # K entries of an int4 piece: MIN_TILE in each nibble's dot
+MAX_ROW_BLOCK = 64  # float32 accumulator rows a program holds; more rows are more row blocks
+
+
+def _power_of_two(v: int) -> bool:
+  return v >= 1 and not v & (v - 1)
+
+
+def check_tiling(kind: str, mp: int, k: int, n: int, *, bm: int, bn: int, bk: int, split: int,
+                 group: int | None = None) -> None:
+  """Raises ValueError naming the first kernel constraint (bm, bn, bk, split) the shapes break."""
+  for name, tile in (('bm', bm), ('bn', bn), ('bk', bk)):
+    if tile < MIN_TILE or not _power_of_two(tile):
+      raise ValueError(f'quantized matmul kernel: {name}={tile} must be a power of two >= '
+                       f'{MIN_TILE}')
+  if mp % bm:
+    raise ValueError(f'quantized matmul kernel: bm={bm} must divide the padded rows Mp={mp}')
+  if n % bn:
+    raise ValueError(f'quantized matmul kernel: bn={bn} must divide N={n}')
+  if split < 1 or k % (bk * split):
+    raise ValueError(f'quantized matmul kernel: bk x split = {bk} x {split} must divide K={k}')
+  if kind == 'int4':
+    if group is None or (bk % group and group % bk):
+      raise ValueError(f'quantized matmul kernel: int4 bk={bk} and group={group} must divide '
+                       'one another')
+    if min(bk, group) < MIN_INT4_PIECE:
+      raise ValueError(f'quantized matmul kernel: int4 pieces of min(bk, group) = '
+                       f'{min(bk, group)} K entries; at least {MIN_INT4_PIECE} needed')
+
+
+def _dot(a, b):
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _store_rows(o_ref, s, r, col0, acc, *, bm: int, bn: int, rows: int, mp: int):
+  """out[s, rows of block r, columns col0:col0+bn] = acc, rows past `rows` left unwritten."""
+  row0 = pl.multiple_of(r * bm, bm)
+  target = o_ref.at[s, pl.ds(row0, bm), pl.ds(col0, bn)]
+  if rows == mp:
+    target[...] = acc
+    return
+  real = row0 + lax.broadcasted_iota(jnp.int32, (bm, bn), 0) < rows
+  plgpu.store(target, acc, mask=real)
+
+
+def _int8_kernel(x_ref, q_ref, s_ref, o_ref, *, bm, bn, bk, steps, rows, mp):
+  j, s, r = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  col0 = pl.multiple_of(j * bn, bn)
+  row0 = pl.multiple_of(r * bm, bm)
+  k_first = s * (steps * bk)
+
+  def step(i, acc):
+    k0 = pl.multiple_of(k_first + i * bk, bk)
+    a = x_ref[pl.ds(row0, bm), pl.ds(k0, bk)]
+    w = q_ref[pl.ds(k0, bk), pl.ds(col0, bn)].astype(a.dtype)  # int8 is exact in bf16 / f16
+    return acc + _dot(a, w)
+
+  acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+  scale = s_ref[pl.ds(0, 1), pl.ds(col0, bn)]
+  _store_rows(o_ref, s, r, col0, acc * scale, bm=bm, bn=bn, rows=rows, mp=mp)
+
+
+def _nibbles(packed):
+  """uint8 [r, c] -> (low, high) int32 values in [-8, 7]. The byte is zero-extended (so no uint8
+  shift or sign question reaches Triton), each nibble shifted to the top of the word and shifted
+  back arithmetically, which sign-extends it: two integer ops per value, the unpacking being
+  what an int4 kernel spends its ALU time on."""
+  p = packed.astype(jnp.int32)
+  low = lax.shift_right_arithmetic(lax.shift_left(p, 28), 28)
+  high = lax.shift_right_arithmetic(lax.shift_left(p, 24), 28)
+  return low, high
+
+
+def _int4_kernel(xe_ref, xo_ref, p_ref, s_ref, o_ref, *, bm, bn, bk, group, steps, rows, mp):
+  j, s, r = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  col0 = pl.multiple_of(j * bn, bn)
+  row0 = pl.multiple_of(r * bm, bm)
+  piece = min(bk, group)  # K entries; one group each
+  half = piece // 2  # packed rows of a piece
+  k_first = s * (steps * bk)
+
+  def step(i, acc):
+    for p in range(bk // piece):  # unrolled: independent loads the compiler can issue together
+      kp = k_first + i * bk + p * piece
+      r0 = pl.multiple_of(lax.div(kp, 2), half)
+      g = lax.div(kp, group)
+      xe = xe_ref[pl.ds(row0, bm), pl.ds(r0, half)]
+      xo = xo_ref[pl.ds(row0, bm), pl.ds(r0, half)]
+      low, high = _nibbles(p_ref[pl.ds(r0, half), pl.ds(col0, bn)])
+      part = _dot(xe, low.astype(xe.dtype)) + _dot(xo, high.astype(xo.dtype))
+      acc = acc + part * s_ref[pl.ds(g, 1), pl.ds(col0, bn)]
+    return acc
+
+  acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+  _store_rows(o_ref, s, r, col0, acc, bm=bm, bn=bn, rows=rows, mp=mp)
+
+
+def _whole(shape):
+  """BlockSpec handing every program the whole array; the kernels slice it with pl.ds."""
+  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
+def _params(bm: int, bn: int, steps: int):
+  """8 warps only for the largest accumulators (at decode sizes 4 warps keep more programs per
+  SM). Up to 3 stages let the K loop load the next steps' tiles during the current dot; no more
+  stages than steps, since each stage reserves shared memory for a step's tiles, and a program
+  with a single step (split-K leaves many such at decode sizes) gains nothing from them but
+  fewer programs resident per SM."""
+  return _CompilerParams(num_warps=8 if bm * bn >= 64 * 256 else 4,
+                         num_stages=max(1, min(3, steps)))
+
+
+def int8_matmul(x, q, scale, *, rows: int, bm: int, bn: int, bk: int, split: int,
+                interpret: bool = False):
+  """x [Mp, K] x int8 q [K, N] * float32 scale [1, N] -> float32 partials [split, Mp, N], of
+  which rows [0, rows) are written (the rest is left as allocated)."""
+  mp, k = x.shape
+  n = q.shape[1]
+  check_tiling('int8', mp, k, n, bm=bm, bn=bn, bk=bk, split=split)
+  steps = k // (split * bk)
+  kernel = functools.partial(_int8_kernel, bm=bm, bn=bn, bk=bk, steps=steps, rows=rows, mp=mp)
+  return pl.pallas_call(
+      kernel, grid=(n // bn, split, mp // bm),
+      in_specs=[_whole(x.shape), _whole(q.shape), _whole(scale.shape)],
+      out_specs=_whole((split, mp, n)),
+      out_shape=out_struct((split, mp, n), jnp.float32, x, q, scale),
+      compiler_params=_params(bm, bn, steps), interpret=interpret, name='int8_matmul',
+  )(x, q, scale)
+
+
+def int4_matmul(x_even, x_odd, packed, scale, *, rows: int, bm: int, bn: int, bk: int,
+                split: int, interpret: bool = False):
+  """(x_even, x_odd [Mp, K/2]) x packed int4 [K/2, N] with float32 group scales [K/group, N]
+  -> float32 partials [split, Mp, N], rows [0, rows) written."""
+  mp, half_k = x_even.shape
+  k, n = 2 * half_k, packed.shape[1]
+  group = k // scale.shape[0]
+  if group * scale.shape[0] != k:
+    raise ValueError(f'int4 matmul: {scale.shape[0]} scale rows do not divide K={k}')
+  check_tiling('int4', mp, k, n, bm=bm, bn=bn, bk=bk, split=split, group=group)
+  steps = k // (split * bk)
+  kernel = functools.partial(_int4_kernel, bm=bm, bn=bn, bk=bk, group=group, steps=steps,
+                             rows=rows, mp=mp)
+  return pl.pallas_call(
+      kernel, grid=(n // bn, split, mp // bm),
+      in_specs=[_whole(x_even.shape), _whole(x_odd.shape), _whole(packed.shape),
+                _whole(scale.shape)],
+      out_specs=_whole((split, mp, n)),
+      out_shape=out_struct((split, mp, n), jnp.float32, x_even, x_odd, packed, scale),
+      compiler_params=_params(bm, bn, steps), interpret=interpret, name='int4_matmul',
+  )(x_even, x_odd, packed, scale)

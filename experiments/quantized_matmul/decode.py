@@ -1,0 +1,105 @@
+"""Batch-1 decoding of one model stored in bf16, int8 and int4, each quantized product through the
+Triton kernel and through XLA's dequantize-and-matmul, in one process.
+
+    python experiments/quantized_matmul/decode.py [--config=configs/gpt_1b.py] [--context=1024]
+        [--steps=64] [--repeats=5] [--variants=bf16,int8:xla,int8:triton,int4:xla,int4:triton]
+        [--out=DIR] [--set model.num_layers=2 ...]
+
+The model is the config's, randomly initialised (decode speed does not depend on the values):
+'bf16' decodes its float32 parameters cast once to the compute dtype, as --mode=compress's
+"before" column does; 'int8:<backend>' and 'int4:<backend>' decode the same parameters after
+`effjax.compress.weights.restructure` with compress.method=int8 / int4 (compress.targets, groups
+of compress.int4_group_size) and compress.qmm_backend=<backend>, exactly what --mode=compress
+writes and --mode=generate reads. Timing is effjax.bench.decode.time_decode: the caches hold
+context + steps positions, one jitted loop of `steps` single-token steps, the median of
+`repeats` loops after a warm-up. Writes decode_qmm.json / .md to --out and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+
+def load_config(args):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('experiment_config',
+                                                os.path.join(ROOT, args.config))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for item in args.set:
+    key, value = item.split('=', 1)
+    section, field = key.split('.', 1)
+    old = c[section][field]
+    c[section][field] = type(old)(value) if not isinstance(old, bool) else value == 'True'
+  return c
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--config', default='configs/gpt_1b.py')
+  parser.add_argument('--context', type=int, default=1024)
+  parser.add_argument('--steps', type=int, default=64)
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--variants', default='bf16,int8:xla,int8:triton,int4:xla,int4:triton')
+  parser.add_argument('--out', default='/tmp/effjax_qmm_decode')
+  parser.add_argument('--set', action='append', default=[], help='section.field=value override')
+  args = parser.parse_args()
+
+  import jax
+  from flax import nnx
+
+  from effjax.bench import decode as decode_bench
+  from effjax.compress import run as compress_run
+  from effjax.compress import weights as w_lib
+  from effjax.models.lm import LM
+
+  config = load_config(args)
+  rows = []
+  for variant in args.variants.split(','):
+    kind, _, backend = variant.partition(':')
+    c = config.copy_and_resolve_references()
+    model = LM(c.model, rngs=nnx.Rngs(c.seed))
+    if kind != 'bf16':
+      c.compress.method, c.compress.qmm_backend = kind, backend
+      w_lib.restructure(model, c)
+    graphdef, params = nnx.split(model)
+    params = compress_run.decode_params(params, c.model.compute_dtype)
+    row = {'variant': variant, 'bytes_read': compress_run.param_bytes(params)}
+    del model
+    try:
+      row.update(decode_bench.time_decode(graphdef, params, args.context, steps=args.steps,
+                                          batch=1, repeats=args.repeats))
+    except Exception as e:  # pylint: disable=broad-except  (a failing variant is a result)
+      row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
+    rows.append(row)
+    print(f'[decode] {variant}: ' + (row.get('error') or f'{row["ms_per_step"]:.3f} ms/step, '
+                                     f'{row["tokens_per_s"]:.0f} tokens/s'), flush=True)
+  base = next((r for r in rows if r['variant'] == 'bf16' and r.get('tokens_per_s')), None)
+  lines = ['| variant | bytes read per token | ms / step | tokens/s | vs bf16 | error |',
+           '| --- | --- | --- | --- | --- | --- |']
+  for r in rows:
+    if base and r.get('tokens_per_s'):
+      r['speedup_vs_bf16'] = r['tokens_per_s'] / base['tokens_per_s']
+    lines.append(f'| {r["variant"]} | {r["bytes_read"]:,} | {r.get("ms_per_step", 0):.3f} | '
+                 f'{r.get("tokens_per_s", 0):.0f} | {r.get("speedup_vs_bf16", 0):.2f}x | '
+                 f'{r.get("error", "")} |')
+  env = {'device': jax.devices()[0].device_kind, 'jax': jax.__version__,
+         'command': ' '.join(sys.argv), 'context': args.context, 'steps': args.steps,
+         'config': args.config, 'set': args.set}
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, 'decode_qmm.json'), 'w', encoding='utf-8') as f:
+    json.dump({'environment': env, 'rows': rows}, f, indent=2, default=str)
+  with open(os.path.join(args.out, 'decode_qmm.md'), 'w', encoding='utf-8') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,254 @@
+"""Weight-only quantized matmul: the reference's storage layouts against effjax.compress's
+packing and qwix's dequantization, the Triton kernel in interpret mode against the reference on
+random inputs (int8 and int4, several row counts, bf16 and float32, split-K or not, shapes that
+are not multiples of the default tiles), gradients, shard_map, shape errors, backend choice, and
+the kernel lowered for CUDA on this CPU machine."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from effjax.compress import quantize as q_lib
+from effjax.compress import weights as w_lib
+from effjax.kernels import quantized_matmul as qm
+from effjax.kernels.quantized_matmul import (
+  dequantize_int4,
+  dequantize_int8,
+  int4_matmul_reference,
+  int8_matmul_reference,
+  quantized_matmul,
+)
+
+
+def _weight(rng, kind: str, k: int, n: int, group: int = 64):
+  """Random stored values and positive scales: (qvalue, scale, group or None)."""
+  if kind == 'int8':
+    q = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+    return q, jnp.asarray(rng.uniform(0.005, 0.05, (1, n)), jnp.float32), None
+  packed = jnp.asarray(rng.integers(0, 256, (k // 2, n)), jnp.uint8)
+  return packed, jnp.asarray(rng.uniform(0.005, 0.05, (k // group, n)), jnp.float32), group
+
+
+def _reference(x, q, scale, kind, group):
+  if kind == 'int8':
+    return int8_matmul_reference(x, q, scale)
+  return int4_matmul_reference(x, q, scale, group)
+
+
+def _assert_close(got, want, dtype):
+  """Relative to the output's scale: bf16 outputs carry 2^-9 rounding, float32 ones far less."""
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  tol = 1e-2 if dtype == jnp.bfloat16 else 1e-5
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.max(np.abs(want))))
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference's layouts are effjax.compress's.
+
+
+def test_reference_layouts_match_compress_quantization():
+  rng = np.random.default_rng()
+  w = jnp.asarray(rng.standard_normal((128, 48)) * 0.05, jnp.float32)
+  x = jnp.asarray(rng.standard_normal((3, 128)), jnp.float32)
+  layout = w_lib.layout_of(('embed', 'mlp'))
+  for kind, group in (('int8', None), ('int4', 32)):
+    qvalue, scale = q_lib.quantize_weight(w, layout, kind, group or 128)
+    qarr = q_lib.as_qarray(qvalue, scale, kind, layout)
+    want = q_lib.dequantize(qarr)  # qwix: value * scale
+    got = (dequantize_int8(qvalue, scale) if kind == 'int8'
+           else dequantize_int4(qvalue, scale, group))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(_reference(x, qvalue, scale, kind, group), x @ want, rtol=1e-5,
+                               atol=1e-5)
+  values = jnp.asarray(rng.integers(-8, 8, (64, 16)), jnp.int8)
+  packed = q_lib.pack_int4(values, 0)
+  np.testing.assert_array_equal(qm.unpack_int4(packed), values)
+  np.testing.assert_array_equal(qm.unpack_int4(packed), q_lib.unpack_int4(packed, 0))
+  # Entry 2i is byte i's low nibble, 2i + 1 its high one.
+  np.testing.assert_array_equal(np.asarray(packed) & 0xF, np.asarray(values[0::2]) & 0xF)
+  np.testing.assert_array_equal(np.asarray(packed) >> 4, np.asarray(values[1::2]) & 0xF)
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel in interpret mode against the reference.
+
+
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
+def test_kernel_matches_reference(kind, dtype):
+  """Rows 1, 3 and 16 (padded to the kernel's 16), split-K 2 and 1 (the default here)."""
+  rng = np.random.default_rng()
+  k, n = 256, 128
+  q, scale, group = _weight(rng, kind, k, n)
+  for rows, tiling in ((1, (32, 64, 2)), (3, None), (16, (64, 32, 4))):
+    x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
+    out = quantized_matmul(x, q, scale, kind=kind, backend='triton', interpret=True,
+                           tiling=tiling)
+    assert out.shape == (rows, n) and out.dtype == dtype
+    _assert_close(out, _reference(x, q, scale, kind, group), dtype)
+
+
+def test_kernel_leading_axes_jit_and_odd_shapes():
+  """x [B, T, K] inside jit; K and N that are not multiples of the default tiles (bk 256,
+  bn 128), 20 rows (padded to 32); int4 groups larger than the K step (two steps a group)."""
+  rng = np.random.default_rng()
+  for kind, k, n, group in (('int8', 208, 80, None), ('int4', 384, 48, 128)):
+    q, scale, group = _weight(rng, kind, k, n, group or 64)
+    x = jnp.asarray(rng.standard_normal((4, 5, k)), jnp.float32)
+    plan = qm.plan(kind, 20, k, n, group, backend='triton')
+    assert plan.tiling[0] < qm.DEFAULT_BN and k % plan.tiling[1] == 0
+    tiling = (16, 64, 3) if kind == 'int4' else None
+    fn = jax.jit(lambda x, q, s, t=tiling, kind=kind: quantized_matmul(
+        x, q, s, kind=kind, backend='triton', interpret=True, tiling=t))
+    out = fn(x, q, scale)
+    assert out.shape == (4, 5, n)
+    _assert_close(out, _reference(x, q, scale, kind, group), jnp.float32)
+
+
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+def test_xla_backend_matches_reference(kind):
+  rng = np.random.default_rng()
+  q, scale, group = _weight(rng, kind, 256, 96)
+  for dtype in (jnp.bfloat16, jnp.float32):
+    x = jnp.asarray(rng.standard_normal((2, 7, 256)), dtype)
+    out = quantized_matmul(x, q, scale, kind=kind, backend='xla')
+    assert out.shape == (2, 7, 96) and out.dtype == dtype
+    _assert_close(out, _reference(x, q, scale, kind, group), dtype)
+
+
+def test_gradients_of_the_kernel_are_the_xla_paths():
+  rng = np.random.default_rng()
+  q, scale, _ = _weight(rng, 'int4', 256, 64)
+  x = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
+  ct = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
+
+  def loss(backend):
+    return lambda x, s: jnp.sum(ct * quantized_matmul(x, q, s, kind='int4', backend=backend,
+                                                      interpret=True, tiling=(32, 64, 2)))
+  got = jax.jit(jax.grad(loss('triton'), argnums=(0, 1)))(x, scale)
+  want = jax.grad(loss('xla'), argnums=(0, 1))(x, scale)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_kernel_under_shard_map():
+  """Rows split over 4 devices, the weight replicated: each device runs the kernel on its rows.
+  (Pallas's interpret mode needs check_vma=False; the real lowering is checked with it on in
+  test_kernel_lowers_to_a_valid_triton_module.)"""
+  rng = np.random.default_rng()
+  q, scale, _ = _weight(rng, 'int8', 128, 64)
+  x = jnp.asarray(rng.standard_normal((8, 128)), jnp.bfloat16)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ('d',))
+  per_device = lambda x, s: quantized_matmul(x, q, s, kind='int8', backend='triton',
+                                             interpret=True, tiling=(32, 32, 2))
+  out = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P('d'), P()), out_specs=P('d'),
+                              check_vma=False))(x, scale)
+  _assert_close(out, int8_matmul_reference(x, q, scale), jnp.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors and the choice of backend.
+
+
+@pytest.mark.parametrize('case, message', [
+    ('kind', "kind must be one of ('int8', 'int4'), got 'int2'"),
+    ('int8_dtype', 'int8 qvalue must be 2-D int8 [K, N], got uint8 (64, 32)'),
+    ('k_mismatch', 'int8 qvalue must have K=64 rows for x [..., K=64], got shape (32, 32)'),
+    ('int4_rows', 'int4 qvalue must have K/2=32 rows for x [..., K=64], got shape (64, 32)'),
+    ('int8_scale', 'int8 scale must be [1, N] (one scale per output column), got shape (2, 32)'),
+    ('int4_scale', 'int4 scale must be [K/group, N] with its rows dividing K=64, got shape '
+                   '(3, 32)'),
+    ('scale_n', 'scale must be a float [rows, N=32] array, got float32 (1, 16)'),
+    ('x_dtype', 'x must be [..., K] in bfloat16, float16 or float32, got int32 (2, 64)'),
+    ('backend', "backend must be one of ('auto', 'triton', 'xla'), got 'cuda'"),
+    ('bad_tile', 'quantized matmul kernel: bn=24 must be a power of two >= 16'),
+    ('bad_split', 'quantized matmul kernel: bk x split = 32 x 3 must divide K=64'),
+    ('untileable', "backend='triton': the quantized matmul kernel cannot tile these shapes: "
+                   "N=40 is not a multiple of 16; use backend='xla' or 'auto'"),
+    ('small_groups', 'int4 groups of 16 entries (K=64): the kernel needs groups of at least 32'),
+])
+def test_bad_inputs_are_one_clear_error(case, message):
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.standard_normal((2, 64)), jnp.float32)
+  q8, s8, _ = _weight(rng, 'int8', 64, 32)
+  q4, s4, _ = _weight(rng, 'int4', 64, 32, group=32)
+  args, kw = (x, q8, s8), dict(kind='int8')
+  if case == 'kind':
+    kw['kind'] = 'int2'
+  elif case == 'int8_dtype':
+    args = (x, jnp.zeros((64, 32), jnp.uint8), s8)
+  elif case == 'k_mismatch':
+    args = (x, q8[:32], s8)
+  elif case == 'int4_rows':
+    args, kw = (x, jnp.zeros((64, 32), jnp.uint8), s4), dict(kind='int4')
+  elif case == 'int8_scale':
+    args = (x, q8, jnp.ones((2, 32)))
+  elif case == 'int4_scale':
+    args, kw = (x, q4, jnp.ones((3, 32))), dict(kind='int4')
+  elif case == 'scale_n':
+    args = (x, q8, jnp.ones((1, 16)))
+  elif case == 'x_dtype':
+    args = (x.astype(jnp.int32), q8, s8)
+  elif case == 'backend':
+    kw['backend'] = 'cuda'
+  elif case == 'bad_tile':
+    kw.update(backend='triton', interpret=True, tiling=(24, 32, 1))
+  elif case == 'bad_split':
+    kw.update(backend='triton', interpret=True, tiling=(32, 32, 3))
+  elif case == 'untileable':
+    args = (x, q8[:, :8].repeat(5, axis=1), s8[:, :8].repeat(5, axis=1))
+    kw.update(backend='triton', interpret=True)
+  elif case == 'small_groups':
+    args, kw = (x, q4, jnp.ones((4, 32))), dict(kind='int4', backend='triton', interpret=True)
+  with pytest.raises(ValueError) as info:
+    quantized_matmul(*args, **kw)
+  assert message in str(info.value) and '\n' not in str(info.value)
+
+
+def test_auto_backend_choice(monkeypatch):
+  assert qm.resolve_backend('auto', 1) == 'xla'  # this CPU machine
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert qm.resolve_backend('auto', 1) == 'triton'
+  assert qm.resolve_backend('auto', qm.MAX_KERNEL_ROWS) == 'triton'
+  assert qm.resolve_backend('auto', qm.MAX_KERNEL_ROWS + 1) == 'xla'
+  assert qm.plan('int8', 1, 2048, 40, backend='auto') == qm.Plan(
+      'xla', reason='N=40 is not a multiple of 16')
+  assert qm.plan('int4', 1, 2048, 2048, 16, backend='auto').backend == 'xla'
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ('tensor',))
+  with jax.set_mesh(mesh):  # XLA cannot partition a Pallas call: the weights would be gathered
+    assert qm.resolve_backend('auto', 1) == 'xla'
+  # Decode shapes of configs/gpt_1b.py: about two programs an SM, all K steps of equal length.
+  for kind, k, n in (('int8', 2048, 2048), ('int8', 5632, 2048), ('int4', 2048, 5632)):
+    bn, bk, split = qm.default_tiling(kind, 1, k, n, 128 if kind == 'int4' else None)
+    assert n % bn == 0 and k % (bk * split) == 0
+    assert (n // bn) * split <= qm.TARGET_PROGRAMS
+
+
+# ------------------------------------------------------------------------------------------------
+# Lowering for CUDA (what interpret mode cannot show).
+
+
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+@pytest.mark.parametrize('in_shard_map', [False, True])
+def test_kernel_lowers_to_a_valid_triton_module(kind, in_shard_map, monkeypatch, capfd):
+  """Lowered for CUDA on this CPU machine with bf16 x at decode shape (one row padded to 16,
+  masked stores), alone and inside jax.shard_map with check_vma on (the out_struct path): the
+  Triton module verifies (tests/kernels/triton_lowering.py)."""
+  from effjax.kernels.quantized_matmul import gpu
+  from tests.kernels.triton_lowering import assert_verified, triton_dump
+  k, n = 512, 256
+  q_shape = (k, n) if kind == 'int8' else (k // 2, n)
+  q_dtype = jnp.int8 if kind == 'int8' else jnp.uint8
+  s_rows = 1 if kind == 'int8' else k // 128
+  args = (jax.ShapeDtypeStruct((1, k), jnp.bfloat16), jax.ShapeDtypeStruct(q_shape, q_dtype),
+          jax.ShapeDtypeStruct((s_rows, n), jnp.float32))
+  fn = lambda x, q, s: quantized_matmul(x, q, s, kind=kind, backend='triton',
+                                        tiling=(128, 256, 2))
+  if in_shard_map:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('d',))
+    fn = jax.shard_map(fn, mesh=mesh, in_specs=(P('d'), P(), P()), out_specs=P('d'))
+  dump = triton_dump(monkeypatch, capfd, gpu, fn, *args)
+  assert 'scf.for %' in dump and 'tt.dot' in dump
+  assert_verified(dump, 1)
