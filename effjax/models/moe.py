@@ -19,9 +19,10 @@ and, within one token, of the choice rank (its first choice before its second): 
 priority t * top_k + j. A dropped slot contributes 0, and the residual stream carries the token
 on. Expert choice always runs with a capacity (capacity_factor must be > 0).
 
-Execution sorts the (token, expert) slots by expert, runs gate, up and down as three grouped
-matmuls over the sorted rows (effjax.kernels.grouped_matmul, or jax.lax.ragged_dot until that
-package imports), unsorts and sums each token's slots weighted by the router.
+Execution sorts the (token, expert) slots by expert, runs gate and up (side by side, one call)
+and down as two grouped matmuls over the sorted rows (effjax.kernels.grouped_matmul, or
+jax.lax.ragged_dot until that package imports), unsorts and sums each token's slots weighted by
+the router.
 
 Expert parallelism: under a mesh the routed part runs in jax.shard_map. Tokens are split over the
 batch axes of 'act_batch' and the expert axes of 'experts' (the expert axis is extra data
@@ -139,10 +140,14 @@ def gmm(lhs_md: jax.Array, rhs_gdn: jax.Array, group_sizes_g: jax.Array,
   return grouped_matmul(lhs_md, rhs_gdn, group_sizes_g, backend=backend, interpret=interpret)
 
 
-def _swiglu_experts(x_sd, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, backend):
-  """backend: (name, interpret)."""
-  gate = gmm(x_sd, w_gate_edf, group_sizes_e, *backend)
-  up = gmm(x_sd, w_up_edf, group_sizes_e, *backend)
+def _swiglu_experts(x_sd, w_gate_up_edf, w_down_efd, group_sizes_e, backend):
+  """SwiGLU over expert-sorted rows; w_gate_up holds the gate and up weights side by side
+  ([E, D, 2F]), so both projections are one grouped matmul of twice the width: the rows are
+  read once, the kernel's N tiles are twice as many (better occupancy at small F), and the
+  backward is one d_lhs and one weight-gradient call instead of two of each. backend: (name,
+  interpret)."""
+  gate_up = gmm(x_sd, w_gate_up_edf, group_sizes_e, *backend)
+  gate, up = jnp.split(gate_up, 2, axis=-1)
   return gmm(jax.nn.silu(gate) * up, w_down_efd, group_sizes_e, *backend)
 
 
@@ -202,7 +207,7 @@ def _exchange(x_sd, group_sizes_e, weights, *, cap: int, ep_axes: tuple[str, ...
   return jnp.where((r < peer_count.sum())[:, None], back[peer_r, pos_r], 0)
 
 
-def route_and_run(x_btd, valid_bt, router_de, w_gate_edf, w_up_edf, w_down_efd, *, cfg,
+def route_and_run(x_btd, valid_bt, router_de, w_gate_up_edf, w_down_efd, *, cfg,
                   compute_dtype, token_axes: tuple[str, ...] = (), ep_axes: tuple[str, ...] = (),
                   n_ep: int = 1) -> tuple[jax.Array, Stats]:
   """The routed experts on one routing group (one device's tokens, or all tokens without a mesh).
@@ -277,7 +282,7 @@ def route_and_run(x_btd, valid_bt, router_de, w_gate_edf, w_up_edf, w_down_efd, 
     x_sd = x_nd[slot_token[order]]
   # Weights replicated over the token axes stay so: the grouped-matmul VJPs total their per-device
   # weight gradient over those axes themselves (kernels._compat.sum_to_varying).
-  weights = (w_gate_edf, w_up_edf, w_down_efd)
+  weights = (w_gate_up_edf, w_down_efd)
   backend = (cfg.moe_gmm_backend, cfg.moe_gmm_interpret)
   if n_ep == 1:
     out_sd = _swiglu_experts(x_sd, *weights, group_sizes_e, backend)
@@ -337,8 +342,10 @@ class MoE(nnx.Module):
     cdt = self.compute_dtype
     valid_bt = (jnp.ones(x_btd.shape[:2], bool) if ctx.segment_ids is None
                 else ctx.segment_ids > 0)
-    args = (x_btd, valid_bt, self.router[...], self.w_gate[...].astype(cdt),
-            self.w_up[...].astype(cdt), self.w_down[...].astype(cdt))
+    # Gate and up side by side: the cast to the compute dtype copies them anyway, so the
+    # concatenation is free (one fusion), and its gradient's split fuses into the cast back.
+    w_gate_up = jnp.concatenate([self.w_gate[...].astype(cdt), self.w_up[...].astype(cdt)], -1)
+    args = (x_btd, valid_bt, self.router[...], w_gate_up, self.w_down[...].astype(cdt))
     run = functools.partial(route_and_run, cfg=self.cfg, compute_dtype=cdt)
     y, stats = self._sharded(run, *args)
     if self.cfg.moe_num_shared_experts:
@@ -377,7 +384,7 @@ class MoE(nnx.Module):
     stats_spec = {k: P() for k in ('loss', 'aux_loss', 'z_loss', 'load', 'router_entropy',
                                    'dropped_fraction')}
     return jax.shard_map(fn, mesh=mesh, in_specs=(x_spec, P(token_axes or None, None), P(),
-                                                  w_spec, w_spec, w_spec),
+                                                  w_spec, w_spec),
                          out_specs=(x_spec, stats_spec))(x_btd, valid_bt, router_de, *experts)
 
   @staticmethod

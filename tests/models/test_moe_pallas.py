@@ -113,7 +113,8 @@ def test_train_step_lowers_for_the_accelerator(backend, layout):
                              disabled_checks=[export.DisabledSafetyCheck.custom_call(target)])(
                                  setup.abstract_state, batch)
   text = exported.mlir_module()
-  # Forward: 3 grouped matmuls a layer; backward: 2 per forward one (lhs and weight gradients).
-  assert text.count(target) >= 9, text.count(target)
+  # Forward: 2 grouped matmuls a layer (gate and up side by side, then down); backward: 2 per
+  # forward one (lhs and weight gradients).
+  assert text.count(target) >= 6, text.count(target)
   if MESHES[layout].get('expert', 1) > 1:
     assert 'all_to_all' in text
