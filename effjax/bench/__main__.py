@@ -45,7 +45,8 @@ _NAME = flags.DEFINE_string('name', None, 'File stem of the results (default: tr
 _PROFILE = flags.DEFINE_string('profile_dir', '', 'If set, trace with jax.profiler here and write '
                                'a per-op device-time summary (summary.txt): train traces 3 steps; '
                                'kernels traces 3 calls of every case, each in a subfolder, and '
-                               'adds the top kernels to its rows.')
+                               'adds the top kernels to its rows; decode --methods traces one '
+                               'loop per row and prints its top kernels.')
 _CACHE = flags.DEFINE_string('compilation_cache_dir',
                              os.path.join(os.path.expanduser('~'), '.cache', 'effjax', 'xla'),
                              "Persistent XLA compilation cache; '' disables it.")
@@ -191,12 +192,16 @@ def _decode_methods(config, contexts, name: str) -> None:
                             batch=_DECODE_BATCH.value, repeats=_REPEATS.value or 5, params=params,
                             draft_config=draft_config, draft_params=draft_params,
                             gamma=config.infer.gamma, exit_threshold=threshold,
-                            bandwidth_mb=_BANDWIDTH_MB.value)
+                            bandwidth_mb=_BANDWIDTH_MB.value, profile_dir=_PROFILE.value)
   stem = _NAME.value or f'decode_methods_{name}_b{_DECODE_BATCH.value}'
   json_path, md_path = results.write(_OUT.value, stem, results.environment(), rows,
                                      decode_methods.COLUMNS,
                                      f'Decoding methods: {name} ({config.model.pattern}), batch '
                                      f'{_DECODE_BATCH.value}')
+  for row in rows:
+    if row.get('profile_summary'):
+      print(f"--- {row['method']} context {row['context']}: device time per kernel")
+      print(row['profile_summary'])
   with open(md_path, encoding='utf-8') as f:
     print(f.read())
   print(f'wrote {json_path} and {md_path}')

@@ -20,6 +20,7 @@ model's acceptance and exit rates say nothing about a trained one's (the timing 
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any, Sequence
@@ -119,8 +120,14 @@ def _program(method, engine, draft, steps, gamma, policy, exit_index):
 
 def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, batch: int,
         repeats: int, params=None, draft_config=None, draft_params=None, gamma: int = 4,
-        exit_threshold: float = 0.9, bandwidth_mb: int = 512, log=print) -> list[dict[str, Any]]:
-  """One row per (context, method); params / draft_params: trained (graphdef, params) or None."""
+        exit_threshold: float = 0.9, bandwidth_mb: int = 512, profile_dir: str = '',
+        log=print) -> list[dict[str, Any]]:
+  """One row per (context, method); params / draft_params: trained (graphdef, params) or None.
+
+  With profile_dir, one more call of each row's program is traced with jax.profiler (after the
+  timed ones) into profile_dir/<method>_<context>, and the row gets `profile_summary`: device
+  time per kernel name, what a step spends its time on.
+  """
   from effjax.models.lm import LM
   bandwidth = measure_bandwidth(bandwidth_mb)
   log(f'[decode] copy bandwidth {bandwidth / 1e9:.1f} GB/s')
@@ -164,6 +171,14 @@ def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, 
           t0 = time.perf_counter()
           _, _, stats = jax.block_until_ready(compiled(*args(caches)))
           seconds.append(time.perf_counter() - t0)
+        if profile_dir:
+          from effjax.bench.train import summarise_profile
+          trace_dir = os.path.join(profile_dir, f'{method}_{context}')
+          caches = new_caches()
+          jax.block_until_ready(caches)
+          with jax.profiler.trace(trace_dir):
+            jax.block_until_ready(compiled(*args(caches)))
+          row['profile_summary'] = summarise_profile(trace_dir, top=25)
         stats = {k: jax.device_get(v).tolist() for k, v in stats.items()}
         made = stats['tokens'] - 1 if 'tokens' in stats else steps  # per sequence
         per_token = statistics.median(seconds) / made

@@ -26,8 +26,8 @@ Default grid: 16k rows; Mixtral-like experts (8 x 4096 x 14336, and the down pro
 8 x 14336 x 4096) and fine-grained ones (64 x 2048 x 1408 and 64 x 1408 x 2048, DeepSeek-MoE-like
 widths), bf16 in and out with float32 accumulation. The 'tune' grid runs effjax alone at the
 first, third and fourth of those shapes (uniform groups) for a list of Triton tilings (tm, tk, tn), each
-row named 'effjax tm,tk,tn', to choose the defaults from. The tiny grid is the same path at CPU
-sizes.
+row named 'effjax tm,tk,tn', to choose the defaults from. 'experts64' is the default grid's two
+64-expert shapes alone. The tiny grid is the same path at CPU sizes.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ GMM_GRIDS = {
     'default': GmmGrid(rows=16384, shapes=((8, 4096, 14336), (8, 14336, 4096),
                                            (64, 2048, 1408), (64, 1408, 2048))),
     'tune': GmmGrid(rows=16384, shapes=((8, 4096, 14336), (64, 2048, 1408), (64, 1408, 2048))),
+    'experts64': GmmGrid(rows=16384, shapes=((64, 2048, 1408), (64, 1408, 2048))),
     'tiny': GmmGrid(rows=256, shapes=((4, 128, 256), (16, 128, 64))),
 }
 VARIANTS = ('uniform', 'skewed')
@@ -217,5 +218,5 @@ def gmm_cases(grid: str, impls: Sequence[str]) -> Iterator[kb.Case]:
 
 
 kb.register(kb.Op(name='gmm', impls=('effjax', 'tokamax', 'ragged_dot', 'einsum'),
-                  baseline='einsum', grids=('default', 'tune', 'tiny'),
+                  baseline='einsum', grids=('default', 'experts64', 'tune', 'tiny'),
                   cases=gmm_cases, dense_variant='uniform'))

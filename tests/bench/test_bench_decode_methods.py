@@ -17,7 +17,7 @@ def test_method_rows(tmp_path):
          '--config=configs/default.py', *TINY, '--contexts=16', '--decode_steps=6',
          '--repeats=1', '--methods=plain,early_exit,self_speculative,speculative',
          '--exit_threshold=0.0', '--bandwidth_mb=8', f'--out={tmp_path}', '--name=m',
-         '--config.infer.gamma=2']
+         '--config.infer.gamma=2', f'--profile_dir={tmp_path / "prof"}']
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
                         check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -33,6 +33,9 @@ def test_method_rows(tmp_path):
   for r in rows[2:]:
     assert 0 <= r['acceptance_rate'] <= 1 and 1 <= r['tokens_per_round'] <= 3
   assert '| speedup vs plain |' in (tmp_path / 'm.md').read_text()
+  for r in rows:  # each row's loop traced once: time per kernel name
+    assert ' ms in ' in r['profile_summary'], r['profile_summary']
+  assert 'device time per kernel' in proc.stdout
 
 
 def test_unknown_method_is_one_clear_error():
