@@ -67,6 +67,8 @@ GPT_1B_SHAPES = ((2048, 2048), (2048, 5632), (5632, 2048), (2048, 50304))
 QMM_GRIDS = {
     'default': QmmGrid(rows=(1, 8, 16), shapes=GPT_1B_SHAPES + ((4096, 14336), (14336, 4096)),
                        rotate_bytes=512 * 2 ** 20),
+    # Batch-1 decoding's per-layer products of configs/gpt_1b.py alone: the quick look.
+    'decode': QmmGrid(rows=(1,), shapes=GPT_1B_SHAPES[:3], rotate_bytes=512 * 2 ** 20),
     'tune': QmmGrid(rows=(1,), shapes=GPT_1B_SHAPES[:3] + ((4096, 14336),),
                     rotate_bytes=512 * 2 ** 20),
     'tiny': QmmGrid(rows=(1, 16), shapes=((256, 128), (512, 64)), rotate_bytes=0),
@@ -217,5 +219,6 @@ def qmm_cases(grid_name: str, impls: Sequence[str]) -> Iterator[kb.Case]:
         yield qmm_case(grid, impl, m=m, k=k, n=n)
 
 
-kb.register(kb.Op(name='qmm', impls=IMPLS, baseline='bf16', grids=('default', 'tune', 'tiny'),
+kb.register(kb.Op(name='qmm', impls=IMPLS, baseline='bf16',
+                  grids=('default', 'decode', 'tune', 'tiny'),
                   cases=qmm_cases, dense_variant=None))
