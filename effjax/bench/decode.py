@@ -84,12 +84,14 @@ def run(config, contexts: Sequence[int], *, steps: int, batch: int, repeats: int
 
 
 def time_decode(graphdef, params, context: int, *, steps: int = 32, batch: int = 1,
-                repeats: int = 3) -> dict[str, Any]:
+                repeats: int = 3, profile_dir: str = '') -> dict[str, Any]:
   """One row: decode tokens/s of given (random, trained or compressed) parameters.
 
   The caches hold context + steps positions and decoding starts at position `context`: one
   compile, one warm-up, then the median of `repeats` timed loops, each inside an energy meter's
-  window (its inputs are ready and its output is blocked on inside the window).
+  window (its inputs are ready and its output is blocked on inside the window). With
+  profile_dir, one more loop is traced there and the row gets `profile_summary` (device time
+  per kernel name).
   """
   model = nnx.merge(graphdef, params)
   row: dict[str, Any] = {'context': context, 'batch': batch, 'steps': steps}
@@ -109,6 +111,11 @@ def time_decode(graphdef, params, context: int, *, steps: int = 32, batch: int =
       jax.block_until_ready(compiled(params, cache, start, tokens))
       seconds.append(time.perf_counter() - t0)
     meters.append(meter)
+  if profile_dir:
+    from effjax.bench.train import summarise_profile
+    with jax.profiler.trace(profile_dir):
+      jax.block_until_ready(compiled(params, cache, start, tokens))
+    row['profile_summary'] = summarise_profile(profile_dir, top=25)
   per_loop = statistics.median(seconds)
   row.update(ms_per_step=1e3 * per_loop / steps, tokens_per_s=batch * steps / per_loop,
              seconds=seconds, **energy.row_fields(meters, batch * steps * repeats))

@@ -3,7 +3,7 @@ Triton kernel and through XLA's dequantize-and-matmul, in one process.
 
     python experiments/quantized_matmul/decode.py [--config=configs/gpt_1b.py] [--context=1024]
         [--steps=64] [--repeats=5] [--variants=bf16,int8:xla,int8:triton,int4:xla,int4:triton]
-        [--out=DIR] [--set model.num_layers=2 ...]
+        [--out=DIR] [--set model.num_layers=2 ...] [--profile_dir=DIR]
 
 The model is the config's, randomly initialised (decode speed does not depend on the values):
 'bf16' decodes its float32 parameters cast once to the compute dtype, as --mode=compress's
@@ -50,6 +50,8 @@ def main():
   parser.add_argument('--variants', default='bf16,int8:xla,int8:triton,int4:xla,int4:triton')
   parser.add_argument('--out', default='/tmp/effjax_qmm_decode')
   parser.add_argument('--set', action='append', default=[], help='section.field=value override')
+  parser.add_argument('--profile_dir', default='', help='trace one loop of each variant here '
+                      '(a subfolder each) and print its device time per kernel')
   args = parser.parse_args()
 
   import jax
@@ -75,7 +77,12 @@ def main():
     del model
     try:
       row.update(decode_bench.time_decode(graphdef, params, args.context, steps=args.steps,
-                                          batch=1, repeats=args.repeats))
+                                          batch=1, repeats=args.repeats,
+                                          profile_dir=(os.path.join(args.profile_dir,
+                                                                    variant.replace(':', '_'))
+                                                       if args.profile_dir else '')))
+      if row.get('profile_summary'):
+        print(f'--- {variant}: device time per kernel\n{row["profile_summary"]}', flush=True)
     except Exception as e:  # pylint: disable=broad-except  (a failing variant is a result)
       row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
     rows.append(row)
