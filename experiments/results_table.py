@@ -5,8 +5,7 @@
     python experiments/results_table.py --check   # exit 1 if README.md differs or a file is missing
 
 Each row names the files it reads (paths relative to the repository root) and a function that
-turns them into the 'result' cell. A figure that no committed file holds is kept only where the
-row says so in its cell (see `no_file`).
+turns them into the 'result' cell: every figure in the table comes from a committed file.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ FOOTER = ('This table is generated from the result files each row names in\n'
           '[experiments/results_table.py](experiments/results_table.py); after a result file\n'
           'changes, regenerate it with `python experiments/results_table.py --write`\n'
           '(`--check` exits 1 when it is stale).')
-NO_FILE = 'figure from the experiment README, no result file'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,11 +107,6 @@ def seq_text(s: int) -> str:
   return f'{s // 1024}k'
 
 
-def no_file(text: str) -> str:
-  """A figure kept from an experiment README that no committed file holds, marked as such."""
-  return f'{text} ({NO_FILE})'
-
-
 # ---------------------------------------------------------------------------------------------
 # One function per row: the row's files in, the 'result' cell out.
 
@@ -125,8 +118,11 @@ def cpu_default(metrics, base_config) -> str:
   tps = statistics.median(r['train/tokens_per_second'] for r in records
                           if 'train/tokens_per_second' in r)
   vocab = int(re.search(r'vocab_size\s*=\s*(\d+)', base_config.read_text()).group(1))
+  timed = [r for r in records if 'train/loss' in r and 'time' in r]
+  seconds = timed[-1]['time'] - timed[0]['time']
   return (f'held-out {held_out:.2f} nats/byte (uniform: {math.log(vocab):.2f}), '
-          f'{tps / 1e3:.1f}k tokens/s, ' + no_file('4 min 5 s end to end'))
+          f'{tps / 1e3:.1f}k tokens/s; steps {timed[0]["step"]}-{timed[-1]["step"]} took '
+          f'{int(seconds // 60)} min {int(seconds % 60)} s of wall time')
 
 
 def gpt2_tuned(bench, peer) -> str:
@@ -259,9 +255,11 @@ _CONSOLE = re.compile(r'\[bench\] (M=\d+ G=(\d+) K=\d+ N=\d+) (\w+) (\w+) (fwd\+
                       r'[\d.]+ ms, ([\d.]+) TFLOP/s')
 
 
-def grouped_matmul(bench, tokamax_log) -> str:
-  """Grouped matmul TFLOP/s against the einsum, ragged_dot and tokamax (uniform groups)."""
-  rows = [r for r in ok_rows(bench_rows(bench)) if r['op'] == 'gmm']
+def grouped_matmul(bench, tokamax_log, experts64) -> str:
+  """Grouped matmul TFLOP/s against the einsum, ragged_dot and tokamax (uniform groups); the
+  64-expert rows from the later run of those shapes alone (experts64), which replace bench's."""
+  rows = [r for r in ok_rows(bench_rows(bench)) if r['op'] == 'gmm' and r['groups'] != 64]
+  rows += [r for r in ok_rows(bench_rows(experts64)) if r['op'] == 'gmm']
   tflops = {(r['group'], r['variant'], r['impl'], r['mode']): r['tflops'] for r in rows}
   ours = [r for r in rows if r['impl'] == 'effjax' and r['variant'] == 'uniform']
 
@@ -281,10 +279,11 @@ def grouped_matmul(bench, tokamax_log) -> str:
       vs_tokamax[groups].append(value / peer)
   return (f"8 experts: {span(vs('einsum', 8, 'fwd'))} fwd, "
           f"{span(vs('einsum', 8, 'fwd+bwd'))} fwd+bwd; "
-          f"64 experts: {span(vs('einsum', 64, 'fwd'))} fwd, "
+          f"64 experts (a later run, the current kernel): {span(vs('einsum', 64, 'fwd'))} fwd, "
           f"{span(vs('einsum', 64, 'fwd+bwd'))} fwd+bwd; "
           f"{span(ragged, 0)} `jax.lax.ragged_dot` (fwd); "
-          f"vs tokamax: {span(vs_tokamax[8], 1)} at 8 experts, {span(vs_tokamax[64])} at 64")
+          f"vs tokamax (first run's console): {span(vs_tokamax[8], 1)} at 8 experts, "
+          f"{span(vs_tokamax[64])} at 64")
 
 
 MOE_STEP_TARGET = 0.8  # the goal set for the MoE step against its dense twin, not a measurement
@@ -335,6 +334,20 @@ def compression_decode(study) -> str:
     verdict = 'met' if speed >= target else 'missed'
     parts.append(f'{label} {speed:.2f}x bf16 tokens/s (target {target}x {verdict}), '
                  f'{r["bytes"] / dense["bytes"]:.2f}x the bytes, loss {loss:+.2f}%')
+  return '; '.join(parts)
+
+
+def quantized_decode(decode_qmm) -> str:
+  """Batch-1 decode tokens/s of int8 / int4 weights through the kernel and through XLA, vs bf16."""
+  rows = {r['variant']: r for r in load_json(decode_qmm)['rows'] if r.get('tokens_per_s')}
+  base = rows['bf16']['tokens_per_s']
+  parts = []
+  for kind, target in (('int8', 1.6), ('int4', 2.5)):
+    kernel = rows[f'{kind}:triton']['tokens_per_s'] / base
+    xla = rows[f'{kind}:xla']['tokens_per_s'] / base
+    verdict = 'met' if kernel >= target else 'missed'
+    parts.append(f'{kind} {kernel:.2f}x bf16 tokens/s through the kernel (target {target}x '
+                 f'{verdict}; {xla:.2f}x through XLA)')
   return '; '.join(parts)
 
 
@@ -391,6 +404,7 @@ class Row:
 
 TP = 'experiments/throughput/results'
 MOE_H200 = 'experiments/moe/results/h200_2026_12_02'
+MOE_LATEST = 'experiments/moe/results/h200_2026_12_04_fused_gate_up'
 
 ROWS = (
     Row('default quickstart, 3.05M params, 240 steps', '2 CPU cores', 'cpu_default',
@@ -420,18 +434,24 @@ ROWS = (
         ('experiments/moe/results.json',), moe_quality),
     Row('MoE grouped matmul (Pallas Triton), 16k rows, bf16, vs the same FLOPs as a dense einsum',
         '1 x H200', 'moe',
-        (f'{MOE_H200}/kernels_gmm.json', f'{MOE_H200}/gmm_tokamax_console.log'), grouped_matmul),
+        (f'{MOE_H200}/kernels_gmm.json', f'{MOE_H200}/gmm_tokamax_console.log',
+         f'{MOE_LATEST}/kernels_gmm_experts64.json'), grouped_matmul),
     Row('MoE 8x top-2 training step vs its dense twin (equal active FLOPs), 12 layers, '
         'width 1024', '1 x H200', 'moe',
-        (f'{MOE_H200}_profiled/run4_moe_step_new_tgmm/moe_vs_dense_run4.json',
+        (f'{MOE_LATEST}/moe_vs_dense.json',
          f'{MOE_H200}/moe_vs_dense.json', f'{MOE_H200}/moe_ragged_dot.json'), moe_step),
     Row('every config through `effjax.main` (train, eval, checkpoint, resume, sample)',
         '1 x H200', 'gpu_smoke',
         ('experiments/gpu_smoke/smoke_h200_run4.json',
-         'experiments/gpu_smoke/smoke_h200_run5.json', 'configs/sharded_cpu.py'), gpu_smoke),
+         'experiments/gpu_smoke/smoke_h200_run5.json',
+         'experiments/gpu_smoke/smoke_h200_run6.json', 'configs/sharded_cpu.py'), gpu_smoke),
     Row('int8 / int4 weight-only quantization (PTQ) of the 1.03B model, decode at batch 1',
         '1 x H200', 'compression', ('experiments/compression/results/h200_gpt_1b.json',),
         compression_decode),
+    Row('the same decode through the weight-only quantized-matmul kernel (Pallas Triton), '
+        'random weights', '1 x H200', 'quantized_matmul',
+        ('experiments/quantized_matmul/results/h200_2026_12_04/decode_qmm.json',),
+        quantized_decode),
     Row('LoRA (r=8, base frozen) vs full fine-tuning peak memory, 1.03B model, seq 2048',
         '1 x H200', 'compression', ('experiments/compression/results/finetune_memory_full.json',
                                     'experiments/compression/results/finetune_memory_lora.json'),
