@@ -450,7 +450,7 @@ ROWS = (
         compression_decode),
     Row('the same decode through the weight-only quantized-matmul kernel (Pallas Triton), '
         'random weights', '1 x H200', 'quantized_matmul',
-        ('experiments/quantized_matmul/results/h200_2026_12_04/decode_qmm.json',),
+        ('experiments/quantized_matmul/results/h200_2026_12_04/decode_qmm_tuned.json',),
         quantized_decode),
     Row('LoRA (r=8, base frozen) vs full fine-tuning peak memory, 1.03B model, seq 2048',
         '1 x H200', 'compression', ('experiments/compression/results/finetune_memory_full.json',

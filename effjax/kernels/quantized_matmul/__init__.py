@@ -78,10 +78,13 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32
 MAX_KERNEL_ROWS = 64
 MIN_ROWS = 16  # Triton's smallest dot
 DEFAULT_BN = 128
-DEFAULT_BK = {'int8': 256, 'int4': 256}
-# Programs to aim for when choosing split: about two per SM of an H100 / H200 (132 SMs), so
-# every SM streams weights, without partial products outgrowing their use.
-TARGET_PROGRAMS = 256
+DEFAULT_BK = {'int8': 128, 'int4': 128}
+# Programs to aim for when choosing split: several per SM of an H100 / H200 (132 SMs). A
+# program's K range is short (one or two steps), so nothing is pipelined inside it; many
+# programs in flight are what keeps loads outstanding on every SM. Chosen on gpt_1b's batch-1
+# decode step on an H200 (experiments/quantized_matmul/tune_decode.py): BK 128 with 512-1024
+# programs decoded 1.20-1.21x bf16, the earlier BK 256 with 256 programs 1.06x / 1.01x.
+TARGET_PROGRAMS = 1024
 
 
 def _partitioned_mesh() -> bool:
