@@ -64,9 +64,14 @@ def test_sharded_equals_single_device_and_refreshes_every_k(name):
   assert diff.max() <= 5 * config.optim.learning_rate, diff.max()
   assert np.mean(diff > 1e-5) < 0.01, np.mean(diff > 1e-5)
   # Entries near zero come from cancellation inside the Hessian-vector product: compare them on
-  # the scale of the whole estimate, not their own.
-  for a, b in zip(single_h, sharded_h):
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * np.max(np.abs(a)))
+  # the scale of the whole estimate, not their own. The first estimate is taken at the same
+  # parameters on both meshes: every entry agrees. Later ones are taken at parameters that the
+  # clipped coordinates above moved apart, so nearly all entries (not every one) agree.
+  close = lambda a, b: np.isclose(a, b, rtol=1e-3, atol=1e-4 * np.max(np.abs(a)))
+  np.testing.assert_allclose(single_h[0], sharded_h[0], rtol=1e-3,
+                             atol=1e-4 * np.max(np.abs(single_h[0])))
+  for a, b in zip(single_h[1:], sharded_h[1:]):
+    assert np.mean(~close(a, b)) < 0.01, np.mean(~close(a, b))
   # refreshed at steps 0, 2, 4 (after the 1st, 3rd, 5th call); unchanged in between
   np.testing.assert_array_equal(single_h[1], single_h[0])
   np.testing.assert_array_equal(single_h[3], single_h[2])
