@@ -112,10 +112,9 @@ def time_decode(graphdef, params, context: int, *, steps: int = 32, batch: int =
       seconds.append(time.perf_counter() - t0)
     meters.append(meter)
   if profile_dir:
-    from effjax.bench.train import summarise_profile
-    with jax.profiler.trace(profile_dir):
-      jax.block_until_ready(compiled(params, cache, start, tokens))
-    row['profile_summary'] = summarise_profile(profile_dir, top=25)
+    from effjax.bench.train import trace_once
+    row['profile_summary'] = trace_once(lambda: compiled(params, cache, start, tokens),
+                                        profile_dir)
   per_loop = statistics.median(seconds)
   row.update(ms_per_step=1e3 * per_loop / steps, tokens_per_s=batch * steps / per_loop,
              seconds=seconds, **energy.row_fields(meters, batch * steps * repeats))

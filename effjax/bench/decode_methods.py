@@ -172,13 +172,10 @@ def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, 
           _, _, stats = jax.block_until_ready(compiled(*args(caches)))
           seconds.append(time.perf_counter() - t0)
         if profile_dir:
-          from effjax.bench.train import summarise_profile
-          trace_dir = os.path.join(profile_dir, f'{method}_{context}')
-          caches = new_caches()
-          jax.block_until_ready(caches)
-          with jax.profiler.trace(trace_dir):
-            jax.block_until_ready(compiled(*args(caches)))
-          row['profile_summary'] = summarise_profile(trace_dir, top=25)
+          from effjax.bench.train import trace_once
+          caches = jax.block_until_ready(new_caches())
+          row['profile_summary'] = trace_once(
+              lambda: compiled(*args(caches)), os.path.join(profile_dir, f'{method}_{context}'))
         stats = {k: jax.device_get(v).tolist() for k, v in stats.items()}
         made = stats['tokens'] - 1 if 'tokens' in stats else steps  # per sequence
         per_token = statistics.median(seconds) / made

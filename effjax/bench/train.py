@@ -141,6 +141,18 @@ def summarise_profile(trace_dir: str, top: int = 30) -> str:
   return '\n'.join(out)
 
 
+def trace_once(call, trace_dir: str, top: int = 25) -> str:
+  """Runs call() once under jax.profiler into trace_dir (waiting for its result), writes the
+  per-kernel summary to trace_dir/summary.txt and returns it."""
+  import jax
+  with jax.profiler.trace(trace_dir):
+    jax.block_until_ready(call())
+  summary = summarise_profile(trace_dir, top=top)
+  with open(os.path.join(trace_dir, 'summary.txt'), 'w', encoding='utf-8') as f:
+    f.write(summary + '\n')
+  return summary
+
+
 def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps: int = 10,
             repeats: int = 3, profile_dir: str = '') -> dict[str, Any]:
   """One config's steady-state training throughput; raises on bad config, returns a result row."""

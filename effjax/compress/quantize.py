@@ -20,6 +20,10 @@ import jax
 import jax.numpy as jnp
 import qwix
 
+# pack_int4's inverse, shared with the quantized-matmul kernel's reference (one layout, one
+# unpacker).
+from effjax.kernels.quantized_matmul.reference import unpack_int4
+
 QTYPES = {'int8': jnp.int8, 'w8a8': jnp.int8, 'fp8': jnp.float8_e4m3fn, 'int4': jnp.int4}
 INT8_MAX = 127.0
 
@@ -69,16 +73,6 @@ def pack_int4(q: jax.Array, axis: int) -> jax.Array:
   pairs = nibbles.reshape(q.shape[:axis] + (q.shape[axis] // 2, 2) + q.shape[axis + 1:])
   low, high = jnp.take(pairs, 0, axis=axis + 1), jnp.take(pairs, 1, axis=axis + 1)
   return low | (high << 4)
-
-
-def unpack_int4(packed: jax.Array, axis: int) -> jax.Array:
-  """pack_int4's inverse: uint8 -> int8 values in [-8, 7], `axis` doubled."""
-  low = (packed & 0xF).astype(jnp.int8)
-  high = (packed >> 4).astype(jnp.int8)
-  both = jnp.stack([low, high], axis=axis + 1)
-  both = (both ^ 8) - 8  # sign-extend the nibbles
-  shape = packed.shape[:axis] + (2 * packed.shape[axis],) + packed.shape[axis + 1:]
-  return both.reshape(shape)
 
 
 def as_qarray(qvalue: jax.Array, scale: jax.Array, kind: str, layout=None) -> qwix.QArray:

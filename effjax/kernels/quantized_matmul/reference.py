@@ -13,8 +13,8 @@ and multiply at HIGHEST precision (exact float32 on every platform) and return f
 exact value every backend approximates. The op's 'xla' backend uses the same dequantization but
 rounds the weight to x's dtype and multiplies at the platform's default precision.
 
-Nothing here imports effjax.compress: the tests check these layouts against its pack / unpack
-and qwix's dequantization, so the two cannot drift apart unnoticed.
+Nothing here imports effjax.compress (which imports this module's unpacker): the tests check
+these layouts against its packer and qwix's dequantization, so they cannot drift apart unnoticed.
 """
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ import jax.numpy as jnp
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def unpack_int4(packed_kn: jax.Array) -> jax.Array:
-  """uint8 [K/2, N] -> int8 [K, N] in [-8, 7]: row 2i from the low nibbles, 2i + 1 the high."""
-  low = (packed_kn & 0xF).astype(jnp.int8)
-  high = (packed_kn >> 4).astype(jnp.int8)
-  both = (jnp.stack([low, high], axis=1) ^ 8) - 8  # sign-extend the nibbles
-  return both.reshape(2 * packed_kn.shape[0], packed_kn.shape[1])
+def unpack_int4(packed: jax.Array, axis: int = 0) -> jax.Array:
+  """uint8 -> int8 values in [-8, 7], `axis` doubled: entry 2i from byte i's low nibble, 2i + 1
+  from its high one ([K/2, N] -> [K, N] with the default axis). The one unpacker of the project:
+  effjax.compress.quantize uses it for every stored int4 weight."""
+  low = (packed & 0xF).astype(jnp.int8)
+  high = (packed >> 4).astype(jnp.int8)
+  both = (jnp.stack([low, high], axis=axis + 1) ^ 8) - 8  # sign-extend the nibbles
+  shape = packed.shape[:axis] + (2 * packed.shape[axis],) + packed.shape[axis + 1:]
+  return both.reshape(shape)
 
 
 def dequantize_int8(q_kn: jax.Array, scale_1n: jax.Array) -> jax.Array:
