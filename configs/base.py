@@ -247,6 +247,9 @@ def get_config() -> ml_collections.ConfigDict:
   # with the rest in one pass), 'speculative' (a separate draft model, exact rejection sampling).
   inf.method = 'plain'
   inf.weights_dtype = ''  # weights cast once for decoding: '' = model.compute_dtype, or a dtype
+  # The decoding step's attention over the cache (dense and flash kinds): 'auto' = the Triton
+  # kernel of effjax/kernels/decode_attention on GPU, XLA elsewhere; 'triton'; 'xla'.
+  inf.attention_kernel = 'auto'
   inf.max_len = 0  # cache positions; 0 = longest prompt + generate.max_new_tokens + gamma + 1
   # early_exit: the confidence measure: 'softmax' (top-1 probability), 'margin' (top-1 minus
   # top-2 probability), 'entropy' (1 - entropy / log(vocab)), 'state' (cosine of the hidden state

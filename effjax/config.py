@@ -19,6 +19,7 @@ import ml_collections
 
 from configs import base as base_config
 from effjax.data.tokenizers import ByteTokenizer
+from effjax.kernels.decode_attention import BACKENDS as DECODE_ATTENTION_BACKENDS
 from effjax.kernels.quantized_matmul import QMM_BACKENDS
 from effjax.models import attention, early_exit, linear_attention, moe, remat
 from effjax.models import lm as _lm  # noqa: F401  (registers the layer parts)
@@ -54,6 +55,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     'infer.method': ('plain', 'early_exit', 'self_speculative', 'speculative'),
     'infer.confidence': early_exit.CONFIDENCES,
     'infer.weights_dtype': ('', 'float32', 'bfloat16', 'float16'),
+    'infer.attention_kernel': DECODE_ATTENTION_BACKENDS,
 }
 POSITIVE = ('model.vocab_size', 'model.d_model', 'model.num_layers', 'model.num_heads',
             'model.num_kv_heads', 'data.seq_len', 'train.batch_size', 'train.grad_accum_steps',
@@ -390,6 +392,9 @@ def _check_compress(config) -> None:
     raise ConfigError(f'compress.distill_temperature={cp.distill_temperature}: must be > 0')
   if not [n for n in cp.targets.split(',') if n.strip()]:
     raise ConfigError("compress.targets='': name at least one parameter, e.g. 'wq,wo,w_up'")
+  if config.infer.attention_kernel == 'triton' and jax.default_backend() != 'gpu':
+    raise ConfigError(f"infer.attention_kernel='triton': needs a GPU but the backend is "
+                      f"{jax.default_backend()}; use 'auto' or 'xla'")
   if cp.qmm_backend == 'triton' and jax.default_backend() != 'gpu' and not cp.qmm_interpret:
     raise ConfigError(f"compress.qmm_backend='triton': needs a GPU but the backend is "
                       f"{jax.default_backend()}; use 'auto', 'xla' or "

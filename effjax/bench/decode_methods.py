@@ -133,12 +133,13 @@ def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, 
   log(f'[decode] copy bandwidth {bandwidth / 1e9:.1f} GB/s')
   split = params or nnx.split(LM(config.model, rngs=nnx.Rngs(config.seed)))
   weights_dtype = config.infer.weights_dtype
-  engine = Engine(*split, weights_dtype)
+  kernel = config.infer.attention_kernel
+  engine = Engine(*split, weights_dtype, kernel)
   draft = None
   if 'speculative' in methods:
     if draft_params is None:
       draft_params = nnx.split(LM((draft_config or config).model, rngs=nnx.Rngs(config.seed + 1)))
-    draft = Engine(*draft_params, weights_dtype)
+    draft = Engine(*draft_params, weights_dtype, kernel)
   policy = ExitPolicy(exit_threshold, config.infer.confidence, config.infer.exit_skip)
   rows = []
   for context in contexts:

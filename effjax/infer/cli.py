@@ -112,7 +112,7 @@ def options_from_config(config, vocab_limit: int, stop: tuple[int, ...],
       method=inf.method, max_new_tokens=g.max_new_tokens,
       sampler=Sampler(g.temperature, g.top_k, g.top_p, vocab_limit),
       seed=config.seed if g.seed < 0 else g.seed, stop_tokens=stop, max_len=inf.max_len,
-      weights_dtype=inf.weights_dtype,
+      weights_dtype=inf.weights_dtype, attention_kernel=inf.attention_kernel,
       exit_policy=ExitPolicy(inf.exit_threshold if threshold is None else threshold,
                              inf.confidence, inf.exit_skip),
       gamma=inf.gamma, draft_exit=inf.draft_exit)

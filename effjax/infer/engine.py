@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effjax.kernels import decode_attention as decode_kernel
 from effjax.models import attention, early_exit, layers
 from effjax.models.lm import block_kinds, num_groups
 from effjax.models.registry import parse_pattern
@@ -43,8 +44,11 @@ from effjax.models.registry import parse_pattern
 class Engine:
   """A model prepared for decoding: per-layer graphdefs (static) and weights (`arrays`)."""
 
-  def __init__(self, graphdef: Any, params: Any, weights_dtype: str = ''):
+  def __init__(self, graphdef: Any, params: Any, weights_dtype: str = '',
+               attention_kernel: str = 'auto', attention_interpret: bool = False):
     model = nnx.merge(graphdef, params)
+    decode_kernel.resolve_backend(attention_kernel)  # a bad name fails here, not when traced
+    self.attention = (attention_kernel, attention_interpret)
     cfg = self.cfg = model.cfg
     self.compute_dtype = jnp.dtype(cfg.compute_dtype)
     self.output_dtype = jnp.dtype(cfg.output_dtype)
@@ -183,7 +187,7 @@ class Engine:
       block = self.block(a, i)
       h = block.mixer_norm(x_bnd)
       if self.is_attention[i]:
-        y, caches[i] = attend(block.mixer, h, slot, start_b, caches[i])
+        y, caches[i] = attend(block.mixer, h, slot, start_b, caches[i], *self.attention)
       else:
         y, caches[i], snaps[i] = recurrent_steps(block.mixer, h, positions, caches[i], snapshots)
       ctx = layers.Context(positions=positions, segment_ids=None)
@@ -259,8 +263,13 @@ def write_keys(mixer, h_b1d, slot, start_b, cache):
   return _write(cache, k, v, slot, mixer.kind == 'sliding_window')
 
 
-def attend(mixer, h_bnd, slot, start_b, cache):
-  """n new tokens at slots slot.. attend to the cache and causally to each other."""
+def attend(mixer, h_bnd, slot, start_b, cache, kernel: str = 'xla', interpret: bool = False):
+  """n new tokens at slots slot.. attend to the cache and causally to each other.
+
+  kernel: effjax.kernels.decode_attention's backend ('auto', 'triton', 'xla') for the full-cache
+  kinds without a block layout; where it resolves to 'xla', and for the sliding window's ring
+  and the block-sparse layout, the masked attention below runs.
+  """
   q, k, v = _kv(mixer, h_bnd, slot, start_b)
   n = q.shape[1]
   length = cache['k'].shape[1]
@@ -269,6 +278,10 @@ def attend(mixer, h_bnd, slot, start_b, cache):
   cache_slots = jnp.arange(length)
   new_cache = _write(cache, k, v, slot, ring)
   layout = mixer._layout(length)  # pylint: disable=protected-access
+  if not ring and layout is None and decode_kernel.resolve_backend(kernel) != 'xla':
+    out = decode_kernel.decode_attention(q, new_cache['k'], new_cache['v'], start_b, slot,
+                                         backend=kernel, interpret=interpret)
+    return mixer._output(out), new_cache  # pylint: disable=protected-access
 
   def allowed(key_slots, q_limit):  # [B, n, L] mask for keys at absolute slots key_slots
     ok = (key_slots[None, None] >= start_b[:, None, None]) & (key_slots[None] <= q_limit)[None]

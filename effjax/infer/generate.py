@@ -135,6 +135,8 @@ class Options:
   stop_tokens: tuple[int, ...] = ()
   max_len: int = 0  # cache positions; 0 = padded prompt + max_new_tokens + gamma + 1
   weights_dtype: str = ''
+  attention_kernel: str = 'auto'  # effjax.kernels.decode_attention's backend
+  attention_interpret: bool = False  # the kernel in interpret mode (tests on CPU)
   exit_policy: ExitPolicy = ExitPolicy()
   gamma: int = 4
   draft_exit: int = 0  # self_speculative: the exit layer that drafts (0 = the first exit)
@@ -182,7 +184,8 @@ class Decoder:
     if options.method not in METHODS:
       raise ValueError(f'infer.method={options.method!r}: allowed values are {", ".join(METHODS)}')
     self.options = options
-    self.engine = Engine(graphdef, params, options.weights_dtype)
+    kernel = (options.attention_kernel, options.attention_interpret)
+    self.engine = Engine(graphdef, params, options.weights_dtype, *kernel)
     exits = self.engine.exits
     if options.method in ('early_exit', 'self_speculative') and not exits:
       raise ValueError(f'infer.method={options.method}: the model has no exit heads; train it '
@@ -198,7 +201,7 @@ class Decoder:
     if options.method == 'speculative':
       if draft is None:
         raise ValueError('infer.method=speculative needs a draft model (infer.draft_config)')
-      self.draft = Engine(*draft, options.weights_dtype)
+      self.draft = Engine(*draft, options.weights_dtype, *kernel)
       dv, tv = self.draft.cfg.vocab_size, self.engine.cfg.vocab_size
       if dv != tv:
         raise ValueError(f'the draft model\'s vocabulary ({dv} ids, model.vocab_size of '

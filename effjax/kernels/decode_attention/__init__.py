@@ -1,0 +1,125 @@
+"""Attention of a few new tokens against a key/value cache: the decoding step's attention.
+
+`decode_attention(q [B, n, Hq, D], k, v [B, L, Hkv, D], start [B], slot)` -> [B, n, Hq, D]; query
+i of sequence b sees the cache slots start_b .. slot + i (reference.py states it exactly). The
+decoding engine (effjax/infer/engine.py) calls it for the full-cache attention kinds after writing
+the new keys.
+
+Why a kernel: through XLA a batch-1 step's attention over the cache became about ten small
+fusions (scores, mask, max, exponent, sum, the value product, converts) of 1-8 us each on an
+H200, about a third of a 1B model's layer time (experiments/early_exit). The Triton kernel
+(gpu.py) reads the cache once, only up to the last written slot, split over the cache so that
+every SM takes part, and a small merge combines the ranges.
+
+Backends:
+  'triton'  the Pallas kernel (GPU; interpret=True runs it on CPU for tests);
+  'xla'     the reference (plain JAX, any device, partitioned like any op under a mesh);
+  'auto'    'triton' on GPU when the shapes fit the kernel (`kernel_unsupported`) and no
+            multi-device mesh with automatically partitioned axes is active; 'xla' otherwise.
+
+Tiling (block_k, split): cache slots per loop step, and ranges the cache is cut into (one
+program each per sequence and key/value head). `default_tiling` aims for TARGET_PROGRAMS
+programs with at least MIN_BLOCKS_PER_SPLIT blocks each. Forward only: decoding does not
+differentiate.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from effjax.kernels.decode_attention.reference import allowed_slots, decode_attention_reference
+
+__all__ = ['BACKENDS', 'allowed_slots', 'decode_attention', 'decode_attention_reference',
+           'default_tiling', 'kernel_unsupported', 'resolve_backend']
+
+BACKENDS = ('auto', 'triton', 'xla')
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+DEFAULT_BLOCK_K = 64
+TARGET_PROGRAMS = 264  # two per SM of an H100 / H200 (132 SMs)
+MIN_BLOCKS_PER_SPLIT = 2
+
+
+def _partitioned_mesh() -> bool:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return False
+  return any(mesh.shape[a] > 1 for a in mesh.axis_names if a not in mesh.manual_axes)
+
+
+def kernel_unsupported(n: int, heads: int, kv_heads: int, head_dim: int, dtype) -> str | None:
+  """Why the kernel cannot run these shapes, or None when it can."""
+  from effjax.kernels.decode_attention import gpu
+  if jnp.dtype(dtype) not in DTYPES:
+    return f'dtype {jnp.dtype(dtype).name} (the kernel takes bfloat16, float16, float32)'
+  if head_dim < gpu.MIN_TILE or head_dim & (head_dim - 1):
+    return f'head dim {head_dim} is not a power of two >= {gpu.MIN_TILE}'
+  rows = n * (heads // kv_heads)
+  if gpu.padded_rows(rows) > gpu.MAX_ROWS:
+    return f'{rows} query rows per key/value head (tokens x group) exceed {gpu.MAX_ROWS}'
+  return None
+
+
+def default_tiling(batch: int, kv_heads: int, length: int,
+                   block_k: int | None = None) -> tuple[int, int]:
+  """(block_k, split): DEFAULT_BLOCK_K (halved while it exceeds the cache), then the most
+  ranges that keep batch x kv_heads x split within TARGET_PROGRAMS and every range at least
+  MIN_BLOCKS_PER_SPLIT blocks long."""
+  from effjax.kernels.decode_attention import gpu
+  if block_k is None:
+    block_k = DEFAULT_BLOCK_K
+    while block_k > gpu.MIN_TILE and block_k >= 2 * length:
+      block_k //= 2
+  blocks = -(-length // block_k)
+  split = max(1, min(TARGET_PROGRAMS // max(batch * kv_heads, 1),
+                     blocks // MIN_BLOCKS_PER_SPLIT))
+  return block_k, split
+
+
+def resolve_backend(backend: str) -> str:
+  if backend not in BACKENDS:
+    raise ValueError(f'decode attention backend must be one of {BACKENDS}, got {backend!r}')
+  if backend != 'auto':
+    return backend
+  return 'triton' if jax.default_backend() == 'gpu' and not _partitioned_mesh() else 'xla'
+
+
+def decode_attention(q_bnhd: jax.Array, k_blkd: jax.Array, v_blkd: jax.Array,
+                     start_b: jax.Array, slot, *, backend: str = 'auto',
+                     tiling: tuple[int, int] | None = None, interpret: bool = False) -> jax.Array:
+  """Query i of row b attends to cache slots start_b .. slot + i; -> [B, n, Hq, D] in q's dtype."""
+  if q_bnhd.ndim != 4 or k_blkd.ndim != 4 or v_blkd.shape != k_blkd.shape:
+    raise ValueError(f'decode attention takes q [B, n, Hq, D] and k, v [B, L, Hkv, D] of one '
+                     f'shape; got q {q_bnhd.shape}, k {k_blkd.shape}, v {v_blkd.shape}')
+  b, n, heads, d = q_bnhd.shape
+  _, length, kv_heads, dk = k_blkd.shape
+  if k_blkd.shape[0] != b or dk != d or heads % kv_heads:
+    raise ValueError(f'decode attention: q {q_bnhd.shape} and cache {k_blkd.shape} disagree '
+                     '(batch and head dim must match, query heads must be a multiple of the '
+                     'key/value heads)')
+  start_b = jnp.asarray(start_b, jnp.int32).reshape(b)
+  slot = jnp.asarray(slot, jnp.int32)
+  resolved = resolve_backend(backend)
+  reason = kernel_unsupported(n, heads, kv_heads, d, k_blkd.dtype)
+  if resolved == 'triton' and reason:
+    if backend == 'auto':
+      resolved = 'xla'
+    else:
+      raise ValueError(f"decode attention backend='triton' cannot run these shapes: {reason}; "
+                       "use 'xla' or 'auto'")
+  if resolved == 'xla':
+    return decode_attention_reference(q_bnhd, k_blkd, v_blkd, start_b, slot)
+
+  from effjax.kernels.decode_attention import gpu
+  group = heads // kv_heads
+  rows = n * group
+  rp = gpu.padded_rows(rows)
+  block_k, split = tiling if tiling is not None else default_tiling(b, kv_heads, length)
+  q = q_bnhd.reshape(b, n, kv_heads, group, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads,
+                                                                                rows, d)
+  q = jnp.pad(q.astype(k_blkd.dtype), ((0, 0), (0, 0), (0, rp - rows), (0, 0)))
+  out, m, l = gpu.partials(q, k_blkd, v_blkd, start_b, slot.reshape(1), n=n, group=group,
+                           block_k=block_k, split=split, interpret=interpret)
+  out = gpu.merge(out, m, l, rows)  # [B, Hkv, rows, D]
+  out = out.reshape(b, kv_heads, n, group, d).transpose(0, 2, 1, 3, 4).reshape(b, n, heads, d)
+  return out.astype(q_bnhd.dtype)

@@ -1,0 +1,124 @@
+"""Decode attention: the reference against the decoding engine's masked attention and a per-row
+loop, the Triton kernel in interpret mode against the reference on random caches (GQA, several
+new tokens, left-padded rows, cache lengths that are not whole blocks, split ranges that see
+nothing, bf16 and float32), the engine decoding through the kernel token for token like XLA, shape
+errors, backend choice, and the kernel lowered for CUDA on this CPU machine."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effjax.infer import engine as engine_lib
+from effjax.infer import generate as gen
+from effjax.infer.sampling import Sampler
+from effjax.kernels import decode_attention as da
+from effjax.kernels.decode_attention import decode_attention, decode_attention_reference
+
+
+def _inputs(rng, b, n, heads, kv, d, length, dtype):
+  """Random queries and cache, random left padding, a slot with room for the n new tokens."""
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
+  slot = int(rng.integers(n, length - n + 1))
+  start = jnp.asarray(rng.integers(0, slot + 1, b), jnp.int32)
+  return f(b, n, heads, d), f(b, length, kv, d), f(b, length, kv, d), start, slot
+
+
+def test_reference_equals_the_engines_masked_attention_and_a_loop():
+  rng = np.random.default_rng()
+  q, k, v, start, slot = _inputs(rng, 3, 4, 6, 2, 16, 40, jnp.float32)
+  ref = decode_attention_reference(q, k, v, start, slot)
+  mask = da.allowed_slots(start, jnp.int32(slot), 4, 40)
+  np.testing.assert_allclose(ref, engine_lib.attention_parts(q, [(k, v, mask)]), atol=1e-5)
+  qn, kn, vn = (np.asarray(t, np.float64) for t in (q, k, v))
+  for b in range(3):
+    for i in range(4):
+      for h in range(6):
+        keys = slice(int(start[b]), slot + i + 1)
+        s = kn[b, keys, h // 3] @ qn[b, i, h] / 4.0
+        p = np.exp(s - s.max())
+        want = (p / p.sum()) @ vn[b, keys, h // 3]
+        np.testing.assert_allclose(ref[b, i, h], want, atol=1e-5)
+
+
+@pytest.mark.parametrize('b,n,heads,kv,d,length,dtype,tiling', [
+    (2, 1, 4, 4, 32, 70, jnp.float32, (16, 3)),       # MHA, a tail block, split
+    (3, 5, 8, 2, 64, 128, jnp.bfloat16, (32, 2)),     # GQA x 5 new tokens (a verify pass)
+    (1, 1, 16, 16, 128, 1098, jnp.bfloat16, None),    # gpt_1b's step, the default tiling
+    (2, 3, 4, 1, 16, 50, jnp.float32, (16, 4)),       # one kv head, ranges past the last slot
+])
+def test_kernel_matches_reference(b, n, heads, kv, d, length, dtype, tiling):
+  rng = np.random.default_rng()
+  q, k, v, start, slot = _inputs(rng, b, n, heads, kv, d, length, dtype)
+  want = decode_attention_reference(q, k, v, start, slot)
+  got = jax.jit(lambda *a: decode_attention(*a, backend='triton', tiling=tiling,
+                                             interpret=True))(q, k, v, start, jnp.int32(slot))
+  assert got.shape == want.shape and got.dtype == want.dtype
+  tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=tol, rtol=tol)
+
+
+def test_default_tiling_splits_a_batch_one_cache_over_the_gpu():
+  assert da.default_tiling(1, 16, 1098) == (64, 9)  # 144 programs, two blocks or more each
+  assert da.default_tiling(16, 16, 8256) == (64, 1)  # 256 programs already
+  assert da.default_tiling(1, 2, 20)[0] == 32  # a short cache: one smaller block covers it
+  block_k, split = da.default_tiling(1, 8, 8256)
+  assert 8 * split <= da.TARGET_PROGRAMS and split >= 2
+
+
+@pytest.mark.parametrize('call,message', [
+    (lambda q, k: decode_attention(q, k, k[:, :5], jnp.zeros(2, jnp.int32), 3), 'of one shape'),
+    (lambda q, k: decode_attention(q[:, :, :3], k, k, jnp.zeros(2, jnp.int32), 3),
+     'multiple of the key/value heads'),
+    (lambda q, k: decode_attention(q, k, k, jnp.zeros(2, jnp.int32), 3, backend='tpu'),
+     "one of ('auto', 'triton', 'xla')"),
+    (lambda q, k: decode_attention(q[..., :24], k[..., :24], k[..., :24], jnp.zeros(2, jnp.int32),
+                                   3, backend='triton', interpret=True), 'head dim 24'),
+    (lambda q, k: decode_attention(q, k, k, jnp.zeros(2, jnp.int32), 3, backend='triton',
+                                   tiling=(16, 9), interpret=True), 'split=9'),
+])
+def test_bad_inputs_are_one_clear_error(call, message):
+  q, k = jnp.ones((2, 1, 4, 32)), jnp.ones((2, 40, 2, 32))
+  with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(')', r'\)')):
+    call(q, k)
+
+
+def test_auto_is_xla_off_the_gpu_and_unsupported_shapes_fall_back(monkeypatch):
+  assert da.resolve_backend('auto') == 'xla'  # this machine has no GPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert da.resolve_backend('auto') == 'triton'
+  assert da.kernel_unsupported(1, 8, 8, 96, jnp.bfloat16) == 'head dim 96 is not a power of two >= 16'
+  assert 'exceed' in da.kernel_unsupported(9, 32, 2, 64, jnp.bfloat16)
+  assert da.kernel_unsupported(5, 8, 2, 128, jnp.bfloat16) is None
+
+
+def test_engine_decodes_through_the_kernel_like_xla():
+  """Plain and speculative greedy decoding of a GQA model, batched prompts of different
+  lengths: token for token the same with the kernel (interpret mode) as with XLA."""
+  from tests.infer.test_speculative import _split
+  target = _split(0, pattern='attention:mlp, flash:mlp', num_heads=4, num_kv_heads=2)
+  draft = _split(1, pattern='attention:mlp', num_layers=2, exit_layers='')
+  rng = np.random.default_rng()
+  prompts = [[int(t) for t in rng.integers(3, 259, n)] for n in (4, 11)]
+
+  def run(method, kernel):
+    options = gen.Options(method=method, max_new_tokens=8, sampler=Sampler(vocab_limit=259),
+                          gamma=3, attention_kernel=kernel, attention_interpret=True)
+    return gen.Decoder(*target, options, draft=draft).generate(prompts).tokens
+
+  xla = run('plain', 'xla')
+  assert run('plain', 'triton') == xla
+  assert run('speculative', 'triton') == xla
+
+
+def test_kernel_lowers_to_a_valid_triton_module(monkeypatch, capfd):
+  from effjax.kernels.decode_attention import gpu
+  from tests.kernels.triton_lowering import assert_verified, triton_dump
+  s = jax.ShapeDtypeStruct
+  fn = lambda q, k, v, start, slot: decode_attention(q, k, v, start, slot, backend='triton')
+  for length in (1098, 1024):  # with and without the masked tail block
+    kv = s((2, length, 4, 128), jnp.bfloat16)
+    dump = triton_dump(monkeypatch, capfd, gpu, fn, s((2, 5, 16, 128), jnp.bfloat16), kv, kv,
+                       s((2,), jnp.int32), s((), jnp.int32))
+    assert_verified(dump, 1)
