@@ -41,6 +41,10 @@ Weight-only quantized matmul (--op=qmm): int8 / int4 weights through effjax's Tr
 through XLA's dequantize-and-matmul against the bf16 matmul, at decode sizes (M = 1 to 16 rows),
 in ms and GB/s of weight bytes read (effjax/bench/kernels_qmm.py).
 
+Decode attention (--op=decode_attention): a decoding step's attention over a bf16 cache through
+effjax's Triton kernel, XLA and cuDNN, batch 1 and 16, caches of 1k and 8k, one new token or a
+verification pass of five (effjax/bench/kernels_decode.py).
+
 Chunked scan (--op=scan): GLA / SSD shapes through effjax's chunked-scan op (kernel, plain-JAX
 steps, reference) against cuDNN causal attention of the same heads, S 1k-32k, in tokens/s
 (effjax/bench/kernels_scan.py).
@@ -555,3 +559,4 @@ register(Op(name='attention', impls=('effjax', 'xla', 'cudnn'), baseline='cudnn'
 from effjax.bench import kernels_gmm as _kernels_gmm  # noqa: E402,F401  pylint: disable=wrong-import-position
 from effjax.bench import kernels_scan as _kernels_scan  # noqa: E402,F401  pylint: disable=wrong-import-position
 from effjax.bench import kernels_qmm as _kernels_qmm  # noqa: E402,F401  pylint: disable=wrong-import-position
+from effjax.bench import kernels_decode as _kernels_decode  # noqa: E402,F401  pylint: disable=wrong-import-position

@@ -17,7 +17,8 @@ A Pallas kernel can't be partitioned by XLA, so under a device mesh the op runs 
 stay whole); the 'reference' backend is plain jnp and is partitioned like any other op.
 
 Decoding with a key/value cache: `init_cache` allocates it, `prefill` runs the full forward on a
-prompt and fills it, `decode` attends one new token to the cached keys. The dense, flash and
+prompt and fills it, `decode` attends one new token to the cached keys (the full-cache kinds
+through effjax.kernels.decode_attention, a Triton kernel on GPU). The dense, flash and
 block-sparse kinds keep [B, max_len, Hkv, D]; the sliding window keeps a ring buffer of its w
 most recent keys (slot = position % w), so its memory is O(w) however long the generation.
 Keys are stored after the rotary embedding, so each is rotated once, at its own position.
@@ -36,6 +37,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from effjax.kernels import decode_attention as decode_kernel
 from effjax.kernels import flash_attention as fa
 from effjax.models import layers
 from effjax.models.registry import MIXERS
@@ -299,6 +301,12 @@ class Attention(nnx.Module):
     cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], kv.astype(cache[name].dtype),
                                                        slot, axis=1)
              for name, kv in (('k', k), ('v', v))}
+    if not ring and self.sparsity is None and self.backend != 'reference':
+      # The decode-attention kernel on GPU ('auto': XLA elsewhere and under a partitioned mesh);
+      # model.attention_backend='reference' keeps decoding in plain JAX too.
+      out = decode_kernel.decode_attention(q, cache['k'], cache['v'], jnp.zeros((b,), jnp.int32),
+                                           position, interpret=self.interpret)
+      return self._output(out), cache
     slots = jnp.arange(length)
     # The position each slot holds: itself, or in the ring the latest p <= position with p = slot
     # (mod w); never-written slots come out negative (ring) or above position (full cache).

@@ -11,6 +11,7 @@ import pytest
 
 from effjax.bench import kernels as kb
 from effjax.bench import kernels_gmm as kbg
+from effjax.bench import kernels_decode as kbd
 from effjax.bench import kernels_qmm as kbq
 from effjax.bench import kernels_scan as kbs
 from effjax.kernels.flash_attention import bigbird_layout
@@ -91,7 +92,7 @@ def test_tiny_grid_runs_end_to_end_on_cpu(tmp_path):
 
 @pytest.mark.parametrize('args, message', [
     (['--op=grouped_matmul'], ("--op='grouped_matmul' is not a benchmarked op; allowed: "
-                               'attention, gmm, scan, qmm')),
+                               'attention, gmm, scan, qmm, decode_attention')),
     (['--impls=effjax,triton'], ('--impls=effjax,triton names triton, not an implementation of '
                                  'attention; allowed: effjax, xla, cudnn')),
     (['--grid=huge'], "--grid='huge' is not a grid of --op=attention; allowed: default, tiny"),
@@ -301,3 +302,25 @@ def test_qmm_tune_grid_names_its_tilings_and_skips_the_invalid_ones():
   for case in first[2:]:
     bn, bk, split = case.info.get('tiling') or map(int, case.impl.split()[1].split(','))
     assert (case.skip is None) == (k % (bk * split) == 0 and n % bn == 0), case.skip
+
+
+def test_decode_attention_tiny_grid_runs_end_to_end_on_cpu(tmp_path):
+  """Every (shape, implementation) row checked against float32 before timing, the kernel in
+  interpret mode here, cuDNN skipped off the GPU; rates per product of cache bytes read."""
+  _bench('--op=decode_attention', '--grid=tiny', '--repeats=2', f'--out={tmp_path}',
+         '--name=d', '--compilation_cache_dir=')
+  rows = json.loads((tmp_path / 'd.json').read_text())['rows'][1:]
+  grid = kbd.GRIDS['tiny']
+  assert len(rows) == len(grid.new_tokens) * len(kbd.IMPLS)
+  by_key = {(r['group'], r['impl']): r for r in rows}
+  for r in rows:
+    if r['impl'] == 'cudnn':
+      assert 'needs a GPU' in r['skipped']
+      continue
+    assert 'error' not in r and 'skipped' not in r, r
+    assert r['rel_err'] < 1e-2 and 'check' not in r
+    assert r['bytes'] == kbd.cache_bytes(r['batch'], r['new_tokens'], r['cache_slots'],
+                                         r['kv_heads'], r['head_dim'])
+    assert r['gb_per_s'] == pytest.approx(r['bytes'] / r['ms'] / 1e6)
+    assert r['speedup_vs_baseline'] == pytest.approx(by_key[(r['group'], 'xla')]['ms'] / r['ms'])
+  assert any(r['impl'] == 'effjax' and r['interpret'] is True for r in rows)

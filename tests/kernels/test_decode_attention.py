@@ -122,3 +122,32 @@ def test_kernel_lowers_to_a_valid_triton_module(monkeypatch, capfd):
     dump = triton_dump(monkeypatch, capfd, gpu, fn, s((2, 5, 16, 128), jnp.bfloat16), kv, kv,
                        s((2,), jnp.int32), s((), jnp.int32))
     assert_verified(dump, 1)
+
+
+def test_model_decode_step_through_the_kernel_equals_the_masked_path(monkeypatch):
+  """LM.decode (the path of bench decode and --mode=compress's reports): the full-cache kinds
+  take the kernel when 'auto' resolves to it (a GPU, here pretended, the kernel interpreted);
+  the logits equal those of model.attention_backend='reference' (the masked softmax)."""
+  from flax import nnx
+
+  from effjax.models import lm as lm_lib
+  from tests.helpers import tiny_config
+
+  prompt = jnp.asarray(np.random.default_rng().integers(3, 259, (2, 9)), jnp.int32)
+
+  def logits(backend):
+    config = tiny_config(pattern='attention:mlp, flash:mlp', d_model=256, num_heads=4,
+                         num_kv_heads=2, attention_backend=backend, attention_interpret=True,
+                         init_std=0.1)
+    model = lm_lib.LM(config.model, rngs=nnx.Rngs(0))
+    _, cache = model.prefill(prompt, model.init_cache(2, 16))
+    return model.decode(prompt[:, -1], 9, cache)[0]
+
+  want = logits('reference')
+  calls = []
+  real = da.decode_attention
+  monkeypatch.setattr(da, 'decode_attention', lambda *a, **k: calls.append(1) or real(*a, **k))
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  got = logits('triton')
+  assert len(calls) == 2  # both layers
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,44 @@
+#!/bin/bash
+# The decode-attention kernel on one GPU and what it does to decoding; results go to $RES (packed
+# into $OUT/results.tgz after each step, so a run cut short returns what it finished).
+#   bash experiments/decode_attention/run_gpu.sh STEP [STEP ...]
+#   steps: kernels decode_b1 profile_b1 decode_b16 qmm   ('all' = every one, in this order)
+set -u
+OUT=${OUT:-/tmp/effjax_decode_out}
+RES=${RES:-/tmp/effjax_decode_results}
+mkdir -p "$OUT" "$RES"
+export PYTHONUNBUFFERED=1
+CACHE=--compilation_cache_dir=/tmp/effjax_xla_cache
+DECODE="python3 -m effjax.bench decode --config=configs/gpt_1b.py --methods=plain --repeats=5 \
+        --decode_steps=64 --bandwidth_mb=4096 --out=$RES $CACHE"
+
+# The kernel against the float32 reference, then timed and traced beside XLA and cuDNN:
+# gpt_1b's and a GQA layer's heads, batch 1 / 16, caches of 1k / 8k, 1 or 5 new tokens.
+kernels() { python3 -m effjax.bench kernels --op=decode_attention --repeats=10 --out="$RES" \
+            --name=kernels_decode_attention $CACHE --profile_dir=/tmp/effjax_decode_prof; }
+# gpt_1b batch-1 decoding through the engine with the kernel ('auto') and without it ('xla').
+decode_b1() {
+  $DECODE --contexts=1024,8192 --decode_batch=1 --name=decode_gpt_1b_b1_kernel
+  $DECODE --contexts=1024,8192 --decode_batch=1 --name=decode_gpt_1b_b1_xla \
+    --config.infer.attention_kernel=xla
+}
+# One traced 64-token loop at batch 1, context 1024, with the kernel: device time per kernel.
+profile_b1() { $DECODE --contexts=1024 --decode_batch=1 --profile_dir=/tmp/effjax_decode_trace \
+               --name=decode_profile_gpt_1b_b1_kernel; }
+decode_b16() {
+  $DECODE --contexts=1024,8192 --decode_batch=16 --name=decode_gpt_1b_b16_kernel
+  $DECODE --contexts=1024,8192 --decode_batch=16 --name=decode_gpt_1b_b16_xla \
+    --config.infer.attention_kernel=xla
+}
+# bf16 against int8 / int4 weights through the quantized-matmul kernel, now with the
+# decode-attention kernel in the step (needs qwix: ../shared/tools/gpu-wheels qwix).
+qmm() { python3 experiments/quantized_matmul/decode.py --variants=bf16,int8:triton,int4:triton \
+        --out="$RES"; }
+
+steps=("$@")
+if [ "${steps[0]:-all}" = all ]; then steps=(kernels decode_b1 profile_b1 decode_b16 qmm); fi
+for step in "${steps[@]}"; do
+  echo "=== $step"
+  "$step" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tail -40
+  tar -czf "$OUT/results.tgz" -C "$RES" .
+done
