@@ -1,18 +1,26 @@
-"""The early-exit study: train a model with exits, sweep the confidence threshold, plot it.
+"""The early-exit and speculative-decoding study: train a model with exits (and a draft), sweep
+the exit threshold, time every decoding method on real prompts.
 
     python experiments/early_exit/run_study.py --workdir=/tmp/effjax_early_exit \
-        [--out=experiments/early_exit] [--steps=240]
+        [--config=configs/early_exit.py] [--set section.field=value ...] [--steps=240] \
+        [--draft_config=configs/X.py --draft_steps=N] [--name=results] [--out=DIR]
 
-Trains configs/early_exit.py (skipped when the workdir already holds its last checkpoint), then
-for each threshold of the softmax-confidence exit rule measures:
-  - held-out perplexity with early exit: each held-out token is scored by the distribution of the
-    first exit whose confidence beats the threshold (the full model's otherwise), teacher forced;
-  - agreement with the full model: the fraction of those tokens whose greedy choice equals the
-    full-depth greedy choice (teacher forced), and the fraction of generated tokens equal to
-    full-depth greedy generation position by position (free running, batch 1);
-  - decoding tokens/s at batch 1 with infer.method=early_exit (the lax.cond path that skips the
-    deeper layers' compute), against plain decoding in the same run.
-Writes results.json, results.md and threshold_sweep.png beside this file.
+Trains --config (skipped when the workdir already holds its last checkpoint; --set overrides
+fields, e.g. model.exit_layers=4,8), then:
+  - held out (teacher forced), for each threshold of the softmax-confidence exit rule: the
+    perplexity when each token is scored by the first exit whose confidence beats the
+    threshold (the full model otherwise), the fraction of those tokens whose greedy choice
+    equals the full depth's, and the fraction that exit;
+  - free running at batch 1 on PROMPTS (greedy, --new_tokens each), through the decoding
+    engine (effjax.infer.generate.Decoder, what --mode=generate runs): tokens/s with
+    infer.method=early_exit against plain decoding re-timed in the same round, and the fraction
+    of generated tokens equal to full-depth greedy generation position by position;
+  - the speculative methods on the same prompts: self_speculative (draft = the first exit) and,
+    with --draft_config, speculative with that draft (trained here for --draft_steps into
+    <workdir>_draft): tokens/s against plain, acceptance, tokens per round, and whether the
+    output is token for token plain greedy's (it must be).
+Every generation is compiled before it is timed; a prompt's time is the best of --timings runs.
+Writes <name>.json, <name>.md and <name>_sweep.png to --out (default: beside this file).
 """
 
 from __future__ import annotations
@@ -30,25 +38,63 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 
-THRESHOLDS = (1.0, 0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.0)
+THRESHOLDS = '1.0,0.99,0.95,0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.0'
+# Four prompts of one padded length (16 < bytes + BOS <= 32): one compile per method.
 PROMPTS = ('def fibonacci(n):\n', 'import os\nimport sys\n\n', 'class Parser:\n    def ',
            '    for i in range(')
+
+
+def load_config(path: str, sets):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('study_config', os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for item in sets:
+    key, value = item.split('=', 1)
+    section, field = key.split('.', 1)
+    old = c[section][field]
+    c[section][field] = value == 'True' if isinstance(old, bool) else type(old)(value)
+  return c
+
+
+def train_or_load(config, workdir: str, steps: int):
+  """(run, summary, state, step) after training to `steps` (skipped if already there)."""
+  from effjax.train import trainer
+  config.train.steps = steps
+  os.makedirs(workdir, exist_ok=True)
+  run = trainer.build_run(config, workdir)
+  if run.checkpointer.latest_step() != steps:
+    run.checkpointer.close()
+    summary = trainer.train(config, workdir)
+    run = trainer.build_run(config, workdir)
+  else:
+    summary = json.load(open(os.path.join(workdir, 'summary.json'), encoding='utf-8'))
+  return run, summary
 
 
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument('--workdir', default='/tmp/effjax_early_exit')
+  parser.add_argument('--config', default='configs/early_exit.py')
+  parser.add_argument('--set', action='append', default=[], help='section.field=value')
   parser.add_argument('--out', default=HERE)
+  parser.add_argument('--name', default='results')
   parser.add_argument('--steps', type=int, default=240)
   parser.add_argument('--new_tokens', type=int, default=96)
   parser.add_argument('--eval_batches', type=int, default=4)
+  parser.add_argument('--thresholds', default=THRESHOLDS)
+  parser.add_argument('--draft_config', default='')
+  parser.add_argument('--draft_set', action='append', default=[], help='section.field=value')
+  parser.add_argument('--draft_steps', type=int, default=0)
+  parser.add_argument('--gamma', type=int, default=4)
+  parser.add_argument('--timings', type=int, default=2)
   args = parser.parse_args()
 
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
-  from configs import early_exit as study_config
   from effjax import data as data_lib
   from effjax.infer import generate as gen
   from effjax.infer.exit_decode import ExitPolicy
@@ -57,18 +103,24 @@ def main() -> None:
   from effjax.parallel import sharding as shd
   from effjax.train import trainer
 
-  config = study_config.get_config()
-  config.train.steps = args.steps
+  config = load_config(args.config, args.set)
   config.mesh.data = 1
-  os.makedirs(args.workdir, exist_ok=True)
-  run = trainer.build_run(config, args.workdir)
-  if run.checkpointer.latest_step() != args.steps:
-    run.checkpointer.close()
-    summary = trainer.train(config, args.workdir)
-    run = trainer.build_run(config, args.workdir)
-  else:
-    summary = json.load(open(os.path.join(args.workdir, 'summary.json'), encoding='utf-8'))
+  config.train.eval_every = 0
+  config.generate.at_end = False
+  run, summary = train_or_load(config, args.workdir, args.steps)
+  draft = None
+  if args.draft_config:
+    draft_config = load_config(args.draft_config, args.draft_set)
+    draft_config.mesh.data = 1
+    draft_config.train.eval_every = 0
+    draft_config.generate.at_end = False
+    draft_run, draft_summary = train_or_load(draft_config, args.workdir + '_draft',
+                                             args.draft_steps)
+    with jax.set_mesh(draft_run.mesh), shd.axis_rules(draft_run.rules):
+      draft_state, _ = trainer._load_latest(draft_run)  # pylint: disable=protected-access
+    draft = (draft_run.setup.graphdef, draft_state['params'])
   tok = run.tokenizer
+  thresholds = [float(t) for t in args.thresholds.split(',')]
   with jax.set_mesh(run.mesh), shd.axis_rules(run.rules):
     state, step = trainer._load_latest(run)  # pylint: disable=protected-access
     params = state['params']
@@ -91,21 +143,36 @@ def main() -> None:
     n_tokens = conf.shape[1]
 
     prompts = [[tok.bos_id] + list(tok.encode(p)) for p in PROMPTS]
-    base = dict(max_new_tokens=args.new_tokens, sampler=Sampler(vocab_limit=tok.vocab_size))
+    base = dict(max_new_tokens=args.new_tokens, sampler=Sampler(vocab_limit=tok.vocab_size),
+                gamma=args.gamma)
+
+    def timed(decoder):
+      """Each prompt's result, its time the best of args.timings runs (compiled first)."""
+      results = []
+      for p in prompts:
+        best = None
+        for _ in range(max(args.timings, 1)):
+          r = decoder.generate([p])
+          if best is None or r.stats['seconds'] < best.stats['seconds']:
+            best = r
+        results.append(best)
+      return results
+
+    def rate(results):
+      return (sum(r.stats['new_tokens'] for r in results) /
+              sum(r.stats['seconds'] for r in results))
+
     plain = gen.Decoder(graphdef, params, gen.Options(method='plain', **base))
-    reference = [plain.generate([p]) for p in prompts]
-    plain_rate = [sum(r.stats['new_tokens'] for r in reference) /
-                  sum(r.stats['seconds'] for r in reference)]
+    reference = timed(plain)
+    plain_rate = [rate(reference)]
     rows = []
-    for threshold in THRESHOLDS:
+    for threshold in thresholds:
       chosen = early_exit.first_exit(conf, threshold)
       lp = all_lp[chosen, np.arange(n_tokens)]
       decoder = gen.Decoder(graphdef, params, gen.Options(
           method='early_exit', exit_policy=ExitPolicy(threshold, 'softmax', True), **base))
-      results = [decoder.generate([p]) for p in prompts]
-      again = [plain.generate([p]) for p in prompts]  # plain re-timed beside each threshold
-      plain_rate.append(sum(r.stats['new_tokens'] for r in again) /
-                        sum(r.stats['seconds'] for r in again))
+      results = timed(decoder)
+      plain_rate.append(rate(timed(plain)))  # plain re-timed beside each threshold
       same = [np.mean(np.asarray(r.tokens[0][:len(ref.tokens[0])]) ==
                       np.asarray(ref.tokens[0][:len(r.tokens[0])]))
               for r, ref in zip(results, reference)]
@@ -118,25 +185,52 @@ def main() -> None:
           'agreement_teacher_forced': 1 - early_exit.disagreement(conf, agree, threshold),
           'agreement_generated': float(np.mean(same)),
           'exit_fraction_generated': float(1 - hist[-1] / hist.sum()),
-          'tokens_per_s': sum(r.stats['new_tokens'] for r in results) /
-                          sum(r.stats['seconds'] for r in results),
+          'tokens_per_s': rate(results),
           'plain_tokens_per_s_same_round': plain_rate[-1],
       })
       print(json.dumps(rows[-1]), flush=True)
     calibrated = {tol: early_exit.calibrate_threshold(conf, agree, tol) for tol in (0.01, 0.05)}
+
+    speculative_rows = []
+    methods = [('self_speculative', None)] + ([('speculative', draft)] if draft else [])
+    for method, draft_model in methods:
+      decoder = gen.Decoder(graphdef, params, gen.Options(method=method, **base),
+                            draft=draft_model)
+      results = timed(decoder)
+      again = rate(timed(plain))
+      drafted = sum(r.stats['drafted'] for r in results)
+      accepted = sum(r.stats['accepted'] for r in results)
+      rounds = sum(r.stats['rounds'] for r in results)
+      speculative_rows.append({
+          'method': method, 'gamma': args.gamma,
+          'draft': args.draft_config if draft_model else f'exit after layer {config.model.exit_layers.split(",")[0]}',
+          'tokens_per_s': rate(results), 'plain_tokens_per_s_same_round': again,
+          'speedup_vs_plain': rate(results) / again,
+          'acceptance_rate': accepted / max(drafted, 1),
+          'tokens_per_round': sum(r.stats['new_tokens'] for r in results) / max(rounds, 1),
+          'equals_plain_greedy': all(r.tokens == ref.tokens for r, ref in zip(results, reference)),
+      })
+      print(json.dumps(speculative_rows[-1]), flush=True)
+
   full_ppl = math.exp(-float(np.mean(final_lp)))
   for r in rows:
     r['perplexity_increase'] = r['perplexity'] / full_ppl - 1
     r['speedup_vs_plain'] = r['tokens_per_s'] / r['plain_tokens_per_s_same_round']
+  device = jax.devices()[0]
+  machine = (f'CPU ({os.cpu_count()} cores), {platform.processor() or platform.machine()}'
+             if device.platform == 'cpu' else f'1 x {device.device_kind}')
   result = {
-      'machine': f'CPU ({os.cpu_count()} cores), {platform.processor() or platform.machine()}; '
-                 'tiny model: these are CPU numbers, not the GPU targets',
-      'jax': jax.__version__, 'config': 'configs/early_exit.py', 'steps': args.steps,
-      'checkpoint_step': step, 'heldout_tokens': n_tokens, 'full_perplexity': full_ppl,
-      'final_train': summary.get('train', {}), 'final_eval': summary.get('eval', {}),
-      'plain_tokens_per_s': plain_rate, 'calibrated_thresholds': calibrated, 'rows': rows,
+      'machine': machine, 'jax': jax.__version__, 'config': args.config, 'set': args.set,
+      'steps': args.steps, 'checkpoint_step': step, 'heldout_tokens': n_tokens,
+      'full_perplexity': full_ppl, 'final_train': summary.get('train', {}),
+      'final_eval': summary.get('eval', {}), 'plain_tokens_per_s': plain_rate,
+      'calibrated_thresholds': calibrated, 'rows': rows, 'speculative': speculative_rows,
       'command': 'python experiments/early_exit/run_study.py ' + ' '.join(sys.argv[1:])}
-  with open(os.path.join(args.out, 'results.json'), 'w', encoding='utf-8') as f:
+  if draft:
+    result.update(draft_config=args.draft_config, draft_set=args.draft_set,
+                  draft_steps=args.draft_steps, draft_final_train=draft_summary.get('train', {}))
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, f'{args.name}.json'), 'w', encoding='utf-8') as f:
     json.dump(result, f, indent=2, default=float)
   lines = ['| threshold | exited (held-out) | perplexity | vs full | agreement (forced) | '
            'agreement (generated) | exited (generated) | tokens/s | vs plain |',
@@ -147,9 +241,18 @@ def main() -> None:
                  f"{r['agreement_teacher_forced']:.3f} | {r['agreement_generated']:.3f} | "
                  f"{r['exit_fraction_generated']:.1%} | {r['tokens_per_s']:.0f} | "
                  f"{r['speedup_vs_plain']:.2f}x |")
-  with open(os.path.join(args.out, 'results.md'), 'w', encoding='utf-8') as f:
-    f.write(f"CPU, tiny model ({result['machine']}); full-depth held-out perplexity "
-            f"{full_ppl:.3f} over {n_tokens} tokens; calibrated thresholds "
+  if speculative_rows:
+    lines += ['', '| method | draft | gamma | acceptance | tokens / round | tokens/s | plain '
+              'tokens/s | vs plain | output = plain greedy |',
+              '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+    for r in speculative_rows:
+      lines.append(f"| {r['method']} | {r['draft']} | {r['gamma']} | {r['acceptance_rate']:.3f} | "
+                   f"{r['tokens_per_round']:.2f} | {r['tokens_per_s']:.0f} | "
+                   f"{r['plain_tokens_per_s_same_round']:.0f} | {r['speedup_vs_plain']:.2f}x | "
+                   f"{'yes' if r['equals_plain_greedy'] else 'NO'} |")
+  with open(os.path.join(args.out, f'{args.name}.md'), 'w', encoding='utf-8') as f:
+    f.write(f"{machine}, {args.config} {' '.join(args.set)}, {args.steps} steps; full-depth "
+            f"held-out perplexity {full_ppl:.3f} over {n_tokens} tokens; calibrated thresholds "
             f"{calibrated}.\n\n" + '\n'.join(lines) + '\n')
   import matplotlib
   matplotlib.use('Agg')
@@ -170,10 +273,12 @@ def main() -> None:
   for ax in axes:
     ax.set_xlabel('softmax confidence threshold')
     ax.invert_xaxis()
-  fig.suptitle('Early exit on CPU, tiny 6-layer model (exits after layers 2 and 4)')
+  fig.suptitle(f'Early exit, {machine}: {args.config} (exits after layers '
+               f'{config.model.exit_layers}), {args.steps} steps')
   fig.tight_layout()
-  fig.savefig(os.path.join(args.out, 'threshold_sweep.png'), dpi=110)
-  print(open(os.path.join(args.out, 'results.md'), encoding='utf-8').read())
+  stem = 'threshold_sweep' if args.name == 'results' else f'{args.name}_sweep'
+  fig.savefig(os.path.join(args.out, f'{stem}.png'), dpi=110)
+  print(open(os.path.join(args.out, f'{args.name}.md'), encoding='utf-8').read())
 
 
 if __name__ == '__main__':

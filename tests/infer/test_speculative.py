@@ -133,3 +133,14 @@ def test_greedy_rule_is_argmax():
   q = jax.nn.one_hot(jnp.asarray([[2, 0]]), 4)
   accepted, choice = sampling.verify(p, q, jnp.asarray([[2, 0]]), jax.random.key(0))
   assert int(accepted[0]) == 1 and list(np.asarray(choice[0, :2])) == [2, 1]
+
+
+def test_greedy_speculative_accepting_every_draft_equals_plain():
+  """A draft identical to the target: every round accepts all gamma drafts and takes the
+  target's bonus token, the path a well-matched draft runs most; the output is plain greedy's."""
+  target = _split(0, exit_layers='')
+  rng = np.random.default_rng()
+  prompts = [[int(t) for t in rng.integers(3, 259, n)] for n in (6, 13)]
+  spec = _decode(target, 'speculative', prompts, draft=target, max_new=20)
+  assert spec.stats['acceptance_rate'] == 1.0
+  assert spec.tokens == _decode(target, 'plain', prompts, max_new=20).tokens
