@@ -247,8 +247,10 @@ def get_config() -> ml_collections.ConfigDict:
   # with the rest in one pass), 'speculative' (a separate draft model, exact rejection sampling).
   inf.method = 'plain'
   inf.weights_dtype = ''  # weights cast once for decoding: '' = model.compute_dtype, or a dtype
-  # The decoding step's attention over the cache (dense and flash kinds): 'auto' = the Triton
-  # kernel of effjax/kernels/decode_attention on GPU, XLA elsewhere; 'triton'; 'xla'.
+  # The decoding engine's attention over the cache (dense and flash kinds; --mode=generate and
+  # `bench decode --methods`): 'auto' = the Triton kernel of effjax/kernels/decode_attention on
+  # GPU, XLA elsewhere; 'triton'; 'xla'. LM.decode (`bench decode` without --methods, the
+  # compression reports) takes the kernel on GPU unless model.attention_backend='reference'.
   inf.attention_kernel = 'auto'
   inf.max_len = 0  # cache positions; 0 = longest prompt + generate.max_new_tokens + gamma + 1
   # early_exit: the confidence measure: 'softmax' (top-1 probability), 'margin' (top-1 minus

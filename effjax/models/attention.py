@@ -301,11 +301,14 @@ class Attention(nnx.Module):
     cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], kv.astype(cache[name].dtype),
                                                        slot, axis=1)
              for name, kv in (('k', k), ('v', v))}
-    if not ring and self.sparsity is None and self.backend != 'reference':
-      # The decode-attention kernel on GPU ('auto': XLA elsewhere and under a partitioned mesh);
-      # model.attention_backend='reference' keeps decoding in plain JAX too.
+    if (not ring and self.sparsity is None and self.backend != 'reference' and
+        decode_kernel.resolve_backend('auto') == 'triton'):
+      # The decode-attention kernel on GPU outside a partitioned mesh (its precision: scores
+      # accumulated in float32 from the cache's dtype, probabilities in that dtype for the value
+      # product, as the decoding engine does); elsewhere, and with
+      # model.attention_backend='reference', the float32 masked softmax below.
       out = decode_kernel.decode_attention(q, cache['k'], cache['v'], jnp.zeros((b,), jnp.int32),
-                                           position, interpret=self.interpret)
+                                           position, backend='triton', interpret=self.interpret)
       return self._output(out), cache
     slots = jnp.arange(length)
     # The position each slot holds: itself, or in the ring the latest p <= position with p = slot

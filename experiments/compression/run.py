@@ -32,6 +32,9 @@ TECHNIQUES = [
     ('int8 QAT (fake quant, fine-tuned)', dict(method='qat_int8'), True),
     ('magnitude 50%, per layer, fine-tuned', dict(method='magnitude', prune_sparsity=0.5), True),
     ('2:4 structured, fine-tuned', dict(method='2:4'), True),
+    # The control for the fine-tuned rows: 'merge' of a dense source copies it unchanged, then the
+    # same fine-tuning runs, so (row - this) is what the compression itself costs.
+    ('dense, fine-tuned (control: no compression)', dict(method='merge'), True),
     ('SVD 90% energy, fine-tuned', dict(method='lowrank', lowrank_energy=0.9), True),
     ('LoRA r=8 (base frozen), fine-tuned', dict(method='lora', lora_rank=8), True),
     ('distilled student (half the layers)', dict(method='distill', student_model='num_layers=2',

@@ -22,8 +22,9 @@ STUDY="python3 experiments/compression/run.py --config=configs/gpt_1b.py --out=$
 
 # Post-training quantization: int8 and int4 weight-only (the decode targets), then fp8 and W8A8.
 ptq() { $STUDY --only=int8,int4,fp8,w8a8; }
-# 2:4 pruning with 100 fine-tuning steps, and the table of every technique run so far.
-prune() { $STUDY --only=int8,int4,fp8,w8a8,2:4; }
+# 2:4 pruning with 100 fine-tuning steps, the dense model fine-tuned the same way (the control),
+# and the table of every technique run so far.
+prune() { $STUDY --only=int8,int4,fp8,w8a8,2:4,merge; }
 # The remaining techniques (QAT, magnitude, SVD, LoRA, the distilled student), each fine-tuned 100
 # steps, and the table of all of them; more than one call's time: rerun until it prints the table.
 rest() { $STUDY; }

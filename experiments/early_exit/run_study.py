@@ -59,7 +59,8 @@ def load_config(path: str, sets):
 
 
 def train_or_load(config, workdir: str, steps: int):
-  """(run, summary, state, step) after training to `steps` (skipped if already there)."""
+  """(run, summary) after training to `steps`; a workdir whose last checkpoint is already at
+  `steps` is reused as it is (whatever --set said then): use a fresh workdir for new settings."""
   from effjax.train import trainer
   config.train.steps = steps
   os.makedirs(workdir, exist_ok=True)
@@ -90,6 +91,8 @@ def main() -> None:
   parser.add_argument('--gamma', type=int, default=4)
   parser.add_argument('--timings', type=int, default=2)
   args = parser.parse_args()
+  if args.draft_config and args.draft_steps < 1:
+    parser.error('--draft_config needs --draft_steps >= 1 (the draft is trained here)')
 
   import jax
   import jax.numpy as jnp

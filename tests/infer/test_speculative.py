@@ -144,3 +144,15 @@ def test_greedy_speculative_accepting_every_draft_equals_plain():
   spec = _decode(target, 'speculative', prompts, draft=target, max_new=20)
   assert spec.stats['acceptance_rate'] == 1.0
   assert spec.tokens == _decode(target, 'plain', prompts, max_new=20).tokens
+
+
+def test_greedy_speculative_equals_plain_in_bfloat16():
+  """bf16 compute (the GPU's decoding dtype): the verification pass multiplies gamma + 1 rows
+  where plain decoding multiplies one, and on this backend the output is still plain greedy's."""
+  target = _split(0, pattern='attention:mlp', compute_dtype='bfloat16')
+  draft = _split(1, pattern='attention:mlp', num_layers=2, exit_layers='', compute_dtype='bfloat16')
+  rng = np.random.default_rng()
+  prompts = [[int(t) for t in rng.integers(3, 259, n)] for n in (5, 12)]
+  plain = _decode(target, 'plain', prompts, max_new=24).tokens
+  assert _decode(target, 'speculative', prompts, draft=draft, max_new=24).tokens == plain
+  assert _decode(target, 'self_speculative', prompts, max_new=24).tokens == plain

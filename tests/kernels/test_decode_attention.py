@@ -59,6 +59,23 @@ def test_kernel_matches_reference(b, n, heads, kv, d, length, dtype, tiling):
                              atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize('start,slot,n,length,tiling', [
+    ((7, 0), 7, 1, 40, (16, 3)),     # a row whose only key is its own token (start == slot)
+    ((16, 3), 16, 2, 50, (16, 4)),   # start on a range boundary; the last range sees nothing
+    ((0, 5), 45, 5, 50, (16, 2)),    # the cache full to its last slot, a partial tail block
+    ((2, 2), 2, 3, 64, (16, 4)),     # early in a generation: three of four ranges see nothing
+])
+def test_kernel_edge_cases(start, slot, n, length, tiling):
+  rng = np.random.default_rng()
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  q, k, v = f(2, n, 4, 32), f(2, length, 2, 32), f(2, length, 2, 32)
+  start = jnp.asarray(start, jnp.int32)
+  got = decode_attention(q, k, v, start, slot, backend='triton', tiling=tiling, interpret=True)
+  want = decode_attention_reference(q, k, v, start, slot)
+  assert np.all(np.isfinite(np.asarray(got)))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_default_tiling_splits_a_batch_one_cache_over_the_gpu():
   assert da.default_tiling(1, 16, 1098) == (64, 9)  # 144 programs, two blocks or more each
   assert da.default_tiling(16, 16, 8256) == (64, 1)  # 256 programs already
