@@ -4,7 +4,8 @@
 any range of layers can run alone: an early exit, a self-speculative draft), casts the weights
 once to the decoding dtype (`infer.weights_dtype`, the compute dtype by default: the matmuls run
 on exactly the values training used, and each step reads half the bytes of float32 weights),
-and checks that every mixer can decode with a cache. Everything below is traced inside one jit
+and checks that every mixer can decode with a cache. With `vocab_limit` (the tokenizer's size,
+which `Decoder` passes) the output heads keep only the rows of ids that can be drawn. Everything below is traced inside one jit
 by the callers (effjax/infer/generate.py, speculative.py, exit_decode.py); the arrays live in
 `engine.arrays` and are passed in as arguments, never closed over.
 
@@ -45,7 +46,8 @@ class Engine:
   """A model prepared for decoding: per-layer graphdefs (static) and weights (`arrays`)."""
 
   def __init__(self, graphdef: Any, params: Any, weights_dtype: str = '',
-               attention_kernel: str = 'auto', attention_interpret: bool = False):
+               attention_kernel: str = 'auto', attention_interpret: bool = False,
+               vocab_limit: int = 0):
     model = nnx.merge(graphdef, params)
     decode_kernel.resolve_backend(attention_kernel)  # a bad name fails here, not when traced
     self.attention = (attention_kernel, attention_interpret)
@@ -84,6 +86,19 @@ class Engine:
         arrays['exit_norms'] = [nnx.state(n) for n in model.exit_heads.norms]
       if self.exit_kind == 'own':
         arrays['exit_heads'] = [p[...] for p in model.exit_heads.projections]
+    self.vocab = cfg.vocab_size
+    if 0 < vocab_limit < cfg.vocab_size:
+      # Only ids below vocab_limit (the tokenizer's vocabulary; the model's is padded) can ever
+      # be drawn, so the output projections keep just their rows: logits [..., vocab_limit],
+      # the same softmax and draws as masking the rest, without reading the padding's weights
+      # every step (a byte tokenizer on gpt_1b's 50,304-row head: 259 rows).
+      self.vocab = vocab_limit
+      if self.tied:
+        arrays['head_rows'] = arrays['embedding'][:vocab_limit]
+      else:
+        arrays['head'] = arrays['head'][:, :vocab_limit]
+      if 'exit_heads' in arrays:
+        arrays['exit_heads'] = [w[:, :vocab_limit] for w in arrays['exit_heads']]
     cast = lambda x: x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
     self.arrays = jax.tree.map(cast, arrays)
 
@@ -99,7 +114,7 @@ class Engine:
     size = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
     total = sum(size(s) for s in self.arrays['blocks'][lo:hi])
     if head:
-      total += size(self.arrays['head'] if not self.tied else self.arrays['embedding'])
+      total += size(self.arrays['head'] if not self.tied else self._tied_head(self.arrays))
     return total
 
   def embed(self, a, tokens_bn: jax.Array) -> jax.Array:
@@ -110,11 +125,15 @@ class Engine:
     return jnp.einsum(spec, x_bnd.astype(self.compute_dtype), w.astype(self.compute_dtype),
                       preferred_element_type=jnp.float32).astype(self.output_dtype)
 
+  @staticmethod
+  def _tied_head(a):
+    return a['head_rows'] if 'head_rows' in a else a['embedding']
+
   def head(self, a, x_bnd: jax.Array) -> jax.Array:
-    """Final norm + output projection: logits [B, n, V] in the output dtype."""
+    """Final norm + output projection: logits [B, n, V] in the output dtype (V = self.vocab)."""
     x = nnx.merge(self.norm_def, a['final_norm'])(x_bnd)
     if self.tied:
-      return self._project(x, a['embedding'], True)
+      return self._project(x, self._tied_head(a), True)
     return self._project(x, a['head'], False)
 
   def exit_head(self, a, index: int, x_bnd: jax.Array) -> jax.Array:
@@ -124,7 +143,7 @@ class Engine:
     x = nnx.merge(self.exit_norm_def, a['exit_norms'][index])(x_bnd)
     if self.exit_kind == 'own':
       return self._project(x, a['exit_heads'][index], False)
-    return (self._project(x, a['embedding'], True) if self.tied
+    return (self._project(x, self._tied_head(a), True) if self.tied
             else self._project(x, a['head'], False))
 
   def block(self, a, i: int):

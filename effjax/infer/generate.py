@@ -185,7 +185,8 @@ class Decoder:
       raise ValueError(f'infer.method={options.method!r}: allowed values are {", ".join(METHODS)}')
     self.options = options
     kernel = (options.attention_kernel, options.attention_interpret)
-    self.engine = Engine(graphdef, params, options.weights_dtype, *kernel)
+    vocab = options.sampler.vocab_limit  # the heads keep only the rows that can be drawn
+    self.engine = Engine(graphdef, params, options.weights_dtype, *kernel, vocab_limit=vocab)
     exits = self.engine.exits
     if options.method in ('early_exit', 'self_speculative') and not exits:
       raise ValueError(f'infer.method={options.method}: the model has no exit heads; train it '
@@ -201,7 +202,7 @@ class Decoder:
     if options.method == 'speculative':
       if draft is None:
         raise ValueError('infer.method=speculative needs a draft model (infer.draft_config)')
-      self.draft = Engine(*draft, options.weights_dtype, *kernel)
+      self.draft = Engine(*draft, options.weights_dtype, *kernel, vocab_limit=vocab)
       dv, tv = self.draft.cfg.vocab_size, self.engine.cfg.vocab_size
       if dv != tv:
         raise ValueError(f'the draft model\'s vocabulary ({dv} ids, model.vocab_size of '

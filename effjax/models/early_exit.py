@@ -22,7 +22,6 @@ that threshold on held-out data for a tolerated rate of tokens that differ from 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -268,7 +267,7 @@ def confidence(kind: str, logits_bv: jax.Array, h_bd: jax.Array | None = None,
   """[B] float32, higher = more confident; a token exits when this is > the threshold.
 
   'softmax': the top-1 probability; 'margin': top-1 minus top-2 probability (CALM's softmax
-  response and its gap); 'entropy': 1 - H(p) / log(vocab); 'state': the cosine similarity of the
+  response and its gap); 'entropy': 1 - H(p) / log(tokens not masked to -inf); 'state': the cosine similarity of the
   hidden state with the one a layer earlier (CALM's state saturation).
   """
   if kind == 'state':
@@ -281,10 +280,11 @@ def confidence(kind: str, logits_bv: jax.Array, h_bd: jax.Array | None = None,
   if kind == 'margin':
     top2 = jax.lax.top_k(probs, 2)[0]
     return top2[..., 0] - top2[..., 1]
-  if kind == 'entropy':
+  if kind == 'entropy':  # normalised by the tokens that can be drawn (finite logits)
     logp = jnp.log(jnp.maximum(probs, 1e-30))
     entropy = -jnp.sum(probs * logp, axis=-1)
-    return 1.0 - entropy / math.log(logits_bv.shape[-1])
+    candidates = jnp.sum(jnp.isfinite(logits_bv), axis=-1).astype(jnp.float32)
+    return 1.0 - entropy / jnp.log(jnp.maximum(candidates, 2.0))
   raise ValueError(f'infer.confidence={kind!r}: allowed values are {", ".join(CONFIDENCES)}')
 
 

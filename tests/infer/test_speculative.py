@@ -156,3 +156,23 @@ def test_greedy_speculative_equals_plain_in_bfloat16():
   plain = _decode(target, 'plain', prompts, max_new=24).tokens
   assert _decode(target, 'speculative', prompts, draft=draft, max_new=24).tokens == plain
   assert _decode(target, 'self_speculative', prompts, max_new=24).tokens == plain
+
+
+@pytest.mark.parametrize('tied', [True, False])
+def test_heads_keep_only_the_rows_that_can_be_drawn(tied):
+  """A 384-entry model with a 259-entry tokenizer: the engine's heads (final, exits) keep 259
+  rows; their logits are the full head's first 259, and decoding equals the masked model path."""
+  from effjax.infer.engine import Engine
+  target = _split(0, exit_layers='1,2', exit_head='own', tie_embeddings=tied)
+  full, cut = Engine(*target), Engine(*target, vocab_limit=259)
+  assert (full.vocab, cut.vocab) == (384, 259)
+  assert full.param_bytes(0, 0) - cut.param_bytes(0, 0) == 125 * 64 * 4  # rows x width x f32
+  x = jnp.asarray(np.random.default_rng().standard_normal((2, 3, 64)), jnp.float32)
+  for head in (lambda e: e.head(e.arrays, x), lambda e: e.exit_head(e.arrays, 1, x)):
+    np.testing.assert_allclose(head(cut), head(full)[..., :259], rtol=1e-6, atol=1e-6)
+  prompt = [int(t) for t in np.random.default_rng().integers(3, 259, 7)]
+  reference = gen.generate_tokens_cached(*target, prompt, 10, temperature=0, top_k=0, seed=0,
+                                         vocab_limit=259)
+  for method in ('plain', 'early_exit', 'self_speculative'):
+    assert _decode(target, method, [prompt], max_new=10,
+                   exit_policy=gen.ExitPolicy(1.0)).tokens[0] == reference
