@@ -5,9 +5,10 @@ any range of layers can run alone: an early exit, a self-speculative draft), cas
 once to the decoding dtype (`infer.weights_dtype`, the compute dtype by default: the matmuls run
 on exactly the values training used, and each step reads half the bytes of float32 weights),
 and checks that every mixer can decode with a cache. With `vocab_limit` (the tokenizer's size,
-which `Decoder` passes) the output heads keep only the rows of ids that can be drawn. Everything below is traced inside one jit
-by the callers (effjax/infer/generate.py, speculative.py, exit_decode.py); the arrays live in
-`engine.arrays` and are passed in as arguments, never closed over.
+which `Decoder` passes) the output heads keep only the rows of ids that can be drawn.
+Everything below is traced inside one jit by the callers (effjax/infer/generate.py,
+speculative.py, exit_decode.py); the arrays live in `engine.arrays` and are passed in as
+arguments, never closed over.
 
 Batches of prompts of different lengths are left-padded to one length T: every sequence then
 writes cache slot s at the same step, and sequence b's tokens sit at slots start_b..; its
