@@ -6,6 +6,9 @@ varies; an output of a kernel varies wherever any of its operands does, so the s
 union of the operands' varying axes (Pallas refuses a struct that leaves it unset there, even
 when nothing varies, as under a mesh of one device). Outside shard_map Pallas ignores it. JAX 0.10 and 0.11 spell this `manual_axis_type=jax.sharding.ManualAxisType(varying=)`;
 earlier releases took `vma=` (a frozenset of axis names).
+
+`partitioned_mesh()`: whether a mesh in context has an automatically partitioned axis of more
+than one device, where XLA cannot partition a Pallas call ('auto' backends then take XLA).
 """
 
 from __future__ import annotations
@@ -42,3 +45,11 @@ def sum_to_varying(grad: jax.Array, primal) -> jax.Array:
   autodiff of ordinary ops inserts this psum itself)."""
   extra = tuple(sorted(varying_axes(grad) - varying_axes(primal)))
   return jax.lax.psum(grad, extra) if extra else grad
+
+
+def partitioned_mesh() -> bool:
+  """A mesh in context with an automatically partitioned axis of more than one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return False
+  return any(mesh.shape[a] > 1 for a in mesh.axis_names if a not in mesh.manual_axes)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from effjax.kernels._compat import partitioned_mesh
 from effjax.kernels.decode_attention.reference import allowed_slots, decode_attention_reference
 
 __all__ = ['BACKENDS', 'allowed_slots', 'decode_attention', 'decode_attention_reference',
@@ -38,13 +39,6 @@ DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32
 DEFAULT_BLOCK_K = 64
 TARGET_PROGRAMS = 264  # two per SM of an H100 / H200 (132 SMs)
 MIN_BLOCKS_PER_SPLIT = 2
-
-
-def _partitioned_mesh() -> bool:
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return False
-  return any(mesh.shape[a] > 1 for a in mesh.axis_names if a not in mesh.manual_axes)
 
 
 def kernel_unsupported(n: int, heads: int, kv_heads: int, head_dim: int, dtype) -> str | None:
@@ -81,7 +75,7 @@ def resolve_backend(backend: str) -> str:
     raise ValueError(f'decode attention backend must be one of {BACKENDS}, got {backend!r}')
   if backend != 'auto':
     return backend
-  return 'triton' if jax.default_backend() == 'gpu' and not _partitioned_mesh() else 'xla'
+  return 'triton' if jax.default_backend() == 'gpu' and not partitioned_mesh() else 'xla'
 
 
 def decode_attention(q_bnhd: jax.Array, k_blkd: jax.Array, v_blkd: jax.Array,

@@ -45,6 +45,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from effjax.kernels._compat import partitioned_mesh
 from effjax.kernels.quantized_matmul.reference import (
   dequantize_int4,
   dequantize_int8,
@@ -85,14 +86,6 @@ DEFAULT_BK = {'int8': 128, 'int4': 128}
 # decode step on an H200 (experiments/quantized_matmul/tune_decode.py): BK 128 with 512-1024
 # programs decoded 1.20-1.21x bf16, the earlier BK 256 with 256 programs 1.06x / 1.01x.
 TARGET_PROGRAMS = 1024
-
-
-def _partitioned_mesh() -> bool:
-  """A mesh in context with an automatically partitioned axis of more than one device."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return False
-  return any(mesh.shape[a] > 1 for a in mesh.axis_names if a not in mesh.manual_axes)
 
 
 def _tiles(dim: int, largest: int) -> list[int]:
@@ -165,7 +158,7 @@ def resolve_backend(backend: str, rows: int | None = None) -> str:
     raise ValueError(f'backend must be one of {QMM_BACKENDS}, got {backend!r}')
   if backend != 'auto':
     return backend
-  if jax.default_backend() != 'gpu' or _partitioned_mesh():
+  if jax.default_backend() != 'gpu' or partitioned_mesh():
     return 'xla'
   return 'triton' if rows is not None and rows <= MAX_KERNEL_ROWS else 'xla'
 
