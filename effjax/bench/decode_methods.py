@@ -77,15 +77,20 @@ def _kv_weight_bytes(engine, i: int) -> int:
   return _bytes(block['mixer']['wk']) + _bytes(block['mixer']['wv'])
 
 
-def step_bytes(engine, caches, exit_index: int | None = None) -> int:
-  """Bytes one token reads: full depth, or leaving at exit `exit_index` (propagated caches)."""
+def step_bytes(engine, caches, exit_index: int | None = None, asked: int = 0) -> int:
+  """Bytes one token reads: full depth, or leaving at exit `exit_index` (propagated caches).
+
+  Every exit asked applies an output projection (its own, or the shared head again: at decoding
+  sizes a head is far larger than the L2 cache, so a second application reads it again): a token
+  leaving at exit e asked e + 1 exits; one going full depth with `asked` exits asked reads the
+  head asked + 1 times.
+  """
   head = engine.param_bytes(0, 0, head=True)
   if exit_index is None:
-    return engine.param_bytes(head=False) + head + _bytes(caches)
+    return engine.param_bytes(head=False) + head * (asked + 1) + _bytes(caches)
   layer = engine.exits[exit_index]
-  exit_heads = head * (exit_index + 1) if engine.exit_kind == 'own' else head
   deeper = sum(_kv_weight_bytes(engine, i) for i in range(layer, engine.num_layers))
-  return (engine.param_bytes(0, layer, head=False) + exit_heads + deeper +
+  return (engine.param_bytes(0, layer, head=False) + head * (exit_index + 1) + deeper +
           _bytes(caches[:layer]))
 
 
@@ -186,7 +191,8 @@ def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, 
         elif method == 'early_exit':
           hist = stats['exit_histogram']
           per_token_bytes = sum(
-              n * step_bytes(engine, t_caches, None if e == len(engine.exits) else e)
+              n * (step_bytes(engine, t_caches, asked=len(engine.exits)) if e == len(engine.exits)
+                   else step_bytes(engine, t_caches, e))
               for e, n in enumerate(hist)) / max(sum(hist), 1)
           row['exit_fraction'] = 1 - hist[-1] / max(sum(hist), 1)
         else:

@@ -46,3 +46,30 @@ def test_unknown_method_is_one_clear_error():
   assert proc.stderr.strip().splitlines()[-1] == (
       "effjax.bench decode: --methods=fast: unknown 'fast'; allowed: plain, early_exit, "
       'self_speculative, speculative')
+
+
+def test_step_bytes_count_every_exit_asked():
+  """A token leaving at exit e read the layers up to it, e + 1 output projections and the
+  deeper layers' key/value weights; one going full depth read the head once per exit asked
+  plus the final one."""
+  import jax
+  from flax import nnx
+
+  from effjax.bench.decode_methods import _kv_weight_bytes, step_bytes
+  from effjax.infer.engine import Engine
+  from effjax.models import lm as lm_lib
+  from tests.helpers import tiny_config
+
+  engine = Engine(*nnx.split(lm_lib.LM(tiny_config(num_layers=4, exit_layers='1,2').model,
+                                       rngs=nnx.Rngs(0))))
+  caches = engine.init_cache(1, 8)
+  head = engine.param_bytes(0, 0, head=True)
+  body = engine.param_bytes(head=False)
+  size = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
+  cache = size(caches)
+  assert step_bytes(engine, caches) == body + head + cache
+  assert step_bytes(engine, caches, asked=2) == body + 3 * head + cache
+  first = step_bytes(engine, caches, 0)
+  deeper = sum(_kv_weight_bytes(engine, i) for i in range(1, 4))
+  assert first == engine.param_bytes(0, 1, head=False) + head + deeper + size(caches[:1])
+  assert step_bytes(engine, caches, 1) - engine.param_bytes(0, 2, head=False) > 2 * head
