@@ -235,10 +235,15 @@ def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps:
   peak = flops_lib.peak_flops_per_device(override_tflops=tc.peak_tflops)
   mfu = flops_lib.mfu(tokens_per_step / step_time, flops_per_token, jax.device_count(), peak)
   mem = device_memory()
-  compiled_bytes = None
+  compiled_bytes, breakdown = None, None
   if memory is not None:
     compiled_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
                       memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    # Where the compiled step's memory goes: its arguments (state and batch), outputs, XLA's
+    # temporaries (activations, gradients before they are applied, loss chunks) and the
+    # outputs that reuse an argument's buffer (donated state).
+    breakdown = {name: getattr(memory, f'{name}_size_in_bytes') / 1e9
+                 for name in ('argument', 'output', 'temp', 'alias')}
   xla_flops = cost.get('flops') if cost else None
   return {
       'params_m': count_params(config.model) / 1e6,
@@ -265,6 +270,7 @@ def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps:
       'peak_memory_gb': mem.get('memory_peak_gb'),
       'host_peak_rss_gb': mem.get('host_peak_rss_gb'),
       'compiled_memory_gb': None if compiled_bytes is None else compiled_bytes / 1e9,
+      'compiled_memory_breakdown_gb': breakdown,
       'loss_first': first_loss, 'loss_last': last_loss,
       'profile_summary': profile_summary,
       'config': config.to_dict(),

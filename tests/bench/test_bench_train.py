@@ -48,6 +48,10 @@ def test_sweep_writes_json_and_markdown_and_never_overwrites(tmp_path):
     assert len(row['step_time_windows_ms']) == 2 and row['batches'] == 'packed'
     assert row['config']['model']['remat_policy'] == row['overrides']['model.remat_policy']
     assert row['mfu'] is None  # no known peak for a CPU: no MFU claimed
+    parts = row['compiled_memory_breakdown_gb']  # the compiled step's memory, by kind
+    assert set(parts) == {'argument', 'output', 'temp', 'alias'}
+    assert row['compiled_memory_gb'] == pytest.approx(
+        parts['argument'] + parts['output'] + parts['temp'] - parts['alias'])
   markdown = (out / 'tiny.md').read_text()
   assert '| remat_policy=full |' in markdown and 'tokens/s' in markdown
   _bench(*args[:-2])  # same name again, single in-process variant
