@@ -10,7 +10,9 @@ micro-batches, the mesh vs the devices present).
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
+import os
 from typing import Any
 
 import jax
@@ -122,6 +124,45 @@ def describe_override_error(argv: list[str], error: Exception) -> str:
       if name not in reference and not name.startswith('sharding_rules.'):
         return _unknown_field_message(name, reference)
   return ' '.join(str(error).split())
+
+
+def load_file(path: str):
+  """A config file's get_config() (configs/*.py, or any file defining one)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path!r}: no such config file')
+  spec = importlib.util.spec_from_file_location('effjax_config_file', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def apply_overrides(config, overrides) -> Any:
+  """'section.field=value' strings (the experiment scripts' --set) applied to config in place,
+  each value read as the field's type; an unknown field or a value of the wrong type is one
+  ConfigError naming it."""
+  reference = _flatten(config)
+  for item in overrides:
+    name, sep, raw = item.partition('=')
+    if not sep or '.' not in name:
+      raise ConfigError(f'{item!r}: expected section.field=value')
+    if name not in reference:
+      raise ConfigError(_unknown_field_message(name, reference))
+    old = reference[name]
+    try:
+      if isinstance(old, bool):
+        if raw not in ('True', 'False'):
+          raise ValueError(raw)
+        value = raw == 'True'
+      else:
+        value = raw if old is None else type(old)(raw)
+    except ValueError:
+      raise ConfigError(f'{name}={raw!r}: not of type {type(old).__name__}, the type of {name}') from None
+    section, field = name.rsplit('.', 1)
+    node = config
+    for part in section.split('.'):
+      node = node[part]
+    node[field] = value
+  return config
 
 
 def _check_fields(config) -> None:

@@ -189,3 +189,24 @@ def test_recurrent_mixer_fields():
     c.model.scan_interpret = True
     c.model.scan_chunk = 48
   _bad(kernel_chunk, r'model\.head_dim / model\.scan_chunk: chunk_size=48 must be a power of two')
+
+
+def test_file_loading_and_set_overrides_are_typed_and_named():
+  """The experiment scripts' --set section.field=value: typed like the field; an unknown field,
+  a wrong type or a missing '=' is one ConfigError naming it."""
+  import os
+
+  from effjax import config as config_lib
+  c = config_lib.load_file(os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                                        'configs', 'gpt_1b.py'))
+  config_lib.apply_overrides(c, ['model.num_layers=4', 'model.exit_layers=1,2',
+                                 'model.scan_layers=True', 'optim.learning_rate=1e-4'])
+  assert (c.model.num_layers, c.model.exit_layers, c.model.scan_layers) == (4, '1,2', True)
+  assert c.optim.learning_rate == 1e-4
+  for bad, message in (('model.num_layer=4', 'did you mean model.num_layers'),
+                       ('model.num_layers=0.5', 'not of type int'),
+                       ('model.scan_layers=yes', 'not of type bool'), ('model.num_layers', 'expected')):
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.apply_overrides(c, [bad])
+  with pytest.raises(FileNotFoundError, match='no such config file'):
+    config_lib.load_file('configs/missing.py')

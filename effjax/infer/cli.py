@@ -15,7 +15,6 @@ infer.exit_tolerance > 0 the early-exit threshold is calibrated first on held-ou
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -44,13 +43,11 @@ def read_prompts(g) -> list[str]:
 
 
 def load_config_file(path: str):
-  """A configs/*.py file's get_config()."""
+  """The draft's configs/*.py file's get_config()."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'infer.draft_config={path!r}: no such config file')
-  spec = importlib.util.spec_from_file_location('effjax_draft_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from effjax import config as config_lib
+  return config_lib.load_file(path)
 
 
 def _tokenizer_id(config) -> tuple:

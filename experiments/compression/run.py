@@ -43,23 +43,14 @@ TECHNIQUES = [
 
 
 def base_config(args):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('experiment_config', os.path.join(ROOT,
-                                                                                    args.config))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  from effjax import config as config_lib
+  c = config_lib.load_file(os.path.join(ROOT, args.config))
   c.model.d_model, c.model.num_layers, c.model.mlp_dim = 128, 4, 384
   c.data.seq_len, c.train.batch_size = 128, 8
   c.train.steps, c.train.eval_every, c.train.eval_batches = args.steps, 0, 8
   c.train.checkpoint_every, c.generate.at_end = args.steps, False
   c.compress.decode_context, c.compress.decode_steps = 128, 64
-  for item in args.set:
-    key, value = item.split('=', 1)
-    section, field = key.split('.', 1)
-    old = c[section][field]
-    c[section][field] = type(old)(value) if not isinstance(old, bool) else value == 'True'
-  return c
+  return config_lib.apply_overrides(c, args.set)
 
 
 def decode_tokens_per_s(config, workdir: str) -> float:

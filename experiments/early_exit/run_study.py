@@ -45,17 +45,8 @@ PROMPTS = ('def fibonacci(n):\n', 'import os\nimport sys\n\n', 'class Parser:\n 
 
 
 def load_config(path: str, sets):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('study_config', os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  for item in sets:
-    key, value = item.split('=', 1)
-    section, field = key.split('.', 1)
-    old = c[section][field]
-    c[section][field] = value == 'True' if isinstance(old, bool) else type(old)(value)
-  return c
+  from effjax import config as config_lib
+  return config_lib.apply_overrides(config_lib.load_file(os.path.join(ROOT, path)), sets)
 
 
 def train_or_load(config, workdir: str, steps: int):

@@ -12,13 +12,13 @@ The model is the config's, randomly initialised (decode speed does not depend on
 of compress.int4_group_size) and compress.qmm_backend=<backend>, exactly what --mode=compress
 writes and --mode=generate reads. Timing is effjax.bench.decode.time_decode: the caches hold
 context + steps positions, one jitted loop of `steps` single-token steps, the median of
-`repeats` loops after a warm-up. Writes decode_qmm.json / .md to --out and prints the table.
+`repeats` loops after a warm-up. Writes decode_qmm.json / .md to --out (suffixed if taken, never
+overwritten) and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -27,18 +27,9 @@ sys.path.insert(0, ROOT)
 
 
 def load_config(args):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('experiment_config',
-                                                os.path.join(ROOT, args.config))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  for item in args.set:
-    key, value = item.split('=', 1)
-    section, field = key.split('.', 1)
-    old = c[section][field]
-    c[section][field] = type(old)(value) if not isinstance(old, bool) else value == 'True'
-  return c
+  from effjax import config as config_lib
+  config = config_lib.load_file(os.path.join(ROOT, args.config))
+  return config_lib.apply_overrides(config, args.set)
 
 
 def main():
@@ -54,10 +45,10 @@ def main():
                       '(a subfolder each) and print its device time per kernel')
   args = parser.parse_args()
 
-  import jax
   from flax import nnx
 
   from effjax.bench import decode as decode_bench
+  from effjax.bench import results
   from effjax.compress import run as compress_run
   from effjax.compress import weights as w_lib
   from effjax.models.lm import LM
@@ -89,23 +80,17 @@ def main():
     print(f'[decode] {variant}: ' + (row.get('error') or f'{row["ms_per_step"]:.3f} ms/step, '
                                      f'{row["tokens_per_s"]:.0f} tokens/s'), flush=True)
   base = next((r for r in rows if r['variant'] == 'bf16' and r.get('tokens_per_s')), None)
-  lines = ['| variant | bytes read per token | ms / step | tokens/s | vs bf16 | error |',
-           '| --- | --- | --- | --- | --- | --- |']
   for r in rows:
     if base and r.get('tokens_per_s'):
       r['speedup_vs_bf16'] = r['tokens_per_s'] / base['tokens_per_s']
-    lines.append(f'| {r["variant"]} | {r["bytes_read"]:,} | {r.get("ms_per_step", 0):.3f} | '
-                 f'{r.get("tokens_per_s", 0):.0f} | {r.get("speedup_vs_bf16", 0):.2f}x | '
-                 f'{r.get("error", "")} |')
-  env = {'device': jax.devices()[0].device_kind, 'jax': jax.__version__,
-         'command': ' '.join(sys.argv), 'context': args.context, 'steps': args.steps,
-         'config': args.config, 'set': args.set}
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, 'decode_qmm.json'), 'w', encoding='utf-8') as f:
-    json.dump({'environment': env, 'rows': rows}, f, indent=2, default=str)
-  with open(os.path.join(args.out, 'decode_qmm.md'), 'w', encoding='utf-8') as f:
-    f.write('\n'.join(lines) + '\n')
-  print('\n'.join(lines))
+  env = {**results.environment(), 'command': 'python ' + ' '.join(sys.argv),
+         'context': args.context, 'steps': args.steps, 'config': args.config, 'set': args.set}
+  columns = (('variant', 'variant', ''), ('bytes_read', 'bytes read per token', ''),
+             ('ms_per_step', 'ms / step', '.3f'), ('tokens_per_s', 'tokens/s', '.0f'),
+             ('speedup_vs_bf16', 'vs bf16', '.2f'), ('error', 'error', ''))
+  _, md_path = results.write(args.out, 'decode_qmm', env, rows, columns,
+                             f'Batch-1 decoding, {args.config}, context {args.context}')
+  print(open(md_path, encoding='utf-8').read())
 
 
 if __name__ == '__main__':

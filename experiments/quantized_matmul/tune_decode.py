@@ -9,13 +9,13 @@ to each product's shape). For each kind and setting the model (random weights) i
 once and its batch-1 decode loop compiled and timed with the constants set, as decode.py times
 it, so the figure includes everything around the kernel (launches, padding, split-K sums). The
 isolated-product benchmark (`bench kernels --op=qmm`) is dominated by dispatch at these sizes,
-which is why this exists. Writes tune_decode.json / .md to --out and prints the table.
+which is why this exists. Writes tune_decode.json / .md to --out (suffixed if taken) and prints
+the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -40,11 +40,11 @@ def main():
   parser.add_argument('--set', action='append', default=[], help='section.field=value override')
   args = parser.parse_args()
 
-  import jax
   from flax import nnx
 
   from decode import load_config
   from effjax.bench import decode as decode_bench
+  from effjax.bench import results
   from effjax.compress import run as compress_run
   from effjax.compress import weights as w_lib
   from effjax.kernels import quantized_matmul as qmm
@@ -93,22 +93,17 @@ def main():
       print(f"[tune] {kind} {row['setting']}: " + (row.get('error') or
             f"{row['ms_per_step']:.3f} ms/step, {row['speedup_vs_bf16']:.2f}x bf16 "
             f"{row['tilings']}"), flush=True)
-  lines = ['| kind | BN:BK:TARGET | tilings (bn, bk, split) at 2048x2048 / 2048x5632 / 5632x2048 '
-           '| ms / token | vs bf16 | error |', '| --- | --- | --- | --- | --- | --- |']
   for r in rows:
-    tilings = ' / '.join(str(t) for t in r.get('tilings', {}).values()) or '-'
-    ms = f"{r['ms_per_step']:.3f}" if r.get('ms_per_step') else '-'
-    speed = f"{r['speedup_vs_bf16']:.2f}x" if r.get('speedup_vs_bf16') else '-'
-    lines.append(f"| {r['kind']} | {r['setting']} | {tilings} | {ms} | {speed} | "
-                 f"{r.get('error', '')} |")
-  env = {'device': jax.devices()[0].device_kind, 'jax': jax.__version__,
-         'command': ' '.join(sys.argv), 'config': args.config, 'set': args.set}
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, 'tune_decode.json'), 'w', encoding='utf-8') as f:
-    json.dump({'environment': env, 'rows': rows}, f, indent=2, default=str)
-  with open(os.path.join(args.out, 'tune_decode.md'), 'w', encoding='utf-8') as f:
-    f.write('\n'.join(lines) + '\n')
-  print('\n'.join(lines))
+    r['tilings_text'] = ' / '.join(str(t) for t in r.get('tilings', {}).values()) or None
+  env = {**results.environment(), 'command': 'python ' + ' '.join(sys.argv),
+         'config': args.config, 'set': args.set}
+  columns = (('kind', 'kind', ''), ('setting', 'BN:BK:TARGET', ''),
+             ('tilings_text', 'tilings (bn, bk, split) at 2048x2048 / 2048x5632 / 5632x2048', ''),
+             ('ms_per_step', 'ms / token', '.3f'), ('speedup_vs_bf16', 'vs bf16', '.2f'),
+             ('error', 'error', ''))
+  _, md_path = results.write(args.out, 'tune_decode', env, rows, columns,
+                             f'Quantized-matmul tiling on the batch-1 decode step, {args.config}')
+  print(open(md_path, encoding='utf-8').read())
 
 
 if __name__ == '__main__':
