@@ -5,8 +5,10 @@ block-layout masks (see reference.py for the exact semantics) on q [B, S, Hq, D]
 [B, S, Hkv, D]. The Pallas kernels visit only the [block_q, block_k] tiles that hold an allowed
 (query, key) pair (layout.computed_blocks), so sparse layouts cost proportionally less.
 
-Backends: 'triton' (Pallas on GPU, gpu.py), 'mosaic' (Pallas on TPU, tpu.py), 'reference' (plain
-jnp, any device) and 'auto', which picks by the default JAX backend. The op is differentiable in
+Backends: 'triton' (Pallas Triton on GPU, gpu.py), 'mosaic_gpu' (Pallas Mosaic GPU on Hopper:
+TMA and wgmma, warp-specialised, mosaic_gpu.py; its backward is the Triton one for now), 'mosaic'
+(Pallas on TPU, tpu.py), 'reference' (plain jnp, any device) and 'auto', which picks by the
+default JAX backend ('triton' on every GPU until the Mosaic GPU kernel is measured there). The op is differentiable in
 q, k and v through a custom VJP: the forward saves (out, logsumexp) and the backward runs the
 backend's own backward kernels, recomputing the probabilities tile by tile.
 """
@@ -48,7 +50,7 @@ __all__ = [
 ]
 
 # The accepted values of `backend`.
-KERNEL_BACKENDS = ('auto', 'triton', 'mosaic', 'reference')
+KERNEL_BACKENDS = ('auto', 'triton', 'mosaic_gpu', 'mosaic', 'reference')
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _MIN_TRITON_BLOCK = 16  # Triton's matmul tiles are at least 16 x 16
@@ -68,6 +70,9 @@ def _kernel_module(backend: str):
   if backend == 'triton':
     from effjax.kernels.flash_attention import gpu
     return gpu
+  if backend == 'mosaic_gpu':
+    from effjax.kernels.flash_attention import mosaic_gpu
+    return mosaic_gpu
   from effjax.kernels.flash_attention import tpu
   return tpu
 
@@ -137,7 +142,8 @@ def _attention_bwd(static: _Static, residuals, d_out):
                                             **static.reference_kwargs()), q, k, v)
     dq, dk, dv = vjp(d_out)
   else:
-    module = _kernel_module(static.backend)
+    # The Mosaic GPU backend has no backward kernels yet; its (out, lse) feed the Triton ones.
+    module = _kernel_module('triton' if static.backend == 'mosaic_gpu' else static.backend)
     dq, dk, dv = module.bwd(q, k, v, segment_ids, out, lse, d_out,
                             **static.kernel_kwargs(q.shape[1]))
   return dq, dk, dv, None
@@ -185,9 +191,22 @@ def _check_kernel(backend: str, seq_len: int, head_dim: int, block_q: int, block
     if backend == 'triton' and (block < _MIN_TRITON_BLOCK or block & (block - 1)):
       raise ValueError(f"{name}={block} must be a power of two >= {_MIN_TRITON_BLOCK} for "
                        f"backend='triton'; use backend='reference' for other shapes")
+    if backend == 'mosaic_gpu':
+      _check_mosaic_gpu_block(name, block)
     if backend == 'mosaic' and block % _MOSAIC_BLOCK:
       raise ValueError(f"{name}={block} must be a multiple of {_MOSAIC_BLOCK} for "
                        f"backend='mosaic'; use backend='reference' for other shapes")
+
+
+def _check_mosaic_gpu_block(name: str, block: int) -> None:
+  from effjax.kernels.flash_attention import mosaic_gpu
+  if name == 'block_q' and block != mosaic_gpu.BLOCK_Q:
+    raise ValueError(f"block_q={block} is not supported by backend='mosaic_gpu', which runs "
+                     f"{mosaic_gpu.BLOCK_Q} query rows per CTA (two warpgroups of "
+                     f"{mosaic_gpu.WG_ROWS}); leave block_q unset")
+  if name == 'block_k' and block % mosaic_gpu.WG_ROWS:
+    raise ValueError(f"block_k={block} must be a multiple of {mosaic_gpu.WG_ROWS} for "
+                     f"backend='mosaic_gpu'")
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -208,8 +227,15 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   _check_inputs(q, k, v, segment_ids, window, layout)
   seq_len, head_dim = q.shape[1], q.shape[3]
   default_q, default_k = default_blocks(backend, head_dim)
-  smallest = {'triton': _MIN_TRITON_BLOCK, 'mosaic': _MOSAIC_BLOCK}.get(backend, 1)
-  block_q = _fit_block(default_q, seq_len, layout, smallest) if block_q is None else block_q
+  smallest = {'triton': _MIN_TRITON_BLOCK, 'mosaic': _MOSAIC_BLOCK, 'mosaic_gpu': 64}.get(
+      backend, 1)
+  if backend == 'mosaic_gpu' and jnp.dtype(q.dtype) not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"backend='mosaic_gpu' takes bfloat16 or float16 inputs, got {q.dtype}; "
+                     f"use backend='triton' for float32")
+  if block_q is None:
+    # The Mosaic GPU kernel's query block is fixed by its warpgroups: S must divide by it.
+    block_q = default_q if backend == 'mosaic_gpu' else _fit_block(default_q, seq_len, layout,
+                                                                   smallest)
   block_k = _fit_block(default_k, seq_len, layout, smallest) if block_k is None else block_k
   if backend != 'reference':
     _check_kernel(backend, seq_len, head_dim, block_q, block_k, layout)

@@ -1,0 +1,350 @@
+"""Block-sparse flash attention forward as a Pallas Mosaic GPU kernel (Hopper: TMA + wgmma).
+
+Why a second GPU backend. The Triton lowering cannot use Hopper's asynchronous tensor-core
+instructions (wgmma) or its copy engine (TMA) explicitly, and reaches 0.64-0.89x cuDNN on an
+H200. Mosaic GPU exposes both, so a kernel can follow the FlashAttention-3 recipe.
+
+Shape of the kernel. One CTA per (query block of `block_q` = 2 x 64 rows, query head, batch)
+runs three warpgroups:
+  - a memory warpgroup that issues TMA copies of the k/v tiles the CTA visits into a ring of
+    `stages` shared-memory slots, waiting on a per-slot "consumed" barrier before it reuses one;
+  - two compute warpgroups, each owning 64 query rows (q stays in shared memory, the float32
+    accumulator in registers). Per key tile: S = Q K^T by wgmma, an online softmax in float32
+    (exp2 with the scores pre-scaled by scale * log2 e), then O += P V by wgmma with P from
+    registers. The two warpgroups take turns on the tensor cores through a shared "schedule"
+    barrier, so one's softmax overlaps the other's matmuls (FA3's ping-pong).
+Both compute warpgroups walk the same tile list, so every barrier sees the same number of
+arrivals whatever the mask.
+
+Tile lists. As in the Triton backend (gpu.py), `blocks` marks the [block_q, block_k] tiles with
+at least one allowed (query, key) pair and only those are visited; they come in two runs, full
+tiles (no token mask needed) then partial ones on a causal or window boundary (or every tile when
+segment ids are given). One int32 table holds both runs per query block and two count vectors say
+where each ends; the kernel reads them with scalar loads from global memory. For causal attention
+the CTAs take query blocks from the last one down, so the longest rows start first.
+
+Masks and empty rows follow reference.py: the running max starts at a finite -1e30 so a fully
+masked tile contributes exact zeros, and a query with no allowed key writes out = 0 and
+lse = EMPTY_ROW_LSE (natural-log units, float32 [B, Hq, S] like the Triton backend), which the
+backward pass turns into zero gradients.
+
+The backward pass consumes (out, lse) and is the Triton backend's (gpu.bwd): a Mosaic GPU
+backward is not written yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from effjax.kernels.flash_attention.layout import block_csr, unmasked_blocks
+from effjax.kernels.flash_attention.reference import EMPTY_ROW_LSE
+
+_LOG2E = math.log2(math.e)
+_M_INIT = -1e30
+WG_ROWS = 64  # query rows per compute warpgroup: one wgmma M tile
+COMPUTE_WGS = 2
+BLOCK_Q = WG_ROWS * COMPUTE_WGS
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_SMEM_BYTES = 227 * 1024  # usable shared memory per CTA on Hopper
+
+
+def default_blocks(head_dim: int) -> tuple[int, int]:
+  """(block_q, block_k): 128 query rows per CTA; k/v tiles sized so the ring fits in SMEM."""
+  return BLOCK_Q, 128 if head_dim <= 128 else 64
+
+
+def default_stages(head_dim: int, block_k: int, itemsize: int = 2) -> int:
+  """Ring depth: as many k/v slots as fit beside q (at most 4; at least 2)."""
+  q_bytes = BLOCK_Q * head_dim * itemsize
+  slot_bytes = 2 * block_k * head_dim * itemsize
+  return int(max(2, min(4, (_SMEM_BYTES - q_bytes - 4096) // slot_bytes)))
+
+
+def tile_tables(blocks: np.ndarray, seq_len: int, block_q: int, block_k: int, *, causal: bool,
+                window: int | None, has_segments: bool):
+  """(idx int32 [nq, width], n_full int32 [nq], n_total int32 [nq]) in visiting order.
+
+  Row r lists its full tiles first (idx[r, :n_full[r]]), then its partial ones
+  (idx[r, n_full[r]:n_total[r]]).
+  """
+  blocks = np.asarray(blocks, dtype=bool)
+  if has_segments:
+    full = np.zeros_like(blocks)
+  else:
+    full = blocks & unmasked_blocks(seq_len, block_q, block_k, causal=causal, window=window)
+  partial = blocks & ~full
+  full_idx, full_cnt = block_csr(full)
+  part_idx, part_cnt = block_csr(partial)
+  rows = blocks.shape[0]
+  width = max(int((full_cnt + part_cnt).max(initial=0)), 1)
+  idx = np.zeros((rows, width), dtype=np.int32)
+  for r in range(rows):
+    nf, npart = int(full_cnt[r]), int(part_cnt[r])
+    idx[r, :nf] = full_idx[r, :nf]
+    idx[r, nf:nf + npart] = part_idx[r, :npart]
+  return idx, full_cnt.astype(np.int32), (full_cnt + part_cnt).astype(np.int32)
+
+
+def _transpose(ref):
+  """The [rows, cols] -> [cols, rows] view of an SMEM ref, for wgmma's B operand."""
+  if hasattr(ref, 'transpose'):
+    return ref.transpose((1, 0))
+  return plgpu.transpose_ref(ref, (1, 0))  # JAX < 0.11
+
+
+def _load(ref, layout):
+  """A register array in `layout` from an SMEM ref (JAX < 0.11 takes the index separately)."""
+  if 'idx' in inspect.signature(plgpu.load).parameters and inspect.signature(
+      plgpu.load).parameters['idx'].default is inspect.Parameter.empty:
+    return plgpu.load(ref, (), layout=layout)
+  return plgpu.load(ref, layout=layout)
+
+
+def _accumulate(acc, a, b_ref, a_staging=None):
+  """acc + a @ b by wgmma, accumulating in place in the registers holding acc.
+
+  Interpret mode passes `a_staging`, an SMEM ref for `a`: the interpreter takes wgmma operands
+  from shared memory only and cannot run `pl.run_state`, so there the product goes through SMEM
+  into a fresh accumulator and is added. Both compute the same sum.
+  """
+  if a_staging is not None:
+    a_staging[...] = a
+    plgpu.commit_smem()
+
+    def product(acc_ref):
+      plgpu.wgmma(acc_ref, a_staging, b_ref)
+      return acc_ref[...]
+    return acc + pl.run_scoped(product, plgpu.ACC(acc.shape, jnp.float32))
+
+  def accumulate(acc_ref):
+    plgpu.wgmma(acc_ref, a, b_ref)
+
+  return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+
+def _interpret_params(interpret):
+  """None (compile for the GPU) or the GPU interpreter's parameters (True picks defaults)."""
+  if not interpret:
+    return None
+  if interpret is not True:
+    return interpret
+  params = getattr(plgpu, 'InterpretGPUParams', None)
+  if params is None:  # JAX < 0.11 keeps it private
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+  return params()
+
+
+def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.ndarray,
+        scale: float, block_q: int, block_k: int, interpret=False, stages: int | None = None):
+  """(out [B, S, Hq, D] in q.dtype, lse float32 [B, Hq, S]) visiting only the `blocks` tiles."""
+  b, s, hq, d = q.shape
+  hkv = k.shape[2]
+  groups = hq // hkv
+  dtype = q.dtype
+  if block_q != BLOCK_Q:
+    raise ValueError(f'the Mosaic GPU kernel runs block_q={BLOCK_Q} (two warpgroups of '
+                     f'{WG_ROWS} rows), got block_q={block_q}')
+  if block_k % 64 or s % block_k:
+    raise ValueError(f'block_k={block_k} must be a multiple of 64 dividing S={s}')
+  if jnp.dtype(dtype) not in DTYPES:
+    raise ValueError(f'the Mosaic GPU kernel takes bfloat16 or float16, got {dtype}')
+  has_segments = segment_ids is not None
+  idx, n_full, n_total = tile_tables(blocks, s, block_q, block_k, causal=causal, window=window,
+                                     has_segments=has_segments)
+  num_q_blocks = s // block_q
+  stages = default_stages(d, block_k, jnp.dtype(dtype).itemsize) if stages is None else stages
+  max_steps = int(n_total.max(initial=0))
+  stages = max(1, min(stages, max_steps)) if max_steps else 1
+  qk_scale = scale * _LOG2E
+  interpret = _interpret_params(interpret)
+
+  def layout(x, to):
+    # Register layouts only exist in the compiled kernel (JAX 0.10's interpreter rejects them).
+    return x if interpret is not None else plgpu.layout_cast(x, to)
+
+  def compute_wg(wg, qb, batch, head, refs, scratch):
+    q_ref, idx_ref, nfull_ref, ntotal_ref, seg_ref, out_ref, lse_ref = refs
+    (qo_smem, k_smem, v_smem, lse_smem, segq_smem, segk_smem, p_smem, k_ready, v_ready,
+     q_ready, k_free, v_free, schedule) = scratch
+    plgpu.set_max_registers(232 if d <= 128 else 240, action='increase')
+    q_tile = qo_smem.at[wg]
+    row0 = qb * block_q + wg * WG_ROWS
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, WG_ROWS), head], q_tile, q_ready.at[wg])
+    if has_segments:
+      plgpu.copy_gmem_to_smem(seg_ref.at[batch, pl.ds(row0, WG_ROWS)], segq_smem.at[wg],
+                              q_ready.at[wg])
+    plgpu.barrier_wait(q_ready.at[wg])
+    seg_q = None
+    if has_segments:
+      seg_q = _load(segq_smem.at[wg], plgpu.Layout.WGMMA.reduce(1))
+    n_f = nfull_ref[qb]
+    n_t = ntotal_ref[qb]
+
+    def sync_tensor_cores():
+      plgpu.barrier_arrive(schedule)
+      plgpu.barrier_wait(schedule)
+
+    def step(t, carry, masked):
+      acc, m, l = carry
+      slot = lax.rem(t, stages)
+      plgpu.barrier_wait(k_ready.at[slot])
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_tile, _transpose(k_smem.at[slot]))
+        sync_tensor_cores()
+        return acc_ref[...]
+
+      scores = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, block_k), jnp.float32))
+      plgpu.barrier_arrive(k_free.at[slot])
+      scores = scores * qk_scale
+      if masked:
+        k0 = idx_ref[qb, t] * block_k
+        rows = row0 + layout(lax.broadcasted_iota(jnp.int32, (WG_ROWS, block_k), 0),
+                             plgpu.Layout.WGMMA)
+        cols = k0 + layout(lax.broadcasted_iota(jnp.int32, (WG_ROWS, block_k), 1),
+                           plgpu.Layout.WGMMA)
+        ok = None
+        if causal:
+          ok = cols <= rows
+        if window is not None:
+          near = rows - cols < window
+          if not causal:
+            near = near & (cols - rows < window)
+          ok = near if ok is None else ok & near
+        if has_segments:
+          seg_k = _load(segk_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+          same = (lax.broadcast_in_dim(seg_q, (WG_ROWS, block_k), [0]) ==
+                  lax.broadcast_in_dim(seg_k, (WG_ROWS, block_k), [1]))
+          same = same & (lax.broadcast_in_dim(seg_k, (WG_ROWS, block_k), [1]) > 0)
+          ok = same if ok is None else ok & same
+        if ok is not None:
+          scores = jnp.where(ok, scores, -jnp.inf)
+      m_new = jnp.maximum(m, scores.max(axis=1))
+      alpha = jnp.exp2(m - m_new)
+      p = jnp.exp2(scores - lax.broadcast_in_dim(m_new, scores.shape, [0]))
+      l = l * alpha + p.sum(axis=1)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      p = p.astype(dtype)
+      plgpu.barrier_arrive(schedule)  # softmax done: the other warpgroup may issue
+      plgpu.barrier_wait(v_ready.at[slot])
+      plgpu.barrier_wait(schedule)  # the tensor cores are ours again
+
+      acc = _accumulate(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[wg])
+      plgpu.barrier_arrive(v_free.at[slot])
+      return acc, m_new, l
+
+    acc = layout(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
+    m = layout(jnp.full((WG_ROWS,), _M_INIT, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    l = layout(jnp.zeros((WG_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    # Warpgroup 1 starts one turn behind so the two alternate on the tensor cores.
+    pl.when(wg == 1)(sync_tensor_cores)
+    carry = lax.fori_loop(0, n_f, functools.partial(step, masked=False), (acc, m, l))
+    acc, m, l = lax.fori_loop(n_f, n_t, functools.partial(step, masked=True), carry)
+    pl.when(wg == 0)(sync_tensor_cores)
+
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+    q_tile[...] = out.astype(dtype)
+    lse_smem.at[wg][...] = jnp.where(empty, EMPTY_ROW_LSE, (m + jnp.log2(l_safe)) / _LOG2E)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_tile, out_ref.at[batch, pl.ds(row0, WG_ROWS), head])
+    plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(row0, WG_ROWS)])
+    plgpu.wait_smem_to_gmem(0)
+
+  def memory_wg(qb, batch, head, refs, scratch):
+    k_ref, v_ref, idx_ref, ntotal_ref, seg_ref = refs
+    (_, k_smem, v_smem, _, _, segk_smem, _, k_ready, v_ready, _, k_free, v_free, _) = scratch
+    plgpu.set_max_registers(40, action='decrease')
+    kv_head = lax.div(head, groups)
+    n_t = ntotal_ref[qb]
+
+    def load(t, slot):
+      rows = pl.ds(idx_ref[qb, t] * block_k, block_k)
+      plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[slot], k_ready.at[slot])
+      if has_segments:
+        plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segk_smem.at[slot], k_ready.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot], v_ready.at[slot])
+
+    for t in range(stages):
+      pl.when(t < n_t)(functools.partial(load, t, t))
+
+    @pl.loop(stages, n_t)
+    def _(t):
+      slot = lax.rem(t, stages)
+      plgpu.barrier_wait(k_free.at[slot])
+      plgpu.barrier_wait(v_free.at[slot])
+      load(t, slot)
+
+    # Observe the last uses of every slot too, so no barrier is released with phases pending.
+    @pl.loop(lax.max(n_t - stages, 0), n_t)
+    def _(t):
+      slot = lax.rem(t, stages)
+      plgpu.barrier_wait(k_free.at[slot])
+      plgpu.barrier_wait(v_free.at[slot])
+
+  def kernel(q_ref, k_ref, v_ref, idx_ref, nfull_ref, ntotal_ref, *rest):
+    seg_ref, out_ref, lse_ref = rest if has_segments else (None, *rest)
+    wg = lax.axis_index('wg')
+    head = lax.axis_index('heads')
+    batch = lax.axis_index('batch')
+    qb = lax.axis_index('q')
+    if causal:
+      qb = num_q_blocks - 1 - qb  # longest rows first
+
+    def body(*scratch):
+      @pl.when(wg < COMPUTE_WGS)
+      def _():
+        compute_wg(wg, qb, batch, head,
+                   (q_ref, idx_ref, nfull_ref, ntotal_ref, seg_ref, out_ref, lse_ref), scratch)
+
+      @pl.when(wg == COMPUTE_WGS)
+      def _():
+        memory_wg(qb, batch, head, (k_ref, v_ref, idx_ref, ntotal_ref, seg_ref), scratch)
+
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    seg_scratch = [plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.int32),
+                   plgpu.SMEM((stages, block_k), jnp.int32)] if has_segments else [None, None]
+    pl.run_scoped(
+        body,
+        plgpu.SMEM((COMPUTE_WGS, WG_ROWS, d), dtype, transforms=swizzled),
+        plgpu.SMEM((stages, block_k, d), dtype, transforms=swizzled),
+        plgpu.SMEM((stages, block_k, d), dtype, transforms=swizzled),
+        plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),
+        *seg_scratch,
+        plgpu.SMEM((COMPUTE_WGS, WG_ROWS, block_k), dtype, transforms=swizzled)
+        if interpret else None,
+        # k_ready counts the k copy and (with segment ids) the segment copy: both arrive.
+        plgpu.Barrier(num_arrivals=2 if has_segments else 1, num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=2 if has_segments else 1, num_barriers=COMPUTE_WGS),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+        collective_axes='wg',
+    )
+
+  inputs = [q, k, v, jnp.asarray(idx), jnp.asarray(n_full), jnp.asarray(n_total)]
+  if has_segments:
+    inputs.append(segment_ids.astype(jnp.int32))
+  out, lse = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((b, hq, s), jnp.float32)),
+      grid=(hq, num_q_blocks, b),
+      grid_names=('heads', 'q', 'batch'),
+      num_threads=COMPUTE_WGS + 1,
+      thread_name='wg',
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret,
+  )(*inputs)
+  return out, lse
