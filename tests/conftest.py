@@ -29,7 +29,18 @@ def _xla_knows(flag: str) -> bool:
 # 4.7 s); compile is most of this suite's time. Tests compare numbers computed under the same
 # flags, so the slower generated code costs nothing here.
 _FLAGS = ['--xla_force_host_platform_device_count=8', '--xla_backend_optimization_level=0']
-if _xla_knows('xla_cpu_use_fusion_emitters'):
+def _jaxlib_before(major: int, minor: int) -> bool:
+  """Whether the installed jaxlib is older than major.minor (from its metadata: no import)."""
+  from importlib import metadata
+  try:
+    version = metadata.version('jaxlib')
+  except metadata.PackageNotFoundError:
+    return False
+  return tuple(int(p) for p in version.split('.')[:2]) < (major, minor)
+
+
+# jaxlib 0.11 still carries the emitter flag's name in its libraries but no longer accepts it.
+if _jaxlib_before(0, 11) and _xla_knows('xla_cpu_use_fusion_emitters'):
   _FLAGS.append('--xla_cpu_use_fusion_emitters=false')
 os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''), *_FLAGS]).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')

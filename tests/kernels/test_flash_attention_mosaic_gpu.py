@@ -1,0 +1,225 @@
+"""The Mosaic GPU flash attention kernel (Hopper: TMA + wgmma) on a CPU machine.
+
+Two checks need no GPU:
+  - lowering: exporting for platform 'cuda' builds the Mosaic GPU module (warpgroup semantics,
+    barriers, TMA descriptors, wgmma layouts and register-layout inference all run here), for every
+    mask kind, head dim and GQA ratio; any JAX the project supports.
+  - interpretation: JAX >= 0.11's Mosaic GPU interpreter runs the kernel's three warpgroups as
+    threads, with TMA copies, barriers (it fails on a barrier released with unobserved phases)
+    and wgmma, and the result is compared with the reference on fresh random inputs.
+The tile tables the kernel walks are checked against brute force.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from effjax.kernels.flash_attention import (
+  BlockLayout,
+  attention_reference,
+  bigbird_layout,
+  computed_blocks,
+  flash_attention,
+)
+from effjax.kernels.flash_attention import mosaic_gpu
+from effjax.kernels.flash_attention.layout import token_mask
+from effjax.kernels.flash_attention.reference import EMPTY_ROW_LSE, attention_reference_with_lse
+
+_JAX = tuple(int(p) for p in jax.__version__.split('.')[:2])
+needs_interpreter = pytest.mark.skipif(
+    _JAX < (0, 11), reason='the Mosaic GPU interpreter runs layout casts and transposed SMEM refs '
+                           'from JAX 0.11 on (CI runs these in a second Python with JAX 0.11)')
+
+
+def _qkv(rng, b, s, hq, hkv, d, dtype=jnp.bfloat16):
+  return [jnp.asarray(rng.standard_normal((b, s, h, d)), dtype) for h in (hq, hkv, hkv)]
+
+
+def _segments(rng, b, s, *, padding: bool):
+  """Sorted document ids per row (packed sequences); with padding the tail is id 0."""
+  ids = np.sort(rng.integers(1, 4, size=(b, s)), axis=1)
+  if padding:
+    ids[:, s - rng.integers(1, s // 4) - 1:] = 0
+  return jnp.asarray(ids, jnp.int32)
+
+
+def _masks(case, rng, s):
+  """Keyword arguments of one masking case (shared by the lowering and interpreter tests)."""
+  if case == 'causal':
+    return {'causal': True}
+  if case == 'bidirectional':
+    return {'causal': False}
+  if case == 'window':
+    return {'causal': True, 'window': int(rng.integers(1, 3 * s // 4))}
+  if case == 'window_bidirectional':
+    return {'causal': False, 'window': int(rng.integers(1, s // 2))}
+  if case == 'segments':
+    return {'causal': True, 'segment_ids': _segments(rng, 1, s, padding=True)}
+  if case == 'bigbird':
+    return {'causal': True, 'layout': bigbird_layout(s, 128, local_blocks=1, global_blocks=1,
+                                                     random_blocks=1,
+                                                     seed=int(rng.integers(100)))}
+  raise ValueError(case)
+
+
+def _mosaic_module(fn, *args) -> str:
+  exported = export.export(jax.jit(fn), platforms=['cuda'])(*args)
+  return exported.mlir_module()
+
+
+# ------------------------------------------------------------------------------------------------
+# Lowering for CUDA.
+
+
+@pytest.mark.parametrize('case,d,hq,hkv', [
+    ('causal', 128, 4, 4), ('bidirectional', 64, 4, 1), ('window', 128, 2, 2),
+    ('window_bidirectional', 64, 2, 2), ('segments', 128, 4, 2), ('bigbird', 128, 2, 1),
+    ('causal', 256, 2, 2)])
+def test_lowers_for_cuda(case, d, hq, hkv):
+  rng = np.random.default_rng()
+  s = 512
+  kw = _masks(case, rng, s)
+  seg = kw.pop('segment_ids', None)
+  shapes = [jax.ShapeDtypeStruct((1, s, h, d), jnp.bfloat16) for h in (hq, hkv, hkv)]
+  fn = lambda q, k, v: flash_attention(q, k, v, segment_ids=seg, backend='mosaic_gpu', **kw)
+  module = _mosaic_module(fn, *shapes)
+  assert module.count('mosaic_gpu') >= 1 and '@mosaic_gpu' in module, module[-2000:]
+
+
+@pytest.mark.skipif(_JAX >= (0, 11), reason='JAX 0.11 lowers Pallas Triton only with a GPU '
+                                             'present (it reads the compute capability)')
+def test_lowers_with_gradients():
+  """The forward (Mosaic GPU) feeds the Triton backward: both lower for one jitted grad."""
+  shapes = [jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)] * 3
+  loss = lambda q, k, v: flash_attention(q, k, v, backend='mosaic_gpu').astype(
+      jnp.float32).sum()
+  check = export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')
+  module = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=['cuda'],
+                         disabled_checks=[check])(*shapes).mlir_module()
+  assert '@mosaic_gpu' in module and 'triton' in module
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel in the Mosaic GPU interpreter against the reference.
+
+
+@needs_interpreter
+@pytest.mark.parametrize('case,d,hq,hkv,block_k', [
+    ('causal', 64, 2, 1, 64), ('bidirectional', 128, 1, 1, 128), ('window', 64, 1, 1, 64),
+    ('window_bidirectional', 64, 1, 1, 128), ('segments', 64, 2, 2, 64), ('bigbird', 64, 2, 1, 64),
+    ('causal', 256, 1, 1, 64)])
+def test_interpreted_kernel_matches_reference(case, d, hq, hkv, block_k):
+  rng = np.random.default_rng()
+  s = 256
+  kw = _masks(case, rng, s)
+  seg = kw.pop('segment_ids', None)
+  q, k, v = _qkv(rng, 1, s, hq, hkv, d)
+  scale = float(rng.uniform(0.5, 1.5)) * d ** -0.5
+  blocks = computed_blocks(s, mosaic_gpu.BLOCK_Q, block_k, causal=kw['causal'],
+                           window=kw.get('window'), layout=kw.get('layout'))
+  out, lse = jax.jit(lambda q, k, v: mosaic_gpu.fwd(
+      q, k, v, seg, causal=kw['causal'], window=kw.get('window'), blocks=blocks, scale=scale,
+      block_q=mosaic_gpu.BLOCK_Q, block_k=block_k, interpret=True))(q, k, v)
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  want_out, want_lse = attention_reference_with_lse(*f32, segment_ids=seg, scale=scale, **kw)
+  np.testing.assert_allclose(np.asarray(out, np.float32), want_out, atol=2e-2, rtol=2e-2)
+  np.testing.assert_allclose(lse, want_lse, atol=2e-3, rtol=1e-4)
+  assert out.dtype == q.dtype and lse.shape == (1, hq, s) and lse.dtype == jnp.float32
+
+
+@needs_interpreter
+def test_interpreted_empty_rows_and_skipped_query_block():
+  """A query block with no tile at all (the layout skips it) and padding rows write out = 0 and
+  lse = EMPTY_ROW_LSE, and the other rows are unaffected."""
+  rng = np.random.default_rng()
+  s, d = 256, 64
+  layout = BlockLayout(block=128, rows=((True, False), (False, False)))  # block 1 sees nothing
+  seg = np.ones((1, s), np.int32)
+  seg[0, 100:128] = 0  # padding inside query block 0
+  seg = jnp.asarray(seg)
+  q, k, v = _qkv(rng, 1, s, 2, 2, d)
+  blocks = computed_blocks(s, 128, 64, causal=False, window=None, layout=layout)
+  out, lse = jax.jit(lambda q, k, v: mosaic_gpu.fwd(
+      q, k, v, seg, causal=False, window=None, blocks=blocks, scale=d ** -0.5, block_q=128,
+      block_k=64, interpret=True))(q, k, v)
+  out = np.asarray(out, np.float32)
+  lse = np.asarray(lse)
+  assert np.all(out[0, 100:] == 0) and np.all(lse[0, :, 100:] == EMPTY_ROW_LSE)
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  want = attention_reference(*f32, segment_ids=seg, causal=False, layout=layout)
+  np.testing.assert_allclose(out, want, atol=2e-2, rtol=2e-2)
+  assert np.isfinite(lse[0, :, :100]).all() and (lse[0, :, :100] < 100).all()
+
+
+@needs_interpreter
+def test_interpreted_op_gradients_match_reference():
+  """Through flash_attention(backend='mosaic_gpu'): values and d/d(q, k, v) of a random
+  projection (the Triton backward kernels in interpret mode consume the Mosaic forward's lse)."""
+  rng = np.random.default_rng()
+  s, d = 256, 64
+  q, k, v = _qkv(rng, 1, s, 2, 1, d)
+  seg = _segments(rng, 1, s, padding=True)
+  w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+  def value_and_grads(fn):
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
+    return jax.jit(lambda q, k, v: (fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(
+        q, k, v)
+
+  ours = lambda q, k, v: flash_attention(q, k, v, segment_ids=seg, backend='mosaic_gpu',
+                                         interpret=True)
+  ref = lambda q, k, v: attention_reference(q.astype(jnp.float32), k.astype(jnp.float32),
+                                            v.astype(jnp.float32), segment_ids=seg)
+  out, grads = value_and_grads(ours)
+  want_out, want_grads = value_and_grads(ref)
+  np.testing.assert_allclose(np.asarray(out, np.float32), want_out, atol=2e-2, rtol=2e-2)
+  for got, want in zip(grads, want_grads):
+    got = np.asarray(got, np.float32)
+    np.testing.assert_allclose(got, want, atol=5e-2 * np.abs(want).max(), rtol=5e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tile tables and errors.
+
+
+@pytest.mark.parametrize('case', ['causal', 'window', 'segments', 'bigbird'])
+def test_tile_tables_list_full_then_partial_tiles(case):
+  rng = np.random.default_rng()
+  s, bq, bk = 1024, 128, 64
+  kw = _masks(case, rng, s)
+  seg = kw.pop('segment_ids', None)
+  blocks = computed_blocks(s, bq, bk, causal=kw['causal'], window=kw.get('window'),
+                           layout=kw.get('layout'))
+  idx, n_full, n_total = mosaic_gpu.tile_tables(blocks, s, bq, bk, causal=kw['causal'],
+                                                window=kw.get('window'),
+                                                has_segments=seg is not None)
+  mask = np.asarray(token_mask(s, causal=kw['causal'], window=kw.get('window'),
+                               layout=kw.get('layout')))
+  for r in range(s // bq):
+    visited = idx[r, :n_total[r]]
+    assert sorted(visited) == list(np.flatnonzero(blocks[r]))  # every needed tile, once
+    for j, c in enumerate(visited):
+      tile = mask[r * bq:(r + 1) * bq, c * bk:(c + 1) * bk]
+      assert tile.any()
+      if j < n_full[r]:
+        assert tile.all() and seg is None  # a tile listed full needs no token mask
+      else:
+        assert seg is not None or not tile.all()
+
+
+def test_rejects_what_the_kernel_cannot_run():
+  rng = np.random.default_rng()
+  q, k, v = _qkv(rng, 1, 256, 2, 2, 64)
+  with pytest.raises(ValueError, match='block_q=64 is not supported'):
+    flash_attention(q, k, v, backend='mosaic_gpu', block_q=64)
+  with pytest.raises(ValueError, match='multiple of 64'):
+    flash_attention(q, k, v, backend='mosaic_gpu', block_k=32)
+  with pytest.raises(ValueError, match='bfloat16 or float16'):
+    flash_attention(*[x.astype(jnp.float32) for x in (q, k, v)], backend='mosaic_gpu')
+  q, k, v = _qkv(rng, 1, 192, 2, 2, 64)
+  with pytest.raises(ValueError, match='not divisible by block_q=128'):
+    flash_attention(q, k, v, backend='mosaic_gpu')
