@@ -297,7 +297,16 @@ def _check_attention_kinds(config) -> None:
     raise ConfigError(f"model.head_dim={head_dim}: the {backend} attention kernel supports "
                       f"{', '.join(map(str, attention.fa.HEAD_DIMS))}; change the head dimension "
                       "or set model.attention_backend='reference'")
-  device = {'triton': 'gpu', 'mosaic': 'tpu'}[backend]
+  if backend == 'mosaic_gpu':
+    if m.compute_dtype == 'float32':
+      raise ConfigError("model.attention_backend='mosaic_gpu': the Hopper kernel computes in "
+                        "bfloat16 or float16; set model.compute_dtype to one of them or use "
+                        "model.attention_backend='triton'")
+    if 'block_sparse' in kinds and m.block_sparse_block % 128:
+      raise ConfigError(f"model.block_sparse_block={m.block_sparse_block}: "
+                        "model.attention_backend='mosaic_gpu' tiles queries by 128, so the "
+                        "layout block must be a multiple of 128")
+  device = {'triton': 'gpu', 'mosaic_gpu': 'gpu', 'mosaic': 'tpu'}[backend]
   if jax.default_backend() != device and not m.attention_interpret:
     raise ConfigError(f"model.attention_backend='{backend}': needs a {device.upper()} but the "
                       f"backend is {jax.default_backend()}; use 'auto', 'reference' or "

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU kernels' tests that need a newer JAX than the main suite's: JAX 0.11's Mosaic GPU
-# interpreter runs the Hopper flash-attention kernel (TMA, barriers, wgmma) on a CPU. JAX 0.11
-# needs Python >= 3.12, so this makes a throwaway virtual environment with it (any python3.12 on
-# PATH or under pyenv) and runs those test files there. Without a Python 3.12 it says so and
+# interpreter runs the Hopper flash-attention kernels (TMA, barriers, wgmma) on a CPU, alone and
+# inside the model's attention layers. JAX 0.11 needs Python >= 3.12, so this makes a throwaway
+# virtual environment with it and the package (any python3.12 on PATH or under pyenv) and runs
+# those test files there. Without a Python 3.12 it says so and
 # exits 0: the main suite still lowers the same kernels for CUDA.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,6 @@ fi
 venv=$(mktemp -d "${TMPDIR:-/tmp}/effjax-jax-next.XXXXXX")
 trap 'rm -rf "$venv"' EXIT
 "$python312" -m venv "$venv" || exit 1
-"$venv/bin/python" -m pip install -q "jax==$JAX_NEXT" numpy pytest || exit 1
-PYTHONPATH=$PWD "$venv/bin/python" -m pytest -p no:cacheprovider \
-  tests/kernels/test_flash_attention_mosaic_gpu.py "$@"
+"$venv/bin/python" -m pip install -q "jax==$JAX_NEXT" -e . pytest || exit 1
+"$venv/bin/python" -m pytest -p no:cacheprovider tests/kernels/test_flash_attention_mosaic_gpu.py \
+  tests/models/test_attention_mosaic_gpu.py "$@"

@@ -1,6 +1,7 @@
 """Kernel microbenchmarks: one op's implementations side by side over a grid of shapes.
 
-    python -m effjax.bench kernels --op=attention [--grid=default|tiny] [--impls=effjax,cudnn]
+    python -m effjax.bench kernels --op=attention [--grid=default|tiny]
+        [--impls=effjax,effjax_triton,effjax_mosaic_gpu,tokamax,xla,cudnn]
         [--repeats=20] [--out=bench_results] [--name=kernels_attention]
 
 One run measures, on the same device and in the same process, a bf16 8192^3 matmul (256^3 on
@@ -22,13 +23,19 @@ inputs:
            implementation's dense causal row, and `speedup_vs_baseline_dense`, against the
            baseline's dense causal row: the speedup that variant is for.
 
-Attention (--op=attention; `attention_cases`): B*S tokens and H*D model width fixed while S and
-D vary, causal or not, forward ('fwd') and forward + backward ('fwd+bwd': the q, k, v gradients of
-sum(out * cotangent)), bf16. Implementations: 'effjax' (kernels.flash_attention, backend 'auto'),
-'xla' and 'cudnn' (jax.nn.dot_product_attention). At the longest S, causal rows also get a
-sliding window (effjax and cuDNN's local window) and a BigBird layout at about 10% of the causal
-tiles (effjax only: the others have no block-sparse kernel). TFLOP/s use the standard count of
-useful work, 4*B*S^2*H*D forward, causal at half, fwd+bwd 3.5x forward; window and sparse rows
+Attention (--op=attention; `attention_cases`): B*S tokens and H*D model width fixed while S
+(1k-32k; batch at least 1) and D vary, causal or not, forward ('fwd') and forward + backward
+('fwd+bwd': the q, k, v gradients of sum(out * cotangent) for a random cotangent, so no matmul
+can be simplified away), bf16. Implementations: 'effjax' (kernels.flash_attention, backend
+'auto'), 'effjax_triton' and 'effjax_mosaic_gpu' (the op with that GPU backend named), 'tokamax'
+(tokamax.dot_product_attention(implementation='mosaic'), Google's Pallas Mosaic GPU kernels: an
+optional peer, skipped where not installed), 'xla' and 'cudnn' (jax.nn.dot_product_attention).
+At S = 16k (the grid's restricted_seq_len) causal rows also get a sliding window of 1024 (effjax,
+tokamax and cuDNN's local window) and a BigBird layout at about 10% of the causal tiles (effjax
+only: the others have no block-sparse kernel). Before timing, every implementation but XLA is
+checked against the float32 reference on random shapes and masks (effjax/bench/attention_check.py;
+rows with mode 'check'); one that fails has its timed rows skipped. TFLOP/s use the standard count
+of useful work, 4*B*S^2*H*D forward, causal at half, fwd+bwd 3.5x forward; window and sparse rows
 count exactly their allowed (query, key) pairs. effjax rows also carry `computed_flops`, the
 FLOPs of the tiles the kernel visits (flash_attention.attention_flops; all S x S scores for the
 'reference' backend that 'auto' picks off GPU and TPU). The tiny grid runs the same path on CPU
@@ -130,6 +137,9 @@ class Op:
   # restrictions of each other (no 'vs dense' ratios).
   dense_variant: str | None = 'dense'
   grids: tuple[str, ...] = GRIDS  # the --grid values this op has
+  # (grid, impls) -> correctness rows (mode 'check', field 'check' = 'ok' or why not), run
+  # before anything is timed; an implementation with a failing row has its timed rows skipped.
+  precheck: Callable[[str, Sequence[str]], list[dict[str, Any]]] | None = None
 
 
 OPS: dict[str, Op] = {}
@@ -316,7 +326,18 @@ def run(op: Op, *, grid: str, impls: Sequence[str], repeats: int,
   """The matmul peak, then every case of `op` on `grid`: the result rows, ratios filled in.
   With profile_dir every case is also traced (`profile_calls`), each into a subfolder."""
   cases = [('matmul', matmul_case(MATMUL_SIZE.get(grid, MATMUL_SIZE['default'])))]
-  cases += [(op.name, case) for case in op.cases(grid, impls)]
+  checks = op.precheck(grid, impls) if op.precheck else []
+  for row in checks:
+    if log is print:
+      log(f'[check] {_describe(row)}')
+    else:
+      log(f'[check] {_describe(row)}', row)
+  failed = sorted({row['impl'] for row in checks if row.get('check', 'ok') != 'ok'})
+  for case in op.cases(grid, impls):
+    if case.impl in failed and not case.skip:
+      case.skip = ('failed the correctness check against the reference before timing (the '
+                   "rows with mode 'check')")
+    cases.append((op.name, case))
   rows = []
   for index, (op_name, case) in enumerate(cases):
     trace = _case_dir(profile_dir, index, case) if profile_dir else ''
@@ -331,7 +352,7 @@ def run(op: Op, *, grid: str, impls: Sequence[str], repeats: int,
       row['peak_fraction'] = row['tflops'] / peak
       row['peak_percent'] = 100 * row['peak_fraction']
   add_ratios(rows, op.baseline, op.dense_variant)
-  return rows
+  return rows[:1] + checks + rows[1:]
 
 
 def _describe(row: dict[str, Any]) -> str:
@@ -340,6 +361,9 @@ def _describe(row: dict[str, Any]) -> str:
     return f'{what} skipped ({row["skipped"]})'
   if row.get('error'):
     return f'{what} failed ({row["error"]})'
+  if row['mode'] == 'check':
+    errs = ' '.join(f'{k} {v:.1e}' for k, v in row.get('rel_errs', {}).items())
+    return f'{what} {row["check"]} (relative error {errs})'
   flag = f' [{row["check"]}]' if row.get('check') else ''
   text = f'{what} {row["ms"]:.3f} ms, {row["tflops"]:.1f} TFLOP/s{flag}'
   if row.get('profile_top'):
@@ -365,6 +389,8 @@ def _cell(row: dict[str, Any]) -> str:
 def summary(rows: Sequence[dict[str, Any]], op: Op) -> str:
   """A compact table: one line per (shape, variant, mode), one column per implementation."""
   peak, rows = rows[0], rows[1:]
+  checks = [row for row in rows if row['mode'] == 'check']
+  rows = [row for row in rows if row['mode'] != 'check']
   impls = list(dict.fromkeys(row['impl'] for row in rows))
   lines: dict[tuple[str, str, str], dict[str, str]] = {}
   for row in rows:
@@ -380,7 +406,45 @@ def summary(rows: Sequence[dict[str, Any]], op: Op) -> str:
             for (group, variant, mode), entry in lines.items()]
   widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
   text = ['  '.join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table]
-  return f'matmul peak ({peak["group"]}): {_cell(peak)}\n' + '\n'.join(text)
+  head = [f'matmul peak ({peak["group"]}): {_cell(peak)}']
+  for impl in dict.fromkeys(row['impl'] for row in checks):
+    mine = [row for row in checks if row['impl'] == impl]
+    if all(row.get('skipped') for row in mine):
+      head.append(f'correctness {impl}: not run ({mine[0]["skipped"]})')
+      continue
+    ok = sum(row.get('check') == 'ok' for row in mine)
+    worst = max((row.get('rel_err', float('inf')) for row in mine), default=float('nan'))
+    head.append(f'correctness {impl}: {ok}/{len(mine)} random cases ok, worst relative '
+                f'error {worst:.1e}')
+  return '\n'.join(head + text)
+
+
+def import_tokamax():
+  """tokamax, imported for its kernels alone. Its package __init__ imports its own benchmarking
+  helpers, which import xprof (a profiler UI, not on the GPU machine) at the top: when that is all
+  that is missing, an empty stand-in for xprof.cli.tools lets the kernels import; nothing here
+  calls those helpers."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  try:
+    return importlib.import_module('tokamax')
+  except ModuleNotFoundError as e:
+    if not (e.name or '').startswith('xprof'):
+      raise
+  for name in ('xprof', 'xprof.cli', 'xprof.cli.tools'):
+    sys.modules.setdefault(name, types.ModuleType(name))
+  sys.modules['xprof.cli.tools'].get_kernel_stats_tool = None
+  return importlib.import_module('tokamax')
+
+
+def tokamax_missing() -> str | None:
+  """Why tokamax (an optional peer) cannot be imported here; None when it can."""
+  try:
+    import_tokamax()
+  except Exception as e:  # pylint: disable=broad-except  (ImportError, or its own deps failing)
+    return f'tokamax is not importable here ({first_line(e)})'
+  return None
 
 
 def _fresh_key() -> jax.Array:
@@ -397,17 +461,30 @@ class AttentionGrid:
   width: int  # H * D
   seq_lens: tuple[int, ...]
   head_dims: tuple[int, ...]
-  window: int  # the sliding-window rows' w, at the longest S
+  window: int  # the sliding-window rows' w
   layout_block: int  # the sparse rows' BigBird block
+  restricted_seq_len: int  # the S of the window and block-sparse rows (and their dense rows)
   sparse_target: float = 0.10  # computed-tile fraction of the causal grid to aim for
+  check_cases: int = 12  # random correctness cases per implementation before timing
+  check_seq_lens: tuple[int, ...] = (256, 512, 1024)
+  check_head_dims: tuple[int, ...] = (64, 128, 256)
 
 
 ATTENTION_GRIDS = {
-    'default': AttentionGrid(tokens=16384, width=2048, seq_lens=(1024, 2048, 4096, 8192, 16384),
-                             head_dims=(64, 128), window=1024, layout_block=128),
+    'default': AttentionGrid(tokens=16384, width=2048,
+                             seq_lens=(1024, 2048, 4096, 8192, 16384, 32768),
+                             head_dims=(64, 128), window=1024, layout_block=128,
+                             restricted_seq_len=16384),
     'tiny': AttentionGrid(tokens=512, width=128, seq_lens=(128, 256), head_dims=(64,), window=64,
-                          layout_block=32),
+                          layout_block=32, restricted_seq_len=256, check_cases=3,
+                          check_seq_lens=(128, 256), check_head_dims=(64,)),
 }
+# Implementations: effjax's op with backend 'auto' and with each GPU backend named, tokamax's
+# Mosaic GPU attention (an optional peer), and jax.nn.dot_product_attention's XLA and cuDNN.
+EFFJAX_BACKENDS = {'effjax': 'auto', 'effjax_triton': 'triton',
+                   'effjax_mosaic_gpu': 'mosaic_gpu'}
+ATTENTION_IMPLS = (*EFFJAX_BACKENDS, 'tokamax', 'xla', 'cudnn')
+WINDOW_IMPLS = (*EFFJAX_BACKENDS, 'tokamax', 'cudnn')  # those with a sliding-window kernel
 
 
 def dense_flops(batch: int, seq_len: int, heads: int, head_dim: int, *, causal: bool) -> float:
@@ -476,10 +553,11 @@ def _fitted(block: int, seq_len: int, layout) -> int:
   return block
 
 
-def _effjax_info(batch, seq_len, heads, head_dim, *, mode, causal, window, layout):
-  """The backend 'auto' picks here and the FLOPs it spends on the tiles it visits."""
+def _effjax_info(batch, seq_len, heads, head_dim, *, mode, causal, window, layout,
+                 backend='auto'):
+  """The backend run (what 'auto' picks here) and the FLOPs it spends on the tiles it visits."""
   from effjax.kernels import flash_attention as fa
-  backend = fa.resolve_backend('auto')
+  backend = fa.resolve_backend(backend)
   factor = FWD_BWD_FACTOR if mode == 'fwd+bwd' else 1.0
   if backend == 'reference':  # plain jnp: every score of the S x S grid is computed
     return {'backend': backend,
@@ -508,18 +586,24 @@ def _attention_case(impl: str, mode: str, *, batch: int, seq_len: int, heads: in
     fraction = causal_tile_fraction(seq_len, sparsity_block, window=window, layout=layout)
     info.update(sparsity_block=sparsity_block, block_sparsity_pct=100 * (1 - fraction))
   flops *= FWD_BWD_FACTOR if mode == 'fwd+bwd' else 1.0
-  skip = None
-  if impl == 'cudnn' and jax.default_backend() != 'gpu':
-    skip = f'cuDNN attention needs a GPU; this run is on {jax.default_backend()}'
+  from effjax.bench import attention_check
+  skip = attention_check.needs(impl)
+  local = None if window is None else (window - 1, 0)  # the same mask as window=w, causal
 
-  if impl == 'effjax':
+  if impl in EFFJAX_BACKENDS:
     from effjax.kernels.flash_attention import flash_attention
     info.update(_effjax_info(batch, seq_len, heads, head_dim, mode=mode, causal=causal,
-                             window=window, layout=layout))
+                             window=window, layout=layout, backend=EFFJAX_BACKENDS[impl]))
     attend = functools.partial(flash_attention, causal=causal, window=window, layout=layout,
-                               backend='auto')
+                               backend=EFFJAX_BACKENDS[impl])
+  elif impl == 'tokamax':
+    info['implementation'] = 'mosaic'
+
+    def attend(q, k, v):
+      return import_tokamax().dot_product_attention(q, k, v, is_causal=causal,
+                                                    local_window_size=local,
+                                                    implementation='mosaic')
   else:
-    local = None if window is None else (window - 1, 0)  # the same mask as window=w, causal
     attend = functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                local_window_size=local, implementation=impl)
   make = lambda: (_with_mode(attend, mode), _attention_inputs((batch, seq_len, heads, head_dim)))
@@ -528,32 +612,62 @@ def _attention_case(impl: str, mode: str, *, batch: int, seq_len: int, heads: in
 
 
 def attention_cases(grid: str, impls: Sequence[str]) -> Iterator[Case]:
-  """Every (S, D, causal, mode) for each impl; window and sparse rows beside the longest causal."""
+  """Every (S, D, causal, mode) for each impl; window and sparse rows beside the causal rows
+  at the grid's restricted_seq_len."""
   g = ATTENTION_GRIDS[grid]
   for seq_len in g.seq_lens:
     for head_dim in g.head_dims:
-      shape = dict(batch=g.tokens // seq_len, seq_len=seq_len, heads=g.width // head_dim,
-                   head_dim=head_dim)
+      shape = dict(batch=max(1, g.tokens // seq_len), seq_len=seq_len,
+                   heads=g.width // head_dim, head_dim=head_dim)
       for causal in (True, False):
         for mode in MODES:
           for impl in impls:
             yield _attention_case(impl, mode, causal=causal, **shape)
-          if seq_len != max(g.seq_lens) or not causal:
+          if seq_len != g.restricted_seq_len or not causal:
             continue
-          for impl in (i for i in impls if i in ('effjax', 'cudnn')):
+          for impl in (i for i in impls if i in WINDOW_IMPLS):
             yield _attention_case(impl, mode, causal=True, variant=f'window={g.window}',
                                   window=g.window, sparsity_block=g.layout_block, **shape)
-          if 'effjax' in impls:  # no other implementation has a block-sparse kernel
-            layout, layout_info = sparse_layout(seq_len, g.layout_block, g.sparse_target)
-            counts = '/'.join(str(layout_info[k]) for k in ('local_blocks', 'global_blocks',
-                                                            'random_blocks'))
-            yield _attention_case('effjax', mode, causal=True, variant=f'bigbird l/g/r={counts}',
+          layout, layout_info = sparse_layout(seq_len, g.layout_block, g.sparse_target)
+          counts = '/'.join(str(layout_info[k]) for k in ('local_blocks', 'global_blocks',
+                                                          'random_blocks'))
+          # No other implementation has a block-sparse kernel.
+          for impl in (i for i in impls if i in EFFJAX_BACKENDS):
+            yield _attention_case(impl, mode, causal=True, variant=f'bigbird l/g/r={counts}',
                                   layout=layout, layout_info=layout_info,
                                   sparsity_block=g.layout_block, **shape)
 
 
-register(Op(name='attention', impls=('effjax', 'xla', 'cudnn'), baseline='cudnn',
-            cases=attention_cases))
+def attention_precheck(grid: str, impls: Sequence[str]) -> list[dict[str, Any]]:
+  """Each implementation but XLA against the float32 reference on random shapes and masks
+  (attention_check), before anything is timed: rows with mode 'check'."""
+  from effjax.bench import attention_check as ac
+  g = ATTENTION_GRIDS[grid]
+  rows = []
+  for impl in (i for i in impls if i != 'xla'):
+    base = {'op': 'attention', 'impl': impl, 'mode': 'check'}
+    reason = ac.needs(impl)
+    if reason:
+      rows.append({**base, 'group': 'random cases', 'variant': '-', 'skipped': reason})
+      continue
+    peer = impl not in EFFJAX_BACKENDS
+    seed = int(np.random.default_rng().integers(1 << 30))
+    cases = ac.random_cases(g.check_cases, seq_lens=g.check_seq_lens,
+                            head_dims=tuple(d for d in g.check_head_dims if d <= 128 or not peer),
+                            masks=ac.IMPL_MASKS.get(impl, ac.MASKS), seed=seed)
+    for i, case in enumerate(cases):
+      row = {**base, 'group': case.label, 'variant': case.mask, 'seed': seed + i,
+             **dataclasses.asdict(case)}
+      try:
+        row.update(ac.check_case(impl, case, seed + i))
+      except Exception as e:  # pylint: disable=broad-except  (a failure is a result)
+        row.update(error=first_line(e), check='FAIL (error)')
+      rows.append(row)
+  return rows
+
+
+register(Op(name='attention', impls=ATTENTION_IMPLS, baseline='cudnn', cases=attention_cases,
+            precheck=attention_precheck))
 
 # Ops in modules of their own register on import.
 from effjax.bench import kernels_gmm as _kernels_gmm  # noqa: E402,F401  pylint: disable=wrong-import-position

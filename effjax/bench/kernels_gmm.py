@@ -91,7 +91,7 @@ def _product(impl: str, m: int, g: int, tiling=None):
     from effjax.kernels.grouped_matmul import grouped_matmul
     return lambda lhs, rhs, sizes: grouped_matmul(lhs, rhs, sizes, backend='auto', tiling=tiling)
   if impl == 'tokamax':
-    tokamax = _import_tokamax()
+    tokamax = kb.import_tokamax()
     return lambda lhs, rhs, sizes: tokamax.ragged_dot(lhs, rhs, sizes,
                                                       implementation='mosaic')
   if impl == 'ragged_dot':
@@ -151,33 +151,6 @@ def _effjax_info(m: int, k: int, n: int) -> dict[str, Any]:
   return info
 
 
-def _import_tokamax():
-  """tokamax, imported for its kernels alone. Its package __init__ imports its own benchmarking
-  helpers, which import xprof (a profiler UI, not on the GPU machine) at the top: when that is all
-  that is missing, an empty stand-in for xprof.cli.tools lets the kernels import; nothing here
-  calls those helpers."""
-  import importlib  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-  import types  # pylint: disable=import-outside-toplevel
-  try:
-    return importlib.import_module('tokamax')
-  except ModuleNotFoundError as e:
-    if not (e.name or '').startswith('xprof'):
-      raise
-  for name in ('xprof', 'xprof.cli', 'xprof.cli.tools'):
-    sys.modules.setdefault(name, types.ModuleType(name))
-  sys.modules['xprof.cli.tools'].get_kernel_stats_tool = None
-  return importlib.import_module('tokamax')
-
-
-def _tokamax_missing() -> str | None:
-  try:
-    _import_tokamax()
-  except Exception as e:  # pylint: disable=broad-except  (ImportError, or its own deps failing)
-    return f'tokamax is not importable here ({kb.first_line(e)})'
-  return None
-
-
 def gmm_case(impl: str, mode: str, variant: str, *, rows: int, groups: int, k: int,
              n: int, tiling=None) -> kb.Case:
   group = f'M={rows} G={groups} K={k} N={n}'
@@ -186,7 +159,7 @@ def gmm_case(impl: str, mode: str, variant: str, *, rows: int, groups: int, k: i
     info.update(_effjax_info(rows, k, n))
     if tiling is not None:
       info['tiling'] = list(tiling)
-  skip = _tokamax_missing() if impl == 'tokamax' else None
+  skip = kb.tokamax_missing() if impl == 'tokamax' else None
   if impl == 'tokamax':
     info['implementation'] = 'mosaic'
   flops = 2.0 * rows * k * n * (3.0 if mode == 'fwd+bwd' else 1.0)

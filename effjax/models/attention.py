@@ -92,14 +92,15 @@ def op_blocks(backend: str, head_dim: int, seq_len: int,
               layout_block: int | None = None) -> tuple[int, int, int]:
   """(padded length, block_q, block_k) the flash kinds run the op with for a sequence length.
 
-  The backend's default tiles, shrunk (never below 16, and never for Mosaic, whose tiles follow
-  the TPU's layout) for short sequences and to divide the layout block; the sequence is padded at
-  the end to a multiple of every block. Padding keys come after every real query, so causality
-  alone hides them. Training lengths that the tiles divide are never padded.
+  The backend's default tiles, shrunk (never below 16, and never for Mosaic or Mosaic GPU,
+  whose tiles follow the TPU's layout or Hopper's warpgroups) for short sequences and to divide
+  the layout block; the sequence is padded at the end to a multiple of every block. Padding keys
+  come after every real query, so causality alone hides them. Training lengths that the tiles
+  divide are never padded.
   """
   backend = fa.resolve_backend(backend)
   blocks = list(fa.default_blocks(backend, head_dim))
-  if backend != 'mosaic':
+  if backend not in ('mosaic', 'mosaic_gpu'):
     fit = max(16, 1 << max(seq_len - 1, 0).bit_length())  # seq_len rounded up to a power of two
     blocks = [min(b, fit) for b in blocks]
   if layout_block:

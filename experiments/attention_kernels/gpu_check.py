@@ -1,6 +1,10 @@
-"""On a GPU: the Triton kernels against the float32 reference, then a few timings vs cuDNN.
+"""On a GPU: the kernels against the float32 reference, then a few timings vs cuDNN.
 
     python experiments/attention_kernels/gpu_check.py [--quick | --blocks]
+        [--backend=triton|mosaic_gpu] [--random=N]
+
+--backend picks the effjax backend checked and timed (default triton); --random=N adds N random
+shape-and-mask cases from effjax/bench/attention_check.py (what the benchmark runs first).
 
 Numerics: relative error norms ||x - ref|| / ||ref|| of the output and of dq, dk, dv (bf16 inputs
 against the reference on float32 copies at 'highest' matmul precision). Timings: median of
@@ -43,7 +47,7 @@ def check(name, *, b=2, s=512, hq=4, hkv=2, d=128, dtype=jnp.bfloat16, segments=
     out = fn(q, k, v)
     return jnp.sum(out.astype(jnp.float32) * ct.astype(jnp.float32)), out
 
-  kernel = lambda q, k, v: flash_attention(q, k, v, segment_ids=seg, backend='triton', **kw)
+  kernel = lambda q, k, v: flash_attention(q, k, v, segment_ids=seg, backend=BACKEND, **kw)
   ref = lambda q, k, v: attention_reference(q, k, v, segment_ids=seg, **kw)
   (_, out), grads = jax.jit(jax.value_and_grad(lambda *a: loss(kernel, *a), (0, 1, 2),
                                                has_aux=True))(q, k, v)
@@ -75,7 +79,7 @@ def timings():
   q, k, v, ct, _ = _inputs(jax.random.key(1), b, s, h, h, d, jnp.bfloat16)
   flops = 4 * b * s * s * h * d / 2
   impls = {
-      'effjax': lambda q, k, v: flash_attention(q, k, v, causal=True),
+      'effjax': lambda q, k, v: flash_attention(q, k, v, causal=True, backend=BACKEND),
       'cudnn': lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                             implementation='cudnn'),
   }
@@ -103,6 +107,16 @@ def block_sweep():
       print(f'fwd block_q {bq} block_k {bk}: ERROR {str(e).splitlines()[0][:200]}', flush=True)
 
 
+def _flag(name, default):
+  for arg in sys.argv[1:]:
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+  return default
+
+
+BACKEND = _flag('backend', 'triton')
+
+
 def main():
   if '--blocks' in sys.argv:
     block_sweep()
@@ -116,8 +130,9 @@ def main():
       ('bigbird', dict(causal=True, layout=bigbird_layout(512, 128, local_blocks=2,
                                                           global_blocks=1, random_blocks=1))),
       ('causal d256', dict(causal=True, d=256, s=256)),
-      ('causal fp32', dict(causal=True, dtype=jnp.float32, s=256)),
   ]
+  if BACKEND == 'triton':  # the Mosaic GPU kernel takes bf16 / fp16 only
+    cases.append(('causal fp32', dict(causal=True, dtype=jnp.float32, s=256)))
   ok = True
   for name, kw in cases:
     try:
@@ -125,6 +140,19 @@ def main():
     except Exception as e:  # noqa: BLE001 -- report and go on to the next case
       ok = False
       print(f'{name:34s} ERROR {type(e).__name__}: {str(e).splitlines()[0][:300]}', flush=True)
+  from effjax.bench import attention_check
+  impl = {'triton': 'effjax_triton', 'mosaic_gpu': 'effjax_mosaic_gpu'}[BACKEND]
+  seed = np.random.randint(1 << 30)
+  for i, case in enumerate(attention_check.random_cases(int(_flag('random', '0')), seed=seed)):
+    try:
+      row = attention_check.check_case(impl, case, seed + i)
+      ok &= row['check'] == 'ok'
+      errs = ' '.join(f'{k} {v:.1e}' for k, v in row['rel_errs'].items())
+      print(f'{case.label:34s} {errs} {row["check"]}', flush=True)
+    except Exception as e:  # noqa: BLE001
+      ok = False
+      print(f'{case.label:34s} ERROR {type(e).__name__}: {str(e).splitlines()[0][:300]}',
+            flush=True)
   if '--quick' not in sys.argv:
     timings()
   print('ALL OK' if ok else 'SOME FAILED')

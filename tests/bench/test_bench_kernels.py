@@ -35,11 +35,15 @@ def _expected_rows() -> set[tuple]:
     for causal in ('causal', 'full'):
       group = f'S={s} B={b} H=2 D=64 {causal}'
       for mode in ('fwd', 'fwd+bwd'):
-        rows |= {(group, 'dense', impl, mode) for impl in ('effjax', 'xla', 'cudnn')}
+        rows |= {(group, 'dense', impl, mode) for impl in ALL_IMPLS}
         if s == 256 and causal == 'causal':
-          rows |= {(group, 'window=64', impl, mode) for impl in ('effjax', 'cudnn')}
-          rows.add((group, 'bigbird l/g/r=3/1/1', 'effjax', mode))
+          rows |= {(group, 'window=64', impl, mode) for impl in ALL_IMPLS if impl != 'xla'}
+          rows |= {(group, 'bigbird l/g/r=3/1/1', impl, mode) for impl in EFFJAX}
   return rows
+
+
+EFFJAX = ('effjax', 'effjax_triton', 'effjax_mosaic_gpu')
+ALL_IMPLS = (*EFFJAX, 'tokamax', 'xla', 'cudnn')
 
 
 def test_tiny_grid_runs_end_to_end_on_cpu(tmp_path):
@@ -50,12 +54,22 @@ def test_tiny_grid_runs_end_to_end_on_cpu(tmp_path):
   assert env['platform'] == 'cpu' and 'kernels' in env['command']
   peak, rows = rows[0], rows[1:]
   assert peak['op'] == 'matmul' and peak['m'] == 256 and peak['tflops'] > 0
+  checks = [r for r in rows if r['mode'] == 'check']
+  rows = [r for r in rows if r['mode'] != 'check']
+  # Before timing: 3 random correctness cases for effjax ('auto': the reference backend on CPU),
+  # one 'skipped' row for each implementation that needs a GPU, none for XLA.
+  assert [r['impl'] for r in checks] == ['effjax'] * 3 + [i for i in ALL_IMPLS[1:] if i != 'xla']
+  for r in checks[:3]:
+    assert r['check'] == 'ok' and r['rel_err'] < 2e-2 and set(r['rel_errs']) == {
+        'out', 'dq', 'dk', 'dv'}
+    assert r['seq_len'] in (128, 256) and r['q_heads'] % r['kv_heads'] == 0
+  assert all('needs a GPU' in r['skipped'] for r in checks[3:])
   assert {(r['group'], r['variant'], r['impl'], r['mode']) for r in rows} == _expected_rows()
   assert len(rows) == len(_expected_rows())
 
   by_key = {(r['group'], r['variant'], r['impl'], r['mode']): r for r in rows}
   for row in rows:
-    if row['impl'] == 'cudnn':
+    if row['impl'] != 'effjax' and row['impl'] != 'xla':
       assert 'needs a GPU' in row['skipped'] and 'ms' not in row and 'error' not in row
       continue
     assert 'error' not in row, row['error']
@@ -86,15 +100,19 @@ def test_tiny_grid_runs_end_to_end_on_cpu(tmp_path):
   lines = proc.stdout.strip().splitlines()
   end = next(i for i, line in enumerate(lines) if line.startswith('wrote '))
   assert lines[end + 1].startswith('matmul peak (256x256x256 bf16): ')
-  assert lines[end + 2].split()[:6] == ['shape', 'variant', 'mode', 'effjax', 'xla', 'cudnn']
-  assert len(lines) == end + 3 + len({(g, v, m) for g, v, _, m in _expected_rows()})
+  assert lines[end + 2].startswith('correctness effjax: 3/3 random cases ok')
+  assert lines[end + 3].startswith('correctness effjax_triton: not run')
+  table = end + 2 + 5  # five correctness lines: every implementation but XLA
+  assert lines[table].split()[:9] == ['shape', 'variant', 'mode', *ALL_IMPLS]
+  assert len(lines) == table + 1 + len({(g, v, m) for g, v, _, m in _expected_rows()})
 
 
 @pytest.mark.parametrize('args, message', [
     (['--op=grouped_matmul'], ("--op='grouped_matmul' is not a benchmarked op; allowed: "
                                'attention, gmm, scan, qmm, decode_attention')),
     (['--impls=effjax,triton'], ('--impls=effjax,triton names triton, not an implementation of '
-                                 'attention; allowed: effjax, xla, cudnn')),
+                                 'attention; allowed: effjax, effjax_triton, effjax_mosaic_gpu, '
+                                 'tokamax, xla, cudnn')),
     (['--grid=huge'], "--grid='huge' is not a grid of --op=attention; allowed: default, tiny"),
 ])
 def test_bad_requests_are_one_clear_error(args, message):
@@ -117,7 +135,7 @@ def test_allowed_pairs_count_the_token_mask():
 
 def test_sparse_layout_of_the_default_grid_is_about_ten_percent():
   grid = kb.ATTENTION_GRIDS['default']
-  seq_len = max(grid.seq_lens)
+  seq_len = grid.restricted_seq_len
   layout, info = kb.sparse_layout(seq_len, grid.layout_block, 0.10)
   fraction = kb.causal_tile_fraction(seq_len, grid.layout_block, layout=layout)
   assert 0.09 <= fraction <= 0.11 and layout.block == info['block'] == 128
@@ -324,3 +342,32 @@ def test_decode_attention_tiny_grid_runs_end_to_end_on_cpu(tmp_path):
     assert r['gb_per_s'] == pytest.approx(r['bytes'] / r['ms'] / 1e6)
     assert r['speedup_vs_baseline'] == pytest.approx(by_key[(r['group'], 'xla')]['ms'] / r['ms'])
   assert any(r['impl'] == 'effjax' and r['interpret'] is True for r in rows)
+
+
+def test_an_implementation_failing_its_check_is_not_timed():
+  """The op's precheck runs first; an implementation with a failing check row gets its timed
+  rows skipped with the reason, the others run as usual."""
+  def make():
+    x = np.random.default_rng().standard_normal((8, 8)).astype(np.float32)
+    return (lambda a: a @ a), [(x,)] * 3
+
+  def cases(grid, impls):
+    for impl in impls:
+      yield kb.Case(group='g', variant='dense', impl=impl, mode='fwd', useful_flops=1.0,
+                    make=make)
+
+  def precheck(grid, impls):
+    return [{'op': 'toy', 'group': 'case 0', 'variant': 'causal', 'impl': impl, 'mode': 'check',
+             'check': 'ok' if impl == 'good' else 'FAIL', 'rel_err': 0.0 if impl == 'good' else 1.0,
+             'rel_errs': {}} for impl in impls]
+
+  op = kb.Op(name='toy', impls=('good', 'bad'), baseline='good', cases=cases, precheck=precheck,
+             grids=('tiny',))
+  rows = kb.run(op, grid='tiny', impls=op.impls, repeats=2, log=lambda *a: None)
+  assert [r['mode'] for r in rows] == ['fwd', 'check', 'check', 'fwd', 'fwd']
+  good, bad = rows[3], rows[4]
+  assert good['ms'] > 0 and 'skipped' not in good
+  assert 'failed the correctness check' in bad['skipped'] and 'ms' not in bad
+  text = kb.summary(rows, op)
+  assert 'correctness good: 1/1 random cases ok' in text
+  assert 'correctness bad: 0/1 random cases ok' in text

@@ -6,7 +6,7 @@ block-layout masks (see reference.py for the exact semantics) on q [B, S, Hq, D]
 (query, key) pair (layout.computed_blocks), so sparse layouts cost proportionally less.
 
 Backends: 'triton' (Pallas Triton on GPU, gpu.py), 'mosaic_gpu' (Pallas Mosaic GPU on Hopper:
-TMA and wgmma, warp-specialised, mosaic_gpu.py; its backward is the Triton one for now), 'mosaic'
+TMA and wgmma, warp-specialised, mosaic_gpu.py; head dim 256 takes the Triton backward), 'mosaic'
 (Pallas on TPU, tpu.py), 'reference' (plain jnp, any device) and 'auto', which picks by the
 default JAX backend ('triton' on every GPU until the Mosaic GPU kernel is measured there). The op is differentiable in
 q, k and v through a custom VJP: the forward saves (out, logsumexp) and the backward runs the
@@ -142,8 +142,7 @@ def _attention_bwd(static: _Static, residuals, d_out):
                                             **static.reference_kwargs()), q, k, v)
     dq, dk, dv = vjp(d_out)
   else:
-    # The Mosaic GPU backend has no backward kernels yet; its (out, lse) feed the Triton ones.
-    module = _kernel_module('triton' if static.backend == 'mosaic_gpu' else static.backend)
+    module = _kernel_module(static.backend)
     dq, dk, dv = module.bwd(q, k, v, segment_ids, out, lse, d_out,
                             **static.kernel_kwargs(q.shape[1]))
   return dq, dk, dv, None

@@ -28,8 +28,8 @@ masked tile contributes exact zeros, and a query with no allowed key writes out 
 lse = EMPTY_ROW_LSE (natural-log units, float32 [B, Hq, S] like the Triton backend), which the
 backward pass turns into zero gradients.
 
-The backward pass consumes (out, lse) and is the Triton backend's (gpu.bwd): a Mosaic GPU
-backward is not written yet.
+The backward pass (`bwd`, below) is two more warp-specialised kernels, dK/dV and dQ, consuming
+(out, lse); head dim 256 takes the Triton backward (gpu.bwd).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from effjax.kernels.flash_attention.layout import block_csr, unmasked_blocks
+from effjax.kernels.flash_attention.layout import block_csr, computed_blocks, unmasked_blocks
 from effjax.kernels.flash_attention.reference import EMPTY_ROW_LSE
 
 _LOG2E = math.log2(math.e)
@@ -70,17 +70,20 @@ def default_stages(head_dim: int, block_k: int, itemsize: int = 2) -> int:
 
 
 def tile_tables(blocks: np.ndarray, seq_len: int, block_q: int, block_k: int, *, causal: bool,
-                window: int | None, has_segments: bool):
-  """(idx int32 [nq, width], n_full int32 [nq], n_total int32 [nq]) in visiting order.
+                window: int | None, has_segments: bool, by_key: bool = False):
+  """(idx int32 [rows, width], n_full int32 [rows], n_total int32 [rows]) in visiting order.
 
-  Row r lists its full tiles first (idx[r, :n_full[r]]), then its partial ones
-  (idx[r, n_full[r]:n_total[r]]).
+  `blocks` is the [S/block_q, S/block_k] tile mask. Rows are query blocks listing key blocks,
+  or with by_key=True key blocks listing query blocks. Row r lists its full tiles first
+  (idx[r, :n_full[r]]), then its partial ones (idx[r, n_full[r]:n_total[r]]).
   """
   blocks = np.asarray(blocks, dtype=bool)
   if has_segments:
     full = np.zeros_like(blocks)
   else:
     full = blocks & unmasked_blocks(seq_len, block_q, block_k, causal=causal, window=window)
+  if by_key:
+    blocks, full = blocks.T, full.T
   partial = blocks & ~full
   full_idx, full_cnt = block_csr(full)
   part_idx, part_cnt = block_csr(partial)
@@ -107,6 +110,11 @@ def _load(ref, layout):
       plgpu.load).parameters['idx'].default is inspect.Parameter.empty:
     return plgpu.load(ref, (), layout=layout)
   return plgpu.load(ref, layout=layout)
+
+
+def _layout(x, to, *, interpret):
+  """x in register layout `to` (the interpreter has no register layouts: x unchanged)."""
+  return x if interpret is not None else plgpu.layout_cast(x, to)
 
 
 def _accumulate(acc, a, b_ref, a_staging=None):
@@ -167,9 +175,7 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
   qk_scale = scale * _LOG2E
   interpret = _interpret_params(interpret)
 
-  def layout(x, to):
-    # Register layouts only exist in the compiled kernel (JAX 0.10's interpreter rejects them).
-    return x if interpret is not None else plgpu.layout_cast(x, to)
+  layout = functools.partial(_layout, interpret=interpret)
 
   def compute_wg(wg, qb, batch, head, refs, scratch):
     q_ref, idx_ref, nfull_ref, ntotal_ref, seg_ref, out_ref, lse_ref = refs
@@ -212,14 +218,7 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
                              plgpu.Layout.WGMMA)
         cols = k0 + layout(lax.broadcasted_iota(jnp.int32, (WG_ROWS, block_k), 1),
                            plgpu.Layout.WGMMA)
-        ok = None
-        if causal:
-          ok = cols <= rows
-        if window is not None:
-          near = rows - cols < window
-          if not causal:
-            near = near & (cols - rows < window)
-          ok = near if ok is None else ok & near
+        ok = _allowed(rows, cols, causal=causal, window=window)
         if has_segments:
           seg_k = _load(segk_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
           same = (lax.broadcast_in_dim(seg_q, (WG_ROWS, block_k), [0]) ==
@@ -348,3 +347,419 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
       interpret=interpret,
   )(*inputs)
   return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: a dK/dV kernel and a dQ kernel, both warp-specialised like the forward.
+#
+# dK/dV: one CTA per (128 keys = two warpgroups of 64, kv head, batch). Each compute warpgroup
+# keeps its 64 rows of K and V in shared memory and dK, dV in float32 registers, and walks the
+# query tiles (64 rows) that see its keys, for every query head of its GQA group, so dK and dV
+# come out summed over the group with no second pass. Per query tile, with keys as rows:
+#   S^T = K Q^T, P^T = exp2(S^T * scale log2 e - lse log2 e), dP^T = V dO^T,
+#   dV += P^T dO, dS^T = P^T (dP^T - delta), dK += dS^T Q          (four wgmma)
+# dQ: one CTA per (128 queries, query head, batch) walking the forward's key tiles (64 wide):
+#   S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K        (three wgmma)
+# Splitting dQ off costs recomputing S and dP (seven matmuls instead of five) but needs no
+# atomic accumulation across CTAs, so results are deterministic. A memory warpgroup streams the
+# tiles into a ring of `stages` slots as in the forward. Head dim 256 would need 2 x 64 x 256
+# float32 accumulator registers per thread group beyond Hopper's budget; it runs the Triton
+# backward.
+
+BWD_TILE = 64  # rows of the streamed tile in both backward kernels
+
+
+def retile(blocks: np.ndarray, seq_len: int, block_q: int, block_k: int, new_q: int, new_k: int,
+           *, causal: bool, window: int | None) -> np.ndarray:
+  """The computed-tile mask of another tiling, exact for any pair of block sizes.
+
+  Goes through the tiling of their greatest common divisors: a fine tile is needed when its
+  coarse tile was (a layout is constant on a coarse tile) and the causal and window rules leave
+  it a pair; a new tile is needed when any fine tile inside it is.
+  """
+  fq, fk = math.gcd(block_q, new_q), math.gcd(block_k, new_k)
+  fine = np.repeat(np.repeat(np.asarray(blocks, dtype=bool), block_q // fq, axis=0),
+                   block_k // fk, axis=1)
+  fine &= computed_blocks(seq_len, fq, fk, causal=causal, window=window)
+  nq, nk = seq_len // new_q, seq_len // new_k
+  return fine.reshape(nq, new_q // fq, nk, new_k // fk).any(axis=(1, 3))
+
+
+def bwd_stages(head_dim: int, resident_bytes: int, slot_bytes: int) -> int:
+  """Ring depth of a backward kernel: slots that fit beside its resident tiles (1 to 4)."""
+  return int(max(1, min(4, (_SMEM_BYTES - resident_bytes - 8192) // slot_bytes)))
+
+
+def _produce(n_steps, stages: int, ready, free, issue) -> None:
+  """The memory warpgroup's loop: issue(t, slot) for t < n_steps, reusing a slot once freed."""
+  for t in range(stages):
+    pl.when(t < n_steps)(functools.partial(issue, t, t))
+
+  @pl.loop(stages, n_steps)
+  def _(t):
+    slot = lax.rem(t, stages)
+    plgpu.barrier_wait(free.at[slot])
+    issue(t, slot)
+
+  # Observe the last release of every slot, so no barrier is freed with a phase pending.
+  @pl.loop(lax.max(n_steps - stages, 0), n_steps)
+  def _(t):
+    plgpu.barrier_wait(free.at[lax.rem(t, stages)])
+
+
+def _allowed(q_ids, k_ids, *, causal: bool, window: int | None):
+  """Causal and window rules on broadcast query and key positions (None: no rule applies)."""
+  ok = None
+  if causal:
+    ok = k_ids <= q_ids
+  if window is not None:
+    near = q_ids - k_ids < window
+    if not causal:
+      near = near & (k_ids - q_ids < window)
+    ok = near if ok is None else ok & near
+  return ok
+
+
+def bwd(q, k, v, segment_ids, out, lse, d_out, *, causal: bool, window: int | None,
+        blocks: np.ndarray, scale: float, block_q: int, block_k: int, interpret=False,
+        stages: int | None = None):
+  """(dq, dk, dv) in the input dtypes, dk and dv summed over each kv head's query group.
+
+  `blocks` is the forward's tile mask at (block_q, block_k); lse the forward's float32
+  [B, Hq, S] (EMPTY_ROW_LSE on keyless rows, whose gradients come out zero).
+  """
+  b, s, hq, d = q.shape
+  hkv = k.shape[2]
+  groups = hq // hkv
+  if d > 128:
+    from effjax.kernels.flash_attention import gpu
+    return gpu.bwd(q, k, v, segment_ids, out, lse, d_out, causal=causal, window=window,
+                   blocks=blocks, scale=scale, block_q=block_q, block_k=block_k,
+                   interpret=bool(interpret))
+  dtype = q.dtype
+  has_segments = segment_ids is not None
+  interpret = _interpret_params(interpret)
+  delta = jnp.einsum('bshd,bshd->bhs', out.astype(jnp.float32), d_out.astype(jnp.float32))
+  lse2 = lse * _LOG2E
+  d_out = d_out.astype(dtype)
+  segments = [segment_ids.astype(jnp.int32)] if has_segments else []
+  common = dict(causal=causal, window=window, scale=scale, has_segments=has_segments,
+                interpret=interpret, stages=stages)
+  kv_blocks = retile(blocks, s, block_q, block_k, BWD_TILE, BLOCK_Q, causal=causal,
+                     window=window)
+  dk, dv = _dkv_call(q, k, v, d_out, lse2, delta, segments, kv_blocks, **common)
+  q_blocks = retile(blocks, s, block_q, block_k, BLOCK_Q, BWD_TILE, causal=causal,
+                    window=window)
+  dq = _dq_call(q, k, v, d_out, lse2, delta, segments, q_blocks, **common)
+  return dq, dk, dv
+
+
+def _swizzled_smem(shape, dtype):
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
+                                              plgpu.SwizzleTransform(128)))
+
+
+def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, scale,
+              has_segments, interpret, stages):
+  """dK, dV: CTAs over (kv heads, key blocks of 128, batch)."""
+  b, s, hq, d = q.shape
+  hkv = k.shape[2]
+  groups = hq // hkv
+  dtype = q.dtype
+  itemsize = jnp.dtype(dtype).itemsize
+  bq = BWD_TILE
+  idx, n_full, n_total = tile_tables(blocks, s, bq, BLOCK_Q, causal=causal, window=window,
+                                     has_segments=has_segments, by_key=True)
+  stages = bwd_stages(d, 2 * BLOCK_Q * d * itemsize, 2 * bq * d * itemsize + 3 * bq * 4) \
+      if stages is None else stages
+  max_steps = groups * int(n_total.max(initial=0))
+  stages = max(1, min(stages, max_steps)) if max_steps else 1
+  qk_scale = scale * _LOG2E
+  lay = functools.partial(_layout, interpret=interpret)
+
+  def compute_wg(wg, kb, batch, kv_head, refs, scratch):
+    k_ref, v_ref, idx_ref, nfull_ref, ntotal_ref, seg_ref, dk_ref, dv_ref = refs
+    (k_own, v_own, segk_own, q_smem, do_smem, lse_smem, delta_smem, segq_smem, staging,
+     own_ready, ready, free) = scratch
+    plgpu.set_max_registers(240, action='increase')
+    row0 = kb * BLOCK_Q + wg * WG_ROWS
+    rows = pl.ds(row0, WG_ROWS)
+    plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_own.at[wg], own_ready.at[wg])
+    plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_own.at[wg], own_ready.at[wg])
+    if has_segments:
+      plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segk_own.at[wg], own_ready.at[wg])
+    plgpu.barrier_wait(own_ready.at[wg])
+    seg_k = _load(segk_own.at[wg], plgpu.Layout.WGMMA.reduce(1)) if has_segments else None
+    n_f = nfull_ref[kb]
+    n_t = ntotal_ref[kb]
+    stage = None if staging is None else staging.at[wg]
+    shape = (WG_ROWS, bq)
+
+    def step(j, carry, base, masked):
+      dk, dv = carry
+      t = base + j
+      slot = lax.rem(t, stages)
+      plgpu.barrier_wait(ready.at[slot])
+
+      def sT(acc_ref):
+        plgpu.wgmma(acc_ref, k_own.at[wg], _transpose(q_smem.at[slot]))
+        return acc_ref[...]
+
+      def dpT(acc_ref):
+        plgpu.wgmma(acc_ref, v_own.at[wg], _transpose(do_smem.at[slot]))
+        return acc_ref[...]
+
+      scores = pl.run_scoped(sT, plgpu.ACC(shape, jnp.float32)) * qk_scale
+      if masked:
+        q0 = idx_ref[kb, j] * bq
+        k_ids = row0 + lay(lax.broadcasted_iota(jnp.int32, shape, 0), plgpu.Layout.WGMMA)
+        q_ids = q0 + lay(lax.broadcasted_iota(jnp.int32, shape, 1), plgpu.Layout.WGMMA)
+        ok = _allowed(q_ids, k_ids, causal=causal, window=window)
+        if has_segments:
+          seg_q = _load(segq_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+          seg_k_b = lax.broadcast_in_dim(seg_k, shape, [0])
+          same = (seg_k_b == lax.broadcast_in_dim(seg_q, shape, [1])) & (seg_k_b > 0)
+          ok = same if ok is None else ok & same
+        if ok is not None:
+          scores = jnp.where(ok, scores, -jnp.inf)
+      lse_cols = _load(lse_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+      p_t = jnp.exp2(scores - lax.broadcast_in_dim(lse_cols, shape, [1]))
+      dv = _accumulate(dv, p_t.astype(dtype), do_smem.at[slot], stage)
+      delta_cols = _load(delta_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
+      dp_t = pl.run_scoped(dpT, plgpu.ACC(shape, jnp.float32))
+      ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_cols, shape, [1]))
+      dk = _accumulate(dk, ds_t.astype(dtype), q_smem.at[slot], stage)
+      plgpu.barrier_arrive(free.at[slot])
+      return dk, dv
+
+    def per_head(g, carry):
+      base = g * n_t
+      carry = lax.fori_loop(0, n_f, functools.partial(step, base=base, masked=False), carry)
+      return lax.fori_loop(n_f, n_t, functools.partial(step, base=base, masked=True), carry)
+
+    zeros = lay(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
+    dk, dv = lax.fori_loop(0, groups, per_head, (zeros, zeros))
+    k_own.at[wg][...] = (dk * scale).astype(dtype)
+    v_own.at[wg][...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_own.at[wg], dk_ref.at[batch, rows, kv_head])
+    plgpu.copy_smem_to_gmem(v_own.at[wg], dv_ref.at[batch, rows, kv_head])
+    plgpu.wait_smem_to_gmem(0)
+
+  def memory_wg(kb, batch, kv_head, refs, scratch):
+    q_ref, do_ref, lse_ref, delta_ref, idx_ref, ntotal_ref, seg_ref = refs
+    (_, _, _, q_smem, do_smem, lse_smem, delta_smem, segq_smem, _, _, ready, free) = scratch
+    plgpu.set_max_registers(40, action='decrease')
+    n_t = ntotal_ref[kb]
+
+    def issue(t, slot):
+      g = lax.div(t, lax.max(n_t, 1))
+      head = kv_head * groups + g
+      rows = pl.ds(idx_ref[kb, t - g * n_t] * bq, bq)
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[slot], ready.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[slot], ready.at[slot])
+      plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], ready.at[slot])
+      plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot],
+                              ready.at[slot])
+      if has_segments:
+        plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segq_smem.at[slot], ready.at[slot])
+
+    _produce(groups * n_t, stages, ready, free, issue)
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, nfull_ref, ntotal_ref,
+             *rest):
+    seg_ref, dk_ref, dv_ref = rest if has_segments else (None, *rest)
+    wg = lax.axis_index('wg')
+    kv_head = lax.axis_index('heads')
+    batch = lax.axis_index('batch')
+    kb = lax.axis_index('k')
+
+    def body(*scratch):
+      @pl.when(wg < COMPUTE_WGS)
+      def _():
+        compute_wg(wg, kb, batch, kv_head, (k_ref, v_ref, idx_ref, nfull_ref, ntotal_ref,
+                                            seg_ref, dk_ref, dv_ref), scratch)
+
+      @pl.when(wg == COMPUTE_WGS)
+      def _():
+        memory_wg(kb, batch, kv_head,
+                  (q_ref, do_ref, lse_ref, delta_ref, idx_ref, ntotal_ref, seg_ref), scratch)
+
+    n_copies = 5 if has_segments else 4
+    pl.run_scoped(
+        body,
+        _swizzled_smem((COMPUTE_WGS, WG_ROWS, d), dtype),
+        _swizzled_smem((COMPUTE_WGS, WG_ROWS, d), dtype),
+        plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.int32) if has_segments else None,
+        _swizzled_smem((stages, bq, d), dtype),
+        _swizzled_smem((stages, bq, d), dtype),
+        plgpu.SMEM((stages, bq), jnp.float32),
+        plgpu.SMEM((stages, bq), jnp.float32),
+        plgpu.SMEM((stages, bq), jnp.int32) if has_segments else None,
+        _swizzled_smem((COMPUTE_WGS, WG_ROWS, bq), dtype) if interpret else None,
+        plgpu.Barrier(num_arrivals=3 if has_segments else 2, num_barriers=COMPUTE_WGS),
+        plgpu.Barrier(num_arrivals=n_copies, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        collective_axes='wg',
+    )
+
+  inputs = [q, k, v, d_out, lse2, delta, jnp.asarray(idx), jnp.asarray(n_full),
+            jnp.asarray(n_total), *segments]
+  return plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
+      grid=(hkv, s // BLOCK_Q, b),
+      grid_names=('heads', 'k', 'batch'),
+      num_threads=COMPUTE_WGS + 1,
+      thread_name='wg',
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret,
+  )(*inputs)
+
+
+def _dq_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, scale,
+             has_segments, interpret, stages):
+  """dQ: CTAs over (query heads, query blocks of 128, batch)."""
+  b, s, hq, d = q.shape
+  hkv = k.shape[2]
+  groups = hq // hkv
+  dtype = q.dtype
+  itemsize = jnp.dtype(dtype).itemsize
+  bk = BWD_TILE
+  idx, n_full, n_total = tile_tables(blocks, s, BLOCK_Q, bk, causal=causal, window=window,
+                                     has_segments=has_segments)
+  stages = bwd_stages(d, 2 * BLOCK_Q * d * itemsize, 2 * bk * d * itemsize + bk * 4) \
+      if stages is None else stages
+  max_steps = int(n_total.max(initial=0))
+  stages = max(1, min(stages, max_steps)) if max_steps else 1
+  qk_scale = scale * _LOG2E
+  lay = functools.partial(_layout, interpret=interpret)
+  num_q_blocks = s // BLOCK_Q
+  shape = (WG_ROWS, bk)
+
+  def compute_wg(wg, qb, batch, head, refs, scratch):
+    q_ref, do_ref, lse_ref, delta_ref, idx_ref, nfull_ref, ntotal_ref, seg_ref, dq_ref = refs
+    (q_own, do_own, lse_own, delta_own, segq_own, k_smem, v_smem, segk_smem, staging,
+     own_ready, ready, free) = scratch
+    plgpu.set_max_registers(240, action='increase')
+    row0 = qb * BLOCK_Q + wg * WG_ROWS
+    rows = pl.ds(row0, WG_ROWS)
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_own.at[wg], own_ready.at[wg])
+    plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_own.at[wg], own_ready.at[wg])
+    plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_own.at[wg], own_ready.at[wg])
+    plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_own.at[wg], own_ready.at[wg])
+    if has_segments:
+      plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segq_own.at[wg], own_ready.at[wg])
+    plgpu.barrier_wait(own_ready.at[wg])
+    rows_layout = plgpu.Layout.WGMMA.reduce(1)
+    lse_rows = _load(lse_own.at[wg], rows_layout)
+    delta_rows = _load(delta_own.at[wg], rows_layout)
+    seg_q = _load(segq_own.at[wg], rows_layout) if has_segments else None
+    n_f = nfull_ref[qb]
+    n_t = ntotal_ref[qb]
+    stage = None if staging is None else staging.at[wg]
+
+    def step(t, dq, masked):
+      slot = lax.rem(t, stages)
+      plgpu.barrier_wait(ready.at[slot])
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_own.at[wg], _transpose(k_smem.at[slot]))
+        return acc_ref[...]
+
+      def dov(acc_ref):
+        plgpu.wgmma(acc_ref, do_own.at[wg], _transpose(v_smem.at[slot]))
+        return acc_ref[...]
+
+      scores = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32)) * qk_scale
+      if masked:
+        k0 = idx_ref[qb, t] * bk
+        q_ids = row0 + lay(lax.broadcasted_iota(jnp.int32, shape, 0), plgpu.Layout.WGMMA)
+        k_ids = k0 + lay(lax.broadcasted_iota(jnp.int32, shape, 1), plgpu.Layout.WGMMA)
+        ok = _allowed(q_ids, k_ids, causal=causal, window=window)
+        if has_segments:
+          seg_k = lax.broadcast_in_dim(
+              _load(segk_smem.at[slot], plgpu.Layout.WGMMA.reduce(0)), shape, [1])
+          same = (lax.broadcast_in_dim(seg_q, shape, [0]) == seg_k) & (seg_k > 0)
+          ok = same if ok is None else ok & same
+        if ok is not None:
+          scores = jnp.where(ok, scores, -jnp.inf)
+      p = jnp.exp2(scores - lax.broadcast_in_dim(lse_rows, shape, [0]))
+      dp = pl.run_scoped(dov, plgpu.ACC(shape, jnp.float32))
+      ds = p * (dp - lax.broadcast_in_dim(delta_rows, shape, [0]))
+      dq = _accumulate(dq, ds.astype(dtype), k_smem.at[slot], stage)
+      plgpu.barrier_arrive(free.at[slot])
+      return dq
+
+    dq = lay(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
+    dq = lax.fori_loop(0, n_f, functools.partial(step, masked=False), dq)
+    dq = lax.fori_loop(n_f, n_t, functools.partial(step, masked=True), dq)
+    q_own.at[wg][...] = (dq * scale).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_own.at[wg], dq_ref.at[batch, rows, head])
+    plgpu.wait_smem_to_gmem(0)
+
+  def memory_wg(qb, batch, head, refs, scratch):
+    k_ref, v_ref, idx_ref, ntotal_ref, seg_ref = refs
+    (*_, k_smem, v_smem, segk_smem, _, _, ready, free) = scratch
+    plgpu.set_max_registers(40, action='decrease')
+    kv_head = lax.div(head, groups)
+
+    def issue(t, slot):
+      rows = pl.ds(idx_ref[qb, t] * bk, bk)
+      plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[slot], ready.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot], ready.at[slot])
+      if has_segments:
+        plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segk_smem.at[slot], ready.at[slot])
+
+    _produce(ntotal_ref[qb], stages, ready, free, issue)
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, nfull_ref, ntotal_ref,
+             *rest):
+    seg_ref, dq_ref = rest if has_segments else (None, *rest)
+    wg = lax.axis_index('wg')
+    head = lax.axis_index('heads')
+    batch = lax.axis_index('batch')
+    qb = lax.axis_index('q')
+    if causal:
+      qb = num_q_blocks - 1 - qb  # longest rows first
+
+    def body(*scratch):
+      @pl.when(wg < COMPUTE_WGS)
+      def _():
+        compute_wg(wg, qb, batch, head, (q_ref, do_ref, lse_ref, delta_ref, idx_ref, nfull_ref,
+                                         ntotal_ref, seg_ref, dq_ref), scratch)
+
+      @pl.when(wg == COMPUTE_WGS)
+      def _():
+        memory_wg(qb, batch, head, (k_ref, v_ref, idx_ref, ntotal_ref, seg_ref), scratch)
+
+    pl.run_scoped(
+        body,
+        _swizzled_smem((COMPUTE_WGS, WG_ROWS, d), dtype),
+        _swizzled_smem((COMPUTE_WGS, WG_ROWS, d), dtype),
+        plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),
+        plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),
+        plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.int32) if has_segments else None,
+        _swizzled_smem((stages, bk, d), dtype),
+        _swizzled_smem((stages, bk, d), dtype),
+        plgpu.SMEM((stages, bk), jnp.int32) if has_segments else None,
+        _swizzled_smem((COMPUTE_WGS, WG_ROWS, bk), dtype) if interpret else None,
+        plgpu.Barrier(num_arrivals=5 if has_segments else 4, num_barriers=COMPUTE_WGS),
+        plgpu.Barrier(num_arrivals=3 if has_segments else 2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        collective_axes='wg',
+    )
+
+  inputs = [q, k, v, d_out, lse2, delta, jnp.asarray(idx), jnp.asarray(n_full),
+            jnp.asarray(n_total), *segments]
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      grid=(hq, num_q_blocks, b),
+      grid_names=('heads', 'q', 'batch'),
+      num_threads=COMPUTE_WGS + 1,
+      thread_name='wg',
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret,
+  )(*inputs)

@@ -1,0 +1,123 @@
+"""The flash-op attention layers on the Mosaic GPU (Hopper) backend, from a CPU machine.
+
+- lowering: the whole jitted train step of a model with flash, sliding-window and block-sparse
+  layers, exported for CUDA under 8-device meshes: every layer's forward and both backward
+  kernels are Mosaic GPU custom calls inside the model's shard_map;
+- values (JAX >= 0.11, whose Mosaic GPU interpreter runs the kernels; `tests/jax_next.sh`): each
+  layer's output and parameter gradients equal the same layer on the reference backend;
+- the config refuses what the kernel cannot run.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import export
+
+from effjax.config import ConfigError, validate
+from effjax.models import attention as attn
+from effjax.models import layers
+from effjax.models.registry import MIXERS
+from effjax.parallel import sharding as shd
+from effjax.train import step as step_lib
+from tests.helpers import build, random_batch, tiny_config
+
+_JAX = tuple(int(p) for p in jax.__version__.split('.')[:2])
+KINDS = ('flash', 'sliding_window', 'block_sparse')
+
+
+def _config(backend='mosaic_gpu', interpret=False, mesh_sizes=None, seq_len=256, heads=(2, 1),
+            window=100):
+  c = tiny_config(pattern='flash:mlp, sliding_window:mlp, block_sparse:mlp',
+                  d_model=64 * heads[0], num_heads=heads[0], num_kv_heads=heads[1],
+                  compute_dtype='bfloat16',
+                  attention_backend=backend, attention_interpret=interpret,
+                  attention_window=window,
+                  block_sparse_block=128, block_sparse_local_blocks=1,
+                  block_sparse_global_blocks=1, block_sparse_random_blocks=0)
+  c.model.num_layers = 3
+  c.data.seq_len = seq_len
+  for axis, size in (mesh_sizes or {}).items():
+    c.mesh[axis] = size
+  return c
+
+
+MESHES = {'data8': dict(data=8), 'data4 x tensor2': dict(data=4, tensor=2),
+          'fsdp4 x tensor2': dict(data=1, fsdp=4, tensor=2)}
+
+
+@pytest.mark.parametrize('layout', list(MESHES))
+def test_train_step_lowers_for_cuda(layout):
+  config = _config(mesh_sizes=MESHES[layout], heads=(4, 2))
+  mesh, rules, setup = build(config, jax.devices())
+  batch = {k: jax.ShapeDtypeStruct((1, 8, 256), jnp.float32 if k == 'weights' else jnp.int32,
+                                   sharding=setup.batch_sharding) for k in step_lib.BATCH_KEYS}
+  with jax.set_mesh(mesh), shd.axis_rules(rules):
+    exported = export.export(step_lib.make_train_step(setup), platforms=['cuda'])(
+        setup.abstract_state, batch)
+  text = exported.mlir_module()
+  # Three layers, each a forward kernel and two backward kernels (dK/dV and dQ).
+  assert text.count('@mosaic_gpu') >= 9, text.count('@mosaic_gpu')
+  assert 'triton' not in text
+
+
+@pytest.mark.skipif(_JAX < (0, 11), reason='the Mosaic GPU interpreter runs these kernels from '
+                                            'JAX 0.11 on (tests/jax_next.sh)')
+@pytest.mark.parametrize('kind', KINDS)
+def test_layer_equals_reference_backend(kind):
+  """Output and gradients of every parameter for a random cotangent, packed documents with
+  padding, on a one-device mesh (the interpreter cannot take mesh-varying operands)."""
+  rng = np.random.default_rng()
+  seed = int(rng.integers(1 << 30))
+  s = 256
+  batch = random_batch(rng, 2, s)
+  ctx = layers.Context(positions=jnp.asarray(batch['positions']),
+                       segment_ids=jnp.asarray(batch['segment_ids']))
+  x = jnp.asarray(rng.normal(size=(2, s, 128)), jnp.bfloat16)  # the model's compute dtype
+  cot = jnp.asarray(rng.normal(size=(2, s, 128)), jnp.float32)
+  window = int(rng.integers(60, 200))
+  results = {}
+  for backend, interpret in (('mosaic_gpu', True), ('reference', False)):
+    config = _config(backend, interpret, window=window)
+    mixer = MIXERS.get(kind)(config.model, rngs=nnx.Rngs(seed))
+    mesh, rules, _ = build(config, jax.devices()[:1])
+    graph, params = nnx.split(mixer, nnx.Param)
+
+    def loss(params, x):
+      y = nnx.merge(graph, params)(x, ctx)
+      return jnp.sum(y.astype(jnp.float32) * cot), y
+
+    with jax.set_mesh(mesh), shd.axis_rules(rules):
+      grads, y = jax.jit(jax.grad(loss, has_aux=True))(params, x)
+    results[backend] = (np.asarray(y, np.float32), grads)
+  (y, grads), (y_ref, grads_ref) = results['mosaic_gpu'], results['reference']
+  # Both run in bfloat16 (the reference backend rounds its float32 attention to bf16): compare
+  # relative error norms, which measure 2e-3 for the attention op itself.
+  real = batch['segment_ids'] > 0
+  assert _rel(y[real], y_ref[real]) < 2e-2
+  for (path, a), b in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(grads_ref)):
+    assert _rel(a, b) < 2e-2, jax.tree_util.keystr(path)
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_op_blocks_keep_the_warpgroup_tiles():
+  """Short sequences pad to 128 instead of shrinking the 128-row query tile."""
+  assert attn.op_blocks('mosaic_gpu', 64, 40) == (128, 128, 128)
+  assert attn.op_blocks('mosaic_gpu', 128, 1000) == (1024, 128, 128)
+  assert attn.op_blocks('mosaic_gpu', 256, 512, 256) == (512, 128, 64)
+
+
+def test_config_refuses_what_the_kernel_cannot_run():
+  config = _config()
+  config.model.compute_dtype = 'float32'
+  with pytest.raises(ConfigError, match="bfloat16 or float16"):
+    validate(config, 8)
+  config = _config()
+  config.model.block_sparse_block = 64
+  with pytest.raises(ConfigError, match='multiple of 128'):
+    validate(config, 8)
