@@ -52,8 +52,8 @@ _CACHE = flags.DEFINE_string('compilation_cache_dir',
                              "Persistent XLA compilation cache; '' disables it.")
 _OP = flags.DEFINE_string('op', 'attention',
                           'kernels: the op to benchmark (see OPS in effjax/bench/kernels.py).')
-_GRID = flags.DEFINE_string('grid', 'default', "kernels: 'default' (the GPU shapes) or 'tiny' "
-                            '(CPU-sized, seconds).')
+_GRID = flags.DEFINE_string('grid', 'default', "kernels: 'default' (the GPU shapes), 'tiny' "
+                            "(CPU-sized, seconds) or an op's own grid ('targets' for attention).")
 _IMPLS = flags.DEFINE_list('impls', [],
                            "kernels: implementations to run (default: all of the op's).")
 _CONTEXTS = flags.DEFINE_list('contexts', ['1024', '4096', '16384', '32768'],

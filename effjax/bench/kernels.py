@@ -468,6 +468,7 @@ class AttentionGrid:
   check_cases: int = 12  # random correctness cases per implementation before timing
   check_seq_lens: tuple[int, ...] = (256, 512, 1024)
   check_head_dims: tuple[int, ...] = (64, 128, 256)
+  causal: tuple[bool, ...] = (True, False)  # the dense rows' masks
 
 
 ATTENTION_GRIDS = {
@@ -475,6 +476,10 @@ ATTENTION_GRIDS = {
                              seq_lens=(1024, 2048, 4096, 8192, 16384, 32768),
                              head_dims=(64, 128), window=1024, layout_block=128,
                              restricted_seq_len=16384),
+    # The shapes the Hopper targets are stated at, causal only: one GPU call's worth.
+    'targets': AttentionGrid(tokens=16384, width=2048, seq_lens=(1024, 4096, 16384, 32768),
+                             head_dims=(64, 128), window=1024, layout_block=128,
+                             restricted_seq_len=16384, causal=(True,)),
     'tiny': AttentionGrid(tokens=512, width=128, seq_lens=(128, 256), head_dims=(64,), window=64,
                           layout_block=32, restricted_seq_len=256, check_cases=3,
                           check_seq_lens=(128, 256), check_head_dims=(64,)),
@@ -619,7 +624,7 @@ def attention_cases(grid: str, impls: Sequence[str]) -> Iterator[Case]:
     for head_dim in g.head_dims:
       shape = dict(batch=max(1, g.tokens // seq_len), seq_len=seq_len,
                    heads=g.width // head_dim, head_dim=head_dim)
-      for causal in (True, False):
+      for causal in g.causal:
         for mode in MODES:
           for impl in impls:
             yield _attention_case(impl, mode, causal=causal, **shape)
@@ -667,7 +672,7 @@ def attention_precheck(grid: str, impls: Sequence[str]) -> list[dict[str, Any]]:
 
 
 register(Op(name='attention', impls=ATTENTION_IMPLS, baseline='cudnn', cases=attention_cases,
-            precheck=attention_precheck))
+            precheck=attention_precheck, grids=tuple(ATTENTION_GRIDS)))
 
 # Ops in modules of their own register on import.
 from effjax.bench import kernels_gmm as _kernels_gmm  # noqa: E402,F401  pylint: disable=wrong-import-position

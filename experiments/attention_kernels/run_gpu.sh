@@ -1,0 +1,54 @@
+#!/bin/bash
+# The Hopper attention study on the GPU machine, in named steps, most important first; every
+# result file is packed into $OUT/results.tgz after each step (a run cut short keeps what it did).
+#   bash experiments/attention_kernels/run_gpu.sh STEP [STEP ...]
+#   steps: check model targets gpt2 gpt1b grid
+set -u
+OUT=${OUT:-/tmp/effjax_attention_out}
+RES=${RES:-/tmp/effjax_attention_results}
+mkdir -p "$OUT" "$RES"
+export PYTHONUNBUFFERED=1
+CACHE=--compilation_cache_dir=/tmp/effjax_xla_cache
+
+# Both GPU backends against the float32 reference: the fixed cases and 12 random ones each.
+check() {
+  for backend in mosaic_gpu triton; do
+    python3 experiments/attention_kernels/gpu_check.py --quick --backend=$backend --random=12 \
+      2>&1 | tee "$RES/gpu_check_$backend.txt"
+  done
+}
+# The model path: the three flash-op layers on the Mosaic GPU backend through the real command
+# (train, evaluate, checkpoint, sample), a few steps.
+model() {
+  python3 -m effjax.main --config=configs/attention_kinds.py --workdir=/tmp/effjax_kinds_mgpu \
+    --config.model.attention_backend=mosaic_gpu --config.model.compute_dtype=bfloat16 \
+    --config.model.block_sparse_block=128 --config.model.block_sparse_local_blocks=1 \
+    --config.data.seq_len=512 --config.train.steps=6 --config.train.eval_every=3 \
+    --config.train.checkpoint_every=3 2>&1 | tail -40 | tee "$RES/model_mosaic_gpu.txt"
+}
+# The targets' shapes (causal, S 1k-32k, D 64/128, window and BigBird at 16k), every peer.
+targets() {
+  python3 -m effjax.bench kernels --op=attention --grid=targets --repeats=10 $CACHE \
+    --impls=effjax_triton,effjax_mosaic_gpu,tokamax,cudnn --out="$RES" --name=attention_targets
+}
+# GPT-2-small and the 1B model training with flash layers on each backend against cuDNN.
+train_pair() {  # $1 config, $2 name: cuDNN attention layers, then flash layers on each backend
+  python3 -m effjax.bench train --config=configs/$1.py --out="$RES" $CACHE --name=${2}_cudnn
+  python3 -m effjax.bench train --config=configs/$1.py --out="$RES" $CACHE --name=${2}_flash \
+    --config.model.pattern=flash:mlp --sweep=model.attention_backend=triton,mosaic_gpu
+}
+gpt2() { train_pair gpt2_small gpt2; }
+gpt1b() { train_pair gpt_1b gpt1b; }
+# The full default grid (causal and full, S 1k-32k).
+grid() {
+  python3 -m effjax.bench kernels --op=attention --repeats=10 $CACHE \
+    --impls=effjax_triton,effjax_mosaic_gpu,tokamax,cudnn --out="$RES" --name=attention_grid
+}
+
+rc=0
+for step in "$@"; do
+  echo "=== $step"
+  $step || rc=1
+  tar czf "$OUT/results.tgz" -C "$RES" .
+done
+exit $rc
