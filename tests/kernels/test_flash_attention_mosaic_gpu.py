@@ -59,6 +59,9 @@ def _masks(case, rng, s):
     return {'causal': False, 'window': int(rng.integers(1, s // 2))}
   if case == 'segments':
     return {'causal': True, 'segment_ids': _segments(rng, 1, s, padding=True)}
+  if case == 'empty_blocks':  # query block 1 sees nothing and key block 1 is seen by nobody
+    rows = [[j == 0 and i % 2 == 0 for j in range(s // 128)] for i in range(s // 128)]
+    return {'causal': False, 'layout': BlockLayout(block=128, rows=tuple(map(tuple, rows)))}
   if case == 'bigbird':
     return {'causal': True, 'layout': bigbird_layout(s, 128, local_blocks=1, global_blocks=1,
                                                      random_blocks=1,
@@ -173,7 +176,7 @@ def test_interpreted_empty_rows_and_skipped_query_block():
 @pytest.mark.parametrize('case,d,hq,hkv,block_k', [
     ('causal', 64, 4, 1, 128), ('bidirectional', 64, 2, 2, 64), ('window', 64, 1, 1, 64),
     ('window_bidirectional', 64, 2, 1, 128), ('segments', 128, 2, 1, 64),
-    ('bigbird', 64, 2, 2, 128)])
+    ('bigbird', 64, 2, 2, 128), ('empty_blocks', 64, 2, 1, 64)])
 def test_interpreted_backward_matches_reference(case, d, hq, hkv, block_k):
   """The dK/dV and dQ kernels against the reference's VJP for a random cotangent, from the
   forward's tiles at (128, block_k) (re-tiled to the backward's 64-row tiles)."""
