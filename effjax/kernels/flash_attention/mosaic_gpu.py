@@ -55,6 +55,11 @@ COMPUTE_WGS = 2
 BLOCK_Q = WG_ROWS * COMPUTE_WGS
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _SMEM_BYTES = 227 * 1024  # usable shared memory per CTA on Hopper
+# Registers per thread after the warpgroups rebalance (setmaxnreg). The three warpgroups share the
+# SM's 64K registers, 512 per thread slot across them, so 2 x compute + memory must not exceed
+# 512 (240 + 240 + 40 would). 232 / 40 is the split JAX's own Hopper kernels use.
+COMPUTE_REGISTERS, MEMORY_REGISTERS = 232, 40
+assert COMPUTE_WGS * COMPUTE_REGISTERS + MEMORY_REGISTERS <= 512
 
 
 def default_blocks(head_dim: int) -> tuple[int, int]:
@@ -181,7 +186,7 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
     q_ref, idx_ref, nfull_ref, ntotal_ref, seg_ref, out_ref, lse_ref = refs
     (qo_smem, k_smem, v_smem, lse_smem, segq_smem, segk_smem, p_smem, k_ready, v_ready,
      q_ready, k_free, v_free, schedule) = scratch
-    plgpu.set_max_registers(232 if d <= 128 else 240, action='increase')
+    plgpu.set_max_registers(COMPUTE_REGISTERS, action='increase')
     q_tile = qo_smem.at[wg]
     row0 = qb * block_q + wg * WG_ROWS
     plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(row0, WG_ROWS), head], q_tile, q_ready.at[wg])
@@ -263,7 +268,7 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
   def memory_wg(qb, batch, head, refs, scratch):
     k_ref, v_ref, idx_ref, ntotal_ref, seg_ref = refs
     (_, k_smem, v_smem, _, _, segk_smem, _, k_ready, v_ready, _, k_free, v_free, _) = scratch
-    plgpu.set_max_registers(40, action='decrease')
+    plgpu.set_max_registers(MEMORY_REGISTERS, action='decrease')
     kv_head = lax.div(head, groups)
     n_t = ntotal_ref[qb]
 
@@ -481,7 +486,7 @@ def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, 
     k_ref, v_ref, idx_ref, nfull_ref, ntotal_ref, seg_ref, dk_ref, dv_ref = refs
     (k_own, v_own, segk_own, q_smem, do_smem, lse_smem, delta_smem, segq_smem, staging,
      own_ready, ready, free) = scratch
-    plgpu.set_max_registers(240, action='increase')
+    plgpu.set_max_registers(COMPUTE_REGISTERS, action='increase')
     row0 = kb * BLOCK_Q + wg * WG_ROWS
     rows = pl.ds(row0, WG_ROWS)
     plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_own.at[wg], own_ready.at[wg])
@@ -549,7 +554,7 @@ def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, 
   def memory_wg(kb, batch, kv_head, refs, scratch):
     q_ref, do_ref, lse_ref, delta_ref, idx_ref, ntotal_ref, seg_ref = refs
     (_, _, _, q_smem, do_smem, lse_smem, delta_smem, segq_smem, _, _, ready, free) = scratch
-    plgpu.set_max_registers(40, action='decrease')
+    plgpu.set_max_registers(MEMORY_REGISTERS, action='decrease')
     n_t = ntotal_ref[kb]
 
     def issue(t, slot):
@@ -641,7 +646,7 @@ def _dq_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, s
     q_ref, do_ref, lse_ref, delta_ref, idx_ref, nfull_ref, ntotal_ref, seg_ref, dq_ref = refs
     (q_own, do_own, lse_own, delta_own, segq_own, k_smem, v_smem, segk_smem, staging,
      own_ready, ready, free) = scratch
-    plgpu.set_max_registers(240, action='increase')
+    plgpu.set_max_registers(COMPUTE_REGISTERS, action='increase')
     row0 = qb * BLOCK_Q + wg * WG_ROWS
     rows = pl.ds(row0, WG_ROWS)
     plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_own.at[wg], own_ready.at[wg])
@@ -702,7 +707,7 @@ def _dq_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, s
   def memory_wg(qb, batch, head, refs, scratch):
     k_ref, v_ref, idx_ref, ntotal_ref, seg_ref = refs
     (*_, k_smem, v_smem, segk_smem, _, _, ready, free) = scratch
-    plgpu.set_max_registers(40, action='decrease')
+    plgpu.set_max_registers(MEMORY_REGISTERS, action='decrease')
     kv_head = lax.div(head, groups)
 
     def issue(t, slot):
