@@ -203,9 +203,9 @@ def _check_mosaic_gpu_block(name: str, block: int) -> None:
     raise ValueError(f"block_q={block} is not supported by backend='mosaic_gpu', which runs "
                      f"{mosaic_gpu.BLOCK_Q} query rows per CTA (two warpgroups of "
                      f"{mosaic_gpu.WG_ROWS}); leave block_q unset")
-  if name == 'block_k' and block % mosaic_gpu.WG_ROWS:
-    raise ValueError(f"block_k={block} must be a multiple of {mosaic_gpu.WG_ROWS} for "
-                     f"backend='mosaic_gpu'")
+  if name == 'block_k' and (block % mosaic_gpu.WG_ROWS or block > 256):
+    raise ValueError(f"block_k={block} must be a multiple of {mosaic_gpu.WG_ROWS} and at most "
+                     f"256 for backend='mosaic_gpu'")
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,

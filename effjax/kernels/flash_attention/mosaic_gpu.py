@@ -166,8 +166,9 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
   if block_q != BLOCK_Q:
     raise ValueError(f'the Mosaic GPU kernel runs block_q={BLOCK_Q} (two warpgroups of '
                      f'{WG_ROWS} rows), got block_q={block_q}')
-  if block_k % 64 or s % block_k:
-    raise ValueError(f'block_k={block_k} must be a multiple of 64 dividing S={s}')
+  if block_k % 64 or block_k > 256 or s % block_k:
+    raise ValueError(f'block_k={block_k} must be a multiple of 64, at most 256 (the largest '
+                     f'wgmma N and TMA box), dividing S={s}')
   if jnp.dtype(dtype) not in DTYPES:
     raise ValueError(f'the Mosaic GPU kernel takes bfloat16 or float16, got {dtype}')
   has_segments = segment_ids is not None
@@ -177,6 +178,15 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
   stages = default_stages(d, block_k, jnp.dtype(dtype).itemsize) if stages is None else stages
   max_steps = int(n_total.max(initial=0))
   stages = max(1, min(stages, max_steps)) if max_steps else 1
+  if stages < 2 and max_steps >= 2:
+    # One slot deadlocks the ping-pong: warpgroup 1's P V waits for warpgroup 0's next Q K^T,
+    # which needs the next k tile, which needs the slot warpgroup 1 has not released.
+    raise ValueError(f'stages={stages}: the forward needs at least 2 k/v slots')
+  ring = (BLOCK_Q * d + 2 * stages * block_k * d) * jnp.dtype(dtype).itemsize
+  if ring > _SMEM_BYTES:
+    raise ValueError(f'block_k={block_k} with head dim {d}: {stages} k/v slots and q need '
+                     f'{ring // 1024} KiB of shared memory, more than the {_SMEM_BYTES // 1024} '
+                     f'KiB a CTA has; use a smaller block_k')
   qk_scale = scale * _LOG2E
   interpret = _interpret_params(interpret)
 
