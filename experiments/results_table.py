@@ -421,6 +421,28 @@ def attention_kernels(bench) -> str:
           f"dense; {pct:.0f}% block-sparse: {span([r['speedup_vs_dense'] for r in sparse], 1)}")
 
 
+def mosaic_attention(bench) -> str:
+  """The Hopper kernels against cuDNN and tokamax (causal, S >= 4k) and window / sparse vs dense."""
+  rows = ok_rows(bench_rows(bench))
+  ms = {(r['group'], r['variant'], r['mode'], r['impl']): r['ms'] for r in rows}
+  mine = [r for r in rows if r['impl'] == 'effjax_mosaic_gpu']
+  dense = [r for r in mine if r['variant'] == 'dense' and r['seq_len'] >= 4096
+           and r['head_dim'] == 128]
+
+  def vs(impl, mode):
+    return span([ms[(r['group'], 'dense', mode, impl)] / r['ms'] for r in dense
+                 if r['mode'] == mode])
+
+  def restricted(prefix):
+    r = next(r for r in mine if r['variant'].startswith(prefix) and r['mode'] == 'fwd+bwd')
+    return ms[(r['group'], 'dense', 'fwd+bwd', 'effjax_mosaic_gpu')] / r['ms']
+
+  return (f"D128: {vs('cudnn', 'fwd')} cuDNN fwd, {vs('cudnn', 'fwd+bwd')} fwd+bwd; "
+          f"{vs('tokamax', 'fwd')} tokamax fwd, {vs('tokamax', 'fwd+bwd')} fwd+bwd; at 16k, "
+          f"window 1024 {restricted('window'):.2f}x and ~90% block-sparse "
+          f"{restricted('bigbird'):.2f}x faster than its dense fwd+bwd")
+
+
 # ---------------------------------------------------------------------------------------------
 # The rows, in README order.
 
@@ -509,6 +531,10 @@ ROWS = (
     Row('flash attention (Pallas Triton) vs cuDNN, causal, S 4k-16k', '1 x H100',
         'attention_kernels', ('experiments/attention_kernels/results/round2_final.json',),
         attention_kernels),
+    Row('flash attention (Pallas Mosaic GPU: TMA, wgmma, warp-specialised) vs cuDNN and tokamax, '
+        'causal, S 4k-16k', '1 x H100', 'attention_kernels',
+        ('experiments/attention_kernels/results/h100_2026_12_05_mosaic_gpu/targets.json',),
+        mosaic_attention),
 )
 
 
