@@ -28,6 +28,8 @@ from effjax.kernels.flash_attention import (
 from effjax.kernels.flash_attention import mosaic_gpu
 from effjax.kernels.flash_attention.layout import token_mask
 from effjax.kernels.flash_attention.reference import EMPTY_ROW_LSE, attention_reference_with_lse
+from tests.kernels.test_flash_attention import _qkv as qkv_of_dtype
+from tests.kernels.test_flash_attention import _segments
 
 _JAX = tuple(int(p) for p in jax.__version__.split('.')[:2])
 needs_interpreter = pytest.mark.skipif(
@@ -35,16 +37,8 @@ needs_interpreter = pytest.mark.skipif(
                            'from JAX 0.11 on (CI runs these in a second Python with JAX 0.11)')
 
 
-def _qkv(rng, b, s, hq, hkv, d, dtype=jnp.bfloat16):
-  return [jnp.asarray(rng.standard_normal((b, s, h, d)), dtype) for h in (hq, hkv, hkv)]
-
-
-def _segments(rng, b, s, *, padding: bool):
-  """Sorted document ids per row (packed sequences); with padding the tail is id 0."""
-  ids = np.sort(rng.integers(1, 4, size=(b, s)), axis=1)
-  if padding:
-    ids[:, s - rng.integers(1, s // 4) - 1:] = 0
-  return jnp.asarray(ids, jnp.int32)
+def _qkv(rng, b, s, hq, hkv, d):
+  return qkv_of_dtype(rng, b, s, hq, hkv, d, jnp.bfloat16)  # the kernel's dtype
 
 
 def _masks(case, rng, s):
