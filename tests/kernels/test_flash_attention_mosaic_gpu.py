@@ -26,7 +26,7 @@ from effjax.kernels.flash_attention import (
   flash_attention,
 )
 from effjax.kernels.flash_attention import mosaic_gpu
-from effjax.kernels.flash_attention.layout import token_mask
+from effjax.kernels.flash_attention.layout import retile, token_mask
 from effjax.kernels.flash_attention.reference import EMPTY_ROW_LSE, attention_reference_with_lse
 from tests.kernels.test_flash_attention import _qkv as qkv_of_dtype
 from tests.kernels.test_flash_attention import _segments
@@ -210,7 +210,7 @@ def test_retile_equals_computing_the_new_tiling(old, new, case):
   kw = _masks(case, rng, s)
   blocks = computed_blocks(s, *old, **kw)
   want = computed_blocks(s, *new, **kw)
-  got = mosaic_gpu.retile(blocks, s, *old, *new, causal=kw['causal'], window=kw.get('window'))
+  got = retile(blocks, s, *old, *new, causal=kw['causal'], window=kw.get('window'))
   np.testing.assert_array_equal(got, want)
 
 

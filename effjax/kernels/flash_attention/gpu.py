@@ -50,6 +50,7 @@ from jax.experimental.pallas import triton as plgpu
 from effjax.kernels.flash_attention.layout import (
   block_csr,
   computed_blocks,
+  retile,
   unmasked_blocks,
 )
 from effjax.kernels.flash_attention.reference import EMPTY_ROW_LSE
@@ -128,14 +129,6 @@ def _tables(blocks: np.ndarray, seq_len: int, block_q: int, block_k: int, *, cau
 def _whole(array):
   """BlockSpec handing every program the whole (small) array: the CSR tables."""
   return pl.BlockSpec(array.shape, lambda *_: (0,) * array.ndim)
-
-
-def _refine(blocks: np.ndarray, seq_len: int, block_q: int, block_k: int, new_q: int,
-            new_k: int, *, causal: bool, window: int | None) -> np.ndarray:
-  """Tiles of a finer tiling: inside a computed coarse tile and not masked out themselves."""
-  fine = np.repeat(np.repeat(np.asarray(blocks, dtype=bool), block_q // new_q, axis=0),
-                   block_k // new_k, axis=1)
-  return fine & computed_blocks(seq_len, new_q, new_k, causal=causal, window=window)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,7 +309,7 @@ def bwd(q, k, v, segment_ids, out, lse, d_out, *, causal: bool, window: int | No
   groups = hq // hkv
   has_segments = segment_ids is not None
   bq, bk = min(block_q, _BWD_MAX_BLOCK), min(block_k, _BWD_MAX_BLOCK)
-  blocks = _refine(blocks, s, block_q, block_k, bq, bk, causal=causal, window=window)
+  blocks = retile(blocks, s, block_q, block_k, bq, bk, causal=causal, window=window)
   delta = jnp.einsum('bshd,bshd->bhs', out.astype(jnp.float32), d_out.astype(jnp.float32))
   d_out = d_out.astype(q.dtype)
   static = {'scale': scale, 'causal': causal, 'window': window, 'block_q': bq, 'block_k': bk,

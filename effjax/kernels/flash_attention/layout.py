@@ -16,6 +16,7 @@ token by token inside the tiles it visits.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -198,3 +199,19 @@ def mask_fraction(seq_len: int, *, block_q: int, block_k: int, causal: bool,
                               layout=layout).sum())
   allowed = int(token_mask(seq_len, causal=causal, window=window, layout=layout).sum())
   return allowed / max(tiles * block_q * block_k, 1)
+
+
+def retile(blocks: np.ndarray, seq_len: int, block_q: int, block_k: int, new_q: int, new_k: int,
+           *, causal: bool, window: int | None) -> np.ndarray:
+  """The computed-tile mask of another tiling, exact for any pair of block sizes.
+
+  Goes through the tiling of their greatest common divisors: a fine tile is needed when its
+  coarse tile was (a layout is constant on a coarse tile) and the causal and window rules leave
+  it a pair; a new tile is needed when any fine tile inside it is.
+  """
+  fq, fk = math.gcd(block_q, new_q), math.gcd(block_k, new_k)
+  fine = np.repeat(np.repeat(np.asarray(blocks, dtype=bool), block_q // fq, axis=0),
+                   block_k // fk, axis=1)
+  fine &= computed_blocks(seq_len, fq, fk, causal=causal, window=window)
+  nq, nk = seq_len // new_q, seq_len // new_k
+  return fine.reshape(nq, new_q // fq, nk, new_k // fk).any(axis=(1, 3))

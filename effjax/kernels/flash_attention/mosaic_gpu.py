@@ -45,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from effjax.kernels.flash_attention.layout import block_csr, computed_blocks, unmasked_blocks
+from effjax.kernels.flash_attention.layout import block_csr, retile, unmasked_blocks
 from effjax.kernels.flash_attention.reference import EMPTY_ROW_LSE
 
 _LOG2E = math.log2(math.e)
@@ -154,6 +154,14 @@ def _interpret_params(interpret):
   if params is None:  # JAX < 0.11 keeps it private
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
   return params()
+
+
+def _launch(kernel, out_type, grid, grid_names, interpret):
+  """A kernel of COMPUTE_WGS compute warpgroups and one memory warpgroup (axis 'wg')."""
+  return plgpu.kernel(kernel, out_type=out_type, grid=grid, grid_names=grid_names,
+                      num_threads=COMPUTE_WGS + 1, thread_name='wg',
+                      compiler_params=plgpu.CompilerParams(approx_math=True),
+                      interpret=interpret)
 
 
 def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.ndarray,
@@ -289,22 +297,7 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
         plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segk_smem.at[slot], k_ready.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot], v_ready.at[slot])
 
-    for t in range(stages):
-      pl.when(t < n_t)(functools.partial(load, t, t))
-
-    @pl.loop(stages, n_t)
-    def _(t):
-      slot = lax.rem(t, stages)
-      plgpu.barrier_wait(k_free.at[slot])
-      plgpu.barrier_wait(v_free.at[slot])
-      load(t, slot)
-
-    # Observe the last uses of every slot too, so no barrier is released with phases pending.
-    @pl.loop(lax.max(n_t - stages, 0), n_t)
-    def _(t):
-      slot = lax.rem(t, stages)
-      plgpu.barrier_wait(k_free.at[slot])
-      plgpu.barrier_wait(v_free.at[slot])
+    _produce(n_t, stages, (k_free, v_free), load)
 
   def kernel(q_ref, k_ref, v_ref, idx_ref, nfull_ref, ntotal_ref, *rest):
     seg_ref, out_ref, lse_ref = rest if has_segments else (None, *rest)
@@ -350,17 +343,10 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
   inputs = [q, k, v, jnp.asarray(idx), jnp.asarray(n_full), jnp.asarray(n_total)]
   if has_segments:
     inputs.append(segment_ids.astype(jnp.int32))
-  out, lse = plgpu.kernel(
-      kernel,
-      out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
-                jax.ShapeDtypeStruct((b, hq, s), jnp.float32)),
-      grid=(hq, num_q_blocks, b),
-      grid_names=('heads', 'q', 'batch'),
-      num_threads=COMPUTE_WGS + 1,
-      thread_name='wg',
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret,
-  )(*inputs)
+  out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
+              jax.ShapeDtypeStruct((b, hq, s), jnp.float32))
+  out, lse = _launch(kernel, out_type, (hq, num_q_blocks, b), ('heads', 'q', 'batch'),
+                     interpret)(*inputs)
   return out, lse
 
 
@@ -384,42 +370,31 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
 BWD_TILE = 64  # rows of the streamed tile in both backward kernels
 
 
-def retile(blocks: np.ndarray, seq_len: int, block_q: int, block_k: int, new_q: int, new_k: int,
-           *, causal: bool, window: int | None) -> np.ndarray:
-  """The computed-tile mask of another tiling, exact for any pair of block sizes.
-
-  Goes through the tiling of their greatest common divisors: a fine tile is needed when its
-  coarse tile was (a layout is constant on a coarse tile) and the causal and window rules leave
-  it a pair; a new tile is needed when any fine tile inside it is.
-  """
-  fq, fk = math.gcd(block_q, new_q), math.gcd(block_k, new_k)
-  fine = np.repeat(np.repeat(np.asarray(blocks, dtype=bool), block_q // fq, axis=0),
-                   block_k // fk, axis=1)
-  fine &= computed_blocks(seq_len, fq, fk, causal=causal, window=window)
-  nq, nk = seq_len // new_q, seq_len // new_k
-  return fine.reshape(nq, new_q // fq, nk, new_k // fk).any(axis=(1, 3))
-
-
 def bwd_stages(head_dim: int, resident_bytes: int, slot_bytes: int) -> int:
   """Ring depth of a backward kernel: slots that fit beside its resident tiles (1 to 4)."""
   return int(max(1, min(4, (_SMEM_BYTES - resident_bytes - 8192) // slot_bytes)))
 
 
-def _produce(n_steps, stages: int, ready, free, issue) -> None:
-  """The memory warpgroup's loop: issue(t, slot) for t < n_steps, reusing a slot once freed."""
+def _produce(n_steps, stages: int, frees, issue) -> None:
+  """The memory warpgroup's loop: issue(t, slot) for t < n_steps, reusing a slot once every
+  barrier in `frees` (one per tensor of the slot) says its consumers released it."""
+  def wait_free(slot):
+    for free in frees:
+      plgpu.barrier_wait(free.at[slot])
+
   for t in range(stages):
     pl.when(t < n_steps)(functools.partial(issue, t, t))
 
   @pl.loop(stages, n_steps)
   def _(t):
     slot = lax.rem(t, stages)
-    plgpu.barrier_wait(free.at[slot])
+    wait_free(slot)
     issue(t, slot)
 
   # Observe the last release of every slot, so no barrier is freed with a phase pending.
   @pl.loop(lax.max(n_steps - stages, 0), n_steps)
   def _(t):
-    plgpu.barrier_wait(free.at[lax.rem(t, stages)])
+    wait_free(lax.rem(t, stages))
 
 
 def _allowed(q_ids, k_ids, *, causal: bool, window: int | None):
@@ -579,7 +554,7 @@ def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, 
       if has_segments:
         plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segq_smem.at[slot], ready.at[slot])
 
-    _produce(groups * n_t, stages, ready, free, issue)
+    _produce(groups * n_t, stages, (free,), issue)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, nfull_ref, ntotal_ref,
              *rest):
@@ -620,16 +595,9 @@ def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, 
 
   inputs = [q, k, v, d_out, lse2, delta, jnp.asarray(idx), jnp.asarray(n_full),
             jnp.asarray(n_total), *segments]
-  return plgpu.kernel(
-      kernel,
-      out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)),
-      grid=(hkv, s // BLOCK_Q, b),
-      grid_names=('heads', 'k', 'batch'),
-      num_threads=COMPUTE_WGS + 1,
-      thread_name='wg',
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret,
-  )(*inputs)
+  out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
+  return _launch(kernel, out_type, (hkv, s // BLOCK_Q, b), ('heads', 'k', 'batch'),
+                 interpret)(*inputs)
 
 
 def _dq_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, scale,
@@ -727,7 +695,7 @@ def _dq_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, s
       if has_segments:
         plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segk_smem.at[slot], ready.at[slot])
 
-    _produce(ntotal_ref[qb], stages, ready, free, issue)
+    _produce(ntotal_ref[qb], stages, (free,), issue)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, nfull_ref, ntotal_ref,
              *rest):
@@ -768,13 +736,5 @@ def _dq_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, s
 
   inputs = [q, k, v, d_out, lse2, delta, jnp.asarray(idx), jnp.asarray(n_full),
             jnp.asarray(n_total), *segments]
-  return plgpu.kernel(
-      kernel,
-      out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-      grid=(hq, num_q_blocks, b),
-      grid_names=('heads', 'q', 'batch'),
-      num_threads=COMPUTE_WGS + 1,
-      thread_name='wg',
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret,
-  )(*inputs)
+  return _launch(kernel, jax.ShapeDtypeStruct(q.shape, dtype), (hq, num_q_blocks, b),
+                 ('heads', 'q', 'batch'), interpret)(*inputs)
