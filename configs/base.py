@@ -36,9 +36,11 @@ def get_config() -> ml_collections.ConfigDict:
   # (both through jax.nn.dot_product_attention).
   m.attention_impl = 'auto'
   # The mixers 'flash', 'sliding_window' and 'block_sparse' run the block-sparse flash op
-  # (effjax/kernels/flash_attention) with this backend: 'auto' (Triton on GPU, Mosaic on TPU, the
-  # plain-jnp reference elsewhere), 'triton', 'mosaic' or 'reference'. The kernels need a head
-  # dimension of 64, 128 or 256 and an unsharded sequence (sharding_rules.act_length).
+  # (effjax/kernels/flash_attention) with this backend: 'auto' (per layer: Mosaic GPU on Hopper
+  # for bf16/fp16 compute and layout blocks that are multiples of 128, else Triton on GPU; Mosaic
+  # on TPU; the plain-jnp reference elsewhere), 'triton', 'mosaic_gpu', 'mosaic' or 'reference'.
+  # The kernels need a head dimension of 64, 128 or 256 and an unsharded sequence
+  # (sharding_rules.act_length).
   m.attention_backend = 'auto'
   m.attention_interpret = False  # run the Pallas kernel in interpret mode (slow; CPU testing)
   m.attention_window = 128  # 'sliding_window': keys each query sees, itself included (>= 1)

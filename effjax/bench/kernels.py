@@ -565,7 +565,8 @@ def _effjax_info(batch, seq_len, heads, head_dim, *, mode, causal, window, layou
                  backend='auto'):
   """The backend run (what 'auto' picks here) and the FLOPs it spends on the tiles it visits."""
   from effjax.kernels import flash_attention as fa
-  backend = fa.resolve_backend(backend)
+  backend = fa.resolve_backend(backend, dtype=jnp.bfloat16, seq_len=seq_len,
+                               layout_block=None if layout is None else layout.block)
   factor = FWD_BWD_FACTOR if mode == 'fwd+bwd' else 1.0
   if backend == 'reference':  # plain jnp: every score of the S x S grid is computed
     return {'backend': backend,

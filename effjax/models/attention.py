@@ -109,6 +109,15 @@ def op_blocks(backend: str, head_dim: int, seq_len: int,
   return -(-seq_len // multiple) * multiple, blocks[0], blocks[1]
 
 
+def op_backend(cfg, kind: str) -> str:
+  """The flash op's backend for a layer of `kind`: model.attention_backend with 'auto' resolved
+  for this device, the compute dtype and the kind's layout block (fa.resolve_backend), so the
+  tiles (op_blocks) and the op agree on it."""
+  block = cfg.block_sparse_block if kind == 'block_sparse' else None
+  return fa.resolve_backend(cfg.attention_backend, dtype=jnp.dtype(cfg.compute_dtype),
+                            layout_block=block)
+
+
 @functools.lru_cache(maxsize=64)
 def _bigbird(seq_len: int, block: int, local: int, global_: int, random: int, seed: int):
   return fa.bigbird_layout(seq_len, block, local_blocks=local, global_blocks=global_,
@@ -185,7 +194,7 @@ class Attention(nnx.Module):
     self.compute_dtype = prec.compute
     self.implementation = resolve_implementation(cfg.attention_impl, prec.compute)
     self.num_kv_heads, self.head_dim = k, h
-    self.backend = cfg.attention_backend
+    self.backend = op_backend(cfg, self.kind)
     self.interpret = cfg.attention_interpret
     self.window = cfg.attention_window if self.kind == 'sliding_window' else None
     # (block, local, global, random, seed) of the BigBird layout; the layout itself depends on the
@@ -253,7 +262,7 @@ class Attention(nnx.Module):
       op = lambda q, k, v, seg: fa.flash_attention(
           q, k, v, segment_ids=seg, block_q=block_q, block_k=block_k, backend=self.backend,
           interpret=self.interpret, **static)
-      if fa.resolve_backend(self.backend) == 'reference':
+      if self.backend == 'reference':
         out = op(q, k, v, segment_ids)
       else:
         out = shard_heads(op, q, k, v, segment_ids)
@@ -338,7 +347,7 @@ class Attention(nnx.Module):
     if cls.kind == 'dense':
       return projections + 0.5 * 4 * seq_len * n * h
     block = cfg.block_sparse_block if cls.kind == 'block_sparse' else None
-    padded, block_q, block_k = op_blocks(cfg.attention_backend, h, seq_len, block)
+    padded, block_q, block_k = op_blocks(op_backend(cfg, cls.kind), h, seq_len, block)
     window = cfg.attention_window if cls.kind == 'sliding_window' else None
     layout = None
     if block is not None:

@@ -121,3 +121,72 @@ def test_config_refuses_what_the_kernel_cannot_run():
   config.model.block_sparse_block = 64
   with pytest.raises(ConfigError, match='multiple of 128'):
     validate(config, 8)
+
+
+@pytest.fixture
+def on_hopper(monkeypatch):
+  """'auto' resolved as on a Hopper GPU: the default backend says 'gpu', the device sm_90."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(attn.fa, 'hopper', lambda: True)
+
+
+def test_auto_picks_mosaic_gpu_on_hopper_where_its_kernel_runs(on_hopper):
+  fa, bf16 = attn.fa, jnp.bfloat16
+  assert fa.resolve_backend('auto', dtype=bf16, seq_len=1024) == 'mosaic_gpu'
+  assert fa.resolve_backend('auto', dtype=jnp.float16, layout_block=256) == 'mosaic_gpu'
+  # Everything its kernel does not take falls back to Triton: float32, S or a layout block off
+  # the 128-row query tile, other explicit tiles, an unknown dtype.
+  assert fa.resolve_backend('auto', dtype=jnp.float32, seq_len=1024) == 'triton'
+  assert fa.resolve_backend('auto', dtype=bf16, seq_len=1000) == 'triton'
+  assert fa.resolve_backend('auto', dtype=bf16, layout_block=32) == 'triton'
+  assert fa.resolve_backend('auto', dtype=bf16, block_q=64) == 'triton'
+  assert fa.resolve_backend('auto', dtype=bf16, block_k=512) == 'triton'
+  assert fa.resolve_backend('auto') == 'triton'
+  assert fa.resolve_backend('triton', dtype=bf16) == 'triton'  # explicit names are kept
+
+
+def test_auto_keeps_triton_on_other_gpus(monkeypatch):
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(attn.fa, 'hopper', lambda: False)
+  assert attn.fa.resolve_backend('auto', dtype=jnp.bfloat16, seq_len=1024) == 'triton'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  assert attn.fa.resolve_backend('auto', dtype=jnp.bfloat16) == 'mosaic'
+
+
+def test_hopper_reads_the_compute_capability(monkeypatch):
+  class Device:
+    compute_capability = '9.0'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(jax, 'devices', lambda: [Device()])
+  assert attn.fa.hopper()
+  Device.compute_capability = '8.0'
+  assert not attn.fa.hopper()
+  Device.compute_capability = '10.0'  # Blackwell has no wgmma
+  assert not attn.fa.hopper()
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  assert not attn.fa.hopper()
+
+
+def test_auto_per_layer_in_a_model(on_hopper):
+  """Each layer resolves 'auto' with the model's dtype and its own layout block: the flash and
+  window layers of bf16 configs/attention_kinds.py take Mosaic GPU, its 32-token BigBird layer
+  Triton; float32 compute keeps every layer on Triton. The exported train step holds both."""
+  config = _config('auto', heads=(4, 2), mesh_sizes=MESHES['data4 x tensor2'])
+  config.model.block_sparse_block = 32
+  assert [attn.op_backend(config.model, k) for k in KINDS] == ['mosaic_gpu', 'mosaic_gpu',
+                                                               'triton']
+  mixer = MIXERS.get('flash')(config.model, rngs=nnx.Rngs(0))
+  assert mixer.backend == 'mosaic_gpu'
+  # FLOP accounting counts the tiles of the backend that runs: 128-row tiles at S = 100.
+  assert attn.op_blocks(attn.op_backend(config.model, 'flash'), 64, 100) == (128, 128, 128)
+  mesh, rules, setup = build(config, jax.devices())
+  batch = {k: jax.ShapeDtypeStruct((1, 8, 256), jnp.float32 if k == 'weights' else jnp.int32,
+                                   sharding=setup.batch_sharding) for k in step_lib.BATCH_KEYS}
+  with jax.set_mesh(mesh), shd.axis_rules(rules):
+    text = export.export(step_lib.make_train_step(setup), platforms=['cuda'], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')])(
+            setup.abstract_state, batch).mlir_module()
+  assert text.count('@mosaic_gpu') >= 6 and '__gpu$xla.gpu.triton' in text
+  f32 = _config('auto')
+  f32.model.compute_dtype = 'float32'
+  assert {attn.op_backend(f32.model, k) for k in KINDS} == {'triton'}

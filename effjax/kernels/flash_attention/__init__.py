@@ -8,8 +8,9 @@ block-layout masks (see reference.py for the exact semantics) on q [B, S, Hq, D]
 Backends: 'triton' (Pallas Triton on GPU, gpu.py), 'mosaic_gpu' (Pallas Mosaic GPU on Hopper:
 TMA and wgmma, warp-specialised, mosaic_gpu.py; head dim 256 takes the Triton backward), 'mosaic'
 (Pallas on TPU, tpu.py), 'reference' (plain jnp, any device) and 'auto', which picks by the
-default JAX backend ('triton' on every GPU until the Mosaic GPU kernel is measured there). The op is differentiable in
-q, k and v through a custom VJP: the forward saves (out, logsumexp) and the backward runs the
+default JAX backend and the call (resolve_backend): 'mosaic_gpu' on Hopper where its kernel takes
+the call (16-bit inputs, S and every block a multiple of 128), else 'triton' on GPU, 'mosaic' on
+TPU and 'reference' elsewhere. The op is differentiable in q, k and v through a custom VJP: the forward saves (out, logsumexp) and the backward runs the
 backend's own backward kernels, recomputing the probabilities tile by tile.
 """
 
@@ -57,13 +58,45 @@ _MIN_TRITON_BLOCK = 16  # Triton's matmul tiles are at least 16 x 16
 _MOSAIC_BLOCK = 128  # TPU tiles span whole 128-lane vregs
 
 
-def resolve_backend(backend: str) -> str:
-  """'auto' -> 'triton' on GPU, 'mosaic' on TPU, 'reference' elsewhere."""
+def hopper() -> bool:
+  """Whether the default device is a Hopper GPU (sm_90, the wgmma/TMA generation)."""
+  if jax.default_backend() != 'gpu':
+    return False
+  capability = str(getattr(jax.devices()[0], 'compute_capability', ''))
+  return capability.split('.')[0] == '9'
+
+
+def mosaic_gpu_takes(*, dtype=None, seq_len: int | None = None, layout_block: int | None = None,
+                     block_q: int | None = None, block_k: int | None = None) -> bool:
+  """Whether the Mosaic GPU kernel runs a call with these properties (None = not constrained).
+
+  It computes in bfloat16 / float16, tiles queries by exactly 128 rows and keys by a multiple of
+  64 up to 256, so S and a layout's block must divide by 128.
+  """
+  if dtype is not None and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16),
+                                                    jnp.dtype(jnp.float16)):
+    return False
+  if block_q is not None and block_q != 128:
+    return False
+  if block_k is not None and (block_k % 64 or block_k > 256):
+    return False
+  return all(n is None or n % 128 == 0 for n in (seq_len, layout_block))
+
+
+def resolve_backend(backend: str, **call) -> str:
+  """The backend a call runs on: explicit names are kept; 'auto' -> 'mosaic' on TPU, on GPU
+  'mosaic_gpu' for a Hopper device and a call its kernel takes (`call`: the keywords of
+  mosaic_gpu_takes, dtype always among them when known), else 'triton'; 'reference' elsewhere.
+  """
   if backend not in KERNEL_BACKENDS:
     raise ValueError(f'backend must be one of {KERNEL_BACKENDS}, got {backend!r}')
   if backend != 'auto':
     return backend
-  return {'gpu': 'triton', 'tpu': 'mosaic'}.get(jax.default_backend(), 'reference')
+  platform = jax.default_backend()
+  if platform == 'gpu':
+    known = call.get('dtype') is not None
+    return 'mosaic_gpu' if known and hopper() and mosaic_gpu_takes(**call) else 'triton'
+  return {'tpu': 'mosaic'}.get(platform, 'reference')
 
 
 def _kernel_module(backend: str):
@@ -220,11 +253,13 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   block_q / block_k default per backend and head dim; interpret=True runs the Pallas kernel in
   interpret mode (CPU tests).
   """
-  backend = resolve_backend(backend)
   if segment_ids is not None:
     segment_ids = jnp.asarray(segment_ids)
   _check_inputs(q, k, v, segment_ids, window, layout)
   seq_len, head_dim = q.shape[1], q.shape[3]
+  backend = resolve_backend(backend, dtype=q.dtype, seq_len=seq_len,
+                            layout_block=None if layout is None else layout.block,
+                            block_q=block_q, block_k=block_k)
   default_q, default_k = default_blocks(backend, head_dim)
   smallest = {'triton': _MIN_TRITON_BLOCK, 'mosaic': _MOSAIC_BLOCK, 'mosaic_gpu': 64}.get(
       backend, 1)
