@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 from effjax.kernels import decode_attention as decode_kernel
 from effjax.kernels import flash_attention as fa
 from effjax.models import layers
-from effjax.models.registry import MIXERS
+from effjax.models.registry import MIXERS, parse_pattern
 from effjax.models.rope import apply_rope
 from effjax.parallel.sharding import constrain, current_rules, logical_to_spec
 
@@ -116,6 +116,12 @@ def op_backend(cfg, kind: str) -> str:
   block = cfg.block_sparse_block if kind == 'block_sparse' else None
   return fa.resolve_backend(cfg.attention_backend, dtype=jnp.dtype(cfg.compute_dtype),
                             layout_block=block)
+
+
+def op_backends(cfg) -> dict[str, str]:
+  """{kind: backend} for the flash-op kinds in cfg.pattern (what the log reports at start)."""
+  kinds = {mixer for mixer, _ in parse_pattern(cfg.pattern)}
+  return {kind: op_backend(cfg, kind) for kind in OP_KINDS if kind in kinds}
 
 
 @functools.lru_cache(maxsize=64)

@@ -23,6 +23,7 @@ from effjax import data as data_lib
 from effjax.compress import run as compress_run
 from effjax.compress import training as compress_training
 from effjax.infer.generate import generate_text
+from effjax.models import attention
 from effjax.optim.factory import make_optimizer
 from effjax.parallel import mesh as mesh_lib
 from effjax.parallel import sharding as shd
@@ -185,6 +186,10 @@ def train(config, workdir: str) -> dict[str, Any]:
         f'"{config.model.pattern}"; mesh {dict(run.mesh.shape)} on {jax.device_count()} '
         f'{jax.devices()[0].platform} device(s); {tokens_per_step} tokens/step; '
         f'{flops_per_token / 1e6:.1f} MFLOPs/token')
+    backends = attention.op_backends(config.model)
+    if backends:
+      run.writer.print('effjax: flash attention backend per layer kind: ' +
+                       ', '.join(f'{k}={v}' for k, v in backends.items()))
 
     summary: dict[str, Any] = {'start_step': start}
     pending = None  # (step, metrics on device) of the step dispatched last

@@ -190,3 +190,12 @@ def test_auto_per_layer_in_a_model(on_hopper):
   f32 = _config('auto')
   f32.model.compute_dtype = 'float32'
   assert {attn.op_backend(f32.model, k) for k in KINDS} == {'triton'}
+
+
+def test_op_backends_reports_every_flash_kind_of_the_pattern(on_hopper):
+  config = _config('auto')
+  config.model.block_sparse_block = 64
+  assert attn.op_backends(config.model) == {'flash': 'mosaic_gpu', 'sliding_window': 'mosaic_gpu',
+                                            'block_sparse': 'triton'}
+  config.model.pattern = 'attention:mlp, sliding_window:mlp'
+  assert attn.op_backends(config.model) == {'sliding_window': 'mosaic_gpu'}
