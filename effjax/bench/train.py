@@ -24,6 +24,7 @@ recorded as such without ending the sweep. A sweep key `xla_flags` sets XLA_FLAG
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -295,6 +296,18 @@ def run_one(config, variant: dict[str, str], **kwargs) -> dict[str, Any]:
   return row
 
 
+def _run_child(argv: list[str], env: dict[str, str], keep: int = 15) -> tuple[int, str]:
+  """Run a sweep child, its stderr passed through as it comes; (exit status, last `keep` lines
+  of that stderr) so a failed variant's row says why."""
+  tail: collections.deque[str] = collections.deque(maxlen=keep)
+  with subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True, errors='replace') as proc:
+    for line in proc.stderr:
+      sys.stderr.write(line)
+      tail.append(line.rstrip())
+    returncode = proc.wait()
+  return returncode, '\n'.join(tail)
+
+
 def run_sweep(variants: list[dict[str, str]], child_argv: list[str]) -> tuple[dict, list[dict]]:
   """Each variant in its own process; returns (environment of the first, rows)."""
   env_record, rows = None, []
@@ -311,10 +324,10 @@ def run_sweep(variants: list[dict[str, str]], child_argv: list[str]) -> tuple[di
       argv = [sys.executable, '-m', 'effjax.bench', 'train', *child_argv, *overrides,
               f'--row_file={row_file}', f'--variant={json.dumps(variant)}']
       print(f'[bench] {variant_name(variant)}', flush=True)
-      proc = subprocess.run(argv, env=env, check=False)
-      if proc.returncode or not os.path.exists(row_file):
+      returncode, tail = _run_child(argv, env)
+      if returncode or not os.path.exists(row_file):
         rows.append({'name': variant_name(variant), 'overrides': variant,
-                     'error': f'exit status {proc.returncode}'})
+                     'error': f'exit status {returncode}', 'error_detail': tail})
         continue
       with open(row_file, encoding='utf-8') as f:
         record = json.load(f)

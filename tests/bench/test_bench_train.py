@@ -66,3 +66,13 @@ def test_bad_requests_are_one_clear_error():
   assert 'expected KEY=V1,V2' in proc.stderr
   proc = _bench('train', *TINY, '--config.model.num_heads=5', expect_rc=2)
   assert 'config error: model.num_heads=5' in proc.stderr
+
+
+def test_a_failed_sweep_variant_keeps_the_sweep_and_says_why(tmp_path):
+  out = tmp_path / 'results'
+  _bench('train', *TINY, f'--out={out}', '--name=mixed', f'--compilation_cache_dir={tmp_path}/c',
+         '--sweep=model.remat_policy=none,sometimes')
+  rows = json.loads((out / 'mixed.json').read_text())['rows']
+  assert rows[0]['step_time_ms'] > 0 and 'error' not in rows[0]
+  assert rows[1]['error'] == 'exit status 2'
+  assert "model.remat_policy='sometimes'" in rows[1]['error_detail'], rows[1]['error_detail']
