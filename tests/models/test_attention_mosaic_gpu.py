@@ -170,7 +170,7 @@ def test_hopper_reads_the_compute_capability(monkeypatch):
 def test_auto_per_layer_in_a_model(on_hopper):
   """Each layer resolves 'auto' with the model's dtype and its own layout block: the flash and
   window layers of bf16 configs/attention_kinds.py take Mosaic GPU, its 32-token BigBird layer
-  Triton; float32 compute keeps every layer on Triton. The exported train step holds both."""
+  Triton; float32 compute keeps every layer on Triton."""
   config = _config('auto', heads=(4, 2), mesh_sizes=MESHES['data4 x tensor2'])
   config.model.block_sparse_block = 32
   assert [attn.op_backend(config.model, k) for k in KINDS] == ['mosaic_gpu', 'mosaic_gpu',
@@ -179,6 +179,16 @@ def test_auto_per_layer_in_a_model(on_hopper):
   assert mixer.backend == 'mosaic_gpu'
   # FLOP accounting counts the tiles of the backend that runs: 128-row tiles at S = 100.
   assert attn.op_blocks(attn.op_backend(config.model, 'flash'), 64, 100) == (128, 128, 128)
+  f32 = _config('auto')
+  f32.model.compute_dtype = 'float32'
+  assert {attn.op_backend(f32.model, k) for k in KINDS} == {'triton'}
+
+
+@pytest.mark.skipif(_JAX >= (0, 11), reason='JAX 0.11 lowers Triton calls under a mesh only with '
+                                             'a GPU present; the main suite (JAX 0.10) runs it')
+def test_auto_train_step_exports_with_both_gpu_backends(on_hopper):
+  config = _config('auto', heads=(4, 2), mesh_sizes=MESHES['data4 x tensor2'])
+  config.model.block_sparse_block = 32
   mesh, rules, setup = build(config, jax.devices())
   batch = {k: jax.ShapeDtypeStruct((1, 8, 256), jnp.float32 if k == 'weights' else jnp.int32,
                                    sharding=setup.batch_sharding) for k in step_lib.BATCH_KEYS}
@@ -187,9 +197,6 @@ def test_auto_per_layer_in_a_model(on_hopper):
         export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')])(
             setup.abstract_state, batch).mlir_module()
   assert text.count('@mosaic_gpu') >= 6 and '__gpu$xla.gpu.triton' in text
-  f32 = _config('auto')
-  f32.model.compute_dtype = 'float32'
-  assert {attn.op_backend(f32.model, k) for k in KINDS} == {'triton'}
 
 
 def test_op_backends_reports_every_flash_kind_of_the_pattern(on_hopper):
