@@ -146,16 +146,34 @@ def test_greedy_speculative_accepting_every_draft_equals_plain():
   assert spec.tokens == _decode(target, 'plain', prompts, max_new=20).tokens
 
 
+def _equal_up_to_rounding_ties(split, prompts, got, want, vocab=259):
+  """Token lists equal, or where a row first differs the full model's bf16 logits for the two
+  tokens at that position are within bf16 rounding of each other (a random-init model's logits are
+  nearly flat, so a product of gamma + 1 rows rounding one ulp differently from a product of one
+  row may flip a tie; anything past the first flip follows from it)."""
+  model = nnx.merge(*split)
+  for prompt, g, w in zip(prompts, got, want):
+    if g == w:
+      continue
+    i = next(k for k, (a, b) in enumerate(zip(g, w)) if a != b)
+    logits = model(jnp.asarray([prompt + w[:i]], jnp.int32))[0, -1, :vocab].astype(jnp.float32)
+    gap = abs(float(logits[g[i]]) - float(logits[w[i]]))
+    scale = float(jnp.max(jnp.abs(logits)))
+    assert gap <= 4 * 2.0**-8 * scale, (i, g[i], w[i], gap, scale)
+    assert float(jnp.max(logits)) - float(logits[w[i]]) <= 4 * 2.0**-8 * scale
+
+
 def test_greedy_speculative_equals_plain_in_bfloat16():
   """bf16 compute (the GPU's decoding dtype): the verification pass multiplies gamma + 1 rows
-  where plain decoding multiplies one, and on this backend the output is still plain greedy's."""
+  where plain decoding multiplies one; the output is plain greedy's up to bf16 rounding ties."""
   target = _split(0, pattern='attention:mlp', compute_dtype='bfloat16')
   draft = _split(1, pattern='attention:mlp', num_layers=2, exit_layers='', compute_dtype='bfloat16')
   rng = np.random.default_rng()
   prompts = [[int(t) for t in rng.integers(3, 259, n)] for n in (5, 12)]
   plain = _decode(target, 'plain', prompts, max_new=24).tokens
-  assert _decode(target, 'speculative', prompts, draft=draft, max_new=24).tokens == plain
-  assert _decode(target, 'self_speculative', prompts, max_new=24).tokens == plain
+  for method, kw in (('speculative', dict(draft=draft)), ('self_speculative', {})):
+    out = _decode(target, method, prompts, max_new=24, **kw).tokens
+    _equal_up_to_rounding_ties(target, prompts, out, plain)
 
 
 @pytest.mark.parametrize('tied', [True, False])
