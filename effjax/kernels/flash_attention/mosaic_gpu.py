@@ -236,20 +236,10 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
       plgpu.barrier_arrive(k_free.at[slot])
       scores = scores * qk_scale
       if masked:
-        k0 = idx_ref[qb, t] * block_k
-        rows = row0 + layout(lax.broadcasted_iota(jnp.int32, (WG_ROWS, block_k), 0),
-                             plgpu.Layout.WGMMA)
-        cols = k0 + layout(lax.broadcasted_iota(jnp.int32, (WG_ROWS, block_k), 1),
-                           plgpu.Layout.WGMMA)
-        ok = _allowed(rows, cols, causal=causal, window=window)
-        if has_segments:
-          seg_k = _load(segk_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
-          same = (lax.broadcast_in_dim(seg_q, (WG_ROWS, block_k), [0]) ==
-                  lax.broadcast_in_dim(seg_k, (WG_ROWS, block_k), [1]))
-          same = same & (lax.broadcast_in_dim(seg_k, (WG_ROWS, block_k), [1]) > 0)
-          ok = same if ok is None else ok & same
-        if ok is not None:
-          scores = jnp.where(ok, scores, -jnp.inf)
+        seg_k = _load(segk_smem.at[slot], plgpu.Layout.WGMMA.reduce(0)) if has_segments \
+            else None
+        scores = _mask_tile(scores, row0, idx_ref[qb, t] * block_k, seg_q, seg_k,
+                            keys_on_rows=False, causal=causal, window=window, layout=layout)
       m_new = jnp.maximum(m, scores.max(axis=1))
       alpha = jnp.exp2(m - m_new)
       p = jnp.exp2(scores - lax.broadcast_in_dim(m_new, scores.shape, [0]))
@@ -410,6 +400,25 @@ def _allowed(q_ids, k_ids, *, causal: bool, window: int | None):
   return ok
 
 
+def _mask_tile(scores, row0, col0, seg_rows, seg_cols, *, keys_on_rows: bool, causal: bool,
+               window: int | None, layout):
+  """-inf where a (WG_ROWS, n) WGMMA tile's entry is masked. Rows start at position row0 and
+  columns at col0; rows are queries and columns keys (forward, dQ) or the reverse (dK/dV, which
+  multiply K by Q^T). seg_rows / seg_cols: the rows' and columns' segment ids (None: no segments;
+  a key of segment 0 is padding)."""
+  shape = scores.shape
+  rows = row0 + layout(lax.broadcasted_iota(jnp.int32, shape, 0), plgpu.Layout.WGMMA)
+  cols = col0 + layout(lax.broadcasted_iota(jnp.int32, shape, 1), plgpu.Layout.WGMMA)
+  q_ids, k_ids = (cols, rows) if keys_on_rows else (rows, cols)
+  ok = _allowed(q_ids, k_ids, causal=causal, window=window)
+  if seg_rows is not None:
+    seg_r = lax.broadcast_in_dim(seg_rows, shape, [0])
+    seg_c = lax.broadcast_in_dim(seg_cols, shape, [1])
+    same = (seg_r == seg_c) & ((seg_r if keys_on_rows else seg_c) > 0)
+    ok = same if ok is None else ok & same
+  return scores if ok is None else jnp.where(ok, scores, -jnp.inf)
+
+
 def bwd(q, k, v, segment_ids, out, lse, d_out, *, causal: bool, window: int | None,
         blocks: np.ndarray, scale: float, block_q: int, block_k: int, interpret=False,
         stages: int | None = None):
@@ -501,17 +510,10 @@ def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, 
 
       scores = pl.run_scoped(sT, plgpu.ACC(shape, jnp.float32)) * qk_scale
       if masked:
-        q0 = idx_ref[kb, j] * bq
-        k_ids = row0 + lay(lax.broadcasted_iota(jnp.int32, shape, 0), plgpu.Layout.WGMMA)
-        q_ids = q0 + lay(lax.broadcasted_iota(jnp.int32, shape, 1), plgpu.Layout.WGMMA)
-        ok = _allowed(q_ids, k_ids, causal=causal, window=window)
-        if has_segments:
-          seg_q = _load(segq_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
-          seg_k_b = lax.broadcast_in_dim(seg_k, shape, [0])
-          same = (seg_k_b == lax.broadcast_in_dim(seg_q, shape, [1])) & (seg_k_b > 0)
-          ok = same if ok is None else ok & same
-        if ok is not None:
-          scores = jnp.where(ok, scores, -jnp.inf)
+        seg_q = _load(segq_smem.at[slot], plgpu.Layout.WGMMA.reduce(0)) if has_segments \
+            else None
+        scores = _mask_tile(scores, row0, idx_ref[kb, j] * bq, seg_k, seg_q,
+                            keys_on_rows=True, causal=causal, window=window, layout=lay)
       lse_cols = _load(lse_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
       p_t = jnp.exp2(scores - lax.broadcast_in_dim(lse_cols, shape, [1]))
       dv = _accumulate(dv, p_t.astype(dtype), do_smem.at[slot], stage)
@@ -656,17 +658,10 @@ def _dq_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, s
 
       scores = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32)) * qk_scale
       if masked:
-        k0 = idx_ref[qb, t] * bk
-        q_ids = row0 + lay(lax.broadcasted_iota(jnp.int32, shape, 0), plgpu.Layout.WGMMA)
-        k_ids = k0 + lay(lax.broadcasted_iota(jnp.int32, shape, 1), plgpu.Layout.WGMMA)
-        ok = _allowed(q_ids, k_ids, causal=causal, window=window)
-        if has_segments:
-          seg_k = lax.broadcast_in_dim(
-              _load(segk_smem.at[slot], plgpu.Layout.WGMMA.reduce(0)), shape, [1])
-          same = (lax.broadcast_in_dim(seg_q, shape, [0]) == seg_k) & (seg_k > 0)
-          ok = same if ok is None else ok & same
-        if ok is not None:
-          scores = jnp.where(ok, scores, -jnp.inf)
+        seg_k = _load(segk_smem.at[slot], plgpu.Layout.WGMMA.reduce(0)) if has_segments \
+            else None
+        scores = _mask_tile(scores, row0, idx_ref[qb, t] * bk, seg_q, seg_k,
+                            keys_on_rows=False, causal=causal, window=window, layout=lay)
       p = jnp.exp2(scores - lax.broadcast_in_dim(lse_rows, shape, [0]))
       dp = pl.run_scoped(dov, plgpu.ACC(shape, jnp.float32))
       ds = p * (dp - lax.broadcast_in_dim(delta_rows, shape, [0]))
