@@ -280,14 +280,17 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
     kv_head = lax.div(head, groups)
     n_t = ntotal_ref[qb]
 
-    def load(t, slot):
+    def load_k(t, slot):
       rows = pl.ds(idx_ref[qb, t] * block_k, block_k)
       plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[slot], k_ready.at[slot])
       if has_segments:
         plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segk_smem.at[slot], k_ready.at[slot])
+
+    def load_v(t, slot):
+      rows = pl.ds(idx_ref[qb, t] * block_k, block_k)
       plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot], v_ready.at[slot])
 
-    _produce(n_t, stages, (k_free, v_free), load)
+    _produce(n_t, stages, ((k_free, load_k), (v_free, load_v)))
 
   def kernel(q_ref, k_ref, v_ref, idx_ref, nfull_ref, ntotal_ref, *rest):
     seg_ref, out_ref, lse_ref = rest if has_segments else (None, *rest)
@@ -365,26 +368,27 @@ def bwd_stages(head_dim: int, resident_bytes: int, slot_bytes: int) -> int:
   return int(max(1, min(4, (_SMEM_BYTES - resident_bytes - 8192) // slot_bytes)))
 
 
-def _produce(n_steps, stages: int, frees, issue) -> None:
-  """The memory warpgroup's loop: issue(t, slot) for t < n_steps, reusing a slot once every
-  barrier in `frees` (one per tensor of the slot) says its consumers released it."""
-  def wait_free(slot):
-    for free in frees:
-      plgpu.barrier_wait(free.at[slot])
-
+def _produce(n_steps, stages: int, parts) -> None:
+  """The memory warpgroup's loop over steps t < n_steps in a ring of `stages` slots. `parts` are
+  (free, issue) pairs, one per tensor (or group of tensors) of a slot: issue(t, slot) starts its
+  copies once `free` says the consumers released that part of the slot, so a part released early
+  (K after the scores, before V's product) is refilled without waiting for the others."""
   for t in range(stages):
-    pl.when(t < n_steps)(functools.partial(issue, t, t))
+    for _, issue in parts:
+      pl.when(t < n_steps)(functools.partial(issue, t, t))
 
   @pl.loop(stages, n_steps)
   def _(t):
     slot = lax.rem(t, stages)
-    wait_free(slot)
-    issue(t, slot)
+    for free, issue in parts:
+      plgpu.barrier_wait(free.at[slot])
+      issue(t, slot)
 
   # Observe the last release of every slot, so no barrier is freed with a phase pending.
   @pl.loop(lax.max(n_steps - stages, 0), n_steps)
   def _(t):
-    wait_free(lax.rem(t, stages))
+    for free, _ in parts:
+      plgpu.barrier_wait(free.at[lax.rem(t, stages)])
 
 
 def _allowed(q_ids, k_ids, *, causal: bool, window: int | None):
@@ -556,7 +560,7 @@ def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, 
       if has_segments:
         plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segq_smem.at[slot], ready.at[slot])
 
-    _produce(groups * n_t, stages, (free,), issue)
+    _produce(groups * n_t, stages, ((free, issue),))
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, nfull_ref, ntotal_ref,
              *rest):
@@ -690,7 +694,7 @@ def _dq_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, s
       if has_segments:
         plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segk_smem.at[slot], ready.at[slot])
 
-    _produce(ntotal_ref[qb], stages, (free,), issue)
+    _produce(ntotal_ref[qb], stages, ((free, issue),))
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, idx_ref, nfull_ref, ntotal_ref,
              *rest):
