@@ -53,7 +53,8 @@ _CACHE = flags.DEFINE_string('compilation_cache_dir',
 _OP = flags.DEFINE_string('op', 'attention',
                           'kernels: the op to benchmark (see OPS in effjax/bench/kernels.py).')
 _GRID = flags.DEFINE_string('grid', 'default', "kernels: 'default' (the GPU shapes), 'tiny' "
-                            "(CPU-sized, seconds) or an op's own grid ('targets' for attention).")
+                            "(CPU-sized, seconds) or an op's own grid (attention: 'targets', "
+                            "'quick').")
 _IMPLS = flags.DEFINE_list('impls', [],
                            "kernels: implementations to run (default: all of the op's).")
 _CONTEXTS = flags.DEFINE_list('contexts', ['1024', '4096', '16384', '32768'],

@@ -483,6 +483,12 @@ ATTENTION_GRIDS = {
     'targets': AttentionGrid(tokens=16384, width=2048, seq_lens=(1024, 4096, 16384, 32768),
                              head_dims=(64, 128), window=1024, layout_block=128,
                              restricted_seq_len=16384, causal=(True,)),
+    # Two causal D-128 shapes plus the window and sparse rows: a few minutes, to see where a
+    # kernel change moved speed before the full grids.
+    'quick': AttentionGrid(tokens=16384, width=2048, seq_lens=(4096, 16384), head_dims=(128,),
+                           window=1024, layout_block=128, restricted_seq_len=16384,
+                           causal=(True,), check_cases=2, check_seq_lens=(256,),
+                           check_head_dims=(128,)),
     'tiny': AttentionGrid(tokens=512, width=128, seq_lens=(128, 256), head_dims=(64,), window=64,
                           layout_block=32, restricted_seq_len=256, check_cases=3,
                           check_seq_lens=(128, 256), check_head_dims=(64,)),

@@ -2,7 +2,7 @@
 # The Hopper attention study on the GPU machine, in named steps, most important first; every
 # result file is packed into $OUT/results.tgz after each step (a run cut short keeps what it did).
 #   bash experiments/attention_kernels/run_gpu.sh STEP [STEP ...]
-#   steps: check model auto targets gpt2 gpt1b grid
+#   steps: check model auto quick targets gpt2 gpt1b grid
 set -u
 OUT=${OUT:-/tmp/effjax_attention_out}
 RES=${RES:-/tmp/effjax_attention_results}
@@ -34,6 +34,11 @@ auto() {
     --config.model.compute_dtype=bfloat16 --config.data.seq_len=512 --config.train.steps=6 \
     --config.optim.warmup_steps=2 --config.train.eval_every=3 \
     --config.train.checkpoint_every=3 2>&1 | tail -40 | tee "$RES/model_auto.txt"
+}
+# Two causal D-128 shapes, window and BigBird at 16k, every peer: minutes, after a kernel change.
+quick() {
+  python3 -m effjax.bench kernels --op=attention --grid=quick --repeats=10 $CACHE \
+    --impls=effjax_triton,effjax_mosaic_gpu,tokamax,cudnn --out="$RES" --name=attention_quick
 }
 # The targets' shapes (causal, S 1k-32k, D 64/128, window and BigBird at 16k), every peer.
 targets() {

@@ -372,3 +372,15 @@ def test_an_implementation_failing_its_check_is_not_timed():
   text = kb.summary(rows, op)
   assert 'correctness good: 1/1 random cases ok' in text
   assert 'correctness bad: 0/1 random cases ok' in text
+
+
+@pytest.mark.parametrize('grid', sorted(kb.ATTENTION_GRIDS))
+def test_every_attention_grid_lists_its_dense_window_and_sparse_rows(grid):
+  g = kb.ATTENTION_GRIDS[grid]
+  impls = ('effjax', 'cudnn')
+  cases = list(kb.attention_cases(grid, impls))
+  variants = {c.variant.split('=')[0].split(' ')[0] for c in cases}
+  assert 'dense' in variants
+  if g.restricted_seq_len in g.seq_lens:
+    assert {'window', 'bigbird'} <= variants
+  assert len({(c.group, c.variant, c.impl, c.mode) for c in cases}) == len(cases)
