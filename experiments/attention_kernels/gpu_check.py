@@ -1,10 +1,12 @@
 """On a GPU: the kernels against the float32 reference, then a few timings vs cuDNN.
 
-    python experiments/attention_kernels/gpu_check.py [--quick | --blocks]
+    python experiments/attention_kernels/gpu_check.py [--quick [--d256] | --blocks]
         [--backend=triton|mosaic_gpu] [--random=N]
 
 --backend picks the effjax backend checked and timed (default triton); --random=N adds N random
 shape-and-mask cases from effjax/bench/attention_check.py (what the benchmark runs first).
+With mosaic_gpu, the checks include the head-dim-split D256 backward and the timings compare it
+with the Triton backward and cuDNN (--quick --d256: that timing alone).
 
 Numerics: relative error norms ||x - ref|| / ||ref|| of the output and of dq, dk, dv (bf16 inputs
 against the reference on float32 copies at 'highest' matmul precision). Timings: median of
@@ -13,6 +15,8 @@ events-synchronised calls, the same shapes as the benchmark's headline point.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 
@@ -39,7 +43,28 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def check(name, *, b=2, s=512, hq=4, hkv=2, d=128, dtype=jnp.bfloat16, segments=False, **kw):
+@contextlib.contextmanager
+def _env(values):
+  """os.environ updated with `values` inside the block (read when a kernel is traced)."""
+  old = {name: os.environ.get(name) for name in values}
+  os.environ.update(values)
+  try:
+    yield
+  finally:
+    for name, value in old.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
+
+
+def check(name, *, b=2, s=512, hq=4, hkv=2, d=128, dtype=jnp.bfloat16, segments=False,
+          env=None, **kw):
+  with _env(env or {}):
+    return _check(name, b=b, s=s, hq=hq, hkv=hkv, d=d, dtype=dtype, segments=segments, **kw)
+
+
+def _check(name, *, b, s, hq, hkv, d, dtype, segments, **kw):
   q, k, v, ct, seg = _inputs(jax.random.key(np.random.randint(1 << 30)), b, s, hq, hkv, d, dtype)
   seg = seg if segments else None
 
@@ -90,6 +115,34 @@ def timings():
     both = bench(grad, (q, k, v))
     print(f'B4 S4096 H16 D128 causal {name:7s} fwd {fwd:7.3f} ms {flops / fwd / 1e9:6.1f} TFLOP/s'
           f' | fwd+bwd {both:7.3f} ms {3.5 * flops / both / 1e9:6.1f} TFLOP/s', flush=True)
+  if BACKEND == 'mosaic_gpu':
+    d256_backward_timings()
+
+
+def d256_backward_timings():
+  """fwd+bwd at D 256 with the Triton backward (the default) and the head-dim-split Mosaic GPU
+  backward, and cuDNN's, on one shape."""
+  b, s, h, d = 2, 4096, 8, 256
+  q, k, v, ct, _ = _inputs(jax.random.key(3), b, s, h, h, d, jnp.bfloat16)
+  flops = 4 * b * s * s * h * d / 2
+  runs = {'bwd triton': ('effjax', 'triton'), 'bwd mosaic_gpu': ('effjax', 'mosaic_gpu'),
+          'cudnn': ('cudnn', 'triton')}
+  for label, (impl, bwd) in runs.items():
+    if impl == 'effjax':
+      fn = lambda q, k, v: flash_attention(q, k, v, causal=True, backend=BACKEND)
+    else:
+      fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                        implementation='cudnn')
+    grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) *
+                                            ct.astype(jnp.float32)), (0, 1, 2))
+    try:
+      with _env({'EFFJAX_MOSAIC_GPU_BWD_D256': bwd}):
+        both = bench(grad, (q, k, v))
+      print(f'B2 S4096 H8 D256 causal {label:15s} fwd+bwd {both:7.3f} ms '
+            f'{3.5 * flops / both / 1e9:6.1f} TFLOP/s', flush=True)
+    except Exception as e:  # noqa: BLE001
+      print(f'B2 S4096 H8 D256 causal {label:15s} ERROR {str(e).splitlines()[0][:200]}',
+            flush=True)
 
 
 def block_sweep():
@@ -133,6 +186,12 @@ def main():
   ]
   if BACKEND == 'triton':  # the Mosaic GPU kernel takes bf16 / fp16 only
     cases.append(('causal fp32', dict(causal=True, dtype=jnp.float32, s=256)))
+  else:  # the head-dim-split backward at D 256, off by default until it has run here
+    split = {'EFFJAX_MOSAIC_GPU_BWD_D256': 'mosaic_gpu'}
+    cases += [('causal d256 split bwd', dict(causal=True, d=256, s=512, env=split)),
+              ('segments d256 gqa split bwd', dict(causal=True, d=256, s=512, hq=4, hkv=1,
+                                                   segments=True, env=split)),
+              ('window d256 split bwd', dict(causal=True, d=256, s=512, window=200, env=split))]
   ok = True
   for name, kw in cases:
     try:
@@ -155,6 +214,8 @@ def main():
             flush=True)
   if '--quick' not in sys.argv:
     timings()
+  elif '--d256' in sys.argv:
+    d256_backward_timings()
   print('ALL OK' if ok else 'SOME FAILED')
 
 

@@ -2,7 +2,7 @@
 # The Hopper attention study on the GPU machine, in named steps, most important first; every
 # result file is packed into $OUT/results.tgz after each step (a run cut short keeps what it did).
 #   bash experiments/attention_kernels/run_gpu.sh STEP [STEP ...]
-#   steps: check model auto quick targets gpt2 gpt1b grid
+#   steps: check d256 model auto quick targets gpt2 gpt1b grid
 set -u
 OUT=${OUT:-/tmp/effjax_attention_out}
 RES=${RES:-/tmp/effjax_attention_results}
@@ -16,6 +16,11 @@ check() {
     python3 experiments/attention_kernels/gpu_check.py --quick --backend=$backend --random=6 \
       2>&1 | tee "$RES/gpu_check_$backend.txt"
   done
+}
+# fwd+bwd at D256: the Triton backward (default), the head-dim-split Mosaic GPU one, cuDNN.
+d256() {
+  python3 experiments/attention_kernels/gpu_check.py --quick --d256 --backend=mosaic_gpu \
+    2>&1 | tee "$RES/gpu_check_d256.txt"
 }
 # The model path: the three flash-op layers on the Mosaic GPU backend through the real command
 # (train, evaluate, checkpoint, sample), a few steps.

@@ -88,9 +88,12 @@ def test_lowers_for_cuda(case, d, hq, hkv):
 
 
 @pytest.mark.parametrize('case,d,hq,hkv', [('causal', 128, 4, 1), ('segments', 64, 2, 2),
-                                            ('bigbird', 128, 2, 2), ('window', 64, 2, 1)])
-def test_gradients_lower_for_cuda(case, d, hq, hkv):
-  """One jitted grad: the forward and both backward kernels (dK/dV, dQ) are Mosaic GPU."""
+                                            ('bigbird', 128, 2, 2), ('window', 64, 2, 1),
+                                            ('causal', 256, 4, 2), ('segments', 256, 2, 1)])
+def test_gradients_lower_for_cuda(case, d, hq, hkv, monkeypatch):
+  """One jitted grad: the forward and both backward kernels (dK/dV, dQ) are Mosaic GPU (head dim
+  256: the head-dim-split backward, switched on)."""
+  monkeypatch.setenv('EFFJAX_MOSAIC_GPU_BWD_D256', 'mosaic_gpu')
   rng = np.random.default_rng()
   s = 512
   kw = _masks(case, rng, s)
@@ -104,7 +107,8 @@ def test_gradients_lower_for_cuda(case, d, hq, hkv):
 
 @pytest.mark.skipif(_JAX >= (0, 11), reason='JAX 0.11 lowers Pallas Triton only with a GPU '
                                              'present (it reads the compute capability)')
-def test_head_dim_256_gradients_lower_through_triton_backward():
+def test_head_dim_256_gradients_lower_through_triton_backward_by_default(monkeypatch):
+  monkeypatch.delenv('EFFJAX_MOSAIC_GPU_BWD_D256', raising=False)
   shapes = [jax.ShapeDtypeStruct((1, 256, 2, 256), jnp.bfloat16)] * 3
   loss = lambda q, k, v: flash_attention(q, k, v, backend='mosaic_gpu').astype(
       jnp.float32).sum()
@@ -170,10 +174,13 @@ def test_interpreted_empty_rows_and_skipped_query_block():
 @pytest.mark.parametrize('case,d,hq,hkv,block_k', [
     ('causal', 64, 4, 1, 128), ('bidirectional', 64, 2, 2, 64), ('window', 64, 1, 1, 64),
     ('window_bidirectional', 64, 2, 1, 128), ('segments', 128, 2, 1, 64),
-    ('bigbird', 64, 2, 2, 128), ('empty_blocks', 64, 2, 1, 64)])
-def test_interpreted_backward_matches_reference(case, d, hq, hkv, block_k):
+    ('bigbird', 64, 2, 2, 128), ('empty_blocks', 64, 2, 1, 64), ('causal', 256, 4, 2, 64),
+    ('segments', 256, 2, 1, 64), ('window', 256, 1, 1, 64)])
+def test_interpreted_backward_matches_reference(case, d, hq, hkv, block_k, monkeypatch):
   """The dK/dV and dQ kernels against the reference's VJP for a random cotangent, from the
-  forward's tiles at (128, block_k) (re-tiled to the backward's 64-row tiles)."""
+  forward's tiles at (128, block_k) (re-tiled to the backward's 64-row tiles). Head dim 256
+  runs the head-dim-split kernels (switched on here)."""
+  monkeypatch.setenv('EFFJAX_MOSAIC_GPU_BWD_D256', 'mosaic_gpu')
   rng = np.random.default_rng()
   s = 256
   kw = _masks(case, rng, s)
@@ -287,3 +294,11 @@ def test_rejects_what_the_kernel_cannot_run():
   q, k, v = _qkv(rng, 1, 192, 2, 2, 64)
   with pytest.raises(ValueError, match='not divisible by block_q=128'):
     flash_attention(q, k, v, backend='mosaic_gpu')
+
+
+def test_head_dim_256_backward_switch_names_what_it_takes(monkeypatch):
+  monkeypatch.setenv('EFFJAX_MOSAIC_GPU_BWD_D256', 'cudnn')
+  with pytest.raises(ValueError, match="EFFJAX_MOSAIC_GPU_BWD_D256='cudnn': must be 'triton' or "
+                                       "'mosaic_gpu'"):
+    mosaic_gpu.head_dim_256_backward()
+  assert [mosaic_gpu.head_dim_parts(d) for d in (64, 128, 256)] == [1, 1, 2]

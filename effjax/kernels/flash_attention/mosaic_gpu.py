@@ -29,7 +29,9 @@ lse = EMPTY_ROW_LSE (natural-log units, float32 [B, Hq, S] like the Triton backe
 backward pass turns into zero gradients.
 
 The backward pass (`bwd`, below) is two more warp-specialised kernels, dK/dV and dQ, consuming
-(out, lse); head dim 256 takes the Triton backward (gpu.bwd).
+(out, lse); at head dim 256 their warpgroups split the head dim (see the notes above `bwd`),
+a path that stays behind EFFJAX_MOSAIC_GPU_BWD_D256=mosaic_gpu until it has run on a GPU (the
+default is the Triton backward, gpu.bwd).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -356,11 +359,70 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
 #   S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K        (three wgmma)
 # Splitting dQ off costs recomputing S and dP (seven matmuls instead of five) but needs no
 # atomic accumulation across CTAs, so results are deterministic. A memory warpgroup streams the
-# tiles into a ring of `stages` slots as in the forward. Head dim 256 would need 2 x 64 x 256
-# float32 accumulator registers per thread group beyond Hopper's budget; it runs the Triton
-# backward.
+# tiles into a ring of `stages` slots as in the forward.
+#
+# Head dim 256. Accumulating dK and dV of 64 x 256 in one warpgroup would take 256 float32
+# registers a thread for them alone, beyond Hopper's 255. So at D = 256 the two compute
+# warpgroups share one 64-row tile and split the head dim instead of the rows: every D-sized
+# tile sits in shared memory as two 128-wide parts, S^T (S) and dP^T (dP) contract both parts
+# (two wgmma into one accumulator, computed by both warpgroups), and warpgroup w accumulates
+# and writes only part w of dK and dV (dQ): the registers and wgmma shapes of the D = 128
+# kernel, at 1.5x its tensor-core work per key tile (the scores are formed twice). CTAs cover 64
+# rows, so twice as many run. Until this path has run on a GPU, D = 256 keeps the Triton
+# backward unless EFFJAX_MOSAIC_GPU_BWD_D256=mosaic_gpu (head_dim_256_backward).
 
 BWD_TILE = 64  # rows of the streamed tile in both backward kernels
+BWD_PART = 128  # head-dim columns a backward warpgroup accumulates, at most
+_BWD_D256_ENV = 'EFFJAX_MOSAIC_GPU_BWD_D256'
+
+
+def head_dim_256_backward() -> str:
+  """Which backward a head dim above 128 takes: 'triton' (default) or 'mosaic_gpu'."""
+  choice = os.environ.get(_BWD_D256_ENV, 'triton')
+  if choice not in ('triton', 'mosaic_gpu'):
+    raise ValueError(f"{_BWD_D256_ENV}={choice!r}: must be 'triton' or 'mosaic_gpu'")
+  return choice
+
+
+def head_dim_parts(head_dim: int) -> int:
+  """Parts the backward splits the head dim into across its compute warpgroups (1 or 2)."""
+  parts = max(1, head_dim // BWD_PART)
+  if head_dim % parts or head_dim // parts > BWD_PART or COMPUTE_WGS % parts:
+    raise ValueError(f'the Mosaic GPU backward takes head dims 64, 128 or 256, got {head_dim}')
+  return parts
+
+
+def _wg_part(wg, parts: int):
+  """(row group, head-dim part) of compute warpgroup wg when the head dim is in `parts` parts."""
+  if parts == 1:
+    return wg, 0
+  return lax.div(wg, parts), lax.rem(wg, parts)
+
+
+def _head_cols(part, width: int, parts: int) -> tuple:
+  """The trailing index of a [B, S, H, D] ref selecting head-dim part `part` (none if whole)."""
+  return () if parts == 1 else (pl.ds(part * width, width),)
+
+
+def _parted(lead: tuple, parts: int, tail: tuple) -> tuple:
+  """A backward SMEM shape: the leading dims, the head-dim part axis where there are parts."""
+  return lead + ((parts,) if parts > 1 else ()) + tail
+
+
+def _at(ref, index, part, parts: int):
+  """ref.at[index] and, where the head dim is in parts, that part. A whole head dim adds no
+  index: a literal one would be captured as a constant by pl.run_state, which Mosaic GPU's
+  lowering cannot pass through."""
+  return ref.at[index] if parts == 1 else ref.at[index + (part,)]
+
+
+def _first_part(part, fn) -> None:
+  """fn() in the warpgroup holding part 0 of its row group (the one loading per-row data)."""
+  if isinstance(part, int):
+    if part == 0:
+      fn()
+  else:
+    pl.when(part == 0)(fn)
 
 
 def bwd_stages(head_dim: int, resident_bytes: int, slot_bytes: int) -> int:
@@ -432,13 +494,13 @@ def bwd(q, k, v, segment_ids, out, lse, d_out, *, causal: bool, window: int | No
   [B, Hq, S] (EMPTY_ROW_LSE on keyless rows, whose gradients come out zero).
   """
   b, s, hq, d = q.shape
-  hkv = k.shape[2]
-  groups = hq // hkv
-  if d > 128:
+  if d > 128 and head_dim_256_backward() == 'triton':
     from effjax.kernels.flash_attention import gpu
     return gpu.bwd(q, k, v, segment_ids, out, lse, d_out, causal=causal, window=window,
                    blocks=blocks, scale=scale, block_q=block_q, block_k=block_k,
                    interpret=bool(interpret))
+  halves = head_dim_parts(d)
+  cta_rows = WG_ROWS * (COMPUTE_WGS // halves)
   dtype = q.dtype
   has_segments = segment_ids is not None
   interpret = _interpret_params(interpret)
@@ -448,10 +510,10 @@ def bwd(q, k, v, segment_ids, out, lse, d_out, *, causal: bool, window: int | No
   segments = [segment_ids.astype(jnp.int32)] if has_segments else []
   common = dict(causal=causal, window=window, scale=scale, has_segments=has_segments,
                 interpret=interpret, stages=stages)
-  kv_blocks = retile(blocks, s, block_q, block_k, BWD_TILE, BLOCK_Q, causal=causal,
+  kv_blocks = retile(blocks, s, block_q, block_k, BWD_TILE, cta_rows, causal=causal,
                      window=window)
   dk, dv = _dkv_call(q, k, v, d_out, lse2, delta, segments, kv_blocks, **common)
-  q_blocks = retile(blocks, s, block_q, block_k, BLOCK_Q, BWD_TILE, causal=causal,
+  q_blocks = retile(blocks, s, block_q, block_k, cta_rows, BWD_TILE, causal=causal,
                     window=window)
   dq = _dq_call(q, k, v, d_out, lse2, delta, segments, q_blocks, **common)
   return dq, dk, dv
@@ -464,16 +526,19 @@ def _swizzled_smem(shape, dtype):
 
 def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, scale,
               has_segments, interpret, stages):
-  """dK, dV: CTAs over (kv heads, key blocks of 128, batch)."""
+  """dK, dV: CTAs over (kv heads, key blocks of WG_ROWS x row groups, batch)."""
   b, s, hq, d = q.shape
   hkv = k.shape[2]
   groups = hq // hkv
   dtype = q.dtype
   itemsize = jnp.dtype(dtype).itemsize
   bq = BWD_TILE
-  idx, n_full, n_total = tile_tables(blocks, s, bq, BLOCK_Q, causal=causal, window=window,
+  halves = head_dim_parts(d)
+  row_wgs = COMPUTE_WGS // halves
+  cta_rows, dh = WG_ROWS * row_wgs, d // halves
+  idx, n_full, n_total = tile_tables(blocks, s, bq, cta_rows, causal=causal, window=window,
                                      has_segments=has_segments, by_key=True)
-  stages = bwd_stages(d, 2 * BLOCK_Q * d * itemsize, 2 * bq * d * itemsize + 3 * bq * 4) \
+  stages = bwd_stages(d, 2 * cta_rows * d * itemsize, 2 * bq * d * itemsize + 3 * bq * 4) \
       if stages is None else stages
   max_steps = groups * int(n_total.max(initial=0))
   stages = max(1, min(stages, max_steps)) if max_steps else 1
@@ -483,16 +548,20 @@ def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, 
   def compute_wg(wg, kb, batch, kv_head, refs, scratch):
     k_ref, v_ref, idx_ref, nfull_ref, ntotal_ref, seg_ref, dk_ref, dv_ref = refs
     (k_own, v_own, segk_own, q_smem, do_smem, lse_smem, delta_smem, segq_smem, staging,
-     own_ready, ready, free) = scratch
+     own_ready, ready, free, done) = scratch
     plgpu.set_max_registers(COMPUTE_REGISTERS, action='increase')
-    row0 = kb * BLOCK_Q + wg * WG_ROWS
+    rw, hf = _wg_part(wg, halves)
+    row0 = kb * cta_rows + rw * WG_ROWS
     rows = pl.ds(row0, WG_ROWS)
-    plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_own.at[wg], own_ready.at[wg])
-    plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_own.at[wg], own_ready.at[wg])
+    at = lambda ref: ref.at[(batch, rows, kv_head) + _head_cols(hf, dh, halves)]
+    # This warpgroup's part of its row group's K and V; the row group waits for all parts.
+    plgpu.copy_gmem_to_smem(at(k_ref), _at(k_own, (rw,), hf, halves), own_ready.at[rw])
+    plgpu.copy_gmem_to_smem(at(v_ref), _at(v_own, (rw,), hf, halves), own_ready.at[rw])
     if has_segments:
-      plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segk_own.at[wg], own_ready.at[wg])
-    plgpu.barrier_wait(own_ready.at[wg])
-    seg_k = _load(segk_own.at[wg], plgpu.Layout.WGMMA.reduce(1)) if has_segments else None
+      _first_part(hf, lambda: plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segk_own.at[rw],
+                                                      own_ready.at[rw]))
+    plgpu.barrier_wait(own_ready.at[rw])
+    seg_k = _load(segk_own.at[rw], plgpu.Layout.WGMMA.reduce(1)) if has_segments else None
     n_f = nfull_ref[kb]
     n_t = ntotal_ref[kb]
     stage = None if staging is None else staging.at[wg]
@@ -504,12 +573,14 @@ def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, 
       slot = lax.rem(t, stages)
       plgpu.barrier_wait(ready.at[slot])
 
-      def sT(acc_ref):
-        plgpu.wgmma(acc_ref, k_own.at[wg], _transpose(q_smem.at[slot]))
+      def sT(acc_ref):  # contracts the whole head dim: every part of K and Q
+        for h in range(halves):
+          plgpu.wgmma(acc_ref, _at(k_own, (rw,), h, halves), _transpose(_at(q_smem, (slot,), h, halves)))
         return acc_ref[...]
 
       def dpT(acc_ref):
-        plgpu.wgmma(acc_ref, v_own.at[wg], _transpose(do_smem.at[slot]))
+        for h in range(halves):
+          plgpu.wgmma(acc_ref, _at(v_own, (rw,), h, halves), _transpose(_at(do_smem, (slot,), h, halves)))
         return acc_ref[...]
 
       scores = pl.run_scoped(sT, plgpu.ACC(shape, jnp.float32)) * qk_scale
@@ -520,11 +591,11 @@ def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, 
                             keys_on_rows=True, causal=causal, window=window, layout=lay)
       lse_cols = _load(lse_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
       p_t = jnp.exp2(scores - lax.broadcast_in_dim(lse_cols, shape, [1]))
-      dv = _accumulate(dv, p_t.astype(dtype), do_smem.at[slot], stage)
+      dv = _accumulate(dv, p_t.astype(dtype), _at(do_smem, (slot,), hf, halves), stage)
       delta_cols = _load(delta_smem.at[slot], plgpu.Layout.WGMMA.reduce(0))
       dp_t = pl.run_scoped(dpT, plgpu.ACC(shape, jnp.float32))
       ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta_cols, shape, [1]))
-      dk = _accumulate(dk, ds_t.astype(dtype), q_smem.at[slot], stage)
+      dk = _accumulate(dk, ds_t.astype(dtype), _at(q_smem, (slot,), hf, halves), stage)
       plgpu.barrier_arrive(free.at[slot])
       return dk, dv
 
@@ -533,18 +604,21 @@ def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, 
       carry = lax.fori_loop(0, n_f, functools.partial(step, base=base, masked=False), carry)
       return lax.fori_loop(n_f, n_t, functools.partial(step, base=base, masked=True), carry)
 
-    zeros = lay(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
+    zeros = lay(jnp.zeros((WG_ROWS, dh), jnp.float32), plgpu.Layout.WGMMA)
     dk, dv = lax.fori_loop(0, groups, per_head, (zeros, zeros))
-    k_own.at[wg][...] = (dk * scale).astype(dtype)
-    v_own.at[wg][...] = dv.astype(dtype)
+    if halves > 1:  # the partner still reads every part of K and V until its last step
+      plgpu.barrier_arrive(done.at[rw])
+      plgpu.barrier_wait(done.at[rw])
+    _at(k_own, (rw,), hf, halves)[...] = (dk * scale).astype(dtype)
+    _at(v_own, (rw,), hf, halves)[...] = dv.astype(dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_own.at[wg], dk_ref.at[batch, rows, kv_head])
-    plgpu.copy_smem_to_gmem(v_own.at[wg], dv_ref.at[batch, rows, kv_head])
+    plgpu.copy_smem_to_gmem(_at(k_own, (rw,), hf, halves), at(dk_ref))
+    plgpu.copy_smem_to_gmem(_at(v_own, (rw,), hf, halves), at(dv_ref))
     plgpu.wait_smem_to_gmem(0)
 
   def memory_wg(kb, batch, kv_head, refs, scratch):
     q_ref, do_ref, lse_ref, delta_ref, idx_ref, ntotal_ref, seg_ref = refs
-    (_, _, _, q_smem, do_smem, lse_smem, delta_smem, segq_smem, _, _, ready, free) = scratch
+    (_, _, _, q_smem, do_smem, lse_smem, delta_smem, segq_smem, _, _, ready, free, _) = scratch
     plgpu.set_max_registers(MEMORY_REGISTERS, action='decrease')
     n_t = ntotal_ref[kb]
 
@@ -552,8 +626,12 @@ def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, 
       g = lax.div(t, lax.max(n_t, 1))
       head = kv_head * groups + g
       rows = pl.ds(idx_ref[kb, t - g * n_t] * bq, bq)
-      plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem.at[slot], ready.at[slot])
-      plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem.at[slot], ready.at[slot])
+      for h in range(halves):
+        cols = _head_cols(h, dh, halves)
+        plgpu.copy_gmem_to_smem(q_ref.at[(batch, rows, head) + cols], _at(q_smem, (slot,), h, halves),
+                                ready.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[(batch, rows, head) + cols], _at(do_smem, (slot,), h, halves),
+                                ready.at[slot])
       plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], ready.at[slot])
       plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot],
                               ready.at[slot])
@@ -581,69 +659,79 @@ def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, 
         memory_wg(kb, batch, kv_head,
                   (q_ref, do_ref, lse_ref, delta_ref, idx_ref, ntotal_ref, seg_ref), scratch)
 
-    n_copies = 5 if has_segments else 4
     pl.run_scoped(
         body,
-        _swizzled_smem((COMPUTE_WGS, WG_ROWS, d), dtype),
-        _swizzled_smem((COMPUTE_WGS, WG_ROWS, d), dtype),
-        plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.int32) if has_segments else None,
-        _swizzled_smem((stages, bq, d), dtype),
-        _swizzled_smem((stages, bq, d), dtype),
+        _swizzled_smem(_parted((row_wgs,), halves, (WG_ROWS, dh)), dtype),
+        _swizzled_smem(_parted((row_wgs,), halves, (WG_ROWS, dh)), dtype),
+        plgpu.SMEM((row_wgs, WG_ROWS), jnp.int32) if has_segments else None,
+        _swizzled_smem(_parted((stages,), halves, (bq, dh)), dtype),
+        _swizzled_smem(_parted((stages,), halves, (bq, dh)), dtype),
         plgpu.SMEM((stages, bq), jnp.float32),
         plgpu.SMEM((stages, bq), jnp.float32),
         plgpu.SMEM((stages, bq), jnp.int32) if has_segments else None,
         _swizzled_smem((COMPUTE_WGS, WG_ROWS, bq), dtype) if interpret else None,
-        plgpu.Barrier(num_arrivals=3 if has_segments else 2, num_barriers=COMPUTE_WGS),
-        plgpu.Barrier(num_arrivals=n_copies, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=2 * halves + has_segments, num_barriers=row_wgs),
+        plgpu.Barrier(num_arrivals=2 * halves + 2 + has_segments, num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=halves, num_barriers=row_wgs) if halves > 1 else None,
         collective_axes='wg',
     )
 
   inputs = [q, k, v, d_out, lse2, delta, jnp.asarray(idx), jnp.asarray(n_full),
             jnp.asarray(n_total), *segments]
   out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
-  return _launch(kernel, out_type, (hkv, s // BLOCK_Q, b), ('heads', 'k', 'batch'),
+  return _launch(kernel, out_type, (hkv, s // cta_rows, b), ('heads', 'k', 'batch'),
                  interpret)(*inputs)
 
 
 def _dq_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, scale,
              has_segments, interpret, stages):
-  """dQ: CTAs over (query heads, query blocks of 128, batch)."""
+  """dQ: CTAs over (query heads, query blocks of WG_ROWS x row groups, batch)."""
   b, s, hq, d = q.shape
   hkv = k.shape[2]
   groups = hq // hkv
   dtype = q.dtype
   itemsize = jnp.dtype(dtype).itemsize
   bk = BWD_TILE
-  idx, n_full, n_total = tile_tables(blocks, s, BLOCK_Q, bk, causal=causal, window=window,
+  halves = head_dim_parts(d)
+  row_wgs = COMPUTE_WGS // halves
+  cta_rows, dh = WG_ROWS * row_wgs, d // halves
+  idx, n_full, n_total = tile_tables(blocks, s, cta_rows, bk, causal=causal, window=window,
                                      has_segments=has_segments)
-  stages = bwd_stages(d, 2 * BLOCK_Q * d * itemsize, 2 * bk * d * itemsize + bk * 4) \
+  stages = bwd_stages(d, 2 * cta_rows * d * itemsize, 2 * bk * d * itemsize + bk * 4) \
       if stages is None else stages
   max_steps = int(n_total.max(initial=0))
   stages = max(1, min(stages, max_steps)) if max_steps else 1
   qk_scale = scale * _LOG2E
   lay = functools.partial(_layout, interpret=interpret)
-  num_q_blocks = s // BLOCK_Q
+  num_q_blocks = s // cta_rows
   shape = (WG_ROWS, bk)
 
   def compute_wg(wg, qb, batch, head, refs, scratch):
     q_ref, do_ref, lse_ref, delta_ref, idx_ref, nfull_ref, ntotal_ref, seg_ref, dq_ref = refs
     (q_own, do_own, lse_own, delta_own, segq_own, k_smem, v_smem, segk_smem, staging,
-     own_ready, ready, free) = scratch
+     own_ready, ready, free, done) = scratch
     plgpu.set_max_registers(COMPUTE_REGISTERS, action='increase')
-    row0 = qb * BLOCK_Q + wg * WG_ROWS
+    rw, hf = _wg_part(wg, halves)
+    row0 = qb * cta_rows + rw * WG_ROWS
     rows = pl.ds(row0, WG_ROWS)
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_own.at[wg], own_ready.at[wg])
-    plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_own.at[wg], own_ready.at[wg])
-    plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_own.at[wg], own_ready.at[wg])
-    plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_own.at[wg], own_ready.at[wg])
-    if has_segments:
-      plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segq_own.at[wg], own_ready.at[wg])
-    plgpu.barrier_wait(own_ready.at[wg])
+    at = lambda ref: ref.at[(batch, rows, head) + _head_cols(hf, dh, halves)]
+    plgpu.copy_gmem_to_smem(at(q_ref), _at(q_own, (rw,), hf, halves), own_ready.at[rw])
+    plgpu.copy_gmem_to_smem(at(do_ref), _at(do_own, (rw,), hf, halves), own_ready.at[rw])
+
+    def rows_of_group():
+      plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_own.at[rw], own_ready.at[rw])
+      plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_own.at[rw],
+                              own_ready.at[rw])
+      if has_segments:
+        plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segq_own.at[rw], own_ready.at[rw])
+
+    _first_part(hf, rows_of_group)
+    plgpu.barrier_wait(own_ready.at[rw])
     rows_layout = plgpu.Layout.WGMMA.reduce(1)
-    lse_rows = _load(lse_own.at[wg], rows_layout)
-    delta_rows = _load(delta_own.at[wg], rows_layout)
-    seg_q = _load(segq_own.at[wg], rows_layout) if has_segments else None
+    lse_rows = _load(lse_own.at[rw], rows_layout)
+    delta_rows = _load(delta_own.at[rw], rows_layout)
+    seg_q = _load(segq_own.at[rw], rows_layout) if has_segments else None
     n_f = nfull_ref[qb]
     n_t = ntotal_ref[qb]
     stage = None if staging is None else staging.at[wg]
@@ -652,12 +740,14 @@ def _dq_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, s
       slot = lax.rem(t, stages)
       plgpu.barrier_wait(ready.at[slot])
 
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_own.at[wg], _transpose(k_smem.at[slot]))
+      def qk(acc_ref):  # contracts the whole head dim: every part of Q and K
+        for h in range(halves):
+          plgpu.wgmma(acc_ref, _at(q_own, (rw,), h, halves), _transpose(_at(k_smem, (slot,), h, halves)))
         return acc_ref[...]
 
       def dov(acc_ref):
-        plgpu.wgmma(acc_ref, do_own.at[wg], _transpose(v_smem.at[slot]))
+        for h in range(halves):
+          plgpu.wgmma(acc_ref, _at(do_own, (rw,), h, halves), _transpose(_at(v_smem, (slot,), h, halves)))
         return acc_ref[...]
 
       scores = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32)) * qk_scale
@@ -669,28 +759,35 @@ def _dq_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, s
       p = jnp.exp2(scores - lax.broadcast_in_dim(lse_rows, shape, [0]))
       dp = pl.run_scoped(dov, plgpu.ACC(shape, jnp.float32))
       ds = p * (dp - lax.broadcast_in_dim(delta_rows, shape, [0]))
-      dq = _accumulate(dq, ds.astype(dtype), k_smem.at[slot], stage)
+      dq = _accumulate(dq, ds.astype(dtype), _at(k_smem, (slot,), hf, halves), stage)
       plgpu.barrier_arrive(free.at[slot])
       return dq
 
-    dq = lay(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
+    dq = lay(jnp.zeros((WG_ROWS, dh), jnp.float32), plgpu.Layout.WGMMA)
     dq = lax.fori_loop(0, n_f, functools.partial(step, masked=False), dq)
     dq = lax.fori_loop(n_f, n_t, functools.partial(step, masked=True), dq)
-    q_own.at[wg][...] = (dq * scale).astype(dtype)
+    if halves > 1:  # the partner still reads every part of Q and dO until its last step
+      plgpu.barrier_arrive(done.at[rw])
+      plgpu.barrier_wait(done.at[rw])
+    _at(q_own, (rw,), hf, halves)[...] = (dq * scale).astype(dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_own.at[wg], dq_ref.at[batch, rows, head])
+    plgpu.copy_smem_to_gmem(_at(q_own, (rw,), hf, halves), at(dq_ref))
     plgpu.wait_smem_to_gmem(0)
 
   def memory_wg(qb, batch, head, refs, scratch):
     k_ref, v_ref, idx_ref, ntotal_ref, seg_ref = refs
-    (*_, k_smem, v_smem, segk_smem, _, _, ready, free) = scratch
+    (*_, k_smem, v_smem, segk_smem, _, _, ready, free, _) = scratch
     plgpu.set_max_registers(MEMORY_REGISTERS, action='decrease')
     kv_head = lax.div(head, groups)
 
     def issue(t, slot):
       rows = pl.ds(idx_ref[qb, t] * bk, bk)
-      plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[slot], ready.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot], ready.at[slot])
+      for h in range(halves):
+        cols = _head_cols(h, dh, halves)
+        plgpu.copy_gmem_to_smem(k_ref.at[(batch, rows, kv_head) + cols], _at(k_smem, (slot,), h, halves),
+                                ready.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[(batch, rows, kv_head) + cols], _at(v_smem, (slot,), h, halves),
+                                ready.at[slot])
       if has_segments:
         plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segk_smem.at[slot], ready.at[slot])
 
@@ -718,18 +815,19 @@ def _dq_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, s
 
     pl.run_scoped(
         body,
-        _swizzled_smem((COMPUTE_WGS, WG_ROWS, d), dtype),
-        _swizzled_smem((COMPUTE_WGS, WG_ROWS, d), dtype),
-        plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),
-        plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.float32),
-        plgpu.SMEM((COMPUTE_WGS, WG_ROWS), jnp.int32) if has_segments else None,
-        _swizzled_smem((stages, bk, d), dtype),
-        _swizzled_smem((stages, bk, d), dtype),
+        _swizzled_smem(_parted((row_wgs,), halves, (WG_ROWS, dh)), dtype),
+        _swizzled_smem(_parted((row_wgs,), halves, (WG_ROWS, dh)), dtype),
+        plgpu.SMEM((row_wgs, WG_ROWS), jnp.float32),
+        plgpu.SMEM((row_wgs, WG_ROWS), jnp.float32),
+        plgpu.SMEM((row_wgs, WG_ROWS), jnp.int32) if has_segments else None,
+        _swizzled_smem(_parted((stages,), halves, (bk, dh)), dtype),
+        _swizzled_smem(_parted((stages,), halves, (bk, dh)), dtype),
         plgpu.SMEM((stages, bk), jnp.int32) if has_segments else None,
         _swizzled_smem((COMPUTE_WGS, WG_ROWS, bk), dtype) if interpret else None,
-        plgpu.Barrier(num_arrivals=5 if has_segments else 4, num_barriers=COMPUTE_WGS),
-        plgpu.Barrier(num_arrivals=3 if has_segments else 2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=2 * halves + 2 + has_segments, num_barriers=row_wgs),
+        plgpu.Barrier(num_arrivals=2 * halves + has_segments, num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=halves, num_barriers=row_wgs) if halves > 1 else None,
         collective_axes='wg',
     )
 
