@@ -146,13 +146,14 @@ class QuantizedWeight(CompressedWeight):
   """
 
   def __init__(self, qvalue, scale, layout: Layout, kind: str, act_scale=None, *,
-               backend: str = 'auto', interpret: bool = False):
+               backend: str = 'auto', interpret: bool = False, fuse: bool = True):
     self.layout, self.kind = layout, kind
     self.qvalue = qvalue
     self.scale = scale
     self.act_scale = act_scale
-    # The weight-only matmul's backend (compress.qmm_backend; effjax/kernels/quantized_matmul).
-    self.backend, self.interpret = backend, interpret
+    # The weight-only matmul's backend (compress.qmm_backend; effjax/kernels/quantized_matmul),
+    # and whether products sharing x may run as one launch (compress.qmm_fuse; einsum_group).
+    self.backend, self.interpret, self.fuse = backend, interpret, fuse
 
   def qarray(self, dtype=jnp.float32):
     return q_lib.as_qarray(self.qvalue[...], self.scale[...].astype(dtype), self.kind,
@@ -171,13 +172,13 @@ class QuantizedWeight(CompressedWeight):
         return y
     return q_lib.einsum(equation, x, self.qarray(dtype)).astype(dtype)
 
-  def _matmul(self, equation: str, x: jax.Array, dtype) -> jax.Array | None:
-    """The product through effjax.kernels.quantized_matmul when the einsum is a plain projection
-    (x's trailing axes are the weight's input axes, in order; the output is x's other axes then
-    the weight's output axes); None for any other form. The weight's input axes flatten to one
-    K axis (wo's heads x head_dim) and its outputs to one N axis, which is a reshape of the
-    stored arrays: int4 is packed and grouped along the last input axis, so K's pairs and
-    groups stay consecutive."""
+  def plain_operands(self, equation: str, x: jax.Array):
+    """(lead shape, K, qvalue [K or K/2, N], scale [rows, N], output shape) when the einsum is a
+    plain projection (x's trailing axes are the weight's input axes, in order; the output is x's
+    other axes then the weight's output axes); None for any other form. The weight's input axes
+    flatten to one K axis (wo's heads x head_dim) and its outputs to one N axis, which is a
+    reshape of the stored arrays: int4 is packed and grouped along the last input axis, so K's
+    pairs and groups stay consecutive."""
     qvalue, scale = self.qvalue[...], self.scale[...]
     parts = _split_equation(equation, self.layout, qvalue.ndim)
     if parts is None:
@@ -192,11 +193,46 @@ class QuantizedWeight(CompressedWeight):
     rows = math.prod(in_shape)  # int4: K / 2 bytes
     if rows * (1 if self.kind == 'int8' else 2) != k:
       return None
-    compute = jnp.promote_types(x.dtype, dtype)
-    y = qmm.quantized_matmul(x.reshape(*x.shape[:len(free)], k).astype(compute),
-                             qvalue.reshape(rows, n), scale.reshape(-1, n), kind=self.kind,
-                             backend=self.backend, interpret=self.interpret)
-    return y.reshape(*x.shape[:len(free)], *out_shape).astype(dtype)
+    return x.shape[:len(free)], k, qvalue.reshape(rows, n), scale.reshape(-1, n), out_shape
+
+  def _matmul(self, equation: str, x: jax.Array, dtype) -> jax.Array | None:
+    """The product through effjax.kernels.quantized_matmul (None if not a plain projection)."""
+    ys = _kernel_products([(equation, self)], x, dtype)
+    return None if ys is None else ys[0]
+
+  @staticmethod
+  def einsum_group(products, x: jax.Array, dtype) -> list[jax.Array] | None:
+    """[x times each weight] for products = [(equation, weight), ...] sharing x, as one
+    quantized_matmul_many call (one kernel launch on GPU) when every weight is an int8 (or every
+    one an int4 with one group size) weight-only QuantizedWeight on one backend that allows
+    fusing and every equation is a plain projection; None otherwise (the caller then multiplies
+    them one by one)."""
+    weights = [w for _, w in products]
+    first = weights[0]
+    if not all(isinstance(w, QuantizedWeight) for w in weights):
+      return None
+    if first.kind not in qmm.KINDS or not all(
+        w.fuse and (w.kind, w.backend, w.interpret) == (first.kind, first.backend,
+                                                         first.interpret) for w in weights):
+      return None
+    return _kernel_products(products, x, dtype)
+
+
+def _kernel_products(products, x: jax.Array, dtype) -> list[jax.Array] | None:
+  """QuantizedWeight products sharing x through one quantized_matmul_many (None if any is not a
+  plain projection, or they disagree on K or the int4 group)."""
+  operands = [w.plain_operands(equation, x) for equation, w in products]
+  if any(o is None for o in operands) or len({(o[0], o[1]) for o in operands}) != 1:
+    return None
+  if len({o[3].shape[0] for o in operands}) != 1:  # int4 groups differ
+    return None
+  lead, k = operands[0][0], operands[0][1]
+  first = products[0][1]
+  compute = jnp.promote_types(x.dtype, dtype)
+  ys = qmm.quantized_matmul_many(x.reshape(*lead, k).astype(compute),
+                                 [(o[2], o[3]) for o in operands], kind=first.kind,
+                                 backend=first.backend, interpret=first.interpret)
+  return [y.reshape(*lead, *o[4]).astype(dtype) for y, o in zip(ys, operands)]
 
 
 class FakeQuantWeight(CompressedWeight):
@@ -330,7 +366,8 @@ def compress_param(param: nnx.Param, name: str, method: str, cfg, *, rngs: nnx.R
       act = _param(q_lib.static_scale(amax), batch_names[:len(layers)])
     return QuantizedWeight(_param(qvalue, names), _param(scale, names), layout, method, act,
                            backend=cfg.get('qmm_backend', 'auto'),
-                           interpret=bool(cfg.get('qmm_interpret', False)))
+                           interpret=bool(cfg.get('qmm_interpret', False)),
+                           fuse=bool(cfg.get('qmm_fuse', True)))
   if method in QAT_METHODS:
     return FakeQuantWeight(_param(w, names), layout, method[len('qat_'):], cfg.int4_group_size)
   if method == 'lowrank':

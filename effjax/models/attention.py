@@ -217,9 +217,8 @@ class Attention(nnx.Module):
 
   def _qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
     cdt = self.compute_dtype
-    q = layers.matmul('btd,dnh->btnh', x_btd, self.wq, cdt)
-    k = layers.matmul('btd,dkh->btkh', x_btd, self.wk, cdt)
-    v = layers.matmul('btd,dkh->btkh', x_btd, self.wv, cdt)
+    q, k, v = layers.matmuls(x_btd, [('btd,dnh->btnh', self.wq), ('btd,dkh->btkh', self.wk),
+                                     ('btd,dkh->btkh', self.wv)], cdt)
     q = constrain(apply_rope(q, positions_bt, self.rope_theta),
                   ('act_batch', 'act_length', 'act_heads', None))
     k = constrain(apply_rope(k, positions_bt, self.rope_theta),

@@ -61,3 +61,16 @@ def matmul(equation: str, x: jax.Array, weight: Any, dtype) -> jax.Array:
   if hasattr(type(weight), 'einsum'):
     return weight.einsum(equation, x, dtype)
   return jnp.einsum(equation, x, weight[...].astype(dtype))
+
+
+def matmuls(x: jax.Array, products, dtype) -> list[jax.Array]:
+  """[matmul(equation, x, weight, dtype) for (equation, weight) in products]: several
+  projections of one input (attention's q, k, v; SwiGLU's gate, up). Where the weights' type
+  computes such a group itself (`einsum_group`: int8 / int4 weights read by one kernel launch)
+  it does; otherwise each product is taken on its own."""
+  group = getattr(type(products[0][1]), 'einsum_group', None)
+  if group is not None and len(products) > 1:
+    ys = group(products, x, dtype)
+    if ys is not None:
+      return ys
+  return [matmul(equation, x, weight, dtype) for equation, weight in products]

@@ -28,8 +28,8 @@ class SwiGLU(nnx.Module):
   def __call__(self, x_btd: jax.Array, ctx: layers.Context) -> jax.Array:
     del ctx
     cdt = self.compute_dtype
-    gate = layers.matmul('btd,df->btf', x_btd, self.w_gate, cdt)
-    up = layers.matmul('btd,df->btf', x_btd, self.w_up, cdt)
+    gate, up = layers.matmuls(x_btd, [('btd,df->btf', self.w_gate), ('btd,df->btf', self.w_up)],
+                              cdt)
     hidden = constrain(jax.nn.silu(gate) * up, ('act_batch', 'act_length', 'act_mlp'))
     y = layers.matmul('btf,fd->btd', hidden, self.w_down, cdt)
     return constrain(y, ('act_batch', 'act_length', 'act_embed'))

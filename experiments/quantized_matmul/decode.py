@@ -2,7 +2,8 @@
 Triton kernel and through XLA's dequantize-and-matmul, in one process.
 
     python experiments/quantized_matmul/decode.py [--config=configs/gpt_1b.py] [--context=1024]
-        [--steps=64] [--repeats=5] [--variants=bf16,int8:xla,int8:triton,int4:xla,int4:triton]
+        [--steps=64] [--repeats=5]
+        [--variants=bf16,int8:xla,int8:triton,int8:triton:unfused,int4:xla,int4:triton,...]
         [--out=DIR] [--set model.num_layers=2 ...] [--profile_dir=DIR]
 
 The model is the config's, randomly initialised (decode speed does not depend on the values):
@@ -10,7 +11,9 @@ The model is the config's, randomly initialised (decode speed does not depend on
 "before" column does; 'int8:<backend>' and 'int4:<backend>' decode the same parameters after
 `effjax.compress.weights.restructure` with compress.method=int8 / int4 (compress.targets, groups
 of compress.int4_group_size) and compress.qmm_backend=<backend>, exactly what --mode=compress
-writes and --mode=generate reads. Timing is effjax.bench.decode.time_decode: the caches hold
+writes and --mode=generate reads. The kernel variants run the products that share an input
+(q/k/v, gate/up) as one launch each (compress.qmm_fuse); '<kind>:triton:unfused' as a launch per
+weight, the path before that. Timing is effjax.bench.decode.time_decode: the caches hold
 context + steps positions, one jitted loop of `steps` single-token steps, the median of
 `repeats` loops after a warm-up. Writes decode_qmm.json / .md to --out (suffixed if taken, never
 overwritten) and prints the table.
@@ -38,7 +41,8 @@ def main():
   parser.add_argument('--context', type=int, default=1024)
   parser.add_argument('--steps', type=int, default=64)
   parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--variants', default='bf16,int8:xla,int8:triton,int4:xla,int4:triton')
+  parser.add_argument('--variants', default='bf16,int8:xla,int8:triton,int8:triton:unfused,'
+                      'int4:xla,int4:triton,int4:triton:unfused')
   parser.add_argument('--out', default='/tmp/effjax_qmm_decode')
   parser.add_argument('--set', action='append', default=[], help='section.field=value override')
   parser.add_argument('--profile_dir', default='', help='trace one loop of each variant here '
@@ -56,11 +60,16 @@ def main():
   config = load_config(args)
   rows = []
   for variant in args.variants.split(','):
-    kind, _, backend = variant.partition(':')
+    kind, _, rest = variant.partition(':')
+    backend, _, mode = rest.partition(':')
+    if mode not in ('', 'unfused'):
+      raise SystemExit(f"--variants: {variant!r}: the third part may only be 'unfused'")
     c = config.copy_and_resolve_references()
     model = LM(c.model, rngs=nnx.Rngs(c.seed))
     if kind != 'bf16':
       c.compress.method, c.compress.qmm_backend = kind, backend
+      c.compress.qmm_fuse = mode != 'unfused'
+
       w_lib.restructure(model, c)
     graphdef, params = nnx.split(model)
     params = compress_run.decode_params(params, c.model.compute_dtype)

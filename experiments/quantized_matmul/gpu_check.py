@@ -10,7 +10,8 @@ smaller and larger than a group): the op with backend='triton' (not interpret mo
 reference on the same stored values, rel = ||out - ref|| / ||ref||. Then the gradients against
 the 'xla' path's, the kernel inside jax.shard_map with check_vma on (the out_struct path), what
 backend='auto' picks, and the errors for shapes the kernel cannot tile. Prints one line per
-check and exits 1 if any failed. bf16 / f16 outputs carry their rounding (about 2e-3); float32
+check and exits 1 if any failed. Several weights sharing x in one launch (quantized_matmul_many:
+gpt_1b's q/k/v and gate/up) are checked the same way. bf16 / f16 outputs carry their rounding (about 2e-3); float32
 x multiplies in TF32 (Triton's default for float32 dots, like XLA's on this GPU), about 1e-3.
 """
 
@@ -74,6 +75,25 @@ def check_values(kind, k, n, m, dtype, *, group=128, tiling=None):
     ok = out.shape == (m, n) and out.dtype == dtype and rel < TOLERANCE[dtype]
     report(name, ok, f'rel {rel:.2e}, tiling {plan.tiling}')
   except Exception as e:  # pylint: disable=broad-except  (a lowering error is a result here)
+    report(name, False, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}')
+
+
+def check_many(kind, k, widths, m, *, group=128):
+  """Weights sharing x in one launch (quantized_matmul_many) against the reference, each."""
+  key = jax.random.key(np.random.randint(1 << 30))
+  weights = [_weights(jax.random.fold_in(key, i), kind, k, n, group)
+             for i, n in enumerate(widths)]
+  x = jax.random.normal(jax.random.fold_in(key, 99), (m, k), jnp.bfloat16)
+  name = f'{kind} many M={m} K={k} N={"+".join(map(str, widths))}'
+  try:
+    outs = jax.jit(lambda x: qm.quantized_matmul_many(x, weights, kind=kind, backend='triton',
+                                                      interpret=INTERPRET))(x)
+    rels = [_rel(o.astype(jnp.float32), _reference(x, q, s, kind, group))
+            for o, (q, s) in zip(outs, weights)]
+    plan = qm.plan(kind, m, k, widths, group if kind == 'int4' else None, backend='triton')
+    report(name, max(rels) < TOLERANCE[jnp.bfloat16],
+           f'rel {" ".join(f"{r:.2e}" for r in rels)}, tiling {plan.tiling}')
+  except Exception as e:  # pylint: disable=broad-except
     report(name, False, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}')
 
 
@@ -152,6 +172,11 @@ def main(argv):
   if not quick:
     check_values('int4', 4096, 14336, 1, jnp.bfloat16)
     check_values('int8', 4096, 14336, 1, jnp.bfloat16)
+  for kind in ('int8', 'int4'):  # gpt_1b's q/k/v and gate/up, and a GQA-like q/k/v
+    for m in (1, 16):
+      check_many(kind, 2048, (2048, 2048, 2048), m)
+      check_many(kind, 2048, (5632, 5632), m)
+    check_many(kind, 2048, (2048, 512, 512), 1)
   check_gradients()
   check_shard_map()
   if not INTERPRET:

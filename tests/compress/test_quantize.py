@@ -160,3 +160,33 @@ def test_qmm_backend_reaches_the_weights_and_is_validated():
   with pytest.raises(config_lib.ConfigError,
                      match="compress.qmm_backend='pallas': allowed values are auto, triton, xla"):
     config_lib.validate(c)
+
+
+def test_products_sharing_an_input_run_as_one_kernel_launch():
+  """q/k/v and gate/up of an int8 model: with compress.qmm_fuse one pallas_call each (4 a layer
+  with wo and down, not 7), and the same logits as a launch per weight."""
+  from configs import base
+  from effjax.models.lm import LM
+  from flax import nnx
+  c = base.get_config()
+  c.model.d_model, c.model.mlp_dim, c.model.num_layers = 128, 256, 2
+  c.compress.method = 'int8'
+  c.compress.qmm_backend, c.compress.qmm_interpret = 'triton', True
+  tokens = jnp.asarray(np.random.default_rng().integers(0, 256, (1, 4)), jnp.int32)
+  model = LM(c.model, rngs=nnx.Rngs(int(np.random.default_rng().integers(1000))))
+  w_lib.restructure(model, c)
+  weights = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.QuantizedWeight)]
+  assert weights and all(w.fuse for w in weights)
+
+  def forward():
+    graphdef, state = nnx.split(model)
+    fn = lambda s, t: nnx.merge(graphdef, s)(t)
+    return str(jax.make_jaxpr(fn)(state, tokens)).count('pallas_call'), jax.jit(fn)(state, tokens)
+
+  fused_calls, fused = forward()
+  for w in weights:
+    w.fuse = False
+  calls, want = forward()
+  assert fused_calls * 7 == calls * 4 and fused_calls > 0
+  np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(want, np.float32),
+                             rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))

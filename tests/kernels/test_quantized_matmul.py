@@ -252,3 +252,77 @@ def test_kernel_lowers_to_a_valid_triton_module(kind, in_shard_map, monkeypatch,
   dump = triton_dump(monkeypatch, capfd, gpu, fn, *args)
   assert 'scf.for %' in dump and 'tt.dot' in dump
   assert_verified(dump, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Several weights sharing x in one launch (attention's q/k/v, SwiGLU's gate/up).
+
+
+def _pallas_calls(fn, *args) -> int:
+  return str(jax.make_jaxpr(fn)(*args)).count('pallas_call')
+
+
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+def test_many_weights_in_one_launch_equal_their_separate_products(kind):
+  """Widths of a GQA q/k/v (128, 32, 32): one pallas_call, each output the reference's."""
+  rng = np.random.default_rng()
+  k = 256
+  weights = [_weight(rng, kind, k, n) for n in (128, 32, 32)]
+  group = weights[0][2]
+  pairs = [(q, s) for q, s, _ in weights]
+  for rows, tiling in ((1, None), (5, (16, 64, 2))):
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    fn = lambda x, t=tiling: qm.quantized_matmul_many(x, pairs, kind=kind, backend='triton',
+                                                      interpret=True, tiling=t)
+    assert _pallas_calls(fn, x) == 1
+    outs = jax.jit(fn)(x)
+    for out, (q, s, _) in zip(outs, weights):
+      assert out.shape == (rows, q.shape[1]) and out.dtype == x.dtype
+      _assert_close(out, _reference(x, q, s, kind, group), jnp.bfloat16)
+  # The plan is for the weights together: bn divides every N, programs counted over all tiles.
+  bn, _, split = qm.default_tiling(kind, 1, k, (128, 32, 32), group)
+  assert bn == 32 and (192 // bn) * split <= qm.TARGET_PROGRAMS
+
+
+def test_gradients_of_many_weights_are_the_xla_paths():
+  rng = np.random.default_rng()
+  weights = [_weight(rng, 'int8', 128, n)[:2] for n in (64, 32)]
+  x = jnp.asarray(rng.standard_normal((3, 128)), jnp.float32)
+  cts = [jnp.asarray(rng.standard_normal((3, q.shape[1])), jnp.float32) for q, _ in weights]
+
+  def loss(backend):
+    def f(x, s0, s1):
+      outs = qm.quantized_matmul_many(x, [(weights[0][0], s0), (weights[1][0], s1)],
+                                      kind='int8', backend=backend, interpret=True)
+      return sum(jnp.sum(c * o) for c, o in zip(cts, outs))
+    return f
+  args = (x, weights[0][1], weights[1][1])
+  got = jax.jit(jax.grad(loss('triton'), argnums=(0, 1, 2)))(*args)
+  want = jax.grad(loss('xla'), argnums=(0, 1, 2))(*args)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_many_weights_errors():
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.standard_normal((1, 128)), jnp.float32)
+  a, b = _weight(rng, 'int4', 128, 32, group=64), _weight(rng, 'int4', 128, 32, group=32)
+  with pytest.raises(ValueError, match=r'one group size, got \[32, 64\]'):
+    qm.quantized_matmul_many(x, [a[:2], b[:2]], kind='int4')
+  with pytest.raises(ValueError, match='at least one'):
+    qm.quantized_matmul_many(x, [], kind='int8')
+
+
+def test_many_weights_lower_to_a_valid_triton_module(monkeypatch, capfd):
+  """The branch per weight (scf.if) in one verified Triton module, bf16 x at decode shape."""
+  from effjax.kernels.quantized_matmul import gpu
+  from tests.kernels.triton_lowering import assert_verified, triton_dump
+  k = 512
+  args = [jax.ShapeDtypeStruct((1, k), jnp.bfloat16)]
+  for n in (256, 128, 128):
+    args += [jax.ShapeDtypeStruct((k, n), jnp.int8), jax.ShapeDtypeStruct((1, n), jnp.float32)]
+  fn = lambda x, *w: qm.quantized_matmul_many(x, list(zip(w[0::2], w[1::2])), kind='int8',
+                                              backend='triton', tiling=(128, 256, 2))
+  dump = triton_dump(monkeypatch, capfd, gpu, fn, *args)
+  assert 'scf.if' in dump and 'tt.dot' in dump
+  assert_verified(dump, 1)

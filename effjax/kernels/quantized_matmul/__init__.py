@@ -65,6 +65,7 @@ __all__ = [
   'kernel_unsupported',
   'plan',
   'quantized_matmul',
+  'quantized_matmul_many',
   'resolve_backend',
   'unpack_int4',
 ]
@@ -111,12 +112,19 @@ def _k_steps(kind: str, k: int, group: int | None) -> list[int]:
   return [t for t in tiles if _int4_fits(t, group)] if kind == 'int4' else tiles
 
 
-def kernel_unsupported(kind: str, k: int, n: int, group: int | None = None) -> str | None:
+def _widths(n) -> tuple[int, ...]:
+  """N of one weight, or the Ns of several read by one launch, as a tuple."""
+  return (int(n),) if isinstance(n, int) else tuple(int(w) for w in n)
+
+
+def kernel_unsupported(kind: str, k: int, n, group: int | None = None) -> str | None:
   """Why the kernel cannot tile these shapes (K and N must split into power-of-two tiles of at
-  least 16, and int4 groups into pieces of at least 32 entries), or None when it can."""
+  least 16, and int4 groups into pieces of at least 32 entries), or None when it can. n: one N
+  or the Ns of weights sharing a launch."""
   from effjax.kernels.quantized_matmul import gpu
-  if n % gpu.MIN_TILE:
-    return f'N={n} is not a multiple of {gpu.MIN_TILE}'
+  for width in _widths(n):
+    if width % gpu.MIN_TILE:
+      return f'N={width} is not a multiple of {gpu.MIN_TILE}'
   if k % gpu.MIN_TILE:
     return f'K={k} is not a multiple of {gpu.MIN_TILE}'
   if not _k_steps(kind, k, group):
@@ -129,22 +137,24 @@ def _padded_rows(rows: int) -> int:
   return max(MIN_ROWS, 1 << (max(rows, 1) - 1).bit_length())
 
 
-def default_tiling(kind: str, rows: int, k: int, n: int,
+def default_tiling(kind: str, rows: int, k: int, n,
                    group: int | None = None) -> tuple[int, int, int]:
   """(bn, bk, split) for the kernel: the largest power-of-two widths up to the defaults that
-  divide N and K (int4: whose pieces fit the groups), then the largest split of K's steps that
-  keeps the programs (column tiles x row blocks x split) within TARGET_PROGRAMS."""
+  divide N (every N, for weights sharing a launch) and K (int4: whose pieces fit the groups),
+  then the largest split of K's steps that keeps the programs (column tiles x row blocks x
+  split) within TARGET_PROGRAMS."""
   from effjax.kernels.quantized_matmul import gpu
   reason = kernel_unsupported(kind, k, n, group)
   if reason:
     raise ValueError(f'the quantized matmul kernel cannot tile these shapes: {reason}')
-  bn = _tiles(n, DEFAULT_BN)[0]
+  widths = _widths(n)
+  bn = _tiles(math.gcd(*widths), DEFAULT_BN)[0]
   steps = _k_steps(kind, k, group)
   # The default step where it fits; else the smallest allowed one above it (int4 groups larger
   # than the default step divide no smaller one).
   bk = next((t for t in steps if t <= DEFAULT_BK[kind]), steps[-1])
   mp = _padded_rows(rows)
-  blocks = (n // bn) * (mp // min(mp, gpu.MAX_ROW_BLOCK))
+  blocks = (sum(widths) // bn) * (mp // min(mp, gpu.MAX_ROW_BLOCK))
   count = k // bk
   split = max(d for d in range(1, count + 1)
               if count % d == 0 and (d == 1 or blocks * d <= TARGET_PROGRAMS))
@@ -171,9 +181,10 @@ class Plan:
   reason: str = ''  # why 'auto' fell back to 'xla' for shape reasons ('' otherwise)
 
 
-def plan(kind: str, rows: int, k: int, n: int, group: int | None = None, *,
+def plan(kind: str, rows: int, k: int, n, group: int | None = None, *,
          backend: str = 'auto', tiling=None) -> Plan:
-  """The backend and tiling for x [rows, K] x a [K, N] weight of `kind` (group: int4's)."""
+  """The backend and tiling for x [rows, K] x a [K, N] weight of `kind` (group: int4's); n a
+  sequence of Ns plans one launch over several weights sharing x."""
   resolved = resolve_backend(backend, rows)
   if resolved == 'xla':
     return Plan('xla')
@@ -190,8 +201,9 @@ def plan(kind: str, rows: int, k: int, n: int, group: int | None = None, *,
   from effjax.kernels.quantized_matmul import gpu
   bn, bk, split = (int(t) for t in tiling)
   mp = _padded_rows(rows)
-  gpu.check_tiling(kind, mp, k, n, bm=min(mp, gpu.MAX_ROW_BLOCK), bn=bn, bk=bk, split=split,
-                   group=group)
+  for width in _widths(n):
+    gpu.check_tiling(kind, mp, k, width, bm=min(mp, gpu.MAX_ROW_BLOCK), bn=bn, bk=bk,
+                     split=split, group=group)
   return Plan('triton', (bn, bk, split))
 
 
@@ -218,44 +230,48 @@ def _xla_product(x_mk, qvalue, scale, kind: str, group: int | None) -> jax.Array
   return jnp.matmul(x_mk, w, preferred_element_type=jnp.float32).astype(x_mk.dtype)
 
 
-def _kernel_impl(x_mk, qvalue, scale, static: _Static) -> jax.Array:
+def _kernel_impl(x_mk, qvalues, scales, static: _Static) -> tuple:
   from effjax.kernels.quantized_matmul import gpu
   rows = x_mk.shape[0]
   mp = _padded_rows(rows)
   bm = min(mp, gpu.MAX_ROW_BLOCK)
   bn, bk, split = static.tiling
   x_pad = jnp.pad(x_mk, ((0, mp - rows), (0, 0))) if mp != rows else x_mk
-  scale = scale.astype(jnp.float32)
+  scales = [scale.astype(jnp.float32) for scale in scales]
   kw = dict(rows=rows, bm=bm, bn=bn, bk=bk, split=split, interpret=static.interpret)
   if static.kind == 'int8':
-    partials = gpu.int8_matmul(x_pad, qvalue, scale, **kw)
+    partials = gpu.int8_matmul_many(x_pad, qvalues, scales, **kw)
   else:
-    partials = gpu.int4_matmul(x_pad[:, 0::2], x_pad[:, 1::2], qvalue, scale, **kw)
+    partials = gpu.int4_matmul_many(x_pad[:, 0::2], x_pad[:, 1::2], qvalues, scales, **kw)
   # Only rows [0, rows) were written; slicing before the sum keeps the reduction's reads to them.
-  out = partials[0, :rows] if split == 1 else jnp.sum(partials[:, :rows], axis=0)
-  return out.astype(x_mk.dtype)
+  return tuple((p[0, :rows] if split == 1 else jnp.sum(p[:, :rows], axis=0)).astype(x_mk.dtype)
+               for p in partials)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _kernel_product(x_mk, qvalue, scale, static: _Static):
-  return _kernel_impl(x_mk, qvalue, scale, static)
+def _kernel_products(x_mk, qvalues: tuple, scales: tuple, static: _Static) -> tuple:
+  return _kernel_impl(x_mk, qvalues, scales, static)
 
 
-def _kernel_fwd(x_mk, qvalue, scale, static: _Static):
-  return _kernel_impl(x_mk, qvalue, scale, static), (x_mk, qvalue, scale)
+def _kernel_fwd(x_mk, qvalues, scales, static: _Static):
+  return _kernel_impl(x_mk, qvalues, scales, static), (x_mk, qvalues, scales)
 
 
-def _kernel_bwd(static: _Static, residuals, d_out):
-  x_mk, qvalue, scale = residuals
+def _kernel_bwd(static: _Static, residuals, d_outs):
+  x_mk, qvalues, scales = residuals
+
   # The XLA path's own VJP: the same function, so the same cotangents (and shard_map's psums of
   # the replicated scale's cotangent come from JAX's autodiff, not from here).
-  _, pullback = jax.vjp(lambda x, s: _xla_product(x, qvalue, s, static.kind, static.group),
-                        x_mk, scale)
-  d_x, d_scale = pullback(d_out.astype(x_mk.dtype))
-  return d_x, None, d_scale
+  def products(x, scales):
+    return tuple(_xla_product(x, q, s, static.kind, static.group)
+                 for q, s in zip(qvalues, scales))
+
+  _, pullback = jax.vjp(products, x_mk, tuple(scales))
+  d_x, d_scales = pullback(tuple(d.astype(x_mk.dtype) for d in d_outs))
+  return d_x, tuple(None for _ in qvalues), d_scales
 
 
-_kernel_product.defvjp(_kernel_fwd, _kernel_bwd)
+_kernel_products.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,16 +321,38 @@ def quantized_matmul(x: jax.Array, qvalue: jax.Array, scale: jax.Array, *, kind:
   tiling (bn, bk, split) as in the module docstring; interpret=True runs the Pallas kernel in
   interpret mode (CPU tests). Reverse-mode differentiable in x and scale.
   """
-  k, n, group = _check(x, qvalue, scale, kind)
+  return quantized_matmul_many(x, [(qvalue, scale)], kind=kind, backend=backend,
+                               interpret=interpret, tiling=tiling)[0]
+
+
+def quantized_matmul_many(x: jax.Array, weights, *, kind: str, backend: str = 'auto',
+                          interpret: bool = False,
+                          tiling: tuple[int, int, int] | None = None) -> list[jax.Array]:
+  """[x times each weight] for weights = [(qvalue, scale), ...] of one kind (and, for int4, one
+  group size), each as in quantized_matmul: on the kernel path one launch reads them all, its
+  column tiles running over the weights one after another (attention's q, k and v, or SwiGLU's
+  gate and up, share x), so a decode step pays one launch and one x load for them, not one
+  each. The plan (backend, tiling) is made for the weights together: bn divides every N, and
+  split aims at TARGET_PROGRAMS over all their column tiles."""
+  if not weights:
+    raise ValueError('quantized_matmul_many needs at least one (qvalue, scale) weight')
+  checked = [_check(x, qvalue, scale, kind) for qvalue, scale in weights]
+  k = checked[0][0]
+  widths = tuple(n for _, n, _ in checked)
+  groups = {group for _, _, group in checked}
+  if len(groups) != 1:
+    raise ValueError(f'int4 weights sharing a product must have one group size, got '
+                     f'{sorted(groups)}')
+  group = groups.pop()
   lead = x.shape[:-1]
   rows = math.prod(lead)
-  chosen = plan(kind, rows, k, n, group, backend=backend, tiling=tiling)
+  chosen = plan(kind, rows, k, widths, group, backend=backend, tiling=tiling)
   x_mk = x.reshape(rows, k)
   if chosen.backend == 'xla':
-    out = _xla_product(x_mk, qvalue, scale, kind, group)
+    outs = [_xla_product(x_mk, qvalue, scale, kind, group) for qvalue, scale in weights]
   elif rows == 0:
-    out = jnp.zeros((0, n), x.dtype)
+    outs = [jnp.zeros((0, n), x.dtype) for n in widths]
   else:
-    out = _kernel_product(x_mk, qvalue, scale, _Static(kind, group, chosen.tiling,
-                                                       bool(interpret)))
-  return out.reshape(*lead, n)
+    outs = _kernel_products(x_mk, tuple(q for q, _ in weights), tuple(s for _, s in weights),
+                            _Static(kind, group, chosen.tiling, bool(interpret)))
+  return [out.reshape(*lead, n) for out, n in zip(outs, widths)]

@@ -13,6 +13,10 @@ partial product for int4), so no dequantized copy of a weight is ever written to
 bf16 / f16 x the result is the exact product of x with the dequantized weight up to float32
 summation order; float32 x is rounded to TF32 in the dots (Triton's default, like XLA's).
 
+Several weights sharing x (attention's q, k, v) can go in one launch (`*_matmul_many`): the
+grid's column tiles are the weights' tiles one after another, and a program loads from and
+stores to only the weight its tile falls in (one branch per weight; the others load nothing).
+
 Grid: (N / bn column tiles) x (split K ranges) x (Mp / bm row blocks). With M that small the
 N / bn tiles alone are too few programs to keep every SM reading (16 tiles for N = 2048), so K
 is split into `split` ranges and each program writes its float32 partial product [bm, bn] into
@@ -93,21 +97,39 @@ def _store_rows(o_ref, s, r, col0, acc, *, bm: int, bn: int, rows: int, mp: int)
   plgpu.store(target, acc, mask=real)
 
 
-def _int8_kernel(x_ref, q_ref, s_ref, o_ref, *, bm, bn, bk, steps, rows, mp):
+def _weights(j, tiles: tuple[int, ...], body) -> None:
+  """body(w, column tile within weight w) for the weight that column tile j of the launch falls
+  in. The launch's column tiles are the weights' tiles one after another (tiles[w] each); only
+  the taken branch loads anything, so one launch serves several weights sharing x."""
+  if len(tiles) == 1:
+    body(0, j)
+    return
+  start = 0
+  for w, count in enumerate(tiles):
+    pl.when((j >= start) & (j < start + count))(functools.partial(body, w, j - start))
+    start += count
+
+
+def _int8_kernel(x_ref, *refs, bm, bn, bk, steps, rows, mp, tiles):
+  q_refs, s_refs, o_refs = (refs[i * len(tiles):(i + 1) * len(tiles)] for i in range(3))
   j, s, r = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  col0 = pl.multiple_of(j * bn, bn)
   row0 = pl.multiple_of(r * bm, bm)
   k_first = s * (steps * bk)
 
-  def step(i, acc):
-    k0 = pl.multiple_of(k_first + i * bk, bk)
-    a = x_ref[pl.ds(row0, bm), pl.ds(k0, bk)]
-    w = q_ref[pl.ds(k0, bk), pl.ds(col0, bn)].astype(a.dtype)  # int8 is exact in bf16 / f16
-    return acc + _dot(a, w)
+  def product(w, tile):
+    col0 = pl.multiple_of(tile * bn, bn)
 
-  acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
-  scale = s_ref[pl.ds(0, 1), pl.ds(col0, bn)]
-  _store_rows(o_ref, s, r, col0, acc * scale, bm=bm, bn=bn, rows=rows, mp=mp)
+    def step(i, acc):
+      k0 = pl.multiple_of(k_first + i * bk, bk)
+      a = x_ref[pl.ds(row0, bm), pl.ds(k0, bk)]
+      w_tile = q_refs[w][pl.ds(k0, bk), pl.ds(col0, bn)].astype(a.dtype)  # int8: exact in bf16
+      return acc + _dot(a, w_tile)
+
+    acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+    scale = s_refs[w][pl.ds(0, 1), pl.ds(col0, bn)]
+    _store_rows(o_refs[w], s, r, col0, acc * scale, bm=bm, bn=bn, rows=rows, mp=mp)
+
+  _weights(j, tiles, product)
 
 
 def _nibbles(packed):
@@ -121,28 +143,33 @@ def _nibbles(packed):
   return low, high
 
 
-def _int4_kernel(xe_ref, xo_ref, p_ref, s_ref, o_ref, *, bm, bn, bk, group, steps, rows, mp):
+def _int4_kernel(xe_ref, xo_ref, *refs, bm, bn, bk, group, steps, rows, mp, tiles):
+  p_refs, s_refs, o_refs = (refs[i * len(tiles):(i + 1) * len(tiles)] for i in range(3))
   j, s, r = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  col0 = pl.multiple_of(j * bn, bn)
   row0 = pl.multiple_of(r * bm, bm)
   piece = min(bk, group)  # K entries; one group each
   half = piece // 2  # packed rows of a piece
   k_first = s * (steps * bk)
 
-  def step(i, acc):
-    for p in range(bk // piece):  # unrolled: independent loads the compiler can issue together
-      kp = k_first + i * bk + p * piece
-      r0 = pl.multiple_of(lax.div(kp, 2), half)
-      g = lax.div(kp, group)
-      xe = xe_ref[pl.ds(row0, bm), pl.ds(r0, half)]
-      xo = xo_ref[pl.ds(row0, bm), pl.ds(r0, half)]
-      low, high = _nibbles(p_ref[pl.ds(r0, half), pl.ds(col0, bn)])
-      part = _dot(xe, low.astype(xe.dtype)) + _dot(xo, high.astype(xo.dtype))
-      acc = acc + part * s_ref[pl.ds(g, 1), pl.ds(col0, bn)]
-    return acc
+  def product(w, tile):
+    col0 = pl.multiple_of(tile * bn, bn)
 
-  acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
-  _store_rows(o_ref, s, r, col0, acc, bm=bm, bn=bn, rows=rows, mp=mp)
+    def step(i, acc):
+      for p in range(bk // piece):  # unrolled: independent loads the compiler can issue together
+        kp = k_first + i * bk + p * piece
+        r0 = pl.multiple_of(lax.div(kp, 2), half)
+        g = lax.div(kp, group)
+        xe = xe_ref[pl.ds(row0, bm), pl.ds(r0, half)]
+        xo = xo_ref[pl.ds(row0, bm), pl.ds(r0, half)]
+        low, high = _nibbles(p_refs[w][pl.ds(r0, half), pl.ds(col0, bn)])
+        part = _dot(xe, low.astype(xe.dtype)) + _dot(xo, high.astype(xo.dtype))
+        acc = acc + part * s_refs[w][pl.ds(g, 1), pl.ds(col0, bn)]
+      return acc
+
+    acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+    _store_rows(o_refs[w], s, r, col0, acc, bm=bm, bn=bn, rows=rows, mp=mp)
+
+  _weights(j, tiles, product)
 
 
 def _whole(shape):
@@ -160,42 +187,67 @@ def _params(bm: int, bn: int, steps: int):
                          num_stages=max(1, min(3, steps)))
 
 
-def int8_matmul(x, q, scale, *, rows: int, bm: int, bn: int, bk: int, split: int,
-                interpret: bool = False):
-  """x [Mp, K] x int8 q [K, N] * float32 scale [1, N] -> float32 partials [split, Mp, N], of
-  which rows [0, rows) are written (the rest is left as allocated)."""
+def _tiles_of(kind: str, mp: int, k: int, widths, *, bm, bn, bk, split, group=None):
+  """Column tiles per weight after checking the tiling against every weight's shapes."""
+  for n in widths:
+    check_tiling(kind, mp, k, n, bm=bm, bn=bn, bk=bk, split=split, group=group)
+  return tuple(n // bn for n in widths)
+
+
+def int8_matmul_many(x, qs, scales, *, rows: int, bm: int, bn: int, bk: int, split: int,
+                     interpret: bool = False) -> list:
+  """x [Mp, K] times each int8 q [K, N_w] * float32 scale [1, N_w], in one launch -> float32
+  partials [split, Mp, N_w] per weight, of which rows [0, rows) are written."""
   mp, k = x.shape
-  n = q.shape[1]
-  check_tiling('int8', mp, k, n, bm=bm, bn=bn, bk=bk, split=split)
+  widths = [q.shape[1] for q in qs]
+  tiles = _tiles_of('int8', mp, k, widths, bm=bm, bn=bn, bk=bk, split=split)
   steps = k // (split * bk)
-  kernel = functools.partial(_int8_kernel, bm=bm, bn=bn, bk=bk, steps=steps, rows=rows, mp=mp)
-  return pl.pallas_call(
-      kernel, grid=(n // bn, split, mp // bm),
-      in_specs=[_whole(x.shape), _whole(q.shape), _whole(scale.shape)],
-      out_specs=_whole((split, mp, n)),
-      out_shape=out_struct((split, mp, n), jnp.float32, x, q, scale),
+  kernel = functools.partial(_int8_kernel, bm=bm, bn=bn, bk=bk, steps=steps, rows=rows, mp=mp,
+                             tiles=tiles)
+  out_shapes = [(split, mp, n) for n in widths]
+  return list(pl.pallas_call(
+      kernel, grid=(sum(tiles), split, mp // bm),
+      in_specs=[_whole(a.shape) for a in (x, *qs, *scales)],
+      out_specs=[_whole(shape) for shape in out_shapes],
+      out_shape=[out_struct(shape, jnp.float32, x, *qs, *scales) for shape in out_shapes],
       compiler_params=_params(bm, bn, steps), interpret=interpret, name='int8_matmul',
-  )(x, q, scale)
+  )(x, *qs, *scales))
 
 
-def int4_matmul(x_even, x_odd, packed, scale, *, rows: int, bm: int, bn: int, bk: int,
-                split: int, interpret: bool = False):
-  """(x_even, x_odd [Mp, K/2]) x packed int4 [K/2, N] with float32 group scales [K/group, N]
-  -> float32 partials [split, Mp, N], rows [0, rows) written."""
+def int8_matmul(x, q, scale, **kw):
+  """x [Mp, K] x int8 q [K, N] * float32 scale [1, N] -> float32 partials [split, Mp, N], of
+  which rows [0, rows) are written (the rest is left as allocated). Keywords: int8_matmul_many's."""
+  return int8_matmul_many(x, [q], [scale], **kw)[0]
+
+
+def int4_matmul_many(x_even, x_odd, packs, scales, *, rows: int, bm: int, bn: int, bk: int,
+                     split: int, interpret: bool = False) -> list:
+  """(x_even, x_odd [Mp, K/2]) times each packed int4 [K/2, N_w] with float32 group scales
+  [K/group, N_w] (one group size), in one launch -> float32 partials [split, Mp, N_w] each."""
   mp, half_k = x_even.shape
-  k, n = 2 * half_k, packed.shape[1]
-  group = k // scale.shape[0]
-  if group * scale.shape[0] != k:
-    raise ValueError(f'int4 matmul: {scale.shape[0]} scale rows do not divide K={k}')
-  check_tiling('int4', mp, k, n, bm=bm, bn=bn, bk=bk, split=split, group=group)
+  k = 2 * half_k
+  groups = {scale.shape[0] for scale in scales}
+  if len(groups) != 1 or k % next(iter(groups)):
+    raise ValueError(f'int4 matmul: scale rows {sorted(groups)} must be one count dividing '
+                     f'K={k}')
+  group = k // groups.pop()
+  widths = [p.shape[1] for p in packs]
+  tiles = _tiles_of('int4', mp, k, widths, bm=bm, bn=bn, bk=bk, split=split, group=group)
   steps = k // (split * bk)
   kernel = functools.partial(_int4_kernel, bm=bm, bn=bn, bk=bk, group=group, steps=steps,
-                             rows=rows, mp=mp)
-  return pl.pallas_call(
-      kernel, grid=(n // bn, split, mp // bm),
-      in_specs=[_whole(x_even.shape), _whole(x_odd.shape), _whole(packed.shape),
-                _whole(scale.shape)],
-      out_specs=_whole((split, mp, n)),
-      out_shape=out_struct((split, mp, n), jnp.float32, x_even, x_odd, packed, scale),
+                             rows=rows, mp=mp, tiles=tiles)
+  out_shapes = [(split, mp, n) for n in widths]
+  return list(pl.pallas_call(
+      kernel, grid=(sum(tiles), split, mp // bm),
+      in_specs=[_whole(a.shape) for a in (x_even, x_odd, *packs, *scales)],
+      out_specs=[_whole(shape) for shape in out_shapes],
+      out_shape=[out_struct(shape, jnp.float32, x_even, x_odd, *packs, *scales)
+                 for shape in out_shapes],
       compiler_params=_params(bm, bn, steps), interpret=interpret, name='int4_matmul',
-  )(x_even, x_odd, packed, scale)
+  )(x_even, x_odd, *packs, *scales))
+
+
+def int4_matmul(x_even, x_odd, packed, scale, **kw):
+  """(x_even, x_odd [Mp, K/2]) x packed int4 [K/2, N] with float32 group scales [K/group, N]
+  -> float32 partials [split, Mp, N], rows [0, rows) written. Keywords: int4_matmul_many's."""
+  return int4_matmul_many(x_even, x_odd, [packed], [scale], **kw)[0]
