@@ -11,8 +11,8 @@ reference on the same stored values, rel = ||out - ref|| / ||ref||. Then the gra
 the 'xla' path's, the kernel inside jax.shard_map with check_vma on (the out_struct path), what
 backend='auto' picks, and the errors for shapes the kernel cannot tile. Prints one line per
 check and exits 1 if any failed. Several weights sharing x in one launch (quantized_matmul_many:
-gpt_1b's q/k/v and gate/up) are checked the same way. bf16 / f16 outputs carry their rounding (about 2e-3); float32
-x multiplies in TF32 (Triton's default for float32 dots, like XLA's on this GPU), about 1e-3.
+gpt_1b's q/k/v and gate/up) are checked the same way. bf16 / f16 outputs carry their rounding
+(about 2e-3); float32 x multiplies in TF32 (Triton's default for float32 dots, like XLA's on this GPU), about 1e-3.
 """
 
 from __future__ import annotations

@@ -326,3 +326,17 @@ def test_many_weights_lower_to_a_valid_triton_module(monkeypatch, capfd):
   dump = triton_dump(monkeypatch, capfd, gpu, fn, *args)
   assert 'scf.if' in dump and 'tt.dot' in dump
   assert_verified(dump, 1)
+
+
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+def test_a_single_row_is_not_padded(kind):
+  """Batch-1 decoding: x [1, K] reaches the kernel unpadded (it broadcasts the row itself), and
+  the result is the reference's; two rows are padded to 16 as before."""
+  rng = np.random.default_rng()
+  q, scale, group = _weight(rng, kind, 256, 64)
+  for rows in (1, 2):
+    x = jnp.asarray(rng.standard_normal((rows, 256)), jnp.bfloat16)
+    fn = lambda x: quantized_matmul(x, q, scale, kind=kind, backend='triton', interpret=True)
+    jaxpr = str(jax.make_jaxpr(fn)(x))
+    assert (' pad[' in jaxpr) == (rows > 1)
+    _assert_close(fn(x), _reference(x, q, scale, kind, group), jnp.bfloat16)

@@ -575,12 +575,14 @@ def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, 
 
       def sT(acc_ref):  # contracts the whole head dim: every part of K and Q
         for h in range(halves):
-          plgpu.wgmma(acc_ref, _at(k_own, (rw,), h, halves), _transpose(_at(q_smem, (slot,), h, halves)))
+          plgpu.wgmma(acc_ref, _at(k_own, (rw,), h, halves),
+                      _transpose(_at(q_smem, (slot,), h, halves)))
         return acc_ref[...]
 
       def dpT(acc_ref):
         for h in range(halves):
-          plgpu.wgmma(acc_ref, _at(v_own, (rw,), h, halves), _transpose(_at(do_smem, (slot,), h, halves)))
+          plgpu.wgmma(acc_ref, _at(v_own, (rw,), h, halves),
+                      _transpose(_at(do_smem, (slot,), h, halves)))
         return acc_ref[...]
 
       scores = pl.run_scoped(sT, plgpu.ACC(shape, jnp.float32)) * qk_scale
@@ -628,9 +630,11 @@ def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, 
       rows = pl.ds(idx_ref[kb, t - g * n_t] * bq, bq)
       for h in range(halves):
         cols = _head_cols(h, dh, halves)
-        plgpu.copy_gmem_to_smem(q_ref.at[(batch, rows, head) + cols], _at(q_smem, (slot,), h, halves),
+        plgpu.copy_gmem_to_smem(q_ref.at[(batch, rows, head) + cols],
+                                _at(q_smem, (slot,), h, halves),
                                 ready.at[slot])
-        plgpu.copy_gmem_to_smem(do_ref.at[(batch, rows, head) + cols], _at(do_smem, (slot,), h, halves),
+        plgpu.copy_gmem_to_smem(do_ref.at[(batch, rows, head) + cols],
+                                _at(do_smem, (slot,), h, halves),
                                 ready.at[slot])
       plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], ready.at[slot])
       plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot],
@@ -742,12 +746,14 @@ def _dq_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, s
 
       def qk(acc_ref):  # contracts the whole head dim: every part of Q and K
         for h in range(halves):
-          plgpu.wgmma(acc_ref, _at(q_own, (rw,), h, halves), _transpose(_at(k_smem, (slot,), h, halves)))
+          plgpu.wgmma(acc_ref, _at(q_own, (rw,), h, halves),
+                      _transpose(_at(k_smem, (slot,), h, halves)))
         return acc_ref[...]
 
       def dov(acc_ref):
         for h in range(halves):
-          plgpu.wgmma(acc_ref, _at(do_own, (rw,), h, halves), _transpose(_at(v_smem, (slot,), h, halves)))
+          plgpu.wgmma(acc_ref, _at(do_own, (rw,), h, halves),
+                      _transpose(_at(v_smem, (slot,), h, halves)))
         return acc_ref[...]
 
       scores = pl.run_scoped(qk, plgpu.ACC(shape, jnp.float32)) * qk_scale
@@ -784,9 +790,11 @@ def _dq_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, s
       rows = pl.ds(idx_ref[qb, t] * bk, bk)
       for h in range(halves):
         cols = _head_cols(h, dh, halves)
-        plgpu.copy_gmem_to_smem(k_ref.at[(batch, rows, kv_head) + cols], _at(k_smem, (slot,), h, halves),
+        plgpu.copy_gmem_to_smem(k_ref.at[(batch, rows, kv_head) + cols],
+                                _at(k_smem, (slot,), h, halves),
                                 ready.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[(batch, rows, kv_head) + cols], _at(v_smem, (slot,), h, halves),
+        plgpu.copy_gmem_to_smem(v_ref.at[(batch, rows, kv_head) + cols],
+                                _at(v_smem, (slot,), h, halves),
                                 ready.at[slot])
       if has_segments:
         plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segk_smem.at[slot], ready.at[slot])

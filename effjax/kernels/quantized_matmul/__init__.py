@@ -27,8 +27,9 @@ Tiling (bn, bk, split): output columns per program, K entries per loop step, and
 K ranges whose float32 partial products are summed afterwards (split-K, for enough programs to
 keep every SM reading). `default_tiling` fits them to the shapes; a given tiling is checked and
 a violated constraint named (gpu.check_tiling). Rows are zero-padded to a power of two >= 16
-(Triton's smallest dot), in row blocks of at most 64; K and N are never padded (that would copy
-the weight): shapes the kernel cannot tile go to 'xla' under 'auto' and are an error naming the
+(Triton's smallest dot), in row blocks of at most 64 (a single row is not: the kernel broadcasts
+it in registers, so batch-1 decoding makes no padded copy); K and N are never padded (that would
+copy the weight): shapes the kernel cannot tile go to 'xla' under 'auto' and are an error naming the
 reason under 'triton'.
 
 Differentiation (reverse mode only): the kernel path is wrapped in a custom_vjp whose backward
@@ -236,7 +237,8 @@ def _kernel_impl(x_mk, qvalues, scales, static: _Static) -> tuple:
   mp = _padded_rows(rows)
   bm = min(mp, gpu.MAX_ROW_BLOCK)
   bn, bk, split = static.tiling
-  x_pad = jnp.pad(x_mk, ((0, mp - rows), (0, 0))) if mp != rows else x_mk
+  # One row (batch-1 decoding) goes in as it is and the kernel broadcasts it; more are padded.
+  x_pad = jnp.pad(x_mk, ((0, mp - rows), (0, 0))) if mp != rows and rows > 1 else x_mk
   scales = [scale.astype(jnp.float32) for scale in scales]
   kw = dict(rows=rows, bm=bm, bn=bn, bk=bk, split=split, interpret=static.interpret)
   if static.kind == 'int8':

@@ -1,6 +1,7 @@
 """Weight-only quantized matmul for small M (decoding) as Pallas kernels for the Triton lowering.
 
-x [Mp, K] (bf16 / f16 / f32, Mp a power of two >= 16, the rows past the real ones zero) times
+x [Mp, K] (bf16 / f16 / f32, Mp a power of two >= 16, the rows past the real ones zero; a
+single row comes unpadded, [1, K], and is broadcast in registers) times
 weights stored as int8 [K, N] with one float32 scale per output column, or as int4 packed two to
 a byte along K ([K / 2, N] uint8, entry 2i in the low nibble, 2i + 1 in the high one) with one
 scale per group of `group` consecutive K entries and column ([K / group, N]); see reference.py.
@@ -110,6 +111,15 @@ def _weights(j, tiles: tuple[int, ...], body) -> None:
     start += count
 
 
+def _x_tile(x_ref, row0, cols, bm: int):
+  """[bm, cols] of x from row0. A single-row x (batch-1 decoding, passed unpadded) is
+  broadcast to the bm rows a dot needs: every row computes row 0's product, of which only row
+  0 is stored, so no padded copy of x is ever made."""
+  if x_ref.shape[0] == 1:
+    return jnp.broadcast_to(x_ref[pl.ds(0, 1), cols], (bm, cols.size))
+  return x_ref[pl.ds(row0, bm), cols]
+
+
 def _int8_kernel(x_ref, *refs, bm, bn, bk, steps, rows, mp, tiles):
   q_refs, s_refs, o_refs = (refs[i * len(tiles):(i + 1) * len(tiles)] for i in range(3))
   j, s, r = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -121,7 +131,7 @@ def _int8_kernel(x_ref, *refs, bm, bn, bk, steps, rows, mp, tiles):
 
     def step(i, acc):
       k0 = pl.multiple_of(k_first + i * bk, bk)
-      a = x_ref[pl.ds(row0, bm), pl.ds(k0, bk)]
+      a = _x_tile(x_ref, row0, pl.ds(k0, bk), bm)
       w_tile = q_refs[w][pl.ds(k0, bk), pl.ds(col0, bn)].astype(a.dtype)  # int8: exact in bf16
       return acc + _dot(a, w_tile)
 
@@ -159,8 +169,8 @@ def _int4_kernel(xe_ref, xo_ref, *refs, bm, bn, bk, group, steps, rows, mp, tile
         kp = k_first + i * bk + p * piece
         r0 = pl.multiple_of(lax.div(kp, 2), half)
         g = lax.div(kp, group)
-        xe = xe_ref[pl.ds(row0, bm), pl.ds(r0, half)]
-        xo = xo_ref[pl.ds(row0, bm), pl.ds(r0, half)]
+        xe = _x_tile(xe_ref, row0, pl.ds(r0, half), bm)
+        xo = _x_tile(xo_ref, row0, pl.ds(r0, half), bm)
         low, high = _nibbles(p_refs[w][pl.ds(r0, half), pl.ds(col0, bn)])
         part = _dot(xe, low.astype(xe.dtype)) + _dot(xo, high.astype(xo.dtype))
         acc = acc + part * s_refs[w][pl.ds(g, 1), pl.ds(col0, bn)]
@@ -194,11 +204,20 @@ def _tiles_of(kind: str, mp: int, k: int, widths, *, bm, bn, bk, split, group=No
   return tuple(n // bn for n in widths)
 
 
+def _padded(x, rows: int, bm: int) -> int:
+  """Mp, the rows the kernel computes: x's own, or bm for a single unpadded row (rows == 1)."""
+  if x.shape[0] == 1 and rows == 1:
+    return bm
+  return x.shape[0]
+
+
 def int8_matmul_many(x, qs, scales, *, rows: int, bm: int, bn: int, bk: int, split: int,
                      interpret: bool = False) -> list:
-  """x [Mp, K] times each int8 q [K, N_w] * float32 scale [1, N_w], in one launch -> float32
-  partials [split, Mp, N_w] per weight, of which rows [0, rows) are written."""
-  mp, k = x.shape
+  """x [Mp, K] (or [1, K] for a single row) times each int8 q [K, N_w] * float32 scale
+  [1, N_w], in one launch -> float32 partials [split, Mp, N_w] per weight, of which rows
+  [0, rows) are written."""
+  k = x.shape[1]
+  mp = _padded(x, rows, bm)
   widths = [q.shape[1] for q in qs]
   tiles = _tiles_of('int8', mp, k, widths, bm=bm, bn=bn, bk=bk, split=split)
   steps = k // (split * bk)
@@ -222,9 +241,11 @@ def int8_matmul(x, q, scale, **kw):
 
 def int4_matmul_many(x_even, x_odd, packs, scales, *, rows: int, bm: int, bn: int, bk: int,
                      split: int, interpret: bool = False) -> list:
-  """(x_even, x_odd [Mp, K/2]) times each packed int4 [K/2, N_w] with float32 group scales
-  [K/group, N_w] (one group size), in one launch -> float32 partials [split, Mp, N_w] each."""
-  mp, half_k = x_even.shape
+  """(x_even, x_odd [Mp, K/2], or [1, K/2] for a single row) times each packed int4 [K/2, N_w]
+  with float32 group scales [K/group, N_w] (one group size), in one launch -> float32 partials
+  [split, Mp, N_w] each."""
+  half_k = x_even.shape[1]
+  mp = _padded(x_even, rows, bm)
   k = 2 * half_k
   groups = {scale.shape[0] for scale in scales}
   if len(groups) != 1 or k % next(iter(groups)):
