@@ -114,7 +114,7 @@ def test_tiny_grid_runs_end_to_end_on_cpu(tmp_path):
                                  'attention; allowed: effjax, effjax_triton, effjax_mosaic_gpu, '
                                  'tokamax, xla, cudnn')),
     (['--grid=huge'], ("--grid='huge' is not a grid of --op=attention; allowed: default, targets, "
-                       'tiny')),
+                       'quick, tiny')),
 ])
 def test_bad_requests_are_one_clear_error(args, message):
   proc = _bench(*args, expect_rc=2)
