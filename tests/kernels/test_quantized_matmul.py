@@ -216,6 +216,8 @@ def test_auto_backend_choice(monkeypatch):
   assert qm.plan('int8', 1, 2048, 40, backend='auto') == qm.Plan(
       'xla', reason='N=40 is not a multiple of 16')
   assert qm.plan('int4', 1, 2048, 2048, 16, backend='auto').backend == 'xla'
+  assert qm.default_tiling('int8', 1, 2048, np.int64(2048)) == qm.default_tiling('int8', 1, 2048,
+                                                                                 2048)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ('tensor',))
   with jax.set_mesh(mesh):  # XLA cannot partition a Pallas call: the weights would be gathered
     assert qm.resolve_backend('auto', 1) == 'xla'
@@ -233,8 +235,8 @@ def test_auto_backend_choice(monkeypatch):
 @pytest.mark.parametrize('kind', ['int8', 'int4'])
 @pytest.mark.parametrize('in_shard_map', [False, True])
 def test_kernel_lowers_to_a_valid_triton_module(kind, in_shard_map, monkeypatch, capfd):
-  """Lowered for CUDA on this CPU machine with bf16 x at decode shape (one row padded to 16,
-  masked stores), alone and inside jax.shard_map with check_vma on (the out_struct path): the
+  """Lowered for CUDA on this CPU machine with bf16 x at decode shape (one row, broadcast to 16
+  in registers, masked stores), alone and inside jax.shard_map with check_vma on (the out_struct path): the
   Triton module verifies (tests/kernels/triton_lowering.py)."""
   from effjax.kernels.quantized_matmul import gpu
   from tests.kernels.triton_lowering import assert_verified, triton_dump
@@ -340,3 +342,20 @@ def test_a_single_row_is_not_padded(kind):
     jaxpr = str(jax.make_jaxpr(fn)(x))
     assert (' pad[' in jaxpr) == (rows > 1)
     _assert_close(fn(x), _reference(x, q, scale, kind, group), jnp.bfloat16)
+
+
+def test_many_weights_outputs_vary_only_with_their_own_weight():
+  """Inside shard_map, a replicated weight's product stays replicated beside a sharded weight's
+  in the same launch (each output's varying axes are its own operands')."""
+  rng = np.random.default_rng()
+  k = 128
+  qa, sa, _ = _weight(rng, 'int8', k, 64)
+  qb, sb, _ = _weight(rng, 'int8', k, 32)
+  x = jnp.asarray(rng.standard_normal((2, k)), jnp.float32)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ('m',))
+  f = lambda x, qa, sa, qb, sb: tuple(qm.quantized_matmul_many(
+      x, [(qa, sa), (qb, sb)], kind='int8', backend='triton', interpret=True))
+  g = jax.shard_map(f, mesh=mesh, in_specs=(P(), P(None, 'm'), P(None, 'm'), P(), P()),
+                    out_specs=(P(None, 'm'), P()))
+  a, b = jax.eval_shape(g, x, qa, sa, qb, sb)
+  assert a.shape == (2, 64) and b.shape == (2, 32)

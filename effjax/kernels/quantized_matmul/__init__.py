@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +116,7 @@ def _k_steps(kind: str, k: int, group: int | None) -> list[int]:
 
 def _widths(n) -> tuple[int, ...]:
   """N of one weight, or the Ns of several read by one launch, as a tuple."""
-  return (int(n),) if isinstance(n, int) else tuple(int(w) for w in n)
+  return (int(n),) if isinstance(n, numbers.Integral) else tuple(int(w) for w in n)
 
 
 def kernel_unsupported(kind: str, k: int, n, group: int | None = None) -> str | None:

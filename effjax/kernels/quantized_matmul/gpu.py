@@ -228,7 +228,10 @@ def int8_matmul_many(x, qs, scales, *, rows: int, bm: int, bn: int, bk: int, spl
       kernel, grid=(sum(tiles), split, mp // bm),
       in_specs=[_whole(a.shape) for a in (x, *qs, *scales)],
       out_specs=[_whole(shape) for shape in out_shapes],
-      out_shape=[out_struct(shape, jnp.float32, x, *qs, *scales) for shape in out_shapes],
+      # Each output varies over what its own weight and x vary over (inside shard_map a
+      # replicated weight's product stays replicated beside a sharded one's).
+      out_shape=[out_struct(shape, jnp.float32, x, q, scale)
+                 for shape, q, scale in zip(out_shapes, qs, scales)],
       compiler_params=_params(bm, bn, steps), interpret=interpret, name='int8_matmul',
   )(x, *qs, *scales))
 
@@ -262,8 +265,8 @@ def int4_matmul_many(x_even, x_odd, packs, scales, *, rows: int, bm: int, bn: in
       kernel, grid=(sum(tiles), split, mp // bm),
       in_specs=[_whole(a.shape) for a in (x_even, x_odd, *packs, *scales)],
       out_specs=[_whole(shape) for shape in out_shapes],
-      out_shape=[out_struct(shape, jnp.float32, x_even, x_odd, *packs, *scales)
-                 for shape in out_shapes],
+      out_shape=[out_struct(shape, jnp.float32, x_even, x_odd, packed, scale)
+                 for shape, packed, scale in zip(out_shapes, packs, scales)],
       compiler_params=_params(bm, bn, steps), interpret=interpret, name='int4_matmul',
   )(x_even, x_odd, *packs, *scales))
 
