@@ -18,7 +18,8 @@ fields, e.g. model.exit_layers=4,8), then:
   - the speculative methods on the same prompts: self_speculative (draft = the first exit) and,
     with --draft_config, speculative with that draft (trained here for --draft_steps into
     <workdir>_draft): tokens/s against plain, acceptance, tokens per round, and whether the
-    output is token for token plain greedy's (it must be).
+    output is token for token plain greedy's (it must be), and where a prompt's output first
+    parts from it, the full model's logit gap between the two tokens there.
 Every generation is compiled before it is timed; a prompt's time is the best of --timings runs.
 Writes <name>.json, <name>.md and <name>_sweep.png to --out (default: beside this file).
 """
@@ -63,6 +64,30 @@ def train_or_load(config, workdir: str, steps: int):
   else:
     summary = json.load(open(os.path.join(workdir, 'summary.json'), encoding='utf-8'))
   return run, summary
+
+
+def first_differences(model, prompts, results, reference, vocab: int) -> list[dict]:
+  """Per prompt: where a method's greedy tokens first part from plain decoding's (position None
+  if they never do) and, from the full model teacher forced on the shared prefix, the logit gap
+  between the two tokens there relative to max |logit|. A gap at the compute dtype's rounding
+  level (bf16: a few 2^-8) says a near tie flipped between differently shaped products; a large
+  one would point at the acceptance rule."""
+  import jax.numpy as jnp
+  out = []
+  for p, r, ref in zip(prompts, results, reference):
+    got, want = list(r.tokens[0]), list(ref.tokens[0])
+    i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    if i is None:
+      out.append({'position': None, 'equal': got == want})
+      continue
+    logits = model(jnp.asarray([list(p) + want[:i]], jnp.int32))[0, -1, :vocab]
+    logits = np.asarray(logits.astype(jnp.float32))
+    out.append({'position': i, 'equal': False, 'plain_token': int(want[i]),
+                'method_token': int(got[i]),
+                'relative_gap': float(abs(logits[want[i]] - logits[got[i]]) /
+                                      max(float(np.abs(logits).max()), 1e-30)),
+                'plain_is_argmax': bool(logits.argmax() == want[i])})
+  return out
 
 
 def main() -> None:
@@ -185,6 +210,8 @@ def main() -> None:
       print(json.dumps(rows[-1]), flush=True)
     calibrated = {tol: early_exit.calibrate_threshold(conf, agree, tol) for tol in (0.01, 0.05)}
 
+    model = nnx.merge(graphdef, params)
+
     speculative_rows = []
     methods = [('self_speculative', None)] + ([('speculative', draft)] if draft else [])
     for method, draft_model in methods:
@@ -203,6 +230,8 @@ def main() -> None:
           'acceptance_rate': accepted / max(drafted, 1),
           'tokens_per_round': sum(r.stats['new_tokens'] for r in results) / max(rounds, 1),
           'equals_plain_greedy': all(r.tokens == ref.tokens for r, ref in zip(results, reference)),
+          'first_differences': first_differences(model, prompts, results, reference,
+                                                 tok.vocab_size),
       })
       print(json.dumps(speculative_rows[-1]), flush=True)
 
@@ -237,13 +266,18 @@ def main() -> None:
                  f"{r['speedup_vs_plain']:.2f}x |")
   if speculative_rows:
     lines += ['', '| method | draft | gamma | acceptance | tokens / round | tokens/s | plain '
-              'tokens/s | vs plain | output = plain greedy |',
-              '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+              'tokens/s | vs plain | output = plain greedy | first difference per prompt '
+              '(position: logit gap / max) |',
+              '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for r in speculative_rows:
       lines.append(f"| {r['method']} | {r['draft']} | {r['gamma']} | {r['acceptance_rate']:.3f} | "
                    f"{r['tokens_per_round']:.2f} | {r['tokens_per_s']:.0f} | "
                    f"{r['plain_tokens_per_s_same_round']:.0f} | {r['speedup_vs_plain']:.2f}x | "
-                   f"{'yes' if r['equals_plain_greedy'] else 'NO'} |")
+                   f"{'yes' if r['equals_plain_greedy'] else 'NO'} | "
+                   + ', '.join('-' if d['position'] is None and d['equal'] else
+                               'shorter' if d['position'] is None else
+                               f"{d['position']}: {d['relative_gap']:.1e}"
+                               for d in r['first_differences']) + ' |')
   with open(os.path.join(args.out, f'{args.name}.md'), 'w', encoding='utf-8') as f:
     f.write(f"{machine}, {args.config} {' '.join(args.set)}, {args.steps} steps; full-depth "
             f"held-out perplexity {full_ppl:.3f} over {n_tokens} tokens; calibrated thresholds "

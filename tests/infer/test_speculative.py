@@ -194,3 +194,31 @@ def test_heads_keep_only_the_rows_that_can_be_drawn(tied):
   for method in ('plain', 'early_exit', 'self_speculative'):
     assert _decode(target, method, [prompt], max_new=10,
                    exit_policy=gen.ExitPolicy(1.0)).tokens[0] == reference
+
+
+def test_the_study_locates_where_a_method_parts_from_plain_greedy():
+  """experiments/early_exit/run_study.py's diagnostic: an equal output has no position; a
+  changed token is found at its position, with the full model's logit gap there (a token the
+  full model ranks first against one it does not: a gap above zero, plain's the argmax)."""
+  import importlib.util
+  import pathlib
+  import types
+  path = pathlib.Path(__file__).resolve().parents[2] / 'experiments' / 'early_exit' / 'run_study.py'
+  spec = importlib.util.spec_from_file_location('run_study', path)
+  study = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(study)
+  target = _split(0)
+  rng = np.random.default_rng()
+  prompts = [[int(t) for t in rng.integers(3, 259, n)] for n in (5, 8)]
+  plain = _decode(target, 'plain', prompts, max_new=10)
+  reference = [types.SimpleNamespace(tokens=[t]) for t in plain.tokens]
+  i = int(rng.integers(0, 10))
+  changed = list(plain.tokens[1])
+  changed[i] = (changed[i] + 1) % 259
+  results = [types.SimpleNamespace(tokens=[plain.tokens[0]]),
+             types.SimpleNamespace(tokens=[changed])]
+  same, moved = study.first_differences(nnx.merge(*target), prompts, results, reference, 259)
+  assert same == {'position': None, 'equal': True}
+  assert moved['position'] == i and moved['plain_token'] == plain.tokens[1][i]
+  assert moved['method_token'] == changed[i] and moved['plain_is_argmax']
+  assert moved['relative_gap'] > 0
