@@ -1,14 +1,17 @@
 """Compressed weights: modules that stand in for a projection's `nnx.Param` inside any mixer.
 
-Every layer reads a projection as `self.w[...]`, and the attention and SwiGLU projections call
-`effjax.models.layers.matmul(equation, x, self.w, dtype)`. A compressed weight answers both:
+Every mixer's and feed-forward's projections call `effjax.models.layers.matmul(equation, x,
+self.w, dtype)` (or `layers.matmuls` for several sharing x: attention's q/k/v, SwiGLU's gate/up,
+the state-space layers' input projections); other code may read a weight as `self.w[...]`
+(the MoE experts' stacked weights, the norms). A compressed weight answers both:
 `w[...]` gives the dense matrix it represents (computed inside the jitted step, one layer at a
 time under the layer scan), and `w.einsum(equation, x, dtype)` computes the product its own way
 (low-rank and LoRA as two thin matmuls, W8A8 as an int8 x int8 matmul with int32 accumulation,
 int8 / int4 weight-only through effjax.kernels.quantized_matmul: on GPU at decode sizes a kernel
 that reads the stored bytes once; elsewhere the dequantized weight times x, as before).
-So a compression applies to every mixer of the registry without a change to its code; the
-projections that go through `layers.matmul` also get the fast product.
+So a compression applies to every mixer of the registry without a change to its code, and
+every projection but the MoE experts' (grouped matmuls over the dense values) gets the
+compressed product (`einsum_group`: quantized weights sharing x in one kernel launch).
 
 A weight's dimensions are read from its logical axis names: leading batch axes ('layers' of the
 scanned stack, 'experts'), then its input (contracted) axes, then its output axes. Input axes are

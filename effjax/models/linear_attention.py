@@ -114,13 +114,12 @@ class LinearAttention(nnx.Module):
   def _project(self, x_btd: jax.Array, positions_bt: jax.Array):
     """(q, k, v [B, T, H, D] in the compute dtype, log-decay [B, T, H] float32)."""
     cdt = self.compute_dtype
-    q = jnp.einsum('btd,dnh->btnh', x_btd, self.wq[...].astype(cdt))
-    k = jnp.einsum('btd,dnh->btnh', x_btd, self.wk[...].astype(cdt))
-    v = jnp.einsum('btd,dnh->btnh', x_btd, self.wv[...].astype(cdt))
+    q, k, v = layers.matmuls(x_btd, [('btd,dnh->btnh', self.wq), ('btd,dnh->btnh', self.wk),
+                                     ('btd,dnh->btnh', self.wv)], cdt)
     b, t = x_btd.shape[:2]
     if self.kind == 'gla':
-      logits = jnp.einsum('btd,dn->btn', x_btd.astype(jnp.float32),
-                          self.w_gate[...].astype(jnp.float32))
+      logits = layers.matmul('btd,dn->btn', x_btd.astype(jnp.float32), self.w_gate,
+                             jnp.float32)
       g = jax.nn.log_sigmoid(logits + self.gate_bias[...]) / self.gate_temperature
     elif self.kind == 'retnet':
       q, k = apply_rope(q, positions_bt, self.rope_theta), apply_rope(k, positions_bt,
@@ -143,10 +142,10 @@ class LinearAttention(nnx.Module):
     if self.kind == 'linear_attention':
       o_bthv = (o_bthv.astype(jnp.float32) / (denominator_bth[..., None] + _EPS)).astype(cdt)
     else:
-      gate = jnp.einsum('btd,dnh->btnh', x_btd, self.w_out_gate[...].astype(cdt))
+      gate = layers.matmul('btd,dnh->btnh', x_btd, self.w_out_gate, cdt)
       o_bthv = self.out_norm(o_bthv) * jax.nn.silu(gate)
     o_bthv = constrain(o_bthv.astype(cdt), ACT_BTHD)
-    y = jnp.einsum('btnh,nhd->btd', o_bthv, self.wo[...].astype(cdt))
+    y = layers.matmul('btnh,nhd->btd', o_bthv, self.wo, cdt)
     return constrain(y, ('act_batch', 'act_length', 'act_embed'))
 
   @staticmethod

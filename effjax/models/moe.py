@@ -349,10 +349,10 @@ class MoE(nnx.Module):
     run = functools.partial(route_and_run, cfg=self.cfg, compute_dtype=cdt)
     y, stats = self._sharded(run, *args)
     if self.cfg.moe_num_shared_experts:
-      gate = jnp.einsum('btd,df->btf', x_btd, self.shared_gate[...].astype(cdt))
-      up = jnp.einsum('btd,df->btf', x_btd, self.shared_up[...].astype(cdt))
+      gate, up = layers.matmuls(x_btd, [('btd,df->btf', self.shared_gate),
+                                        ('btd,df->btf', self.shared_up)], cdt)
       hidden = constrain(jax.nn.silu(gate) * up, ('act_batch', 'act_length', 'act_mlp'))
-      y = y + jnp.einsum('btf,fd->btd', hidden, self.shared_down[...].astype(cdt))
+      y = y + layers.matmul('btf,fd->btd', hidden, self.shared_down, cdt)
     sink = _SINK.get()
     if sink is not None:
       sink.append(stats)

@@ -152,10 +152,11 @@ class Mamba2(nnx.Module):
     cdt = self.compute_dtype
     b, t, _ = x_btd.shape
     h, p, n = self.num_heads, self.head_dim, self.state_dim
-    z = jnp.einsum('btd,dhp->bthp', x_btd, self.w_z[...].astype(cdt))
-    xs = jnp.einsum('btd,dhp->bthp', x_btd, self.w_x[...].astype(cdt)).reshape(b, t, h * p)
-    bs = jnp.einsum('btd,dn->btn', x_btd, self.w_b[...].astype(cdt))
-    c_s = jnp.einsum('btd,dn->btn', x_btd, self.w_c[...].astype(cdt))
+    z, xs, bs, c_s = layers.matmuls(x_btd, [('btd,dhp->bthp', self.w_z),
+                                            ('btd,dhp->bthp', self.w_x),
+                                            ('btd,dn->btn', self.w_b), ('btd,dn->btn', self.w_c)],
+                                    cdt)
+    xs = xs.reshape(b, t, h * p)
     xbc = jnp.concatenate([xs, bs, c_s], axis=-1)
     w = jnp.concatenate([self.conv_x[...].reshape(self.conv_width, h * p), self.conv_b[...],
                          self.conv_c[...]], axis=-1)
@@ -168,8 +169,7 @@ class Mamba2(nnx.Module):
       y, history = causal_conv(xbc, w, bias, segment_ids, conv_cache)
     y = jax.nn.silu(y)
     xs, bs, c_s = y[..., :h * p].reshape(b, t, h, p), y[..., h * p:h * p + n], y[..., h * p + n:]
-    dt_raw = jnp.einsum('btd,dh->bth', x_btd.astype(jnp.float32),
-                        self.w_dt[...].astype(jnp.float32))
+    dt_raw = layers.matmul('btd,dh->bth', x_btd.astype(jnp.float32), self.w_dt, jnp.float32)
     dt = jax.nn.softplus(dt_raw + self.dt_bias[...].astype(jnp.float32))
     log_decay = -dt * jnp.exp(self.a_log[...].astype(jnp.float32))
     return z, xs, bs, c_s, dt, log_decay, history
@@ -179,7 +179,7 @@ class Mamba2(nnx.Module):
     y = y_bthp.astype(jnp.float32) + self.d_skip[...][:, None] * x_bthp.astype(jnp.float32)
     y = self.norm((y * jax.nn.silu(z_bthp.astype(jnp.float32))).astype(cdt))
     y = constrain(y, ('act_batch', 'act_length', 'act_heads', None))
-    out = jnp.einsum('bthp,hpd->btd', y, self.w_out[...].astype(cdt))
+    out = layers.matmul('bthp,hpd->btd', y, self.w_out, cdt)
     return constrain(out, ('act_batch', 'act_length', 'act_embed'))
 
   def _ssd(self, xs, bs, c_s, dt, log_decay, segment_ids, initial_state=None,
@@ -310,20 +310,19 @@ class Mamba1(nnx.Module):
 
   def _inputs(self, x_btd, segment_ids, conv_cache=None):
     cdt = self.compute_dtype
-    xs = jnp.einsum('btd,de->bte', x_btd, self.w_x[...].astype(cdt))
-    z = jnp.einsum('btd,de->bte', x_btd, self.w_z[...].astype(cdt))
+    xs, z = layers.matmuls(x_btd, [('btd,de->bte', self.w_x), ('btd,de->bte', self.w_z)], cdt)
     if x_btd.shape[1] == 1 and conv_cache is not None:
       y, history = conv_step(xs[:, 0], self.conv[...], self.conv_bias[...], conv_cache)
       y = y[:, None]
     else:
       y, history = causal_conv(xs, self.conv[...], self.conv_bias[...], segment_ids, conv_cache)
     xs = constrain(jax.nn.silu(y), ('act_batch', 'act_length', 'act_inner'))
-    dt_low = jnp.einsum('bte,er->btr', xs, self.w_dt_low[...].astype(cdt))
-    dt = jax.nn.softplus(jnp.einsum('btr,re->bte', dt_low.astype(jnp.float32),
-                                    self.w_dt[...].astype(jnp.float32)) +
-                         self.dt_bias[...].astype(jnp.float32))
-    bs = jnp.einsum('bte,en->btn', xs, self.w_b[...].astype(cdt)).astype(jnp.float32)
-    c_s = jnp.einsum('bte,en->btn', xs, self.w_c[...].astype(cdt)).astype(jnp.float32)
+    dt_low, bs, c_s = layers.matmuls(xs, [('bte,er->btr', self.w_dt_low),
+                                          ('bte,en->btn', self.w_b), ('bte,en->btn', self.w_c)],
+                                     cdt)
+    dt = jax.nn.softplus(layers.matmul('btr,re->bte', dt_low.astype(jnp.float32), self.w_dt,
+                                       jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+    bs, c_s = bs.astype(jnp.float32), c_s.astype(jnp.float32)
     keep = (None if segment_ids is None
             else ~cs.reference.resets(segment_ids, *segment_ids.shape))
     return xs, z, dt, bs, c_s, keep, history
@@ -335,7 +334,7 @@ class Mamba1(nnx.Module):
     cdt = self.compute_dtype
     y = (y_bte + self.d_skip[...] * xs.astype(jnp.float32)) * jax.nn.silu(z.astype(jnp.float32))
     y = constrain(y.astype(cdt), ('act_batch', 'act_length', 'act_inner'))
-    out = jnp.einsum('bte,ed->btd', y, self.w_out[...].astype(cdt))
+    out = layers.matmul('bte,ed->btd', y, self.w_out, cdt)
     return constrain(out, ('act_batch', 'act_length', 'act_embed'))
 
   def __call__(self, x_btd: jax.Array, ctx: layers.Context) -> jax.Array:

@@ -190,3 +190,41 @@ def test_products_sharing_an_input_run_as_one_kernel_launch():
   assert fused_calls * 7 == calls * 4 and fused_calls > 0
   np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(want, np.float32),
                              rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize('pattern, targets', [
+    ('gla:mlp', 'wq,wk,wv,wo,w_out_gate,w_up,w_down'),
+    ('retnet:none', 'wq,wk,wv,wo,w_out_gate'),
+    ('linear_attention:none', 'wq,wk,wv,wo'),
+    ('mamba2:none', 'w_z,w_x,w_b,w_c,w_out'),
+    ('mamba1:none', 'w_x,w_z,w_b,w_c,w_out'),
+    ('attention:moe', 'shared_gate,shared_up,shared_down')])
+def test_every_mixers_projections_take_the_quantized_product(pattern, targets):
+  """Linear attention, state-space and MoE shared-expert projections go through the compressed
+  weight's own product (the quantized-matmul kernel here, interpret mode), not a dequantized
+  copy: pallas_calls in the forward, logits equal to the XLA path's."""
+  from effjax.models.lm import LM
+  from flax import nnx
+  from tests.helpers import tiny_config
+  c = tiny_config(pattern=pattern, ssm_head_dim=16, ssm_state_dim=16, moe_num_experts=4,
+                  moe_num_shared_experts=1)
+  c.compress.method, c.compress.targets = 'int8', targets
+  c.compress.qmm_backend, c.compress.qmm_interpret = 'triton', True
+  tokens = jnp.asarray(np.random.default_rng().integers(3, 259, (1, 8)), jnp.int32)
+  model = LM(c.model, rngs=nnx.Rngs(int(np.random.default_rng().integers(1000))))
+  w_lib.restructure(model, c)
+  weights = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.QuantizedWeight)]
+  assert weights
+
+  def forward():
+    graphdef, state = nnx.split(model)
+    fn = lambda s, t: nnx.merge(graphdef, s)(t)
+    return str(jax.make_jaxpr(fn)(state, tokens)).count('pallas_call'), jax.jit(fn)(state, tokens)
+
+  calls, got = forward()
+  for w in weights:
+    w.backend, w.interpret = 'xla', False
+  assert calls > 0 and forward()[0] == 0
+  want = forward()[1]
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=2e-3, atol=2e-3 * float(jnp.max(jnp.abs(want))))
