@@ -162,6 +162,14 @@ def test_qmm_backend_reaches_the_weights_and_is_validated():
     config_lib.validate(c)
 
 
+def _pallas_calls_and_logits(model, tokens):
+  """(pallas_calls in the forward's jaxpr, the jitted forward's logits) of an nnx model."""
+  from flax import nnx
+  graphdef, state = nnx.split(model)
+  fn = lambda s, t: nnx.merge(graphdef, s)(t)
+  return str(jax.make_jaxpr(fn)(state, tokens)).count('pallas_call'), jax.jit(fn)(state, tokens)
+
+
 def test_products_sharing_an_input_run_as_one_kernel_launch():
   """q/k/v and gate/up of an int8 model: with compress.qmm_fuse one pallas_call each (4 a layer
   with wo and down, not 7), and the same logits as a launch per weight."""
@@ -178,15 +186,10 @@ def test_products_sharing_an_input_run_as_one_kernel_launch():
   weights = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.QuantizedWeight)]
   assert weights and all(w.fuse for w in weights)
 
-  def forward():
-    graphdef, state = nnx.split(model)
-    fn = lambda s, t: nnx.merge(graphdef, s)(t)
-    return str(jax.make_jaxpr(fn)(state, tokens)).count('pallas_call'), jax.jit(fn)(state, tokens)
-
-  fused_calls, fused = forward()
+  fused_calls, fused = _pallas_calls_and_logits(model, tokens)
   for w in weights:
     w.fuse = False
-  calls, want = forward()
+  calls, want = _pallas_calls_and_logits(model, tokens)
   assert fused_calls * 7 == calls * 4 and fused_calls > 0
   np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(want, np.float32),
                              rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
@@ -216,15 +219,10 @@ def test_every_mixers_projections_take_the_quantized_product(pattern, targets):
   weights = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.QuantizedWeight)]
   assert weights
 
-  def forward():
-    graphdef, state = nnx.split(model)
-    fn = lambda s, t: nnx.merge(graphdef, s)(t)
-    return str(jax.make_jaxpr(fn)(state, tokens)).count('pallas_call'), jax.jit(fn)(state, tokens)
-
-  calls, got = forward()
+  calls, got = _pallas_calls_and_logits(model, tokens)
   for w in weights:
     w.backend, w.interpret = 'xla', False
-  assert calls > 0 and forward()[0] == 0
-  want = forward()[1]
+  assert calls > 0 and _pallas_calls_and_logits(model, tokens)[0] == 0
+  want = _pallas_calls_and_logits(model, tokens)[1]
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              rtol=2e-3, atol=2e-3 * float(jnp.max(jnp.abs(want))))
