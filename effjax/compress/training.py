@@ -9,8 +9,9 @@ config.compress:
   `optax.multi_transform` whose 'frozen' part is `optax.set_to_zero()`, so the optimizer state
   holds moments only for what trains (LoRA: only the adapters); for pruning, `keep_pruned`.
 - `trainable`: (path names, leaf) -> bool, or None when everything trains. The step then
-  differentiates only the trainable leaves (`partial_grad`): a frozen base weight gets no
-  gradient buffer at all, which is where LoRA's memory saving comes from.
+  differentiates only the trainable leaves (`partial_grad`) and, with gradient accumulation,
+  accumulates only theirs (`pick` / `unpick`): a frozen base weight gets no gradient buffer and
+  no accumulator at all, which is where LoRA's memory saving comes from.
 - `forward_losses(config)`: the distillation loss in place of the plain one (None otherwise).
 """
 
@@ -96,6 +97,25 @@ def partial_grad(loss_fn: Callable, trainable_fn: Callable) -> Callable:
     return out, jax.tree.unflatten(treedef, full)
 
   return grad_fn
+
+
+def trainable_flags(params, trainable_fn: Callable) -> list[bool]:
+  """Whether each leaf of params (tree_flatten order) trains."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(params)
+  return [bool(trainable_fn(_path_names(p), leaf)) for p, leaf in flat]
+
+
+def pick(tree, flags: list[bool]) -> list:
+  """The leaves of tree whose flag is set (the trainable ones), in tree_flatten order."""
+  return [leaf for leaf, f in zip(jax.tree.leaves(tree), flags) if f]
+
+
+def unpick(leaves: list, like, flags: list[bool], dtype=None):
+  """A tree shaped like `like`: the picked leaves back in place, zeros (constants) elsewhere."""
+  it = iter(leaves)
+  full = [next(it) if f else jnp.zeros(x.shape, dtype or x.dtype)
+          for x, f in zip(jax.tree.leaves(like), flags)]
+  return jax.tree.unflatten(jax.tree.structure(like), full)
 
 
 def forward_losses(config):

@@ -247,18 +247,24 @@ def make_train_step(setup: TrainSetup, z_loss: float = 0.0, loss_chunk_size: int
       (_, (ce_sum, count, moe_sums, exit_sums)), grads = grad_fn(
           params, jax.tree.map(lambda x: x[0], batch), exit_weights)
     else:
+      # Only trainable leaves are accumulated: a frozen leaf (LoRA's base, a teacher) would
+      # otherwise carry a float32 accumulator of its full size through the micro-batch loop.
+      flags = ([True] * len(jax.tree.leaves(params)) if setup.trainable is None
+               else compress_training.trainable_flags(params, setup.trainable))
+
       def accumulate(carry, mb):
         g_acc, ce_acc, n_acc, moe_acc, exit_acc = carry
         (_, (ce, n, moe_mb, exit_mb)), g = grad_fn(params, mb, exit_weights)
-        return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, n_acc + n,
-                jax.tree.map(jnp.add, moe_acc, moe_mb),
+        return ([a + b for a, b in zip(g_acc, compress_training.pick(g, flags))],
+                ce_acc + ce, n_acc + n, jax.tree.map(jnp.add, moe_acc, moe_mb),
                 jax.tree.map(jnp.add, exit_acc, exit_mb)), None
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      zeros = [jnp.zeros(p.shape, jnp.float32) for p in compress_training.pick(params, flags)]
       zero = jnp.zeros((), jnp.float32)
       moe_zeros = {k: zero for k in moe_keys}
       exit_zeros = {k: jnp.zeros((len(exits),), jnp.float32) for k in exit_keys}
-      (grads, ce_sum, count, moe_sums, exit_sums), _ = jax.lax.scan(
+      (summed, ce_sum, count, moe_sums, exit_sums), _ = jax.lax.scan(
           accumulate, (zeros, zero, zero, moe_zeros, exit_zeros), batch)
+      grads = compress_training.unpick(summed, params, flags, jnp.float32)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
     loss = ce_sum / denom

@@ -130,3 +130,46 @@ def test_bfloat16_base_halves_its_bytes_and_trains_only_the_adapters():
     np.testing.assert_array_equal(
         jax.device_get(state['params']['groups']['blocks'][0]['mixer']['wq']['base'][...]),
         base_before)
+
+
+def test_lora_accumulates_only_the_adapters_gradients():
+  """Gradient accumulation with a frozen base: the same step as one large batch, and the
+  micro-batch loop carries float32 accumulators for the adapters only (none the base's size)."""
+  from tests.train.test_step import _one_step
+  batch = random_batch(np.random.default_rng(), 16, 32)
+  results = {}
+  for micro in (1, 2):
+    results[micro] = _one_step(_lora_config(), batch, micro)
+  (m1, m1b, p1), (m2, m2b, p2) = results[1], results[2]
+  np.testing.assert_allclose(m2['loss'], m1['loss'], rtol=1e-5)
+  np.testing.assert_allclose(m2['grad_norm'], m1['grad_norm'], rtol=1e-5)
+  np.testing.assert_allclose(m2b['loss'], m1b['loss'], rtol=3e-5)
+  for a, b in zip(p1, p2):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  config = _lora_config()
+  config.train.grad_accum_steps = 2
+  mesh, rules, setup = build(config, jax.devices()[:1])
+  with jax.set_mesh(mesh), shd.axis_rules(rules):
+    train_step = step_lib.make_train_step(setup)
+    jaxpr = jax.make_jaxpr(train_step)(setup.abstract_state,
+                                       step_lib.device_batch(setup, batch, 2))
+
+
+  def eqns(jx):  # every equation, inside jit / pjit / scan bodies too
+    for e in jx.eqns:
+      yield e
+      for value in e.params.values():
+        for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+          inner = getattr(sub, 'jaxpr', sub)
+          if hasattr(inner, 'eqns'):
+            yield from eqns(inner)
+  scans = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == 'scan' and
+           e.params['length'] == 2]  # the micro-batch loop (the layer scan runs over 2 too)
+  assert scans
+  carried = {tuple(v.aval.shape) for e in scans
+             for v in e.invars[e.params['num_consts']:e.params['num_consts'] +
+                               e.params['num_carry']]}
+  bases = {tuple(leaf.shape) for p, leaf in
+           jax.tree_util.tree_flatten_with_path(setup.abstract_state['params'])[0]
+           if "'base'" in jax.tree_util.keystr(p)}
+  assert bases and not carried & bases
