@@ -416,6 +416,15 @@ def _at(ref, index, part, parts: int):
   return ref.at[index] if parts == 1 else ref.at[index + (part,)]
 
 
+def _copy_parts(pairs, index: tuple, slot, barrier, width: int, parts: int) -> None:
+  """TMA copies of rows `index` of each (gmem [B, S, H, D] ref, SMEM ring) pair into ring slot
+  `slot`, one copy per head-dim part, all arriving on `barrier`."""
+  for h in range(parts):
+    for src, ring in pairs:
+      plgpu.copy_gmem_to_smem(src.at[index + _head_cols(h, width, parts)],
+                              _at(ring, (slot,), h, parts), barrier)
+
+
 def _first_part(part, fn) -> None:
   """fn() in the warpgroup holding part 0 of its row group (the one loading per-row data)."""
   if isinstance(part, int):
@@ -628,14 +637,8 @@ def _dkv_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, 
       g = lax.div(t, lax.max(n_t, 1))
       head = kv_head * groups + g
       rows = pl.ds(idx_ref[kb, t - g * n_t] * bq, bq)
-      for h in range(halves):
-        cols = _head_cols(h, dh, halves)
-        plgpu.copy_gmem_to_smem(q_ref.at[(batch, rows, head) + cols],
-                                _at(q_smem, (slot,), h, halves),
-                                ready.at[slot])
-        plgpu.copy_gmem_to_smem(do_ref.at[(batch, rows, head) + cols],
-                                _at(do_smem, (slot,), h, halves),
-                                ready.at[slot])
+      _copy_parts(((q_ref, q_smem), (do_ref, do_smem)), (batch, rows, head), slot,
+                  ready.at[slot], dh, halves)
       plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[slot], ready.at[slot])
       plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows], delta_smem.at[slot],
                               ready.at[slot])
@@ -788,14 +791,8 @@ def _dq_call(q, k, v, d_out, lse2, delta, segments, blocks, *, causal, window, s
 
     def issue(t, slot):
       rows = pl.ds(idx_ref[qb, t] * bk, bk)
-      for h in range(halves):
-        cols = _head_cols(h, dh, halves)
-        plgpu.copy_gmem_to_smem(k_ref.at[(batch, rows, kv_head) + cols],
-                                _at(k_smem, (slot,), h, halves),
-                                ready.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[(batch, rows, kv_head) + cols],
-                                _at(v_smem, (slot,), h, halves),
-                                ready.at[slot])
+      _copy_parts(((k_ref, k_smem), (v_ref, v_smem)), (batch, rows, kv_head), slot,
+                  ready.at[slot], dh, halves)
       if has_segments:
         plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], segk_smem.at[slot], ready.at[slot])
 
