@@ -292,8 +292,10 @@ def get_config() -> ml_collections.ConfigDict:
   cp.int4_group_size = 128  # int4 / qat_int4: input entries sharing a scale (per output channel)
   # The int8 / int4 weight-only product (effjax/kernels/quantized_matmul): 'auto' (a Triton
   # kernel reading the stored bytes once, on GPU for products of at most 64 rows: decoding;
-  # dequantize + matmul in XLA otherwise), 'triton' or 'xla'. Not recorded with the compressed
-  # model: give it when evaluating or decoding one to compare the two paths.
+  # dequantize + matmul in XLA otherwise), 'triton' (every product whose shapes the kernel can
+  # tile, at any row count; a projection it cannot, such as a 4-wide gate, is said once in the
+  # log and takes XLA) or 'xla'. Not recorded with the compressed model: give it when
+  # evaluating or decoding one to compare the two paths.
   cp.qmm_backend = 'auto'
   cp.qmm_interpret = False  # run the kernel in Pallas interpret mode (slow; CPU testing)
   # Products sharing an input (attention's q, k, v; SwiGLU's gate, up) as one kernel launch

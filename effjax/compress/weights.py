@@ -27,6 +27,7 @@ compressed model is a function of the config and a compressed checkpoint restore
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import string
 from typing import Any, Callable
@@ -221,6 +222,15 @@ class QuantizedWeight(CompressedWeight):
     return _kernel_products(products, x, dtype)
 
 
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+  if message not in _SAID:
+    _SAID.add(message)
+    logging.warning(message)
+
+
 def _kernel_products(products, x: jax.Array, dtype) -> list[jax.Array] | None:
   """QuantizedWeight products sharing x through one quantized_matmul_many (None if any is not a
   plain projection, or they disagree on K or the int4 group)."""
@@ -231,6 +241,16 @@ def _kernel_products(products, x: jax.Array, dtype) -> list[jax.Array] | None:
     return None
   lead, k = operands[0][0], operands[0][1]
   first = products[0][1]
+  if first.backend == 'triton':
+    # compress.qmm_backend='triton' puts every product the kernel can tile on it; a projection
+    # it cannot (GLA's 4-wide gate, Mamba-1's dt projections) takes XLA's product, said once.
+    group = None if first.kind == 'int8' else k // operands[0][3].shape[0]
+    reason = qmm.kernel_unsupported(first.kind, k, [o[2].shape[1] for o in operands], group)
+    if reason:
+      if len(products) == 1:
+        _say_once(f"compress.qmm_backend='triton': the quantized matmul kernel cannot tile a "
+                  f"{first.kind} product ({reason}); that product runs through XLA")
+      return None
   compute = jnp.promote_types(x.dtype, dtype)
   ys = qmm.quantized_matmul_many(x.reshape(*lead, k).astype(compute),
                                  [(o[2], o[3]) for o in operands], kind=first.kind,

@@ -226,3 +226,35 @@ def test_every_mixers_projections_take_the_quantized_product(pattern, targets):
   want = _pallas_calls_and_logits(model, tokens)[1]
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              rtol=2e-3, atol=2e-3 * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize('pattern, targets', [('gla:none', 'wq,wk,wv,wo,w_gate'),
+                                              ('mamba1:none', 'w_x,w_dt_low,w_dt,w_out')])
+def test_forced_kernel_backend_takes_xla_for_shapes_it_cannot_tile(pattern, targets, caplog):
+  """compress.qmm_backend='triton' with projections too narrow for the kernel (GLA's per-head
+  gate, Mamba-1's dt projections): those products take XLA, said once in the log; the others
+  still reach the kernel, and the logits equal the XLA path's."""
+  import logging
+  from effjax.models.lm import LM
+  from flax import nnx
+  from tests.helpers import tiny_config
+  c = tiny_config(pattern=pattern, ssm_head_dim=16, ssm_state_dim=16)
+  c.compress.method, c.compress.targets = 'int8', targets
+  c.compress.qmm_backend, c.compress.qmm_interpret = 'triton', True
+  tokens = jnp.asarray(np.random.default_rng().integers(3, 259, (1, 8)), jnp.int32)
+  model = LM(c.model, rngs=nnx.Rngs(int(np.random.default_rng().integers(1000))))
+  w_lib.restructure(model, c)
+  weights = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.QuantizedWeight)]
+  narrow = [w for w in weights if w.qvalue[...].shape[-1] % 16]
+  assert narrow and len(narrow) < len(weights)
+  w_lib._SAID.clear()
+  with caplog.at_level(logging.WARNING):
+    calls, got = _pallas_calls_and_logits(model, tokens)
+  assert calls > 0
+  said = [r.message for r in caplog.records if 'cannot tile' in r.message]
+  assert said and all("takes XLA" in m or 'runs through XLA' in m for m in said)
+  for w in weights:
+    w.backend, w.interpret = 'xla', False
+  want = _pallas_calls_and_logits(model, tokens)[1]
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=2e-3, atol=2e-3 * float(jnp.max(jnp.abs(want))))
