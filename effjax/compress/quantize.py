@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 
 # pack_int4's inverse, shared with the quantized-matmul kernel's reference (one layout, one
@@ -105,6 +106,41 @@ def quantize_static(x: jax.Array, scale: jax.Array) -> qwix.QArray:
   s = scale.astype(jnp.float32).reshape((1,) * x.ndim)
   qvalue = jnp.clip(jnp.round(x.astype(jnp.float32) / s), -INT8_MAX, INT8_MAX).astype(jnp.int8)
   return qwix.QArray(qvalue, s.astype(x.dtype), None, jnp.int8)
+
+
+def w8a8_einsum(equation: str, x: jax.Array, act_scale: jax.Array, qvalue: jax.Array,
+                scale: jax.Array, layout) -> jax.Array:
+  """x quantized to int8 with its calibrated static scale times int8 weights (an int8 x int8
+  product with int32 accumulation). The gradient to x passes straight through the rounding
+  (zero where x was clipped to the calibrated range) and through the dequantized weight, so
+  W8A8 models fine-tune (LoRA on them, or training the unquantized parameters around them);
+  the weights and scales themselves take no gradient."""
+  return _w8a8(equation, layout, x, act_scale, qvalue, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _w8a8(equation, layout, x, act_scale, qvalue, scale):
+  xq = quantize_static(x, act_scale)
+  return qwix.einsum(equation, xq, as_qarray(qvalue, scale.astype(jnp.float32), 'w8a8', layout))
+
+
+def _w8a8_fwd(equation, layout, x, act_scale, qvalue, scale):
+  return _w8a8(equation, layout, x, act_scale, qvalue, scale), (x, act_scale, qvalue, scale)
+
+
+def _w8a8_bwd(equation, layout, residuals, g):
+  x, act_scale, qvalue, scale = residuals
+  w = dequantize(as_qarray(qvalue, scale.astype(jnp.float32), 'w8a8', layout))
+  x32 = x.astype(jnp.float32)
+  _, pullback = jax.vjp(lambda x: jnp.einsum(equation, x, w), x32)
+  (dx,) = pullback(g.astype(jnp.float32))
+  limit = INT8_MAX * act_scale.astype(jnp.float32).reshape(())
+  dx = jnp.where(jnp.abs(x32) <= limit, dx, 0.0)
+  return (dx.astype(x.dtype), jnp.zeros_like(act_scale),
+          np.zeros(qvalue.shape, jax.dtypes.float0), jnp.zeros_like(scale))
+
+
+_w8a8.defvjp(_w8a8_fwd, _w8a8_bwd)
 
 
 @jax.custom_vjp

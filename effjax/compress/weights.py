@@ -168,8 +168,8 @@ class QuantizedWeight(CompressedWeight):
 
   def einsum(self, equation: str, x: jax.Array, dtype) -> jax.Array:
     if self.kind == 'w8a8' and self.act_scale is not None:
-      xq = q_lib.quantize_static(x, self.act_scale[...])
-      return q_lib.einsum(equation, xq, self.qarray()).astype(dtype)
+      return q_lib.w8a8_einsum(equation, x, self.act_scale[...], self.qvalue[...],
+                               self.scale[...], self.layout).astype(dtype)
     if self.kind in qmm.KINDS:
       y = self._matmul(equation, x, dtype)
       if y is not None:

@@ -258,3 +258,49 @@ def test_forced_kernel_backend_takes_xla_for_shapes_it_cannot_tile(pattern, targ
   want = _pallas_calls_and_logits(model, tokens)[1]
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              rtol=2e-3, atol=2e-3 * float(jnp.max(jnp.abs(want))))
+
+
+def test_w8a8_gradient_passes_straight_through_the_activation_rounding():
+  """The int8 x int8 product's gradient to x is the dense weight's, zero where x was clipped to
+  the calibrated range; a W8A8 model's float parameters (embeddings, norms) get gradients."""
+  rng = np.random.default_rng()
+  names = ('embed', 'heads', 'head_dim')
+  layout = w_lib.layout_of(names)
+  w = jnp.asarray(rng.standard_normal((64, 4, 16)) * 0.05, jnp.float32)
+  x = jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((2, 3, 4, 16)), jnp.float32)
+  qvalue, scale = q_lib.quantize_weight(w, layout, 'w8a8')
+  p = lambda v, n: w_lib._param(v, n)
+  amax = 0.7 * float(jnp.max(jnp.abs(x)))  # calibrated below the largest entries: some clip
+  weight = w_lib.QuantizedWeight(p(qvalue, names), p(scale, names), layout, 'w8a8',
+                                 p(q_lib.static_scale(amax), ()))
+  eq = 'btd,dnh->btnh'
+  dx = jax.grad(lambda x: jnp.sum(g * weight.einsum(eq, x, jnp.float32)))(x)
+  dense = jax.grad(lambda x: jnp.sum(g * jnp.einsum(eq, x, weight.dense())))(x)
+  inside = jnp.abs(x) <= amax
+  assert 0 < int(jnp.sum(~inside)) < x.size
+  np.testing.assert_allclose(dx, jnp.where(inside, dense, 0.0), rtol=1e-5, atol=1e-6)
+  y = jax.jit(lambda x: weight.einsum(eq, x, jnp.float32))(x)  # the forward is unchanged
+  xq = q_lib.quantize_static(x, weight.act_scale[...])
+  np.testing.assert_allclose(y, q_lib.einsum(eq, xq, weight.qarray()), rtol=1e-6, atol=1e-6)
+
+  from configs import base
+  from effjax.models.lm import LM
+  from flax import nnx
+  c = base.get_config()
+  c.model.d_model, c.model.mlp_dim, c.model.num_layers = 64, 128, 2
+  c.compress.method = 'w8a8'
+  model = LM(c.model, rngs=nnx.Rngs(int(rng.integers(1000))))
+  w_lib.restructure(model, c, act_amax={})
+  tokens = jnp.asarray(rng.integers(0, 256, (2, 8)), jnp.int32)
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss(params):
+    logits = nnx.merge(graphdef, params)(tokens)
+    return jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32))[..., 0])
+  grads = dict((''.join(map(str, k[-2:])), v[...]) for k, v in
+               nnx.to_flat_state(jax.grad(loss, allow_int=True)(params)))
+  # The pre-norm scales reach the loss only through quantized products: every layer's must
+  # move (the rounding's own gradient is zero almost everywhere).
+  for name in ('mixer_normscale', 'ff_normscale'):
+    assert float(jnp.min(jnp.max(jnp.abs(grads[name]), axis=-1))) > 0, name
