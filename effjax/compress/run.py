@@ -41,6 +41,39 @@ RECORDED = ('method', 'targets', 'int4_group_size', 'lowrank_ranks', 'lora_rank'
             'distill_hidden_weight')
 
 
+# The record's format. 2: W8A8 activation scales are calibrated for the projections of every
+# mixer (format 1 calibrated only attention's and the feed-forwards'; the others kept a
+# placeholder scale of 1.0, harmless while their products dequantized the weight, wrong once
+# they multiplied int8 by int8).
+FORMAT = 2
+# Mixers whose W8A8 scales format 1 calibrated (the attention family); the MoE shared experts
+# were not calibrated either.
+_FORMAT1_CALIBRATED = ('attention', 'dense', 'flash', 'sliding_window', 'block_sparse')
+
+
+def _check_format(record: dict, config, path: str) -> None:
+  """One clear error for a record this code would read wrongly."""
+  from effjax.models.registry import parse_pattern
+  version = record.get('format', 1)
+  if version > FORMAT:
+    raise ValueError(f'{path} has format {version}; this code reads formats up to {FORMAT}: '
+                     'update effjax to load it')
+  if version < 2 and record['compress']['method'] == 'w8a8':
+    model = dict(config.model)
+    model.update(record.get('model', {}))
+    stale = sorted({m for m, _ in parse_pattern(model['pattern'])} - set(_FORMAT1_CALIBRATED))
+    if model.get('moe_num_shared_experts', 0) and any(
+        ff == 'moe' for _, ff in parse_pattern(model['pattern'])):
+      stale.append('the MoE shared experts')
+    if stale:
+      source = record.get('source', {}).get('workdir', 'the source checkpoint')
+      raise ValueError(
+          f'{path}: this W8A8 model was written before activation scales were calibrated for '
+          f'{", ".join(stale)}; their int8 activations would use an uncalibrated scale and give '
+          f'wrong outputs. Compress {source} again with --mode=compress '
+          "--config.compress.method=w8a8 (nothing here was changed)")
+
+
 def apply_recorded(config, workdir: str):
   """config with the compression recorded in workdir applied (unchanged where there is none)."""
   path = os.path.join(workdir, RECORD)
@@ -52,6 +85,7 @@ def apply_recorded(config, workdir: str):
   if given not in ('', recorded) and config.mode != 'compress':
     raise ValueError(f'compress.method={given!r}: {workdir} holds a {recorded or "dense"!r} '
                      f'model ({path}); leave compress.method unset to load it')
+  _check_format(record, config, path)
   config = copy.deepcopy(config)
   with config.unlocked():
     for key, value in record['compress'].items():
@@ -248,6 +282,11 @@ def compress(config, workdir: str) -> dict[str, Any]:
                for b in eval_batches[:max(cfg.calibration_batches, 1)]]
       act_amax = calibrate_activations(model, calib, w_lib.target_names(cfg))
       details['calibrated'] = sorted(act_amax)
+      # Targets whose product never saw an activation (the MoE layer's routed experts, which
+      # its grouped matmul reads as dense weights): their activations stay unquantized.
+      details['not_calibrated'] = sorted(
+          {w_lib.path_key(p + (n,)) for p, _, n in
+           w_lib.find_targets(model, w_lib.target_names(cfg))} - set(act_amax))
       w_lib.restructure(model, out_config, act_amax=act_amax)
     elif method in w_lib.STRUCTURAL:
       w_lib.restructure(model, out_config)
@@ -260,7 +299,8 @@ def compress(config, workdir: str) -> dict[str, Any]:
       model.teacher = teacher
 
   os.makedirs(out, exist_ok=True)
-  record = {'compress': {k: out_config.compress[k] for k in RECORDED}, 'model': model_changes,
+  record = {'format': FORMAT,
+            'compress': {k: out_config.compress[k] for k in RECORDED}, 'model': model_changes,
             'source': {'workdir': os.path.abspath(workdir), 'step': step, 'method': src_method}}
   dst = trainer.build_run(out_config, out, read_only=True)
   with jax.set_mesh(dst.mesh), shd.axis_rules(dst.rules):
