@@ -127,22 +127,36 @@ def exit_options(config) -> dict[str, Any]:
   return {'exit_train_cfg': config.train} if early_exit.parse_exit_layers(config.model) else {}
 
 
+def _complete(full_params) -> Callable[[Any], Any]:
+  """params as an optimizer under optax's masking sees them (a frozen leaf replaced by an empty
+  MaskedNode) -> the whole tree, frozen leaves taken from full_params as constants. A derivative
+  taken through it is one over the trainable leaves only."""
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  return lambda p: jax.tree.map(
+      lambda sub, full: jax.lax.stop_gradient(full) if masked(sub) else sub, p, full_params,
+      is_leaf=masked)
+
+
 def hessian_fn_for(estimator: str, graphdef, mb: dict[str, jax.Array], key: jax.Array,
-                   probe: str = 'rademacher') -> Callable[[Any], Any]:
+                   probe: str = 'rademacher', full_params=None) -> Callable[[Any], Any]:
   """params -> diagonal Hessian estimate on micro-batch `mb`, for Sophia's periodic refresh.
 
   'gnb' (Sophia-G): labels sampled from the model's own logits, the squared gradient of that loss
   scaled by the batch size. 'hutchinson' (Sophia-H): u * (H u) for a random probe u. Under jit the
   gradient inside either estimate is a global one, so on a data-parallel mesh the estimate is
-  averaged over replicas exactly like the training gradient.
+  averaged over replicas exactly like the training gradient. With full_params (a model with
+  frozen parameters: LoRA's base, quantized weights) params is the masked tree the optimizer
+  sees, and the estimate covers the trainable leaves alone.
   """
+  whole = (lambda p: p) if full_params is None else _complete(full_params)
+
   def logits_fn(p):
-    model = nnx.merge(graphdef, p)
+    model = nnx.merge(graphdef, whole(p))
     return model(mb['inputs'], mb['positions'], mb.get('segment_ids'))
 
   def loss_fn(p):  # the plain head: the chunked loss is a custom VJP, which forward-mode can't pass
     with attention.forward_differentiable():  # nor can cuDNN attention
-      ce_sum, _, count, _ = _forward_losses(graphdef, p, mb, 0.0)
+      ce_sum, _, count, _ = _forward_losses(graphdef, whole(p), mb, 0.0)
     return ce_sum / jnp.maximum(count, 1.0)
 
   if estimator == 'gnb':
@@ -279,8 +293,9 @@ def make_train_step(setup: TrainSetup, z_loss: float = 0.0, loss_chunk_size: int
       key = jax.random.fold_in(jax.random.key(seed), state['step'])
       estimate_batch = hessian_rows_of(jax.tree.map(lambda x: x[0], batch), hessian_rows,
                                        setup.batch_sharding)
-      extra['hessian_fn'] = hessian_fn_for(hessian_estimator, graphdef, estimate_batch, key,
-                                           hessian_probe)
+      extra['hessian_fn'] = hessian_fn_for(
+          hessian_estimator, graphdef, estimate_batch, key, hessian_probe,
+          full_params=None if setup.trainable is None else params)
     updates, opt_state = optimizer.update(grads, state['opt_state'], params, **extra)
     keep_finite = lambda new, old: jnp.where(finite, new, old)
     new_params = jax.tree.map(keep_finite, optax.apply_updates(params, updates), params)
