@@ -61,9 +61,9 @@ def _check_format(record: dict, config, path: str) -> None:
   if version < 2 and record['compress']['method'] == 'w8a8':
     model = dict(config.model)
     model.update(record.get('model', {}))
-    stale = sorted({m for m, _ in parse_pattern(model['pattern'])} - set(_FORMAT1_CALIBRATED))
-    if model.get('moe_num_shared_experts', 0) and any(
-        ff == 'moe' for _, ff in parse_pattern(model['pattern'])):
+    blocks = parse_pattern(model['pattern'])
+    stale = sorted({m for m, _ in blocks} - set(_FORMAT1_CALIBRATED))
+    if model.get('moe_num_shared_experts', 0) and any(ff == 'moe' for _, ff in blocks):
       stale.append('the MoE shared experts')
     if stale:
       source = record.get('source', {}).get('workdir', 'the source checkpoint')

@@ -195,6 +195,22 @@ def test_products_sharing_an_input_run_as_one_kernel_launch():
                              rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
 
 
+def _int8_kernel_model(pattern, targets, **model_fields):
+  """(a tiny int8 model of `pattern` with `targets` quantized on the kernel in interpret mode,
+  its QuantizedWeights, a random prompt)."""
+  from effjax.models.lm import LM
+  from flax import nnx
+  from tests.helpers import tiny_config
+  c = tiny_config(pattern=pattern, ssm_head_dim=16, ssm_state_dim=16, **model_fields)
+  c.compress.method, c.compress.targets = 'int8', targets
+  c.compress.qmm_backend, c.compress.qmm_interpret = 'triton', True
+  tokens = jnp.asarray(np.random.default_rng().integers(3, 259, (1, 8)), jnp.int32)
+  model = LM(c.model, rngs=nnx.Rngs(int(np.random.default_rng().integers(1000))))
+  w_lib.restructure(model, c)
+  return model, [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.QuantizedWeight)], \
+      tokens
+
+
 @pytest.mark.parametrize('pattern, targets', [
     ('gla:mlp', 'wq,wk,wv,wo,w_out_gate,w_up,w_down'),
     ('retnet:none', 'wq,wk,wv,wo,w_out_gate'),
@@ -206,17 +222,8 @@ def test_every_mixers_projections_take_the_quantized_product(pattern, targets):
   """Linear attention, state-space and MoE shared-expert projections go through the compressed
   weight's own product (the quantized-matmul kernel here, interpret mode), not a dequantized
   copy: pallas_calls in the forward, logits equal to the XLA path's."""
-  from effjax.models.lm import LM
-  from flax import nnx
-  from tests.helpers import tiny_config
-  c = tiny_config(pattern=pattern, ssm_head_dim=16, ssm_state_dim=16, moe_num_experts=4,
-                  moe_num_shared_experts=1)
-  c.compress.method, c.compress.targets = 'int8', targets
-  c.compress.qmm_backend, c.compress.qmm_interpret = 'triton', True
-  tokens = jnp.asarray(np.random.default_rng().integers(3, 259, (1, 8)), jnp.int32)
-  model = LM(c.model, rngs=nnx.Rngs(int(np.random.default_rng().integers(1000))))
-  w_lib.restructure(model, c)
-  weights = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.QuantizedWeight)]
+  model, weights, tokens = _int8_kernel_model(pattern, targets, moe_num_experts=4,
+                                               moe_num_shared_experts=1)
   assert weights
 
   calls, got = _pallas_calls_and_logits(model, tokens)
@@ -235,16 +242,7 @@ def test_forced_kernel_backend_takes_xla_for_shapes_it_cannot_tile(pattern, targ
   gate, Mamba-1's dt projections): those products take XLA, said once in the log; the others
   still reach the kernel, and the logits equal the XLA path's."""
   import logging
-  from effjax.models.lm import LM
-  from flax import nnx
-  from tests.helpers import tiny_config
-  c = tiny_config(pattern=pattern, ssm_head_dim=16, ssm_state_dim=16)
-  c.compress.method, c.compress.targets = 'int8', targets
-  c.compress.qmm_backend, c.compress.qmm_interpret = 'triton', True
-  tokens = jnp.asarray(np.random.default_rng().integers(3, 259, (1, 8)), jnp.int32)
-  model = LM(c.model, rngs=nnx.Rngs(int(np.random.default_rng().integers(1000))))
-  w_lib.restructure(model, c)
-  weights = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.QuantizedWeight)]
+  model, weights, tokens = _int8_kernel_model(pattern, targets)
   narrow = [w for w in weights if w.qvalue[...].shape[-1] % 16]
   assert narrow and len(narrow) < len(weights)
   w_lib._SAID.clear()
