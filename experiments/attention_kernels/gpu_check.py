@@ -120,7 +120,7 @@ def timings():
 
 
 def d256_backward_timings():
-  """fwd+bwd at D 256 with the Triton backward (the default) and the head-dim-split Mosaic GPU
+  """fwd+bwd at D 256 with the Triton backward and the head-dim-split Mosaic GPU (the default)
   backward, and cuDNN's, on one shape."""
   b, s, h, d = 2, 4096, 8, 256
   q, k, v, ct, _ = _inputs(jax.random.key(3), b, s, h, h, d, jnp.bfloat16)
@@ -186,8 +186,10 @@ def main():
   ]
   if BACKEND == 'triton':  # the Mosaic GPU kernel takes bf16 / fp16 only
     cases.append(('causal fp32', dict(causal=True, dtype=jnp.float32, s=256)))
-  else:  # the head-dim-split backward at D 256, off by default until it has run here
+  else:  # the head-dim-split backward at D 256 (the default) and the Triton one it replaced
     split = {'EFFJAX_MOSAIC_GPU_BWD_D256': 'mosaic_gpu'}
+    cases.append(('causal d256 triton bwd', dict(causal=True, d=256, s=256,
+                                                 env={'EFFJAX_MOSAIC_GPU_BWD_D256': 'triton'})))
     cases += [('causal d256 split bwd', dict(causal=True, d=256, s=512, env=split)),
               ('segments d256 gqa split bwd', dict(causal=True, d=256, s=512, hq=4, hkv=1,
                                                    segments=True, env=split)),

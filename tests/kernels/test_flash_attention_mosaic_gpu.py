@@ -92,8 +92,8 @@ def test_lowers_for_cuda(case, d, hq, hkv):
                                             ('causal', 256, 4, 2), ('segments', 256, 2, 1)])
 def test_gradients_lower_for_cuda(case, d, hq, hkv, monkeypatch):
   """One jitted grad: the forward and both backward kernels (dK/dV, dQ) are Mosaic GPU (head dim
-  256: the head-dim-split backward, switched on)."""
-  monkeypatch.setenv('EFFJAX_MOSAIC_GPU_BWD_D256', 'mosaic_gpu')
+  256: the head-dim-split backward, the default)."""
+  monkeypatch.delenv('EFFJAX_MOSAIC_GPU_BWD_D256', raising=False)
   rng = np.random.default_rng()
   s = 512
   kw = _masks(case, rng, s)
@@ -107,8 +107,8 @@ def test_gradients_lower_for_cuda(case, d, hq, hkv, monkeypatch):
 
 @pytest.mark.skipif(_JAX >= (0, 11), reason='JAX 0.11 lowers Pallas Triton only with a GPU '
                                              'present (it reads the compute capability)')
-def test_head_dim_256_gradients_lower_through_triton_backward_by_default(monkeypatch):
-  monkeypatch.delenv('EFFJAX_MOSAIC_GPU_BWD_D256', raising=False)
+def test_head_dim_256_gradients_lower_through_triton_backward_when_asked(monkeypatch):
+  monkeypatch.setenv('EFFJAX_MOSAIC_GPU_BWD_D256', 'triton')
   shapes = [jax.ShapeDtypeStruct((1, 256, 2, 256), jnp.bfloat16)] * 3
   loss = lambda q, k, v: flash_attention(q, k, v, backend='mosaic_gpu').astype(
       jnp.float32).sum()
@@ -179,8 +179,8 @@ def test_interpreted_empty_rows_and_skipped_query_block():
 def test_interpreted_backward_matches_reference(case, d, hq, hkv, block_k, monkeypatch):
   """The dK/dV and dQ kernels against the reference's VJP for a random cotangent, from the
   forward's tiles at (128, block_k) (re-tiled to the backward's 64-row tiles). Head dim 256
-  runs the head-dim-split kernels (switched on here)."""
-  monkeypatch.setenv('EFFJAX_MOSAIC_GPU_BWD_D256', 'mosaic_gpu')
+  runs the head-dim-split kernels (the default)."""
+  monkeypatch.delenv('EFFJAX_MOSAIC_GPU_BWD_D256', raising=False)
   rng = np.random.default_rng()
   s = 256
   kw = _masks(case, rng, s)

@@ -6,8 +6,8 @@ block-layout masks (see reference.py for the exact semantics) on q [B, S, Hq, D]
 (query, key) pair (layout.computed_blocks), so sparse layouts cost proportionally less.
 
 Backends: 'triton' (Pallas Triton on GPU, gpu.py), 'mosaic_gpu' (Pallas Mosaic GPU on Hopper:
-TMA and wgmma, warp-specialised, mosaic_gpu.py; head dim 256 takes the Triton backward unless
-EFFJAX_MOSAIC_GPU_BWD_D256=mosaic_gpu picks its head-dim-split kernels), 'mosaic'
+TMA and wgmma, warp-specialised, mosaic_gpu.py; at head dim 256 its backward splits the head
+dim over its warpgroups, EFFJAX_MOSAIC_GPU_BWD_D256=triton takes Triton's instead), 'mosaic'
 (Pallas on TPU, tpu.py), 'reference' (plain jnp, any device) and 'auto', which picks by the
 default JAX backend and the call (resolve_backend): 'mosaic_gpu' on Hopper where its kernel takes
 the call (16-bit inputs, S and every block a multiple of 128), else 'triton' on GPU, 'mosaic' on
