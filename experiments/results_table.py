@@ -317,8 +317,8 @@ def gpu_smoke(*runs_and_config) -> str:
   devices = math.prod(int(a) for a in axes)
   skip_note = '; '.join(f'{n} needs {devices} devices' if n == 'sharded_cpu' else f'{n} skipped'
                         for n in skipped)
-  return (f"{len(done)} of {len(state)} ran to the end; failed: {', '.join(failed) or 'none'}; "
-          f"{skip_note}")
+  text = f"{len(done)} of {len(state)} ran to the end; failed: {', '.join(failed) or 'none'}"
+  return f'{text}; {skip_note}' if skip_note else text
 
 
 def compression_decode(study) -> str:
@@ -387,15 +387,26 @@ def decode_attention_step(kernel, xla) -> str:
   return '; '.join(parts) + ' (target 70% missed)'
 
 
-def speculative_study(study) -> str:
-  """Trained 1B model: self-speculative, speculative and early exit against plain decoding."""
+def speculative_study(study, speculative=None) -> str:
+  """Trained 1B model: self-speculative, speculative and early exit against plain decoding
+  (`speculative`: a second file with the speculative rows, when a later run over the same
+  checkpoints measured them)."""
   d = load_json(study)
-  spec = {r['method']: r for r in d['speculative']}
+  spec = {r['method']: r for r in load_json(speculative or study)['speculative']}
   parts = []
   for method, label, target in (('self_speculative', 'self-speculative', 1.5),
                                 ('speculative', 'speculative (0.15B draft)', 2.0)):
     r = spec[method]
-    same = 'identical greedy output' if r['equals_plain_greedy'] else 'output NOT identical'
+    diffs = r.get('first_differences') or []
+    parted = [x for x in diffs if x.get('position') is not None]
+    if r['equals_plain_greedy']:
+      same = 'identical greedy output'
+    elif diffs:
+      gap = max(x['relative_gap'] for x in parted)
+      same = (f'output identical on {len(diffs) - len(parted)} of {len(diffs)} prompts (first '
+              f'difference at a logit gap of {gap:.1e} of the largest)')
+    else:
+      same = 'output NOT identical'
     parts.append(f"{label} {r['speedup_vs_plain']:.2f}x at acceptance {r['acceptance_rate']:.2f},"
                  f" {same} (target {target}x)")
   ok = [r for r in d['rows'] if r['perplexity_increase'] <= 0.02]
@@ -404,6 +415,20 @@ def speculative_study(study) -> str:
   parts.append(f"early exit {best['speedup_vs_plain']:.2f}x at "
                f"{best['perplexity_increase']:+.1%} perplexity (target 1.5x at <= 2% {verdict})")
   return '; '.join(parts) + f" after {d['steps']} training steps"
+
+
+def quantized_decode_fused(decode_qmm) -> str:
+  """Batch-1 decode through the kernel with each layer's projections fused into one launch per
+  input (and unfused), vs bf16, one run."""
+  rows = {r['variant']: r for r in load_json(decode_qmm)['rows'] if r.get('tokens_per_s')}
+  bf16 = rows['bf16']
+  parts = []
+  for kind, target in (('int8', 1.6), ('int4', 2.5)):
+    fused = rows[f'{kind}:triton']['tokens_per_s'] / bf16['tokens_per_s']
+    unfused = rows[f'{kind}:triton:unfused']['tokens_per_s'] / bf16['tokens_per_s']
+    parts.append(f"{kind} {fused:.2f}x bf16 tokens/s fused, {unfused:.2f}x unfused (target "
+                 f"{target}x {'met' if fused >= target else 'missed'})")
+  return '; '.join(parts) + f" (bf16 {bf16['ms_per_step']:.3f} ms a token)"
 
 
 def attention_kernels(bench) -> str:
@@ -509,6 +534,9 @@ ROWS = (
          'experiments/gpu_smoke/smoke_h200_run5.json',
          'experiments/gpu_smoke/smoke_h200_run6.json',
          'experiments/gpu_smoke/smoke_h200_run7.json', 'configs/sharded_cpu.py'), gpu_smoke),
+    Row('the ten configs whose code changed since, through `effjax.main`', '1 x H100',
+        'gpu_smoke', ('experiments/gpu_smoke/smoke_h100_run8.json', 'configs/sharded_cpu.py'),
+        gpu_smoke),
     Row('int8 / int4 weight-only quantization (PTQ) of the 1.03B model, decode at batch 1',
         '1 x H200', 'compression', ('experiments/compression/results/h200_gpt_1b.json',),
         compression_decode),
@@ -516,6 +544,10 @@ ROWS = (
         'random weights', '1 x H200', 'quantized_matmul',
         ('experiments/quantized_matmul/results/h200_2026_12_04/decode_qmm_tuned.json',
          f'{DA}/decode_qmm.json'), quantized_decode),
+    Row('the same, projections of a layer fused into one kernel launch per input, vs unfused',
+        '1 x H100', 'quantized_matmul',
+        ('experiments/quantized_matmul/results/h100_2026_12_06/decode_qmm.json',),
+        quantized_decode_fused),
     Row('LoRA (r=8, base frozen) vs full fine-tuning peak memory, 1.03B model, seq 2048',
         '1 x H200', 'compression', tuple(f'experiments/compression/results/finetune_memory_{v}.json'
                                          for v in ('full', 'lora', 'full_remat',
@@ -528,6 +560,10 @@ ROWS = (
     Row('1.03B model with exits after layers 4 and 8 and a 0.15B draft, trained on the byte '
         'corpus; batch-1 greedy decoding of code prompts', '1 x H200', 'early_exit',
         ('experiments/early_exit/results_gpu/gpu_gpt_1b.json',), speculative_study),
+    Row('the same study after the decoder cut the head to the tokenizer\'s rows', '1 x H100',
+        'early_exit', ('experiments/early_exit/results_gpu/gpu_gpt_1b_h100_thresholds.json',
+                       'experiments/early_exit/results_gpu/gpu_gpt_1b_h100_spec.json'),
+        speculative_study),
     Row('flash attention (Pallas Triton) vs cuDNN, causal, S 4k-16k', '1 x H100',
         'attention_kernels', ('experiments/attention_kernels/results/round2_final.json',),
         attention_kernels),
