@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effjax.bench import energy
+from effjax.compress import weights as w_lib
 
 COLUMNS = (
     ('context', 'context', ''),
@@ -66,7 +67,8 @@ def run(config, contexts: Sequence[int], *, steps: int, batch: int, repeats: int
   rows = []
   for context in contexts:
     try:
-      row = time_decode(graphdef, params, context, steps=steps, batch=batch, repeats=repeats)
+      row = time_decode(graphdef, params, context, steps=steps, batch=batch, repeats=repeats,
+                        output_major=w_lib.parse_names(config.infer.output_major))
     except Exception as e:  # pylint: disable=broad-except
       from effjax.bench.kernels import first_line
       row = {'context': context, 'batch': batch, 'steps': steps, 'error': first_line(e)}
@@ -84,16 +86,20 @@ def run(config, contexts: Sequence[int], *, steps: int, batch: int, repeats: int
 
 
 def time_decode(graphdef, params, context: int, *, steps: int = 32, batch: int = 1,
-                repeats: int = 3, profile_dir: str = '') -> dict[str, Any]:
+                repeats: int = 3, profile_dir: str = '',
+                output_major: tuple[str, ...] = ('wo',)) -> dict[str, Any]:
   """One row: decode tokens/s of given (random, trained or compressed) parameters.
 
   The caches hold context + steps positions and decoding starts at position `context`: one
   compile, one warm-up, then the median of `repeats` timed loops, each inside an energy meter's
   window (its inputs are ready and its output is blocked on inside the window). With
   profile_dir, one more loop is traced there and the row gets `profile_summary` (device time
-  per kernel name).
+  per kernel name). The weights named in `output_major` are stored transposed for the loop, as
+  the decoding engine stores them (infer.output_major).
   """
   model = nnx.merge(graphdef, params)
+  if output_major:
+    graphdef, params = nnx.split(w_lib.output_major(model, tuple(output_major)))
   row: dict[str, Any] = {'context': context, 'batch': batch, 'steps': steps}
   if not model.supports_cache():
     return {**row, 'error': 'a mixer of the pattern has no cached decoding'}

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effjax.compress import weights as w_lib
 from effjax.infer import exit_decode, speculative
 from effjax.infer.engine import Engine
 from effjax.infer.exit_decode import ExitPolicy
@@ -139,12 +140,13 @@ def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, 
   split = params or nnx.split(LM(config.model, rngs=nnx.Rngs(config.seed)))
   weights_dtype = config.infer.weights_dtype
   kernel = config.infer.attention_kernel
-  engine = Engine(*split, weights_dtype, kernel)
+  major = w_lib.parse_names(config.infer.output_major)
+  engine = Engine(*split, weights_dtype, kernel, output_major=major)
   draft = None
   if 'speculative' in methods:
     if draft_params is None:
       draft_params = nnx.split(LM((draft_config or config).model, rngs=nnx.Rngs(config.seed + 1)))
-    draft = Engine(*draft_params, weights_dtype, kernel)
+    draft = Engine(*draft_params, weights_dtype, kernel, output_major=major)
   policy = ExitPolicy(exit_threshold, config.infer.confidence, config.infer.exit_skip)
   rows = []
   for context in contexts:

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from effjax import data as data_lib
+from effjax.compress import weights as w_lib
 from effjax.infer import generate as gen
 from effjax.infer.exit_decode import ExitPolicy
 from effjax.infer.sampling import Sampler
@@ -110,6 +111,7 @@ def options_from_config(config, vocab_limit: int, stop: tuple[int, ...],
       sampler=Sampler(g.temperature, g.top_k, g.top_p, vocab_limit),
       seed=config.seed if g.seed < 0 else g.seed, stop_tokens=stop, max_len=inf.max_len,
       weights_dtype=inf.weights_dtype, attention_kernel=inf.attention_kernel,
+      output_major=w_lib.parse_names(inf.output_major),
       exit_policy=ExitPolicy(inf.exit_threshold if threshold is None else threshold,
                              inf.confidence, inf.exit_skip),
       gamma=inf.gamma, draft_exit=inf.draft_exit)

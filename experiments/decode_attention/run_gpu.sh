@@ -2,7 +2,7 @@
 # The decode-attention kernel on one GPU and what it does to decoding; results go to $RES (packed
 # into $OUT/results.tgz after each step, so a run cut short returns what it finished).
 #   bash experiments/decode_attention/run_gpu.sh STEP [STEP ...]
-#   steps: kernels decode_b1 profile_b1 decode_b16 qmm   ('all' = every one, in this order)
+#   steps: kernels decode_b1 profile_b1 decode_b16 qmm layout   ('all' = every one, in order)
 set -u
 OUT=${OUT:-/tmp/effjax_decode_out}
 RES=${RES:-/tmp/effjax_decode_results}
@@ -35,8 +35,21 @@ decode_b16() {
 qmm() { python3 experiments/quantized_matmul/decode.py --variants=bf16,int8:triton,int4:triton \
         --out="$RES"; }
 
+# The out projection stored output-major for decoding (infer.output_major='wo', the default)
+# against the training layout (''), batch 1, through the engine and through LM.decode (bf16,
+# int8, int4 weights; the quantized ones keep their kernel's layout either way).
+layout() {
+  $DECODE --contexts=1024,8192 --decode_batch=1 --name=decode_gpt_1b_b1_wo_major
+  $DECODE --contexts=1024,8192 --decode_batch=1 --name=decode_gpt_1b_b1_wo_training_layout \
+    --config.infer.output_major=
+  for major in wo ''; do
+    python3 experiments/quantized_matmul/decode.py --variants=bf16,int8:triton,int4:triton \
+      --repeats=3 --output_major="$major" --out="$RES/qmm_output_major_${major:-none}"
+  done
+}
+
 steps=("$@")
-if [ "${steps[0]:-all}" = all ]; then steps=(kernels decode_b1 profile_b1 decode_b16 qmm); fi
+if [ "${steps[0]:-all}" = all ]; then steps=(kernels decode_b1 profile_b1 decode_b16 qmm layout); fi
 for step in "${steps[@]}"; do
   echo "=== $step"
   "$step" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tail -40

@@ -45,6 +45,8 @@ def main():
                       'int4:xla,int4:triton,int4:triton:unfused')
   parser.add_argument('--out', default='/tmp/effjax_qmm_decode')
   parser.add_argument('--set', action='append', default=[], help='section.field=value override')
+  parser.add_argument('--output_major', default='wo', help="weights stored transposed for "
+                      "decoding (infer.output_major; '' = the training layout)")
   parser.add_argument('--profile_dir', default='', help='trace one loop of each variant here '
                       '(a subfolder each) and print its device time per kernel')
   args = parser.parse_args()
@@ -78,6 +80,7 @@ def main():
     try:
       row.update(decode_bench.time_decode(graphdef, params, args.context, steps=args.steps,
                                           batch=1, repeats=args.repeats,
+                                          output_major=w_lib.parse_names(args.output_major),
                                           profile_dir=(os.path.join(args.profile_dir,
                                                                     variant.replace(':', '_'))
                                                        if args.profile_dir else '')))

@@ -88,3 +88,25 @@ def test_cached_generation_equals_full_recompute(temperature):
     # Sampling from a random model gives a varied continuation; greedy decoding of an untrained
     # model may settle on one token, which is why the per-step logits are compared above.
     assert len(set(cached)) > 1
+
+
+@pytest.mark.parametrize('scan_layers', [True, False])
+def test_output_major_weights_decode_the_same(scan_layers):
+  """infer.output_major: wo stored transposed [embed, heads, head_dim] (under the layer scan
+  [layers, embed, heads, head_dim]) gives the same cached logits and dense weight as the
+  training layout; a name that matches nothing changes nothing."""
+  from effjax.compress import weights as w_lib
+  rng = np.random.default_rng()
+  model = _model(rng, pattern='attention:mlp', num_kv_heads=1, scan_layers=scan_layers)
+  tokens = jnp.asarray(rng.integers(3, 259, (2, 12)))
+  want = _cached_logits(model, tokens, 5)
+  graphdef, params = nnx.split(model)
+  before = [p[...] for _, m, n in w_lib.find_targets(model, ('wo',)) for p in [vars(m)[n]]]
+  major = w_lib.output_major(nnx.merge(graphdef, params), ('wo', 'no_such_weight'))
+  stored = [vars(m)['wo'] for _, m in nnx.iter_modules(major) if 'wo' in vars(m)]
+  assert stored and all(isinstance(w, w_lib.OutputMajorWeight) for w in stored)
+  d = model.cfg.d_model
+  assert all(w.value[...].shape[-3] == d for w in stored)  # outputs first: [.., embed, n, h]
+  for w, dense in zip(stored, before):
+    np.testing.assert_array_equal(np.asarray(w[...]), np.asarray(dense))
+  np.testing.assert_allclose(_cached_logits(major, tokens, 5), want, rtol=1e-5, atol=1e-5)
