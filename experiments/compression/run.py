@@ -37,7 +37,7 @@ TECHNIQUES = [
     ('dense, fine-tuned (control: no compression)', dict(method='merge'), True),
     ('SVD 90% energy, fine-tuned', dict(method='lowrank', lowrank_energy=0.9), True),
     ('LoRA r=8 (base frozen), fine-tuned', dict(method='lora', lora_rank=8), True),
-    ('distilled student (half the layers)', dict(method='distill', student_model='num_layers=2',
+    ('distilled student (half the layers)', dict(method='distill', student_model='half',
                                                  distill_temperature=2.0), True),
 ]
 
@@ -81,7 +81,14 @@ def main():
   parser.add_argument('--name', default='cpu_tiny')
   parser.add_argument('--only', default='', help='comma-separated methods to run (default all)')
   parser.add_argument('--set', action='append', default=[], help='section.field=value override')
+  parser.add_argument('--from_reports', default='',
+                      help='a folder of <method>.report.json files (as run_gpu.sh copies them out): '
+                      'write the table from those, in the usual row order, without training or '
+                      'compressing anything (for a run cut short before its table)')
   args = parser.parse_args()
+  if args.from_reports:
+    table_from_reports(args)
+    return
 
   import jax
   from effjax.compress import run as compress_run
@@ -104,6 +111,8 @@ def main():
       c.mode = 'compress'
       for key, value in fields.items():
         c.compress[key] = value
+      if c.compress.student_model == 'half':  # the student: half the source's layers
+        c.compress.student_model = f'num_layers={max(1, c.model.num_layers // 2)}'
       c.compress.out_workdir = out
       c.compress.finetune_steps = args.finetune_steps if finetune else 0
       c.compress.finetune_learning_rate = args.finetune_learning_rate
@@ -134,9 +143,51 @@ def main():
   env = {'device': jax.devices()[0].device_kind, 'platform': platform.platform(),
          'jax': jax.__version__, 'command': ' '.join(sys.argv),
          'seconds': time.perf_counter() - started, 'config': config.to_dict()}
+  write_table(args.name, table, env)
+
+
+def table_from_reports(args):
+  """The table of the techniques whose report is in --from_reports (the reports' own decode
+  measurements; the source row from the reports' 'before', which all share, its decode speed
+  the best of theirs)."""
+  rows, missing = [], []
+  for label, fields, _ in TECHNIQUES:
+    path = os.path.join(args.from_reports, fields['method'].replace(':', '_') + '.report.json')
+    if not os.path.exists(path):
+      missing.append(fields['method'])
+      continue
+    with open(path, encoding='utf-8') as f:
+      rows.append((label, json.load(f)))
+  if not rows:
+    raise SystemExit(f'--from_reports={args.from_reports}: no <method>.report.json file there '
+                     f'(methods: {", ".join(f["method"] for _, f, _ in TECHNIQUES)})')
+  sources = {json.dumps(r['source'], sort_keys=True) for _, r in rows}
+  if len(sources) > 1:
+    raise SystemExit(f'--from_reports={args.from_reports}: the reports come from different '
+                     f'source checkpoints ({sorted(sources)}); one table needs one source')
+
+  def row(label, m, finetune_steps):
+    return {'technique': label, 'bytes': m['bytes'], 'decode_bytes': m['decode_bytes'],
+            'decode_tokens_per_s': m.get('decode_tokens_per_s') or 0.0,
+            'report_decode_tokens_per_s': m.get('decode_tokens_per_s'), 'loss': m['loss'],
+            'finetune_steps': finetune_steps}
+
+  source = dict(rows[0][1]['before'])  # the best of the reports' measurements, as main() keeps
+  source['decode_tokens_per_s'] = max(r['before'].get('decode_tokens_per_s') or 0.0
+                                      for _, r in rows)
+  table = [row('dense source (float32 stored; decoded in its compute dtype)', source, 0)]
+  table += [row(label, r['after'], r['finetune_steps']) for label, r in rows]
+  env = {'device': rows[0][1].get('device'), 'command': ' '.join(sys.argv),
+         'from_reports': sorted(os.listdir(args.from_reports)), 'not_run': missing,
+         'source': rows[0][1]['source']}
+  write_table(args.name, table, env)
+
+
+def write_table(name: str, table: list, env: dict) -> None:
+  """results/<name>.json (rows + environment) and results/<name>.md beside this file."""
   results = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
   os.makedirs(results, exist_ok=True)
-  with open(os.path.join(results, f'{args.name}.json'), 'w', encoding='utf-8') as f:
+  with open(os.path.join(results, f'{name}.json'), 'w', encoding='utf-8') as f:
     json.dump({'environment': env, 'rows': table}, f, indent=2, default=str)
   dense = table[0]
   lines = ['| technique | parameter bytes | bytes read per decoded token | decode tokens/s (batch 1) '
@@ -146,7 +197,7 @@ def main():
     lines.append(f'| {r["technique"]} | {r["bytes"]:,} ({r["bytes"] / dense["bytes"]:.2f}x) | '
                  f'{r["decode_bytes"]:,} | {tps:.0f} ({tps / dense["decode_tokens_per_s"]:.2f}x) | '
                  f'{r["loss"]:.4f} | {r["finetune_steps"]} |')
-  with open(os.path.join(results, f'{args.name}.md'), 'w', encoding='utf-8') as f:
+  with open(os.path.join(results, f'{name}.md'), 'w', encoding='utf-8') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))
 

@@ -7,15 +7,17 @@
 set -u
 OUT=${OUT:-/tmp/effjax_compression_out}
 WORK=${WORK:-/tmp/effjax_compression_1b}  # the source checkpoint and one directory per technique
+NAME=${NAME:-h200_gpt_1b}  # the table's file name under $RES
 RES=experiments/compression/results
 mkdir -p "$OUT" "$RES"
 export PYTHONUNBUFFERED=1
 
 # The source: gpt_1b (1.03B parameters) trained 150 steps of 8 x 2048 tokens on the embedded
 # corpus (long enough for the loss rows to mean something, short enough for one call); held-out
-# loss over 8 batches; decode timed at batch 1 after a 1024-token context, 64 tokens a loop.
+# loss over 8 batches; decode timed at batch 1 after a 1024-token context, 64 tokens a loop; the
+# distilled student has half the source's layers (8).
 STUDY="python3 experiments/compression/run.py --config=configs/gpt_1b.py --out=$WORK --steps=150
-  --finetune_steps=100 --finetune_learning_rate=1e-4 --decode_rounds=0 --name=h200_gpt_1b
+  --finetune_steps=100 --finetune_learning_rate=1e-4 --decode_rounds=0 --name=$NAME
   --set model.d_model=2048 --set model.num_layers=16 --set model.mlp_dim=5632
   --set data.seq_len=2048 --set train.batch_size=8 --set compress.decode_context=1024
   --set compress.decode_steps=64 --set train.eval_batches=8"
@@ -47,13 +49,26 @@ full_remat $remat
 lora_bf16_base_remat $lora $bf16 $remat
 EOF_VARIANTS
 }
+# Both rematerialised variants again at batch 16 with the loss over chunks of 64 positions (the
+# config's 512 keeps a [16, 512, 50304] float32 logits block and its gradient alive).
+memory_chunk() {
+  local chunk="--config.train.loss_chunk_size=64 --config.model.remat_policy=full"
+  while read -r name flags; do
+    [ -f "$RES/finetune_memory_$name.json" ] || python3 -m effjax.bench train \
+      --config=configs/gpt_1b.py $flags $chunk --config.train.batch_size=16 --steps=3 \
+      --repeats=1 --warmup_steps=1 --out="$RES" --name="finetune_memory_$name"
+  done <<EOF_VARIANTS
+full_remat_chunk64
+lora_bf16_base_remat_chunk64 --config.compress.method=lora --config.compress.lora_base_dtype=bfloat16
+EOF_VARIANTS
+}
 
 steps=("$@")
 if [ "${steps[0]:-all}" = all ]; then steps=(ptq prune memory rest); fi
 for step in "${steps[@]}"; do
   echo "=== $step"
   "$step" 2>&1 | tail -30
-  cp "$RES"/h200_gpt_1b.* "$RES"/finetune_memory_* "$OUT"/ 2>/dev/null
+  cp "$RES/$NAME".* "$RES"/finetune_memory_* "$OUT"/ 2>/dev/null
   for d in "$WORK"/*/; do
     [ -f "$d/report.json" ] && cp "$d/report.json" "$OUT/$(basename "$d").report.json"
   done
