@@ -448,7 +448,8 @@ def attention_kernels(bench) -> str:
 
 def mosaic_attention(bench) -> str:
   """The Hopper kernels against cuDNN and tokamax (causal, S >= 4k) and window / sparse vs dense."""
-  rows = ok_rows(bench_rows(bench))
+  # Timed attention rows only (a file may also hold the check rows and the matmul peak).
+  rows = [r for r in ok_rows(bench_rows(bench)) if r['op'] == 'attention' and r.get('ms')]
   ms = {(r['group'], r['variant'], r['mode'], r['impl']): r['ms'] for r in rows}
   mine = [r for r in rows if r['impl'] == 'effjax_mosaic_gpu']
   dense = [r for r in mine if r['variant'] == 'dense' and r['seq_len'] >= 4096
@@ -466,6 +467,37 @@ def mosaic_attention(bench) -> str:
           f"{vs('tokamax', 'fwd')} tokamax fwd, {vs('tokamax', 'fwd+bwd')} fwd+bwd; at 16k, "
           f"window 1024 {restricted('window'):.2f}x and ~90% block-sparse "
           f"{restricted('bigbird'):.2f}x faster than its dense fwd+bwd")
+
+
+def gpt2_flash(cudnn, flash) -> str:
+  """GPT-2-small training tokens/s with flash layers on each backend vs cuDNN attention layers."""
+  base = bench_rows(cudnn)[0]['tokens_per_second']
+  ratios = {r['name'].split('=')[-1]: r['tokens_per_second'] / base for r in bench_rows(flash)}
+  parts = [f'{backend} {ratio:.3f}x' for backend, ratio in ratios.items()]
+  verdict = 'met' if max(ratios.values()) >= 1.0 else 'missed'
+  return (f"flash layers vs cuDNN attention layers ({base:,.0f} tokens/s): {', '.join(parts)} "
+          f"(target >= 1.0x {verdict})")
+
+
+def lora_memory_chunked(full, lora) -> str:
+  """Both sides rematerialised, bf16 LoRA base, the loss over 64-position chunks, batch 16."""
+  f, r = bench_rows(full)[0], bench_rows(lora)[0]
+  fraction = r['peak_memory_gb'] / f['peak_memory_gb']
+  verdict = 'met' if fraction <= LORA_MEMORY_TARGET else 'missed'
+  return (f"{fraction:.1%} at batch {f['batch_size']} ({r['peak_memory_gb']:.1f} vs "
+          f"{f['peak_memory_gb']:.1f} GB; target {LORA_MEMORY_TARGET:.0%} {verdict})")
+
+
+def decode_output_major(b1_major, b1_training, b16_major, b16_training) -> str:
+  """The decode step with wo stored output-major vs the training layout, same session."""
+  one, one_t = bench_row(b1_major, context=1024), bench_row(b1_training, context=1024)
+  parts = [f"batch 1, 1k: {one['ms_per_token']:.3f} vs {one_t['ms_per_token']:.3f} ms/token "
+           f"({one_t['ms_per_token'] / one['ms_per_token']:.2f}x), "
+           f"{one['roofline_fraction']:.0%} of the measured-copy roofline (target 70% missed)"]
+  for context in (1024, 8192):
+    m, t = bench_row(b16_major, context=context), bench_row(b16_training, context=context)
+    parts.append(f"batch 16, {seq_text(context)}: {t['ms_per_token'] / m['ms_per_token']:.2f}x")
+  return '; '.join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,6 +525,9 @@ TP = 'experiments/throughput/results'
 MOE_H200 = 'experiments/moe/results/h200_2026_12_02'
 MOE_LATEST = 'experiments/moe/results/h200_2026_12_04_fused_gate_up'
 DA = 'experiments/decode_attention/results/h200_2026_12_04'
+DA_H100 = 'experiments/decode_attention/results/h100_2026_12_06'
+AK_H100 = 'experiments/attention_kernels/results/h100_2026_12_06_speed'
+CR = 'experiments/compression/results'
 
 ROWS = (
     Row('default quickstart, 3.05M params, 240 steps', '2 CPU cores', 'cpu_default',
@@ -540,6 +575,8 @@ ROWS = (
     Row('int8 / int4 weight-only quantization (PTQ) of the 1.03B model, decode at batch 1',
         '1 x H200', 'compression', ('experiments/compression/results/h200_gpt_1b.json',),
         compression_decode),
+    Row('the same on a retrained source, decoding through the quantized-matmul kernel', '1 x H100',
+        'compression', (f'{CR}/h100_gpt_1b.json',), compression_decode),
     Row('the same decode through the weight-only quantized-matmul kernel (Pallas Triton), '
         'random weights', '1 x H200', 'quantized_matmul',
         ('experiments/quantized_matmul/results/h200_2026_12_04/decode_qmm_tuned.json',
@@ -553,10 +590,18 @@ ROWS = (
                                          for v in ('full', 'lora', 'full_remat',
                                                    'lora_bf16_base_remat')),
         lora_memory),
+    Row('the same with the loss over 64-position chunks, both sides rematerialised, bf16 base',
+        '1 x H100', 'compression',
+        (f'{CR}/finetune_memory_full_remat_chunk64.json',
+         f'{CR}/finetune_memory_lora_bf16_base_remat_chunk64.json'), lora_memory_chunked),
     Row('1.03B model, batch-1 decode step with the decode-attention kernel (Pallas Triton) vs '
         "XLA's attention, random weights", '1 x H200', 'decode_attention',
         (f'{DA}/decode_gpt_1b_b1_kernel.json', f'{DA}/decode_gpt_1b_b1_xla.json'),
         decode_attention_step),
+    Row('the same decode step with attention\'s out projection stored output-major for decoding '
+        '(`infer.output_major`) vs the training layout', '1 x H100', 'decode_attention',
+        tuple(f'{DA_H100}/decode_gpt_1b_b{b}_output_major_{m}.json'
+              for b in (1, 16) for m in ('wo', 'none')), decode_output_major),
     Row('1.03B model with exits after layers 4 and 8 and a 0.15B draft, trained on the byte '
         'corpus; batch-1 greedy decoding of code prompts', '1 x H200', 'early_exit',
         ('experiments/early_exit/results_gpu/gpu_gpt_1b.json',), speculative_study),
@@ -571,6 +616,12 @@ ROWS = (
         'causal, S 4k-16k', '1 x H100', 'attention_kernels',
         ('experiments/attention_kernels/results/h100_2026_12_05_mosaic_gpu/targets.json',),
         mosaic_attention),
+    Row('the same after the segment-id fix and the D256 backward, quick grid (causal D128 at 4k '
+        'and 16k, window and BigBird at 16k)', '1 x H100', 'attention_kernels',
+        (f'{AK_H100}/attention_quick.json',), mosaic_attention),
+    Row('GPT-2-small training (bf16, batch 128 x 1024) with `flash` layers vs cuDNN attention '
+        'layers', '1 x H100', 'attention_kernels',
+        (f'{AK_H100}/gpt2_cudnn.json', f'{AK_H100}/gpt2_flash.json'), gpt2_flash),
 )
 
 
