@@ -79,6 +79,9 @@ def main():
   parser.add_argument('--finetune_learning_rate', type=float, default=3e-4)
   parser.add_argument('--decode_rounds', type=int, default=3)
   parser.add_argument('--name', default='cpu_tiny')
+  parser.add_argument('--results', default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                        'results'),
+                      help='where <name>.json and <name>.md go (default: results/ beside this file)')
   parser.add_argument('--only', default='', help='comma-separated methods to run (default all)')
   parser.add_argument('--set', action='append', default=[], help='section.field=value override')
   parser.add_argument('--from_reports', default='',
@@ -143,7 +146,7 @@ def main():
   env = {'device': jax.devices()[0].device_kind, 'platform': platform.platform(),
          'jax': jax.__version__, 'command': ' '.join(sys.argv),
          'seconds': time.perf_counter() - started, 'config': config.to_dict()}
-  write_table(args.name, table, env)
+  write_table(args.results, args.name, table, env)
 
 
 def table_from_reports(args):
@@ -180,12 +183,11 @@ def table_from_reports(args):
   env = {'device': rows[0][1].get('device'), 'command': ' '.join(sys.argv),
          'from_reports': sorted(os.listdir(args.from_reports)), 'not_run': missing,
          'source': rows[0][1]['source']}
-  write_table(args.name, table, env)
+  write_table(args.results, args.name, table, env)
 
 
-def write_table(name: str, table: list, env: dict) -> None:
-  """results/<name>.json (rows + environment) and results/<name>.md beside this file."""
-  results = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
+def write_table(results: str, name: str, table: list, env: dict) -> None:
+  """<results>/<name>.json (rows + environment) and <results>/<name>.md."""
   os.makedirs(results, exist_ok=True)
   with open(os.path.join(results, f'{name}.json'), 'w', encoding='utf-8') as f:
     json.dump({'environment': env, 'rows': table}, f, indent=2, default=str)

@@ -1,0 +1,64 @@
+"""experiments/compression/run.py --from_reports: the table of a run cut short, from the report
+files it left, in the study's row order; a clear error for no reports or mixed sources."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, 'experiments', 'compression', 'run.py')
+
+
+def _report(rng, method, source, finetune_steps=0):
+  def measured():
+    return {'bytes': int(rng.integers(1e6, 1e7)), 'decode_bytes': int(rng.integers(1e6, 1e7)),
+            'loss': float(rng.uniform(1, 3)), 'decode_tokens_per_s': float(rng.uniform(100, 900))}
+  return {'method': method, 'source': source, 'out_workdir': f'/w/{method}',
+          'finetune_steps': finetune_steps, 'before': measured(), 'after': measured(),
+          'device': 'some GPU'}
+
+
+def _run(reports, out, *extra):
+  return subprocess.run([sys.executable, SCRIPT, f'--from_reports={reports}', '--name=t',
+                         f'--results={out}', *extra], capture_output=True, text=True, check=False)
+
+
+def test_table_from_reports(tmp_path):
+  rng = np.random.default_rng()
+  source = {'workdir': '/w/source', 'step': int(rng.integers(1, 500))}
+  reports = {m: _report(rng, m, source, steps) for m, steps in
+             (('int4', 0), ('int8', 0), ('2:4', 100))}
+  for method, report in reports.items():
+    (tmp_path / f"{method.replace(':', '_')}.report.json").write_text(json.dumps(report))
+  result = _run(tmp_path, tmp_path / 'out')
+  assert result.returncode == 0, result.stderr
+  table = json.loads((tmp_path / 'out' / 't.json').read_text())
+  rows = table['rows']
+  # The study's order (int8 before int4 before 2:4), the source row first.
+  assert [r['technique'].split(' ')[0] for r in rows] == ['dense', 'int8', 'int4', '2:4']
+  best = max(r['before']['decode_tokens_per_s'] for r in reports.values())
+  assert rows[0]['decode_tokens_per_s'] == best
+  for row, method in zip(rows[1:], ('int8', 'int4', '2:4')):
+    after = reports[method]['after']
+    assert (row['loss'], row['bytes'], row['decode_tokens_per_s']) == (
+        after['loss'], after['bytes'], after['decode_tokens_per_s'])
+    assert row['finetune_steps'] == reports[method]['finetune_steps']
+  assert 'lora' in table['environment']['not_run']
+  assert (tmp_path / 'out' / 't.md').read_text().count('\n') == len(rows) + 2
+
+
+@pytest.mark.parametrize('case', ['empty', 'mixed'])
+def test_errors(tmp_path, case):
+  rng = np.random.default_rng()
+  if case == 'mixed':
+    for method, step in (('int8', 10), ('int4', 20)):
+      report = _report(rng, method, {'workdir': '/w/source', 'step': step})
+      (tmp_path / f'{method}.report.json').write_text(json.dumps(report))
+  result = _run(tmp_path, tmp_path / 'out')
+  assert result.returncode != 0
+  assert ('no <method>.report.json' if case == 'empty' else 'different source') in result.stderr
+  assert not (tmp_path / 'out').exists()
