@@ -87,7 +87,7 @@ def run(config, contexts: Sequence[int], *, steps: int, batch: int, repeats: int
 
 def time_decode(graphdef, params, context: int, *, steps: int = 32, batch: int = 1,
                 repeats: int = 3, profile_dir: str = '',
-                output_major: tuple[str, ...] = ('wo',)) -> dict[str, Any]:
+                output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR) -> dict[str, Any]:
   """One row: decode tokens/s of given (random, trained or compressed) parameters.
 
   The caches hold context + steps positions and decoding starts at position `context`: one

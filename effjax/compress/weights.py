@@ -336,7 +336,7 @@ class ObservedWeight(CompressedWeight):
 def _output_major_order(layout: Layout, ndim: int, to_stored: bool) -> tuple[int, ...]:
   """The transpose [batch, inputs, outputs] -> [batch, outputs, inputs] (or back)."""
   batch = ndim - layout.inputs - layout.outputs
-  first, second = (layout.inputs, layout.outputs) if to_stored else (layout.outputs, layout.inputs)
+  first = layout.inputs if to_stored else layout.outputs
   return (tuple(range(batch)) + tuple(range(batch + first, ndim)) +
           tuple(range(batch, batch + first)))
 
@@ -473,13 +473,27 @@ def restructure(model: nnx.Module, config, *, act_amax: dict[str, jax.Array] | N
   return model
 
 
+# What decoding stores output-major unless told otherwise (infer.output_major's default):
+# attention's out projection, whose one-row product XLA on GPU otherwise computes as a reduction
+# over the weight's major axes, at a fraction of the bandwidth.
+DECODE_OUTPUT_MAJOR = ('wo',)
+
+
 def output_major(model: nnx.Module, names: tuple[str, ...]) -> nnx.Module:
   """The plain Params called `names` stored output-major (OutputMajorWeight), in place; returned.
 
   For decoding (effjax.infer.engine.Engine, effjax.bench.decode.time_decode): the products
   compute the same values. Compressed weights (quantized, low-rank, LoRA) are left as they are.
+  Only weights whose products go through `layers.matmul` belong here (a weight read whole with
+  `w[...]`, as the MoE experts' are, would be transposed back on every read). A name other than
+  the default's that matches no weight gets a warning (a misspelt name would do nothing).
   """
-  for _, module, name in find_targets(model, names):
+  found = find_targets(model, names)
+  unmatched = set(names) - {name for _, _, name in found} - set(DECODE_OUTPUT_MAJOR)
+  if unmatched:
+    _say_once(f'infer.output_major: no plain weight called {", ".join(sorted(unmatched))} in '
+              'this model; those names change nothing')
+  for _, module, name in found:
     param = vars(module)[name]
     names_in = _names(param)
     layout = layout_of(names_in)

@@ -5,8 +5,9 @@ any range of layers can run alone: an early exit, a self-speculative draft), cas
 once to the decoding dtype (`infer.weights_dtype`, the compute dtype by default: the matmuls run
 on exactly the values training used, and each step reads half the bytes of float32 weights),
 stores the weights named in `output_major` (infer.output_major) transposed so that a one-row
-product reduces along their minor axes, and checks that every mixer can decode with a cache. With `vocab_limit` (the tokenizer's size,
-which `Decoder` passes) the output heads keep only the rows of ids that can be drawn.
+product reduces along their minor axes, and checks that every mixer can decode with a cache.
+With `vocab_limit` (the tokenizer's size, which `Decoder` passes) the output heads keep only the
+rows of ids that can be drawn.
 Everything below is traced inside one jit by the callers (effjax/infer/generate.py,
 speculative.py, exit_decode.py); the arrays live in `engine.arrays` and are passed in as
 arguments, never closed over.
@@ -45,17 +46,12 @@ from effjax.models.lm import block_kinds, num_groups
 from effjax.models.registry import parse_pattern
 
 
-# Weights stored output-major for decoding (infer.output_major): attention's out projection,
-# whose one-row product XLA on GPU otherwise reduces over the weight's major axes (slowly).
-DEFAULT_OUTPUT_MAJOR = ('wo',)
-
-
 class Engine:
   """A model prepared for decoding: per-layer graphdefs (static) and weights (`arrays`)."""
 
   def __init__(self, graphdef: Any, params: Any, weights_dtype: str = '',
                attention_kernel: str = 'auto', attention_interpret: bool = False,
-               vocab_limit: int = 0, output_major: tuple[str, ...] = DEFAULT_OUTPUT_MAJOR):
+               vocab_limit: int = 0, output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR):
     model = nnx.merge(graphdef, params)  # new module objects: the caller's model is untouched
     w_lib.output_major(model, tuple(output_major))
     decode_kernel.resolve_backend(attention_kernel)  # a bad name fails here, not when traced

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from effjax.compress import weights as w_lib
 from effjax.infer import exit_decode, speculative
 from effjax.infer.engine import Engine
 from effjax.infer.exit_decode import ExitPolicy
@@ -137,7 +138,7 @@ class Options:
   weights_dtype: str = ''
   attention_kernel: str = 'auto'  # effjax.kernels.decode_attention's backend
   attention_interpret: bool = False  # the kernel in interpret mode (tests on CPU)
-  output_major: tuple[str, ...] = ('wo',)  # weights stored transposed for decoding
+  output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR  # stored transposed for decoding
   exit_policy: ExitPolicy = ExitPolicy()
   gamma: int = 4
   draft_exit: int = 0  # self_speculative: the exit layer that drafts (0 = the first exit)

@@ -81,13 +81,13 @@ def main():
   parser.add_argument('--name', default='cpu_tiny')
   parser.add_argument('--results', default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                         'results'),
-                      help='where <name>.json and <name>.md go (default: results/ beside this file)')
+                      help='where <name>.json and <name>.md go (default: results/ here)')
   parser.add_argument('--only', default='', help='comma-separated methods to run (default all)')
   parser.add_argument('--set', action='append', default=[], help='section.field=value override')
   parser.add_argument('--from_reports', default='',
-                      help='a folder of <method>.report.json files (as run_gpu.sh copies them out): '
-                      'write the table from those, in the usual row order, without training or '
-                      'compressing anything (for a run cut short before its table)')
+                      help='a folder of <method>.report.json files (as run_gpu.sh copies them '
+                      'out): write the table from those, in the usual row order, without '
+                      'training or compressing anything (for a run cut short before its table)')
   args = parser.parse_args()
   if args.from_reports:
     table_from_reports(args)
@@ -188,6 +188,8 @@ def table_from_reports(args):
 
 def write_table(results: str, name: str, table: list, env: dict) -> None:
   """<results>/<name>.json (rows + environment) and <results>/<name>.md."""
+  if not table:
+    raise SystemExit('no technique ran (see --only), so there is no table to write')
   os.makedirs(results, exist_ok=True)
   with open(os.path.join(results, f'{name}.json'), 'w', encoding='utf-8') as f:
     json.dump({'environment': env, 'rows': table}, f, indent=2, default=str)
@@ -196,8 +198,9 @@ def write_table(results: str, name: str, table: list, env: dict) -> None:
            '| held-out loss (nats/byte) | fine-tuning steps |', '| --- | --- | --- | --- | --- | --- |']
   for r in table:
     tps = r['decode_tokens_per_s']
+    speed = f'{tps / dense["decode_tokens_per_s"]:.2f}x' if dense['decode_tokens_per_s'] else '-'
     lines.append(f'| {r["technique"]} | {r["bytes"]:,} ({r["bytes"] / dense["bytes"]:.2f}x) | '
-                 f'{r["decode_bytes"]:,} | {tps:.0f} ({tps / dense["decode_tokens_per_s"]:.2f}x) | '
+                 f'{r["decode_bytes"]:,} | {tps:.0f} ({speed}) | '
                  f'{r["loss"]:.4f} | {r["finetune_steps"]} |')
   with open(os.path.join(results, f'{name}.md'), 'w', encoding='utf-8') as f:
     f.write('\n'.join(lines) + '\n')

@@ -222,3 +222,25 @@ def test_the_study_locates_where_a_method_parts_from_plain_greedy():
   assert moved['position'] == i and moved['plain_token'] == plain.tokens[1][i]
   assert moved['method_token'] == changed[i] and moved['plain_is_argmax']
   assert moved['relative_gap'] > 0
+
+
+@pytest.mark.parametrize('pattern', ['attention:mlp', 'linear_attention:mlp, attention:mlp'])
+def test_output_major_engine_equals_training_layout(pattern):
+  """The engine with wo stored output-major (infer.output_major's default) gives the plain and
+  speculative greedy tokens of the training layout, and leaves the caller's params as they were."""
+  from effjax.compress import weights as w_lib
+  rng = np.random.default_rng()
+  target = _split(int(rng.integers(1 << 30)), pattern=pattern)
+  draft = _split(int(rng.integers(1 << 30)), pattern='attention:mlp', num_layers=2, exit_layers='')
+  before = [np.asarray(x) for x in jax.tree.leaves(target[1])]
+  prompts = [[int(t) for t in rng.integers(3, 259, n)] for n in (4, 7)]
+  for method in ('plain', 'speculative'):
+    kw = dict(draft=draft) if method == 'speculative' else {}
+    want = _decode(target, method, prompts, output_major=(), **kw).tokens
+    got = gen.Decoder(*target, gen.Options(method=method, max_new_tokens=12, gamma=3,
+                                           sampler=Sampler(vocab_limit=259)), **kw)
+    stored = nnx.merge(got.engine.block_defs[-1], got.engine.arrays['blocks'][-1])
+    assert isinstance(stored.mixer.wo, w_lib.OutputMajorWeight)
+    assert got.generate(prompts).tokens == want
+  after = jax.tree.leaves(target[1])
+  assert all(np.array_equal(a, b) and a.shape == b.shape for a, b in zip(before, after))
