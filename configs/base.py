@@ -257,7 +257,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Weights stored transposed (outputs before inputs) for decoding, comma-separated names; the
   # products are the same. 'wo': on GPU XLA turns the out projection's one-row product into a
   # multiply and a reduction over the weight's major axes, which the transposed layout makes a
-  # row reduction (2.6x faster on an H100, experiments/decode_attention). '' keeps the layout.
+  # row reduction (the product 2.6x, the batch-1 step 1.20x faster on an H100; see
+  # experiments/decode_attention). '' keeps the layout. Names must be projections computed with
+  # layers.matmul (a name that matches no weight, or the embedding / experts, is an error).
   inf.output_major = 'wo'
   inf.max_len = 0  # cache positions; 0 = longest prompt + generate.max_new_tokens + gamma + 1
   # early_exit: the confidence measure: 'softmax' (top-1 probability), 'margin' (top-1 minus

@@ -477,6 +477,7 @@ def restructure(model: nnx.Module, config, *, act_amax: dict[str, jax.Array] | N
 # attention's out projection, whose one-row product XLA on GPU otherwise computes as a reduction
 # over the weight's major axes, at a fraction of the bandwidth.
 DECODE_OUTPUT_MAJOR = ('wo',)
+_READ_WHOLE = {'experts', 'vocab'}  # axes of weights used whole, never through layers.matmul
 
 
 def output_major(model: nnx.Module, names: tuple[str, ...]) -> nnx.Module:
@@ -485,14 +486,26 @@ def output_major(model: nnx.Module, names: tuple[str, ...]) -> nnx.Module:
   For decoding (effjax.infer.engine.Engine, effjax.bench.decode.time_decode): the products
   compute the same values. Compressed weights (quantized, low-rank, LoRA) are left as they are.
   Only weights whose products go through `layers.matmul` belong here (a weight read whole with
-  `w[...]`, as the MoE experts' are, would be transposed back on every read). A name other than
-  the default's that matches no weight gets a warning (a misspelt name would do nothing).
+  `w[...]`, as the MoE experts' are, would be transposed back on every read): naming one is an
+  error, and so is a name other than the default's that matches no weight of the model (a
+  misspelt name would otherwise do nothing). The default may match nothing (a model of
+  state-space layers has no `wo`).
   """
   found = find_targets(model, names)
   unmatched = set(names) - {name for _, _, name in found} - set(DECODE_OUTPUT_MAJOR)
   if unmatched:
-    _say_once(f'infer.output_major: no plain weight called {", ".join(sorted(unmatched))} in '
-              'this model; those names change nothing')
+    known = sorted({name for _, module in nnx.iter_modules(model)
+                    for name, value in vars(module).items()
+                    if isinstance(value, nnx.Param) and not isinstance(value, CompressedWeight)
+                    and value[...].ndim >= 2 and not set(_names(value)) & _READ_WHOLE})
+    raise ValueError(f'infer.output_major: no weight called {", ".join(sorted(unmatched))} in '
+                     f'this model; its projection weights are: {", ".join(known)}')
+  whole = sorted({name for _, module, name in found
+                  if set(_names(vars(module)[name])) & _READ_WHOLE})
+  if whole:
+    raise ValueError(f'infer.output_major: {", ".join(whole)} are read whole (the embedding, the '
+                     'output head, the MoE experts); only projections computed with '
+                     "layers.matmul (attention's 'wo', ...) can be stored output-major")
   for _, module, name in found:
     param = vars(module)[name]
     names_in = _names(param)

@@ -126,27 +126,44 @@ def main():
   # the reports' single measurements each ran at a different moment of a shared machine.
   # The reports' own measurements count too (--decode_rounds=0 keeps only those: on a dedicated
   # GPU one measurement per model is enough, and a rerun after an interruption stays short).
-  workdirs = [source] + [r['out_workdir'] for _, r in rows]
-  best = {w: 0.0 for w in workdirs}
-  for _, r in rows:
-    best[source] = max(best[source], r['before'].get('decode_tokens_per_s') or 0.0)
-    best[r['out_workdir']] = r['after'].get('decode_tokens_per_s') or 0.0
+  speeds = reported_speeds(rows)
   for _ in range(args.decode_rounds):
-    for w in workdirs:
-      best[w] = max(best[w], decode_tokens_per_s(config, w))
-
-  def row(label, m, finetune_steps, workdir):
-    return {'technique': label, 'bytes': m['bytes'], 'decode_bytes': m['decode_bytes'],
-            'decode_tokens_per_s': best[workdir], 'report_decode_tokens_per_s':
-            m.get('decode_tokens_per_s'), 'loss': m['loss'], 'finetune_steps': finetune_steps}
-
-  table = [row('dense source (float32 stored; decoded in its compute dtype)',
-               rows[0][1]['before'], 0, source)] if rows else []
-  table += [row(label, r['after'], r['finetune_steps'], r['out_workdir']) for label, r in rows]
+    speeds[SOURCE] = max(speeds[SOURCE], decode_tokens_per_s(config, source))
+    for _, r in rows:
+      w = r['out_workdir']
+      speeds[w] = max(speeds[w], decode_tokens_per_s(config, w))
+  table = build_table(rows, speeds)
   env = {'device': jax.devices()[0].device_kind, 'platform': platform.platform(),
          'jax': jax.__version__, 'command': ' '.join(sys.argv),
          'seconds': time.perf_counter() - started, 'config': config.to_dict()}
   write_table(args.results, args.name, table, env)
+
+
+SOURCE = 'source'  # the source model's key in the decode speeds below
+
+
+def reported_speeds(rows) -> dict[str, float]:
+  """Decode tokens/s per model from the reports: each compressed model's 'after', and for the
+  source the best of the reports' 'before' (every report measured the same source again)."""
+  speeds = {SOURCE: max((r['before'].get('decode_tokens_per_s') or 0.0 for _, r in rows),
+                        default=0.0)}
+  for _, r in rows:
+    speeds[r['out_workdir']] = r['after'].get('decode_tokens_per_s') or 0.0
+  return speeds
+
+
+def build_table(rows, speeds: dict[str, float]) -> list[dict]:
+  """The source row, then one row per (label, report), with decode speeds from `speeds`."""
+  def row(label, m, finetune_steps, key):
+    return {'technique': label, 'bytes': m['bytes'], 'decode_bytes': m['decode_bytes'],
+            'decode_tokens_per_s': speeds[key], 'report_decode_tokens_per_s':
+            m.get('decode_tokens_per_s'), 'loss': m['loss'], 'finetune_steps': finetune_steps}
+  if not rows:
+    return []
+  table = [row('dense source (float32 stored; decoded in its compute dtype)', rows[0][1]['before'],
+               0, SOURCE)]
+  return table + [row(label, r['after'], r['finetune_steps'], r['out_workdir'])
+                  for label, r in rows]
 
 
 def table_from_reports(args):
@@ -169,17 +186,7 @@ def table_from_reports(args):
     raise SystemExit(f'--from_reports={args.from_reports}: the reports come from different '
                      f'source checkpoints ({sorted(sources)}); one table needs one source')
 
-  def row(label, m, finetune_steps):
-    return {'technique': label, 'bytes': m['bytes'], 'decode_bytes': m['decode_bytes'],
-            'decode_tokens_per_s': m.get('decode_tokens_per_s') or 0.0,
-            'report_decode_tokens_per_s': m.get('decode_tokens_per_s'), 'loss': m['loss'],
-            'finetune_steps': finetune_steps}
-
-  source = dict(rows[0][1]['before'])  # the best of the reports' measurements, as main() keeps
-  source['decode_tokens_per_s'] = max(r['before'].get('decode_tokens_per_s') or 0.0
-                                      for _, r in rows)
-  table = [row('dense source (float32 stored; decoded in its compute dtype)', source, 0)]
-  table += [row(label, r['after'], r['finetune_steps']) for label, r in rows]
+  table = build_table(rows, reported_speeds(rows))
   env = {'device': rows[0][1].get('device'), 'command': ' '.join(sys.argv),
          'from_reports': sorted(os.listdir(args.from_reports)), 'not_run': missing,
          'source': rows[0][1]['source']}

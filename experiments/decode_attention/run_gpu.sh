@@ -36,12 +36,19 @@ qmm() { python3 experiments/quantized_matmul/decode.py --variants=bf16,int8:trit
         --out="$RES"; }
 
 # The out projection stored output-major for decoding (infer.output_major='wo', the default)
-# against the training layout (''), batch 1, through the engine and through LM.decode (bf16,
-# int8, int4 weights; the quantized ones keep their kernel's layout either way).
+# against the training layout (''): the engine at batch 1 and 16, the one-row product alone in
+# each layout (out_projection.py), and LM.decode on bf16, int8 and int4 weights (the quantized
+# ones keep their kernel's layout either way).
 layout() {
-  $DECODE --contexts=1024,8192 --decode_batch=1 --name=decode_gpt_1b_b1_wo_major
-  $DECODE --contexts=1024,8192 --decode_batch=1 --name=decode_gpt_1b_b1_wo_training_layout \
-    --config.infer.output_major=
+  for batch in 1 16; do
+    for major in wo none; do
+      $DECODE --contexts=1024,8192 --decode_batch=$batch \
+        --name=decode_gpt_1b_b${batch}_output_major_$major \
+        --config.infer.output_major=$([ $major = wo ] && echo wo)
+    done
+  done
+  python3 experiments/decode_attention/out_projection.py \
+    2>&1 | tee "$RES/out_projection.txt"
   for major in wo ''; do
     python3 experiments/quantized_matmul/decode.py --variants=bf16,int8:triton,int4:triton \
       --repeats=3 --output_major="$major" --out="$RES/qmm_output_major_${major:-none}"

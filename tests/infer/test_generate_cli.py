@@ -87,6 +87,9 @@ def test_errors(trained, tmp_path):
   assert 'model.vocab_size=512 differs from the target' in err.strip().splitlines()[-1]
   err = _run(workdir, data_dir, '--mode=generate', '--config.infer.max_len=8', expect_rc=1)
   assert 'does not fit the cache of infer.max_len=8' in err.strip().splitlines()[-1]
+  err = _run(workdir, data_dir, '--mode=generate', '--config.infer.output_major=wo,w_outt',
+             expect_rc=1)
+  assert 'infer.output_major: no weight called w_outt in this model' in err.strip().splitlines()[-1]
   err = _run(workdir, data_dir, '--mode=generate', '--config.infer.method=fast', expect_rc=2)
   assert err.strip().splitlines()[-1] == (
       "effjax: config error: infer.method='fast': allowed values are plain, early_exit, "

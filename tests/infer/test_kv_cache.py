@@ -91,10 +91,10 @@ def test_cached_generation_equals_full_recompute(temperature):
 
 
 @pytest.mark.parametrize('scan_layers', [True, False])
-def test_output_major_weights_decode_the_same(scan_layers, caplog):
+def test_output_major_weights_decode_the_same(scan_layers):
   """infer.output_major: wo stored transposed [embed, heads, head_dim] (under the layer scan
   [layers, embed, heads, head_dim]) gives the same cached logits and dense weight as the
-  training layout; a name that matches nothing changes nothing and is warned about."""
+  training layout; a name that matches no weight, or a weight read whole, is one clear error."""
   from effjax.compress import weights as w_lib
   rng = np.random.default_rng()
   model = _model(rng, pattern='attention:mlp', num_kv_heads=1, scan_layers=scan_layers)
@@ -103,9 +103,12 @@ def test_output_major_weights_decode_the_same(scan_layers, caplog):
   graphdef, params = nnx.split(model)
   before = [p[...] for _, m, n in w_lib.find_targets(model, ('wo',)) for p in [vars(m)[n]]]
   misspelt = f'no_such_weight_{rng.integers(1 << 30)}'
-  with caplog.at_level('WARNING'):
-    major = w_lib.output_major(nnx.merge(graphdef, params), ('wo', misspelt))
-  assert f'no plain weight called {misspelt}' in caplog.text  # and the default's 'wo' matched
+  with pytest.raises(ValueError, match=f'no weight called {misspelt} in this model; its '
+                     'projection weights are: .*w_down.*wo'):
+    w_lib.output_major(nnx.merge(graphdef, params), ('wo', misspelt))
+  with pytest.raises(ValueError, match='embedding are read whole'):
+    w_lib.output_major(nnx.merge(graphdef, params), ('embedding',))
+  major = w_lib.output_major(nnx.merge(graphdef, params), ('wo',))
   stored = [vars(m)['wo'] for _, m in nnx.iter_modules(major) if 'wo' in vars(m)]
   assert stored and all(isinstance(w, w_lib.OutputMajorWeight) for w in stored)
   d = model.cfg.d_model
