@@ -337,6 +337,19 @@ def compression_decode(study) -> str:
   return '; '.join(parts)
 
 
+def compression_pruning(study) -> str:
+  """2:4 (and magnitude) pruning plus fine-tuning against the dense model fine-tuned the same
+  steps (the control): held-out loss and the 5% target."""
+  rows = {r['technique'].split(' (')[0].split(',')[0]: r for r in load_json(study)['rows']}
+  control = rows['dense']['loss']
+  parts = []
+  for name, label in (('2:4 structured', '2:4'), ('magnitude 50%', 'magnitude 50%')):
+    excess = (rows[name]['loss'] - control) / control * 100
+    parts.append(f'{label} {rows[name]["loss"]:.4f} vs control {control:.4f} ({excess:+.1f}%'
+                 + (f', target 5% {"met" if excess <= 5 else "missed"})' if label == '2:4' else ')'))
+  return '; '.join(parts)
+
+
 def quantized_decode(decode_qmm, later) -> str:
   """Batch-1 decode tokens/s of int8 / int4 weights through the kernel and through XLA, vs bf16;
   then the kernel rows of a later run with the decode-attention kernel in the step."""
@@ -502,6 +515,23 @@ def decode_output_major(b1_major, b1_training, b16_major, b16_training) -> str:
   return '; '.join(parts)
 
 
+def decode_b1_contexts(new, earlier) -> str:
+  """Batch 1 at 1k and 8k with the output-major default; the roofline fraction also against the
+  faster of the two sessions' copy bandwidths, since that measurement moves between machines
+  (the verdict uses the latter)."""
+  bandwidth = max(bench_row(path, context=1024)['bandwidth_gbs'] for path in (new, earlier))
+  parts, fractions = [], {}
+  for context in (1024, 8192):
+    r = bench_row(new, context=context)
+    fractions[context] = (r['mb_per_token'] * 2**20 / (bandwidth * 1e9) /
+                          (r['ms_per_token'] * 1e-3))
+    parts.append(f"{seq_text(context)}: {r['ms_per_token']:.3f} ms/token, "
+                 f"{r['roofline_fraction']:.0%} of this run's copy roofline, "
+                 f"{fractions[context]:.0%} of the faster copy's ({bandwidth / 1e3:.2f} TB/s)")
+  verdict = 'met' if fractions[1024] >= 0.7 else 'missed'
+  return '; '.join(parts) + f' (1k target 70% {verdict})'
+
+
 # ---------------------------------------------------------------------------------------------
 # The rows, in README order.
 
@@ -577,8 +607,12 @@ ROWS = (
     Row('int8 / int4 weight-only quantization (PTQ) of the 1.03B model, decode at batch 1',
         '1 x H200', 'compression', ('experiments/compression/results/h200_gpt_1b.json',),
         compression_decode),
-    Row('the same on a retrained source, decoding through the quantized-matmul kernel', '1 x H100',
+    Row('the same on a retrained source, decoding through the quantized-matmul kernel (bf16 with '
+        "attention's out projection stored output-major)", '1 x H100',
         'compression', (f'{CR}/h100_gpt_1b.json',), compression_decode),
+    Row('2:4 and magnitude pruning, 100 fine-tuning steps, vs the dense model fine-tuned the same '
+        'steps, 1.03B model', '1 x H100', 'compression', (f'{CR}/h100_gpt_1b.json',),
+        compression_pruning),
     Row('the same decode through the weight-only quantized-matmul kernel (Pallas Triton), '
         'random weights', '1 x H200', 'quantized_matmul',
         ('experiments/quantized_matmul/results/h200_2026_12_04/decode_qmm_tuned.json',
@@ -604,6 +638,10 @@ ROWS = (
         '(`infer.output_major`) vs the training layout', '1 x H100', 'decode_attention',
         tuple(f'{DA_H100}/decode_gpt_1b_b{b}_output_major_{m}.json'
               for b in (1, 16) for m in ('wo', 'none')), decode_output_major),
+    Row('the same output-major decode step at batch 1 over 1k and 8k contexts, a later fresh '
+        'machine', '1 x H100', 'decode_attention',
+        (f'{DA_H100}/decode_gpt_1b_b1_output_major_wo_1k_8k.json',
+         f'{DA_H100}/decode_gpt_1b_b1_output_major_wo.json'), decode_b1_contexts),
     Row('1.03B model with exits after layers 4 and 8 and a 0.15B draft, trained on the byte '
         'corpus; batch-1 greedy decoding of code prompts', '1 x H200', 'early_exit',
         ('experiments/early_exit/results_gpu/gpu_gpt_1b.json',), speculative_study),

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 
@@ -84,6 +85,11 @@ def main():
                       help='where <name>.json and <name>.md go (default: results/ here)')
   parser.add_argument('--only', default='', help='comma-separated methods to run (default all)')
   parser.add_argument('--set', action='append', default=[], help='section.field=value override')
+  parser.add_argument('--drop_checkpoints', action='store_true',
+                      help="delete each technique's checkpoints once its report.json is written "
+                      '(a fine-tuned 1B technique leaves about 12 GB of parameters and optimizer '
+                      'state, and eleven fill a 64 GB disk); needs --decode_rounds=0, since the '
+                      'rounds reload them. The source checkpoint is kept.')
   parser.add_argument('--from_reports', default='',
                       help='a folder of <method>.report.json files (as run_gpu.sh copies them '
                       'out): write the table from those, in the usual row order, without '
@@ -92,6 +98,9 @@ def main():
   if args.from_reports:
     table_from_reports(args)
     return
+  if args.drop_checkpoints and args.decode_rounds:
+    parser.error('--drop_checkpoints needs --decode_rounds=0: the decode rounds reload every '
+                 "technique's checkpoint")
 
   import jax
   from effjax.compress import run as compress_run
@@ -110,6 +119,10 @@ def main():
       with open(os.path.join(out, 'report.json'), encoding='utf-8') as f:
         report = json.load(f)
     else:
+      if os.path.isdir(out):  # this study's own directory, left by a run killed mid-technique
+        print(f'{out}: no report.json (an interrupted run); removing it and running '
+              f'{fields["method"]} again', flush=True)
+        shutil.rmtree(out)
       c = base_config(args)
       c.mode = 'compress'
       for key, value in fields.items():
@@ -120,6 +133,14 @@ def main():
       c.compress.finetune_steps = args.finetune_steps if finetune else 0
       c.compress.finetune_learning_rate = args.finetune_learning_rate
       report = compress_run.compress(c, source)
+    if args.drop_checkpoints:
+      for entry in os.listdir(out):
+        if entry != 'report.json':
+          path = os.path.join(out, entry)
+          if os.path.isdir(path):
+            shutil.rmtree(path)
+          else:
+            os.remove(path)
     rows.append((label, report))
 
   # Decode speed again, every model in one process, interleaved over rounds, best round kept:
@@ -201,7 +222,7 @@ def write_table(results: str, name: str, table: list, env: dict) -> None:
   with open(os.path.join(results, f'{name}.json'), 'w', encoding='utf-8') as f:
     json.dump({'environment': env, 'rows': table}, f, indent=2, default=str)
   dense = table[0]
-  lines = ['| technique | parameter bytes | bytes read per decoded token | decode tokens/s (batch 1) '
+  lines = ['| technique | parameter bytes | weight bytes at decode widths | decode tokens/s (batch 1) '
            '| held-out loss (nats/byte) | fine-tuning steps |', '| --- | --- | --- | --- | --- | --- |']
   for r in table:
     tps = r['decode_tokens_per_s']

@@ -15,9 +15,11 @@ export PYTHONUNBUFFERED=1
 # The source: gpt_1b (1.03B parameters) trained 150 steps of 8 x 2048 tokens on the embedded
 # corpus (long enough for the loss rows to mean something, short enough for one call); held-out
 # loss over 8 batches; decode timed at batch 1 after a 1024-token context, 64 tokens a loop; the
-# distilled student has half the source's layers (8).
+# distilled student has half the source's layers (8). Each technique's checkpoints are deleted once
+# its report is written (eleven fine-tuned 1B checkpoints fill the GPU machine's 64 GB disk); a
+# technique a killed call left unfinished is run again from its start.
 STUDY="python3 experiments/compression/run.py --config=configs/gpt_1b.py --out=$WORK --steps=150
-  --finetune_steps=100 --finetune_learning_rate=1e-4 --decode_rounds=0 --name=$NAME
+  --finetune_steps=100 --finetune_learning_rate=1e-4 --decode_rounds=0 --drop_checkpoints --name=$NAME
   --set model.d_model=2048 --set model.num_layers=16 --set model.mlp_dim=5632
   --set data.seq_len=2048 --set train.batch_size=8 --set compress.decode_context=1024
   --set compress.decode_steps=64 --set train.eval_batches=8"

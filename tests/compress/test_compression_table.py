@@ -62,3 +62,34 @@ def test_errors(tmp_path, case):
   assert result.returncode != 0
   assert ('no <method>.report.json' if case == 'empty' else 'different source') in result.stderr
   assert not (tmp_path / 'out').exists()
+
+
+TINY = ['--steps=2', '--finetune_steps=1', '--only=int8', '--name=t', '--set', 'model.d_model=32',
+        '--set', 'model.num_layers=1', '--set', 'model.mlp_dim=64', '--set', 'data.seq_len=32',
+        '--set', 'compress.decode_context=16', '--set', 'compress.decode_steps=4',
+        '--set', 'train.eval_batches=1']
+
+
+def test_resume_after_interruption_and_drop_checkpoints(tmp_path):
+  """A technique directory a killed run left without report.json is removed and the technique
+  rerun; --drop_checkpoints leaves only each technique's report (the source's checkpoint
+  stays); with decode rounds (which reload the checkpoints) it is one clear error."""
+  out = tmp_path / 'study'
+  left = out / 'int8' / 'checkpoints'
+  left.mkdir(parents=True)
+  (left / 'partial').write_text('written before the kill')
+  args = [sys.executable, SCRIPT, f'--out={out}', f'--results={tmp_path / "res"}', *TINY]
+  refused = subprocess.run(args + ['--drop_checkpoints', '--decode_rounds=1'],
+                           capture_output=True, text=True, check=False)
+  assert refused.returncode != 0 and '--decode_rounds=0' in refused.stderr
+  assert (left / 'partial').exists()
+  result = subprocess.run(args + ['--drop_checkpoints', '--decode_rounds=0'],
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'interrupted run' in result.stdout
+  assert sorted(os.listdir(out / 'int8')) == ['report.json']
+  report = json.loads((out / 'int8' / 'report.json').read_text())
+  assert report['method'] == 'int8'
+  assert os.listdir(out / 'source' / 'checkpoints')
+  rows = json.loads((tmp_path / 'res' / 't.json').read_text())['rows']
+  assert [r['technique'].split(' ')[0] for r in rows] == ['dense', 'int8']
