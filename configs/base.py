@@ -316,7 +316,9 @@ def get_config() -> ml_collections.ConfigDict:
   cp.lora_rank = 8
   cp.lora_alpha = 16.0  # the update is (alpha / rank) * A @ B; B starts at zero
   # The frozen base's storage: '' keeps the parameter dtype (float32); 'bfloat16' halves its
-  # bytes (it is read in the compute dtype anyway); the adapters stay float32.
+  # bytes (it is read in the compute dtype anyway); 'int8' / 'int4' quantize it weight-only
+  # as post-training quantization does (per-channel int8, int4 in groups of int4_group_size;
+  # the QLoRA recipe with int8 / int4 for NF4). The adapters stay float32.
   cp.lora_base_dtype = ''
   # 'distill': the student is this config's model with these overrides ('num_layers=2,...');
   # teacher_model is the teacher's model section as JSON (recorded by --mode=compress).

@@ -35,7 +35,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     'compress.method': ('', 'int8', 'w8a8', 'fp8', 'int4', 'qat_int8', 'qat_int4', 'magnitude',
                         '2:4', 'lowrank', 'lora', 'merge', 'distill'),
     'compress.prune_scope': ('layer', 'global'),
-    'compress.lora_base_dtype': ('', 'float32', 'bfloat16'),
+    'compress.lora_base_dtype': ('', 'float32', 'bfloat16', 'int8', 'int4'),
     'compress.qmm_backend': QMM_BACKENDS,
     'model.attention_impl': attention.IMPLEMENTATIONS,
     'model.attention_backend': attention.BACKENDS,

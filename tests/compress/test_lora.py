@@ -65,37 +65,52 @@ def test_optimizer_state_holds_only_adapter_moments():
   assert sum(a.size for _, a in arrays) == 2 * sum(a.size for a in adapters)
 
 
-def _train(layout, batch, steps=3):
+def _train(layout, batch, steps=3, base_dtype=''):
   config = _lora_config()
+  config.compress.lora_base_dtype = base_dtype
   for axis, size in layout.items():
     config.mesh[axis] = size
   devices = jax.devices()[:int(np.prod(list(layout.values())))]
   mesh, rules, setup = build(config, devices)
   with jax.set_mesh(mesh), shd.axis_rules(rules):
     state = setup.init(seed=3)
-    base = np.asarray(jax.device_get(state['params']['groups']['blocks'][0]['mixer']['wq']
-                                     ['base'][...]))
+    base = _base_array(state['params']['groups']['blocks'][0]['mixer']['wq'])
     train_step = step_lib.make_train_step(setup)
     losses = []
     for _ in range(steps):
       state, metrics = train_step(state, step_lib.device_batch(setup, batch, 1))
       losses.append(float(metrics['loss']))
     wq = state['params']['groups']['blocks'][0]['mixer']['wq']
-    return (losses, np.asarray(jax.device_get(wq['lora_b'][...])),
-            np.asarray(jax.device_get(wq['base'][...])), base, wq['base'][...].sharding)
+    stored = wq['base']['qvalue'] if hasattr(wq['base'], 'keys') else wq['base']
+    return (losses, np.asarray(jax.device_get(wq['lora_b'][...])), _base_array(wq), base,
+            stored[...].sharding)
 
 
-def test_lora_step_on_8_device_mesh_equals_one_device():
-  batch = random_batch(np.random.default_rng(1), 16, 32)
-  ref_losses, ref_b, ref_base, base0, _ = _train(dict(data=1, fsdp=1, tensor=1), batch)
-  losses, b, base, _, sharding = _train(dict(data=2, fsdp=2, tensor=2), batch)
+def _base_array(wq_state):
+  """The frozen base of one LoRA weight's state as a numpy array (a quantized base's integer
+  values and scales concatenated along the flattened axis, so any change shows)."""
+  base = wq_state['base']
+  if hasattr(base, 'keys'):  # a QuantizedWeight's state
+    return np.concatenate([np.asarray(jax.device_get(base['qvalue'][...]), np.float64).ravel(),
+                           np.asarray(jax.device_get(base['scale'][...]), np.float64).ravel()])
+  return np.asarray(jax.device_get(base[...]))
+
+
+@pytest.mark.parametrize('base_dtype', ['', 'int8'])
+def test_lora_step_on_8_device_mesh_equals_one_device(base_dtype):
+  batch = random_batch(np.random.default_rng(), 16, 32)
+  ref_losses, ref_b, ref_base, base0, _ = _train(dict(data=1, fsdp=1, tensor=1), batch,
+                                                 base_dtype=base_dtype)
+  losses, b, base, _, sharding = _train(dict(data=2, fsdp=2, tensor=2), batch,
+                                        base_dtype=base_dtype)
   assert ref_losses[-1] < ref_losses[0]
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
   np.testing.assert_allclose(b, ref_b, rtol=1e-3, atol=1e-5)
   assert np.abs(ref_b).max() > 0  # the adapters trained
   np.testing.assert_array_equal(ref_base, base0)  # the base stayed frozen
   np.testing.assert_array_equal(base, base0)
-  assert sharding.shard_shape(base.shape) == (2, 32, 2, 16)  # [layers, embed, heads, head_dim]
+  # [layers, embed, heads, head_dim], sharded as the float base is (int8 values too)
+  assert sharding.shard_shape((2, 64, 4, 16)) == (2, 32, 2, 16)
 
 
 def test_bfloat16_base_halves_its_bytes_and_trains_only_the_adapters():
@@ -173,3 +188,53 @@ def test_lora_accumulates_only_the_adapters_gradients():
            jax.tree_util.tree_flatten_with_path(setup.abstract_state['params'])[0]
            if "'base'" in jax.tree_util.keystr(p)}
   assert bases and not carried & bases
+
+
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+def test_quantized_base_is_the_ptq_model_and_trains_only_the_adapters(kind):
+  """lora_base_dtype='int8' / 'int4' (QLoRA-style): at zero adapters the model is exactly the
+  post-training-quantized model; merged equals unmerged; the optimizer holds adapter moments
+  only; a train step leaves the quantized values and scales as they were."""
+  config = _lora_config()
+  config.compress.lora_base_dtype = kind
+  config.compress.int4_group_size = 16
+  tokens = jnp.asarray(np.random.default_rng().integers(3, 259, (2, 16)), jnp.int32)
+  model = LM(config.model, rngs=nnx.Rngs(4))
+  quantized = LM(config.model, rngs=nnx.Rngs(4))
+  ptq = config.copy_and_resolve_references()
+  ptq.compress.method = kind
+  w_lib.restructure(quantized, ptq)
+  w_lib.restructure(model, config)
+  adapted = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.LoRAWeight)]
+  assert adapted and all(isinstance(m.base, w_lib.QuantizedWeight) and m.base.kind == kind
+                         for m in adapted)
+  np.testing.assert_array_equal(model(tokens), quantized(tokens))
+  for i, weight in enumerate(adapted):
+    b = weight.lora_b[...]
+    weight.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(i), b.shape, b.dtype)
+  unmerged = model(tokens)
+  assert float(jnp.max(jnp.abs(unmerged - quantized(tokens)))) > 1e-4
+  merged = w_lib.densify(model)
+  assert not [m for _, m in nnx.iter_modules(merged) if isinstance(m, w_lib.CompressedWeight)]
+  assert all(p[...].dtype == jnp.float32 for _, p in nnx.iter_graph(merged)
+             if isinstance(p, nnx.Param) and jnp.issubdtype(p[...].dtype, jnp.floating))
+  np.testing.assert_allclose(merged(tokens), unmerged, rtol=2e-4, atol=2e-4)
+
+  _, _, setup = build(config, jax.devices()[:1])
+  opt = [(jax.tree_util.keystr(p), leaf) for p, leaf in
+         jax.tree_util.tree_flatten_with_path(setup.abstract_state['opt_state'])[0] if leaf.ndim]
+  assert opt and all('lora_a' in name or 'lora_b' in name for name, _ in opt)
+  params = {jax.tree_util.keystr(p): leaf for p, leaf in
+            jax.tree_util.tree_flatten_with_path(setup.abstract_state['params'])[0]}
+  qvalues = [leaf for k, leaf in params.items() if "'base'" in k and 'qvalue' in k]
+  assert qvalues and all(q.dtype == (jnp.int8 if kind == 'int8' else jnp.uint8) for q in qvalues)
+  batch = random_batch(np.random.default_rng(), 16, 32)
+  with jax.set_mesh(setup.mesh):
+    state = setup.init(seed=2)
+    before = _base_array(state['params']['groups']['blocks'][0]['mixer']['wq'])
+    a_before = jax.device_get(state['params']['groups']['blocks'][0]['mixer']['wq']['lora_a'][...])
+    state, metrics = step_lib.make_train_step(setup)(state, step_lib.device_batch(setup, batch, 1))
+    assert np.isfinite(float(metrics['loss']))
+    wq = state['params']['groups']['blocks'][0]['mixer']['wq']
+    np.testing.assert_array_equal(_base_array(wq), before)
+    assert np.abs(jax.device_get(wq['lora_a'][...]) - a_before).max() > 0
