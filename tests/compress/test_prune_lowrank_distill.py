@@ -81,6 +81,12 @@ def test_svd_full_rank_equals_original_and_energy_rank():
   assert lowrank.rank_for_energy(m, flat, 0.9) == 2
   assert lowrank.rank_for_energy(m, flat, 0.98) == 3  # 84/85 = 0.988
   assert lowrank.rank_for_energy(m, flat, 0.99) == 4
+  # Stacked layers share one rank, the largest any layer needs: a layer with singular values
+  # 8, 8, 8, 1 needs 3 for 0.9 (192/193 = 0.995) where m needs 2.
+  m3 = (q1 * jnp.array([8.0, 8.0, 8.0, 1.0])) @ q2.T
+  stacked = w_lib.layout_of(('layers', 'embed', 'mlp'))
+  assert lowrank.rank_for_energy(jnp.stack([m, m3]), stacked, 0.9) == 3
+  assert lowrank.rank_for_energy(jnp.stack([m, m]), stacked, 0.9) == 2
   x = jax.random.normal(jax.random.key(4), (2, 3, 4, 8))
   param = lambda a, names: w_lib._param(a, names)
   u1, v1 = lowrank.factor(w[0], w_lib.layout_of(('heads', 'head_dim', 'embed')), 5)
