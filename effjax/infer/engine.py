@@ -46,6 +46,19 @@ from effjax.models.lm import block_kinds, num_groups
 from effjax.models.registry import parse_pattern
 
 
+# Quantized weights' scales stay as stored (float32): a bf16 scale would round every output
+# channel by up to 0.4%, and the products read them once per column anyway.
+_KEEP_DTYPE = frozenset({'scale', 'act_scale'})
+
+
+def _cast(path, x, dtype):
+  """Float weights (2+ axes) in the decode dtype; quantized scales and vectors as they are."""
+  names = {str(getattr(k, 'key', getattr(k, 'name', ''))) for k in path}
+  if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and not names & _KEEP_DTYPE:
+    return x.astype(dtype)
+  return x
+
+
 class Engine:
   """A model prepared for decoding: per-layer graphdefs (static) and weights (`arrays`)."""
 
@@ -104,8 +117,7 @@ class Engine:
         arrays['head'] = arrays['head'][:, :vocab_limit]
       if 'exit_heads' in arrays:
         arrays['exit_heads'] = [w[:, :vocab_limit] for w in arrays['exit_heads']]
-    cast = lambda x: x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
-    self.arrays = jax.tree.map(cast, arrays)
+    self.arrays = jax.tree_util.tree_map_with_path(lambda path, x: _cast(path, x, dtype), arrays)
 
   # ---------------------------------------------------------------- pieces (inside jit)
 

@@ -244,3 +244,28 @@ def test_output_major_engine_equals_training_layout():
     assert got.generate(prompts).tokens == want
   after = jax.tree.leaves(target[1])
   assert all(np.array_equal(a, b) and a.shape == b.shape for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize('kind', ['int8', 'w8a8'])
+def test_engine_keeps_quantized_scales_in_float32(kind):
+  """In bf16 decoding the engine casts float weights to bf16 once, but a quantized weight's
+  scales (and W8A8's activation scale) stay float32, as the model's own forward reads them: its
+  greedy tokens are the model's own cached decoding's (up to bf16 rounding ties)."""
+  from effjax.compress import weights as w_lib
+  from effjax.infer.engine import Engine
+  config = tiny_config(**{**FIELDS, 'pattern': 'attention:mlp', 'compute_dtype': 'bfloat16',
+                          'exit_layers': ''})
+  config.compress.method = kind
+  model = lm_lib.LM(config.model, rngs=nnx.Rngs(int(np.random.default_rng().integers(1 << 30))))
+  w_lib.restructure(model, config)
+  graphdef, params = nnx.split(model)
+  engine = Engine(graphdef, params)
+  leaves = jax.tree_util.tree_flatten_with_path(engine.arrays['blocks'])[0]
+  scales = [x for p, x in leaves if {'scale', 'act_scale'} & {str(getattr(k, 'key', '')) for k in p}]
+  assert scales and all(x.dtype == jnp.float32 for x in scales)
+  assert engine.arrays['embedding'].dtype == jnp.bfloat16  # float weights: the decode dtype
+  prompt = [int(t) for t in np.random.default_rng().integers(3, 259, 6)]
+  want = gen.generate_tokens_cached(graphdef, params, prompt, 8, temperature=0, top_k=0, seed=0,
+                                    vocab_limit=259)
+  got = _decode((graphdef, params), 'plain', [prompt], max_new=8).tokens[0]
+  _equal_up_to_rounding_ties((graphdef, params), [prompt], [got], [want])
