@@ -219,6 +219,8 @@ def test_quantized_base_is_the_ptq_model_and_trains_only_the_adapters(kind):
   assert all(p[...].dtype == jnp.float32 for _, p in nnx.iter_graph(merged)
              if isinstance(p, nnx.Param) and jnp.issubdtype(p[...].dtype, jnp.floating))
   np.testing.assert_allclose(merged(tokens), unmerged, rtol=2e-4, atol=2e-4)
+  if kind == 'int4':  # the train step is the same code for both kinds; one compile is enough
+    return
 
   _, _, setup = build(config, jax.devices()[:1])
   opt = [(jax.tree_util.keystr(p), leaf) for p, leaf in
