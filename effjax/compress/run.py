@@ -44,8 +44,10 @@ RECORDED = ('method', 'targets', 'int4_group_size', 'lowrank_ranks', 'lora_rank'
 # The record's format. 2: W8A8 activation scales are calibrated for the projections of every
 # mixer (format 1 calibrated only attention's and the feed-forwards'; the others kept a
 # placeholder scale of 1.0, harmless while their products dequantized the weight, wrong once
-# they multiplied int8 by int8).
-FORMAT = 2
+# they multiplied int8 by int8). 3: a LoRA model's frozen base may be a quantized weight
+# (compress.lora_base_dtype int8 / int4); written only for such a model, so code that reads
+# format 2 still reads every other record.
+FORMAT = 3
 # Mixers whose W8A8 scales format 1 calibrated (the attention family); the MoE shared experts
 # were not calibrated either.
 _FORMAT1_CALIBRATED = ('attention', 'dense', 'flash', 'sliding_window', 'block_sparse')
@@ -300,7 +302,8 @@ def compress(config, workdir: str) -> dict[str, Any]:
       model.teacher = teacher
 
   os.makedirs(out, exist_ok=True)
-  record = {'format': FORMAT,
+  quantized_base = out_config.compress.get('lora_base_dtype') in w_lib.LORA_QUANTIZED_BASES
+  record = {'format': 3 if out_config.compress.method == 'lora' and quantized_base else 2,
             'compress': {k: out_config.compress[k] for k in RECORDED}, 'model': model_changes,
             'source': {'workdir': os.path.abspath(workdir), 'step': step, 'method': src_method}}
   dst = trainer.build_run(out_config, out, read_only=True)

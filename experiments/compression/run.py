@@ -86,7 +86,8 @@ def main():
   parser.add_argument('--only', default='', help='comma-separated methods to run (default all)')
   parser.add_argument('--set', action='append', default=[], help='section.field=value override')
   parser.add_argument('--drop_checkpoints', action='store_true',
-                      help="delete each technique's checkpoints once its report.json is written "
+                      help="delete each technique's checkpoints (keeping its report and "
+                      "records) once its report.json is written "
                       '(a fine-tuned 1B technique leaves about 12 GB of parameters and optimizer '
                       'state, and eleven fill a 64 GB disk); needs --decode_rounds=0, since the '
                       'rounds reload them. The source checkpoint is kept.')
@@ -119,10 +120,8 @@ def main():
       with open(os.path.join(out, 'report.json'), encoding='utf-8') as f:
         report = json.load(f)
     else:
-      if os.path.isdir(out):  # this study's own directory, left by a run killed mid-technique
-        print(f'{out}: no report.json (an interrupted run); removing it and running '
-              f'{fields["method"]} again', flush=True)
-        shutil.rmtree(out)
+      if os.path.lexists(out):
+        _remove_interrupted(out, fields['method'])
       c = base_config(args)
       c.mode = 'compress'
       for key, value in fields.items():
@@ -135,7 +134,7 @@ def main():
       report = compress_run.compress(c, source)
     if args.drop_checkpoints:
       for entry in os.listdir(out):
-        if entry != 'report.json':
+        if entry not in ('report.json', 'report.md', 'compression.json', 'config.json'):
           path = os.path.join(out, entry)
           if os.path.isdir(path):
             shutil.rmtree(path)
@@ -152,6 +151,8 @@ def main():
     speeds[SOURCE] = max(speeds[SOURCE], decode_tokens_per_s(config, source))
     for _, r in rows:
       w = r['out_workdir']
+      if not os.path.isdir(os.path.join(w, 'checkpoints')):  # dropped (--drop_checkpoints)
+        continue  # its report's own measurement stands
       speeds[w] = max(speeds[w], decode_tokens_per_s(config, w))
   table = build_table(rows, speeds)
   env = {'device': jax.devices()[0].device_kind, 'platform': platform.platform(),
@@ -161,6 +162,27 @@ def main():
 
 
 SOURCE = 'source'  # the source model's key in the decode speeds below
+
+
+# What a `--mode=compress` run writes into its directory before report.json, its last file.
+_RUN_FILES = {'checkpoints', 'compression.json', 'config.json', 'metrics.jsonl', 'summary.json',
+              'tb', 'report.md'}
+
+
+def _remove_interrupted(out: str, method: str) -> None:
+  """Remove a technique directory without report.json that a killed run of this study left,
+  so the technique runs again; anything else (a symlink, a file, a directory holding entries a
+  compress run does not write) is one clear error and stays as it is."""
+  entries = set(os.listdir(out)) if os.path.isdir(out) and not os.path.islink(out) else None
+  if entries is None or entries - _RUN_FILES:
+    raise SystemExit(
+        f'{out} exists without report.json and does not look like an interrupted run of this '
+        f'study (it holds {sorted(entries or []) or "no directory"}; a run writes only '
+        f'{", ".join(sorted(_RUN_FILES))} before report.json); move it away or choose another '
+        '--out, nothing was removed')
+  print(f'{out}: no report.json (an interrupted run); removing it and running {method} again',
+        flush=True)
+  shutil.rmtree(out)
 
 
 def reported_speeds(rows) -> dict[str, float]:

@@ -87,9 +87,19 @@ def test_resume_after_interruption_and_drop_checkpoints(tmp_path):
                           capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'interrupted run' in result.stdout
-  assert sorted(os.listdir(out / 'int8')) == ['report.json']
+  assert sorted(os.listdir(out / 'int8')) == ['compression.json', 'config.json', 'report.json',
+                                              'report.md']
   report = json.loads((out / 'int8' / 'report.json').read_text())
   assert report['method'] == 'int8'
   assert os.listdir(out / 'source' / 'checkpoints')
   rows = json.loads((tmp_path / 'res' / 't.json').read_text())['rows']
   assert [r['technique'].split(' ')[0] for r in rows] == ['dense', 'int8']
+  # A directory that is not a killed run's (here: a file no compress run writes) is refused
+  # and left as it is.
+  (out / 'int8' / 'report.json').unlink()
+  (out / 'int8' / 'notes.txt').write_text('mine')
+  refused = subprocess.run(args + ['--decode_rounds=0'], capture_output=True, text=True,
+                           check=False)
+  assert refused.returncode != 0 and 'does not look like an interrupted run' in refused.stderr
+  assert (out / 'int8' / 'notes.txt').read_text() == 'mine'
+  assert (out / 'int8' / 'compression.json').exists()
