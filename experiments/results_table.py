@@ -526,8 +526,8 @@ def decode_b1_contexts(new, earlier) -> str:
     fractions[context] = (r['mb_per_token'] * 2**20 / (bandwidth * 1e9) /
                           (r['ms_per_token'] * 1e-3))
     parts.append(f"{seq_text(context)}: {r['ms_per_token']:.3f} ms/token, "
-                 f"{r['roofline_fraction']:.0%} of this run's copy roofline, "
-                 f"{fractions[context]:.0%} of the faster copy's ({bandwidth / 1e3:.2f} TB/s)")
+                 f"{r['roofline_fraction']:.1%} of this run's copy roofline, "
+                 f"{fractions[context]:.1%} of the faster copy's ({bandwidth / 1e3:.2f} TB/s)")
   verdict = 'met' if fractions[1024] >= 0.7 else 'missed'
   return '; '.join(parts) + f' (1k target 70% {verdict})'
 
