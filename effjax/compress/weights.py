@@ -490,7 +490,33 @@ def restructure(model: nnx.Module, config, *, act_amax: dict[str, jax.Array] | N
     amax = None if act_amax is None else act_amax.get(key)
     setattr(module, name, compress_param(vars(module)[name], name, method, cfg, rngs=rngs,
                                          act_amax=amax))
+  if method == 'lora' and (cfg.get('lora_base_dtype') or '') in NARROW_LORA_BASES:
+    _narrow_vocab_matrices(model, jnp.bfloat16)
   return model
+
+
+# compress.lora_base_dtype values under which LoRA also stores the frozen vocabulary matrices
+# (input embedding, output head, exit heads' own projections) in bfloat16: both are read in the
+# compute dtype (bf16 on GPU), so the forward pass there computes the same values, and a 1B
+# model's untied pair drops from 0.82 GB to 0.41 GB of the fine-tuning's memory.
+NARROW_LORA_BASES = ('bfloat16',) + LORA_QUANTIZED_BASES
+
+
+def _vocab_matrices(model: nnx.Module):
+  """(module, attribute, Param) of every plain float Param with a 'vocab' axis."""
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, CompressedWeight):
+      continue
+    for name, value in list(vars(module).items()):
+      if (isinstance(value, nnx.Param) and not isinstance(value, CompressedWeight) and
+          'vocab' in _names(value) and jnp.issubdtype(value[...].dtype, jnp.floating)):
+        yield module, name, value  # an nnx.List's items too (exit heads' projections)
+
+
+def _narrow_vocab_matrices(model: nnx.Module, dtype) -> None:
+  for owner, key, param in list(_vocab_matrices(model)):
+    if jnp.dtype(param[...].dtype).itemsize > jnp.dtype(dtype).itemsize:
+      setattr(owner, key, _param(param[...].astype(dtype), _names(param)))
 
 
 # What decoding stores output-major unless told otherwise (infer.output_major's default):
@@ -572,6 +598,11 @@ def densify(model: nnx.Module) -> nnx.Module:
         elif isinstance(value, LowRankWeight):
           dense = dense.astype(like[...].dtype)
         setattr(module, name, _param(dense, value.layout.names))
+  precision = getattr(model, 'precision', None)
+  if precision is not None:  # vocabulary matrices a LoRA model stored narrower, back as trained
+    for owner, key, param in list(_vocab_matrices(model)):
+      if param[...].dtype != precision.param:
+        setattr(owner, key, _param(param[...].astype(precision.param), _names(param)))
   return model
 
 

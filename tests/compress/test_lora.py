@@ -13,6 +13,7 @@ from effjax.parallel import sharding as shd
 from effjax.train import step as step_lib
 from tests.helpers import build, random_batch, tiny_config
 
+VOCAB = ['embedding', 'unembedding']  # the vocabulary matrices LoRA stores narrower with its base
 PATTERNS = {
     'attention:mlp': 'wq,wk,wv,wo,w_gate,w_up,w_down',
     'gla:mlp': 'wq,wk,wv,wo,w_gate,w_up,w_down',
@@ -121,13 +122,14 @@ def test_bfloat16_base_halves_its_bytes_and_trains_only_the_adapters():
   bases = [leaf for k, leaf in leaves.items() if "'base'" in k]
   adapters = [leaf for k, leaf in leaves.items() if 'lora_' in k]
   assert bases and all(b.dtype == jnp.bfloat16 for b in bases)
+  assert leaves["['embedding'].value"].dtype == jnp.bfloat16  # frozen, read in bf16 anyway
   assert adapters and all(a.dtype == jnp.float32 for a in adapters)
   # The same model at zero-initialised adapters: the base model with bf16-rounded projections.
   tokens = jnp.asarray(np.random.default_rng().integers(3, 259, (2, 16)), jnp.int32)
   model = LM(config.model, rngs=nnx.Rngs(1))
   rounded = LM(config.model, rngs=nnx.Rngs(1))
-  for path, w in nnx.iter_graph(rounded):
-    if isinstance(w, nnx.Param) and path[-1] in config.compress.targets.split(','):
+  for path, w in nnx.iter_graph(rounded):  # the projections and the vocabulary matrices
+    if isinstance(w, nnx.Param) and path[-1] in config.compress.targets.split(',') + VOCAB:
       w[...] = w[...].astype(jnp.bfloat16).astype(w[...].dtype)
   w_lib.restructure(model, config)
   np.testing.assert_allclose(model(tokens), rounded(tokens), rtol=1e-5, atol=1e-5)
@@ -223,6 +225,9 @@ def test_quantized_base_is_the_ptq_model_and_trains_only_the_adapters(kind):
   ptq = config.copy_and_resolve_references()
   ptq.compress.method = kind
   w_lib.restructure(quantized, ptq)
+  for path, w in nnx.iter_graph(quantized):  # LoRA stores the frozen vocabulary in bf16
+    if isinstance(w, nnx.Param) and path[-1] in VOCAB:
+      w[...] = w[...].astype(jnp.bfloat16).astype(w[...].dtype)
   w_lib.restructure(model, config)
   adapted = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.LoRAWeight)]
   assert adapted and all(isinstance(m.base, w_lib.QuantizedWeight) and m.base.kind == kind
