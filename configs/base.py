@@ -318,10 +318,12 @@ def get_config() -> ml_collections.ConfigDict:
   # The frozen base's storage: '' keeps the parameter dtype (float32); 'bfloat16' halves its
   # bytes (it is read in the compute dtype anyway); 'int8' / 'int4' quantize it weight-only
   # as post-training quantization does (per-channel int8, int4 in groups of int4_group_size;
-  # the QLoRA recipe with int8 / int4 for NF4). Any of these three also stores the frozen
-  # embedding and head in bfloat16 (read in the compute dtype anyway; merging restores the
-  # parameter dtype). The adapters stay float32.
+  # the QLoRA recipe with int8 / int4 for NF4). The adapters stay float32.
   cp.lora_base_dtype = ''
+  # LoRA's frozen embedding, head and exit heads' projections: '' keeps the parameter dtype;
+  # 'bfloat16' halves their bytes (they are read in the compute dtype anyway; merging restores
+  # the parameter dtype).
+  cp.lora_vocab_dtype = ''
   # 'distill': the student is this config's model with these overrides ('num_layers=2,...');
   # teacher_model is the teacher's model section as JSON (recorded by --mode=compress).
   cp.student_model = ''

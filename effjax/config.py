@@ -36,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
                         '2:4', 'lowrank', 'lora', 'merge', 'distill'),
     'compress.prune_scope': ('layer', 'global'),
     'compress.lora_base_dtype': ('', 'float32', 'bfloat16', 'int8', 'int4'),
+    'compress.lora_vocab_dtype': ('', 'bfloat16'),
     'compress.qmm_backend': QMM_BACKENDS,
     'model.attention_impl': attention.IMPLEMENTATIONS,
     'model.attention_backend': attention.BACKENDS,

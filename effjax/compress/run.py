@@ -37,16 +37,17 @@ RECORD = 'compression.json'
 METHODS = ('int8', 'w8a8', 'fp8', 'int4', 'qat_int8', 'qat_int4', 'magnitude', '2:4', 'lowrank',
            'lora', 'merge', 'distill')
 RECORDED = ('method', 'targets', 'int4_group_size', 'lowrank_ranks', 'lora_rank', 'lora_alpha',
-            'lora_base_dtype', 'teacher_model', 'distill_temperature', 'distill_weight',
-            'distill_hidden_weight')
+            'lora_base_dtype', 'lora_vocab_dtype', 'teacher_model', 'distill_temperature',
+            'distill_weight', 'distill_hidden_weight')
 
 
 # The record's format. 2: W8A8 activation scales are calibrated for the projections of every
 # mixer (format 1 calibrated only attention's and the feed-forwards'; the others kept a
 # placeholder scale of 1.0, harmless while their products dequantized the weight, wrong once
 # they multiplied int8 by int8). 3: a LoRA model's frozen base may be a quantized weight
-# (compress.lora_base_dtype int8 / int4); written only for such a model, so code that reads
-# format 2 still reads every other record.
+# (compress.lora_base_dtype int8 / int4) and its vocabulary matrices narrower
+# (compress.lora_vocab_dtype); written only for such a model, so code that reads format 2 still
+# reads every other record.
 FORMAT = 3
 # Mixers whose W8A8 scales format 1 calibrated (the attention family); the MoE shared experts
 # were not calibrated either.
@@ -302,8 +303,9 @@ def compress(config, workdir: str) -> dict[str, Any]:
       model.teacher = teacher
 
   os.makedirs(out, exist_ok=True)
-  quantized_base = out_config.compress.get('lora_base_dtype') in w_lib.LORA_QUANTIZED_BASES
-  record = {'format': 3 if out_config.compress.method == 'lora' and quantized_base else 2,
+  new_lora = (out_config.compress.get('lora_base_dtype') in w_lib.LORA_QUANTIZED_BASES or
+              bool(out_config.compress.get('lora_vocab_dtype')))
+  record = {'format': 3 if out_config.compress.method == 'lora' and new_lora else 2,
             'compress': {k: out_config.compress[k] for k in RECORDED}, 'model': model_changes,
             'source': {'workdir': os.path.abspath(workdir), 'step': step, 'method': src_method}}
   dst = trainer.build_run(out_config, out, read_only=True)

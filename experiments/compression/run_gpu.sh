@@ -53,9 +53,8 @@ EOF_VARIANTS
 }
 # Both rematerialised variants again at batch 16 with the loss over chunks of 64 positions (the
 # config's 512 keeps a [16, 512, 50304] float32 logits block and its gradient alive), and LoRA
-# over a base quantized weight-only to int8 / int4 (QLoRA-style, compress.lora_base_dtype). The
-# bf16-base file was measured while LoRA kept the frozen embedding and head in float32;
-# lora_bf16_vocab_bf16 is the same flags since they are stored in bf16 too.
+# over a base quantized weight-only to int8 / int4 (QLoRA-style, compress.lora_base_dtype); the
+# last three also store the frozen embedding and head in bf16 (compress.lora_vocab_dtype).
 memory_chunk() {
   local chunk="--config.train.loss_chunk_size=64 --config.model.remat_policy=full"
   while read -r name flags; do
@@ -65,9 +64,9 @@ memory_chunk() {
   done <<EOF_VARIANTS
 full_remat_chunk64
 lora_bf16_base_remat_chunk64 --config.compress.method=lora --config.compress.lora_base_dtype=bfloat16
-lora_bf16_vocab_bf16_remat_chunk64 --config.compress.method=lora --config.compress.lora_base_dtype=bfloat16
-lora_int8_base_remat_chunk64 --config.compress.method=lora --config.compress.lora_base_dtype=int8
-lora_int4_base_remat_chunk64 --config.compress.method=lora --config.compress.lora_base_dtype=int4
+lora_bf16_vocab_bf16_remat_chunk64 --config.compress.method=lora --config.compress.lora_base_dtype=bfloat16 --config.compress.lora_vocab_dtype=bfloat16
+lora_int8_base_remat_chunk64 --config.compress.method=lora --config.compress.lora_base_dtype=int8 --config.compress.lora_vocab_dtype=bfloat16
+lora_int4_base_remat_chunk64 --config.compress.method=lora --config.compress.lora_base_dtype=int4 --config.compress.lora_vocab_dtype=bfloat16
 EOF_VARIANTS
 }
 

@@ -13,7 +13,7 @@ from effjax.parallel import sharding as shd
 from effjax.train import step as step_lib
 from tests.helpers import build, random_batch, tiny_config
 
-VOCAB = ['embedding', 'unembedding']  # the vocabulary matrices LoRA stores narrower with its base
+VOCAB = ['embedding', 'unembedding']  # the vocabulary matrices lora_vocab_dtype narrows
 PATTERNS = {
     'attention:mlp': 'wq,wk,wv,wo,w_gate,w_up,w_down',
     'gla:mlp': 'wq,wk,wv,wo,w_gate,w_up,w_down',
@@ -114,8 +114,11 @@ def test_lora_step_on_8_device_mesh_equals_one_device(base_dtype=''):
 
 
 def test_bfloat16_base_halves_its_bytes_and_trains_only_the_adapters():
+  """lora_base_dtype='bfloat16' and lora_vocab_dtype='bfloat16': the frozen projections and
+  vocabulary matrices in bf16, the adapters float32; merging restores float32 everywhere."""
   config = _lora_config()
   config.compress.lora_base_dtype = 'bfloat16'
+  config.compress.lora_vocab_dtype = 'bfloat16'
   _, _, setup = build(config, jax.devices()[:1])
   leaves = {jax.tree_util.keystr(p): leaf for p, leaf in
             jax.tree_util.tree_flatten_with_path(setup.abstract_state['params'])[0]}
@@ -225,9 +228,6 @@ def test_quantized_base_is_the_ptq_model_and_trains_only_the_adapters(kind):
   ptq = config.copy_and_resolve_references()
   ptq.compress.method = kind
   w_lib.restructure(quantized, ptq)
-  for path, w in nnx.iter_graph(quantized):  # LoRA stores the frozen vocabulary in bf16
-    if isinstance(w, nnx.Param) and path[-1] in VOCAB:
-      w[...] = w[...].astype(jnp.bfloat16).astype(w[...].dtype)
   w_lib.restructure(model, config)
   adapted = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.LoRAWeight)]
   assert adapted and all(isinstance(m.base, w_lib.QuantizedWeight) and m.base.kind == kind
