@@ -135,7 +135,7 @@ def decode_params(params, compute_dtype):
   GPU), quantized values and their scales as stored."""
   def cast(path, leaf):
     names = {str(getattr(k, 'key', '')) for k in path}
-    if jnp.issubdtype(leaf.dtype, jnp.floating) and not names & {'scale', 'act_scale'} and \
+    if jnp.issubdtype(leaf.dtype, jnp.floating) and not names & w_lib.QUANT_SCALE_NAMES and \
         jnp.dtype(leaf.dtype).itemsize > jnp.dtype(compute_dtype).itemsize:
       return leaf.astype(compute_dtype)
     return leaf
@@ -305,7 +305,7 @@ def compress(config, workdir: str) -> dict[str, Any]:
   os.makedirs(out, exist_ok=True)
   new_lora = (out_config.compress.get('lora_base_dtype') in w_lib.LORA_QUANTIZED_BASES or
               bool(out_config.compress.get('lora_vocab_dtype')))
-  record = {'format': 3 if out_config.compress.method == 'lora' and new_lora else 2,
+  record = {'format': FORMAT if out_config.compress.method == 'lora' and new_lora else 2,
             'compress': {k: out_config.compress[k] for k in RECORDED}, 'model': model_changes,
             'source': {'workdir': os.path.abspath(workdir), 'step': step, 'method': src_method}}
   dst = trainer.build_run(out_config, out, read_only=True)

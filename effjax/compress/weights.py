@@ -46,6 +46,9 @@ QAT_METHODS = ('qat_int8', 'qat_int4')
 PRUNE_METHODS = ('magnitude', '2:4')
 STRUCTURAL = QUANT_METHODS + QAT_METHODS + ('lowrank', 'lora')  # methods that change the tree
 LORA_QUANTIZED_BASES = ('int8', 'int4')  # compress.lora_base_dtype values that quantize the base
+# The float leaves of a QuantizedWeight: its scales, kept float32 wherever float weights are cast
+# (decoding's weights) and never trained.
+QUANT_SCALE_NAMES = frozenset({'scale', 'act_scale'})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -613,5 +616,5 @@ def trainable_fn(config) -> Callable[[tuple, Any], bool] | None:
     return lambda names, leaf: bool({'lora_a', 'lora_b'} & set(names))
   if method in QUANT_METHODS:
     return lambda names, leaf: (jnp.issubdtype(leaf.dtype, jnp.floating) and not
-                                {'qvalue', 'scale', 'act_scale'} & set(names))
+                                ({'qvalue'} | QUANT_SCALE_NAMES) & set(names))
   return None

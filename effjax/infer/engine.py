@@ -46,15 +46,11 @@ from effjax.models.lm import block_kinds, num_groups
 from effjax.models.registry import parse_pattern
 
 
-# Quantized weights' scales stay as stored (float32): a bf16 scale would round every output
-# channel by up to 0.4%, and the products read them once per column anyway.
-_KEEP_DTYPE = frozenset({'scale', 'act_scale'})
-
-
 def _cast(path, x, dtype):
-  """Float weights (2+ axes) in the decode dtype; quantized scales and vectors as they are."""
+  """Float weights (2+ axes) in the decode dtype; vectors and quantized weights' scales as they
+  are (a bf16 scale would round every output channel by up to 0.4%)."""
   names = {str(getattr(k, 'key', getattr(k, 'name', ''))) for k in path}
-  if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and not names & _KEEP_DTYPE:
+  if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and not names & w_lib.QUANT_SCALE_NAMES:
     return x.astype(dtype)
   return x
 
