@@ -204,7 +204,9 @@ def test_interpreted_backward_matches_reference(case, d, hq, hkv, block_k, monke
   for name, g, w in zip(('dq', 'dk', 'dv'), got, want):
     assert g.dtype == q.dtype and g.shape == w.shape, name
     w = np.asarray(w)
-    np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=2e-2 * np.abs(w).max(),
+    # Plus a floor: a window of 1 (drawn at random) leaves each query only itself, so the exact dq
+    # is 0 and the kernel's float rounding (about 1e-6 seen) has nothing to be relative to.
+    np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=2e-2 * np.abs(w).max() + 1e-5,
                                rtol=0, err_msg=name)
 
 
