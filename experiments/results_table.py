@@ -405,7 +405,26 @@ def speculative_study(study, speculative=None) -> str:
   (`speculative`: a second file with the speculative rows, when a later run over the same
   checkpoints measured them)."""
   d = load_json(study)
-  spec = {r['method']: r for r in load_json(speculative or study)['speculative']}
+  parts = speculative_parts(speculative or study)
+  ok = [r for r in d['rows'] if r['perplexity_increase'] <= 0.02]
+  best = max(ok, key=lambda r: r['speedup_vs_plain'])
+  verdict = 'met' if best['speedup_vs_plain'] >= 1.5 else 'missed'
+  parts.append(f"early exit {best['speedup_vs_plain']:.2f}x at "
+               f"{best['perplexity_increase']:+.1%} perplexity (target 1.5x at <= 2% {verdict})")
+  return '; '.join(parts) + f" after {d['steps']} training steps"
+
+
+def speculative_decode_set(study) -> str:
+  """The speculative rows of a study whose decoding ran with other settings than its training
+  (run_study.py --decode_set)."""
+  d = load_json(study)
+  return (f"decoded with {', '.join(d['decode_set'])}: " + '; '.join(speculative_parts(study))
+          + f" after {d['steps']} training steps")
+
+
+def speculative_parts(study) -> list[str]:
+  """Self-speculative and speculative decoding against plain: speed-up, acceptance, output."""
+  spec = {r['method']: r for r in load_json(study)['speculative']}
   parts = []
   for method, label, target in (('self_speculative', 'self-speculative', 1.5),
                                 ('speculative', 'speculative (0.15B draft)', 2.0)):
@@ -422,12 +441,7 @@ def speculative_study(study, speculative=None) -> str:
       same = 'output NOT identical'
     parts.append(f"{label} {r['speedup_vs_plain']:.2f}x at acceptance {r['acceptance_rate']:.2f},"
                  f" {same} (target {target}x)")
-  ok = [r for r in d['rows'] if r['perplexity_increase'] <= 0.02]
-  best = max(ok, key=lambda r: r['speedup_vs_plain'])
-  verdict = 'met' if best['speedup_vs_plain'] >= 1.5 else 'missed'
-  parts.append(f"early exit {best['speedup_vs_plain']:.2f}x at "
-               f"{best['perplexity_increase']:+.1%} perplexity (target 1.5x at <= 2% {verdict})")
-  return '; '.join(parts) + f" after {d['steps']} training steps"
+  return parts
 
 
 def quantized_decode_fused(decode_qmm) -> str:
@@ -502,6 +516,36 @@ def lora_memory_chunked(full, lora) -> str:
           f"{f['peak_memory_gb']:.1f} GB; target {LORA_MEMORY_TARGET:.0%} {verdict})")
 
 
+LORA_VARIANT_NAMES = {'bf16_base': 'bf16 base', 'bf16_vocab_bf16': 'bf16 base and vocabulary',
+                      'int8_base': 'int8 base', 'int4_base': 'int4 base'}
+
+
+def lora_memory_variants(full, *loras) -> str:
+  """LoRA variants (batch 16, remat, 64-position loss chunks) against full fine-tuning, all
+  measured in one session."""
+  f = bench_rows(full)[0]
+  parts = []
+  for path in loras:
+    r = bench_rows(path)[0]
+    fraction = r['peak_memory_gb'] / f['peak_memory_gb']
+    name = LORA_VARIANT_NAMES[pathlib.Path(path).stem.removeprefix('finetune_memory_lora_')
+                              .removesuffix('_remat_chunk64')]
+    parts.append(f"{name} {fraction:.1%} ({r['peak_memory_gb']:.1f} GB, "
+                 f"{'met' if fraction <= LORA_MEMORY_TARGET else 'missed'})")
+  return (f"of full fine-tuning's {f['peak_memory_gb']:.1f} GB at batch {f['batch_size']}: "
+          + '; '.join(parts) + f' (target {LORA_MEMORY_TARGET:.0%})')
+
+
+def compression_distill(table) -> str:
+  """The distilled student against its own source (a table of two rows)."""
+  rows = load_json(table)['rows']
+  source, student = rows[0], rows[-1]
+  return (f"student {student['bytes'] / source['bytes']:.2f}x the bytes, decode "
+          f"{student['decode_tokens_per_s'] / source['decode_tokens_per_s']:.2f}x, held-out loss "
+          f"{student['loss']:.4f} vs the source's {source['loss']:.4f} "
+          f"({student['loss'] / source['loss'] - 1:+.1%}) after {student['finetune_steps']} steps")
+
+
 def decode_output_major(b1_major, b1_training, b16_major, b16_training) -> str:
   """The decode step with wo stored output-major vs the training layout, same session."""
   one, one_t = bench_row(b1_major, context=1024), bench_row(b1_training, context=1024)
@@ -559,6 +603,7 @@ MOE_LATEST = 'experiments/moe/results/h200_2026_12_04_fused_gate_up'
 DA = 'experiments/decode_attention/results/h200_2026_12_04'
 DA_H100 = 'experiments/decode_attention/results/h100_2026_12_06'
 AK_H100 = 'experiments/attention_kernels/results/h100_2026_12_06_speed'
+AK_TRAIN = 'experiments/attention_kernels/results/h100_2026_12_06_train'
 CR = 'experiments/compression/results'
 
 ROWS = (
@@ -630,6 +675,14 @@ ROWS = (
         '1 x H100', 'compression',
         (f'{CR}/finetune_memory_full_remat_chunk64.json',
          f'{CR}/finetune_memory_lora_bf16_base_remat_chunk64.json'), lora_memory_chunked),
+    Row('LoRA variants on the same settings, one session: bf16 base, bf16 base and frozen '
+        'embedding / head in bf16, int8 and int4 weight-only base (QLoRA-style)', '1 x H100',
+        'compression', tuple(f'{CR}/finetune_memory_{v}_remat_chunk64.json' for v in (
+            'full', 'lora_bf16_base', 'lora_bf16_vocab_bf16', 'lora_int8_base', 'lora_int4_base')),
+        lora_memory_variants),
+    Row('distilled student (8 of 16 layers, 100 steps, teacher forward in the step) of a '
+        'retrained 1.03B source', '1 x H100', 'compression', (f'{CR}/h100_gpt_1b_distill.json',),
+        compression_distill),
     Row('1.03B model, batch-1 decode step with the decode-attention kernel (Pallas Triton) vs '
         "XLA's attention, random weights", '1 x H200', 'decode_attention',
         (f'{DA}/decode_gpt_1b_b1_kernel.json', f'{DA}/decode_gpt_1b_b1_xla.json'),
@@ -649,6 +702,10 @@ ROWS = (
         'early_exit', ('experiments/early_exit/results_gpu/gpu_gpt_1b_h100_thresholds.json',
                        'experiments/early_exit/results_gpu/gpu_gpt_1b_h100_spec.json'),
         speculative_study),
+    Row('the same study retrained, decoding in float32 (bf16 training): is the speculative '
+        'output plain greedy\'s?', '1 x H100', 'early_exit',
+        ('experiments/early_exit/results_gpu/gpu_gpt_1b_h100_spec_f32decode.json',),
+        speculative_decode_set),
     Row('flash attention (Pallas Triton) vs cuDNN, causal, S 4k-16k', '1 x H100',
         'attention_kernels', ('experiments/attention_kernels/results/round2_final.json',),
         attention_kernels),
@@ -662,6 +719,11 @@ ROWS = (
     Row('GPT-2-small training (bf16, batch 128 x 1024) with `flash` layers vs cuDNN attention '
         'layers', '1 x H100', 'attention_kernels',
         (f'{AK_H100}/gpt2_cudnn.json', f'{AK_H100}/gpt2_flash.json'), gpt2_flash),
+    Row('the same again, a later session', '1 x H100', 'attention_kernels',
+        (f'{AK_TRAIN}/gpt2_cudnn.json', f'{AK_TRAIN}/gpt2_flash.json'), gpt2_flash),
+    Row('1.03B model training (bf16, batch 16 x 2048) with `flash` layers vs cuDNN attention '
+        'layers', '1 x H100', 'attention_kernels',
+        (f'{AK_TRAIN}/gpt1b_cudnn.json', f'{AK_TRAIN}/gpt1b_flash.json'), gpt2_flash),
 )
 
 

@@ -224,7 +224,10 @@ def table_from_reports(args):
   if not rows:
     raise SystemExit(f'--from_reports={args.from_reports}: no <method>.report.json file there '
                      f'(methods: {", ".join(f["method"] for _, f, _ in TECHNIQUES)})')
-  sources = {json.dumps(r['source'], sort_keys=True) for _, r in rows}
+  # The source's path and step, and its held-out loss and size: a source re-trained at the same
+  # path (GPU training is not bit-reproducible) is a different model, and its reports another table.
+  sources = {json.dumps(dict(r['source'], loss=r['before']['loss'], bytes=r['before']['bytes']),
+                        sort_keys=True) for _, r in rows}
   if len(sources) > 1:
     raise SystemExit(f'--from_reports={args.from_reports}: the reports come from different '
                      f'source checkpoints ({sorted(sources)}); one table needs one source')

@@ -34,6 +34,10 @@ prune() { $STUDY --only=int8,int4,fp8,w8a8,2:4,merge; }
 # The dense control and the distilled student run first (the rows a cut-short run missed before);
 # the table keeps its usual order.
 rest() { $STUDY --only=merge,distill; $STUDY; }
+# The distilled student alone (training the source first when $WORK has none). On a fresh machine
+# that source is a new training run, so its report goes into a table of its own (run.py
+# --from_reports refuses to mix reports whose sources' held-out losses differ).
+distill() { $STUDY --only=distill; }
 # Peak memory of full fine-tuning vs LoRA (r=8 on all seven projections, base frozen) at the
 # config's batch of 16 and at 4; bf16 compute, float32 parameters and Adam moments as configured;
 # then LoRA with the frozen base stored in bf16, and both with every block rematerialised.

@@ -106,6 +106,10 @@ def main() -> None:
   parser.add_argument('--draft_steps', type=int, default=0)
   parser.add_argument('--gamma', type=int, default=4)
   parser.add_argument('--timings', type=int, default=2)
+  parser.add_argument('--decode_set', action='append', default=[], help=(
+      'section.field=value applied to the target and the draft after training, for evaluation '
+      'and decoding only (e.g. model.compute_dtype=float32: bf16-trained weights decoded in '
+      'float32, to tell bf16 near ties from a fault in the speculative rule)'))
   args = parser.parse_args()
   if args.draft_config and args.draft_steps < 1:
     parser.error('--draft_config needs --draft_steps >= 1 (the draft is trained here)')
@@ -127,6 +131,13 @@ def main() -> None:
   config.train.eval_every = 0
   config.generate.at_end = False
   run, summary = train_or_load(config, args.workdir, args.steps)
+  if args.decode_set:  # the trained checkpoint, rebuilt with the decode-time settings
+    config = load_config(args.config, args.set + args.decode_set)
+    config.mesh.data = 1
+    config.train.eval_every = 0
+    config.generate.at_end = False
+    run.checkpointer.close()
+    run, _ = train_or_load(config, args.workdir, args.steps)
   draft = None
   if args.draft_config:
     draft_config = load_config(args.draft_config, args.draft_set)
@@ -135,6 +146,13 @@ def main() -> None:
     draft_config.generate.at_end = False
     draft_run, draft_summary = train_or_load(draft_config, args.workdir + '_draft',
                                              args.draft_steps)
+    if args.decode_set:
+      draft_config = load_config(args.draft_config, args.draft_set + args.decode_set)
+      draft_config.mesh.data = 1
+      draft_config.train.eval_every = 0
+      draft_config.generate.at_end = False
+      draft_run.checkpointer.close()
+      draft_run, _ = train_or_load(draft_config, args.workdir + '_draft', args.draft_steps)
     with jax.set_mesh(draft_run.mesh), shd.axis_rules(draft_run.rules):
       draft_state, _ = trainer._load_latest(draft_run)  # pylint: disable=protected-access
     draft = (draft_run.setup.graphdef, draft_state['params'])
@@ -244,6 +262,7 @@ def main() -> None:
              if device.platform == 'cpu' else f'1 x {device.device_kind}')
   result = {
       'machine': machine, 'jax': jax.__version__, 'config': args.config, 'set': args.set,
+      'decode_set': args.decode_set,
       'steps': args.steps, 'checkpoint_step': step, 'heldout_tokens': n_tokens,
       'full_perplexity': full_ppl, 'final_train': summary.get('train', {}),
       'final_eval': summary.get('eval', {}), 'plain_tokens_per_s': plain_rate,

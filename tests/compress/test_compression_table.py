@@ -13,12 +13,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = os.path.join(ROOT, 'experiments', 'compression', 'run.py')
 
 
-def _report(rng, method, source, finetune_steps=0):
-  def measured():
-    return {'bytes': int(rng.integers(1e6, 1e7)), 'decode_bytes': int(rng.integers(1e6, 1e7)),
-            'loss': float(rng.uniform(1, 3)), 'decode_tokens_per_s': float(rng.uniform(100, 900))}
+def _measured(rng):
+  return {'bytes': int(rng.integers(1e6, 1e7)), 'decode_bytes': int(rng.integers(1e6, 1e7)),
+          'loss': float(rng.uniform(1, 3)), 'decode_tokens_per_s': float(rng.uniform(100, 900))}
+
+
+def _report(rng, method, source, finetune_steps=0, before=None):
+  """A report on `source`; `before` (the source's own measurements) is shared by every report
+  of one source except for its decode speed, which each report times again."""
+  before = dict(before or _measured(rng), decode_tokens_per_s=float(rng.uniform(100, 900)))
   return {'method': method, 'source': source, 'out_workdir': f'/w/{method}',
-          'finetune_steps': finetune_steps, 'before': measured(), 'after': measured(),
+          'finetune_steps': finetune_steps, 'before': before, 'after': _measured(rng),
           'device': 'some GPU'}
 
 
@@ -30,7 +35,8 @@ def _run(reports, out, *extra):
 def test_table_from_reports(tmp_path):
   rng = np.random.default_rng()
   source = {'workdir': '/w/source', 'step': int(rng.integers(1, 500))}
-  reports = {m: _report(rng, m, source, steps) for m, steps in
+  before = _measured(rng)
+  reports = {m: _report(rng, m, source, steps, before) for m, steps in
              (('int4', 0), ('int8', 0), ('2:4', 100))}
   for method, report in reports.items():
     (tmp_path / f"{method.replace(':', '_')}.report.json").write_text(json.dumps(report))
@@ -51,12 +57,17 @@ def test_table_from_reports(tmp_path):
   assert (tmp_path / 'out' / 't.md').read_text().count('\n') == len(rows) + 2
 
 
-@pytest.mark.parametrize('case', ['empty', 'mixed'])
+@pytest.mark.parametrize('case', ['empty', 'mixed', 'retrained'])
 def test_errors(tmp_path, case):
+  """'retrained': the same source path and step, but a source trained again (its held-out loss
+  differs), as on a fresh GPU machine: a different model, so not one table."""
   rng = np.random.default_rng()
-  if case == 'mixed':
-    for method, step in (('int8', 10), ('int4', 20)):
-      report = _report(rng, method, {'workdir': '/w/source', 'step': step})
+  if case != 'empty':
+    before = _measured(rng)
+    for method, step in (('int8', 10), ('int4', 20 if case == 'mixed' else 10)):
+      if case == 'retrained' and method == 'int4':
+        before = dict(before, loss=before['loss'] + float(rng.uniform(1e-4, 1e-2)))
+      report = _report(rng, method, {'workdir': '/w/source', 'step': step}, before=before)
       (tmp_path / f'{method}.report.json').write_text(json.dumps(report))
   result = _run(tmp_path, tmp_path / 'out')
   assert result.returncode != 0
