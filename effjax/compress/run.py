@@ -47,8 +47,11 @@ RECORDED = ('method', 'targets', 'int4_group_size', 'lowrank_ranks', 'lora_rank'
 # they multiplied int8 by int8). 3: a LoRA model's frozen base may be a quantized weight
 # (compress.lora_base_dtype int8 / int4) and its vocabulary matrices narrower
 # (compress.lora_vocab_dtype); written only for such a model, so code that reads format 2 still
-# reads every other record.
-FORMAT = 3
+# reads every other record. 4: W8A8 also calibrates the MoE layer's routed experts, which now
+# multiply int8 rows by int8 weights (earlier records kept the placeholder scale for them,
+# harmless while their grouped matmul dequantized the weights); written only for W8A8 models
+# with a MoE layer.
+FORMAT = 4
 # Mixers whose W8A8 scales format 1 calibrated (the attention family); the MoE shared experts
 # were not calibrated either.
 _FORMAT1_CALIBRATED = ('attention', 'dense', 'flash', 'sliding_window', 'block_sparse')
@@ -61,13 +64,18 @@ def _check_format(record: dict, config, path: str) -> None:
   if version > FORMAT:
     raise ValueError(f'{path} has format {version}; this code reads formats up to {FORMAT}: '
                      'update effjax to load it')
-  if version < 2 and record['compress']['method'] == 'w8a8':
+  if version < 4 and record['compress']['method'] == 'w8a8':
     model = dict(config.model)
     model.update(record.get('model', {}))
     blocks = parse_pattern(model['pattern'])
-    stale = sorted({m for m, _ in blocks} - set(_FORMAT1_CALIBRATED))
-    if model.get('moe_num_shared_experts', 0) and any(ff == 'moe' for _, ff in blocks):
-      stale.append('the MoE shared experts')
+    moe = any(ff == 'moe' for _, ff in blocks)
+    stale = []
+    if version < 2:
+      stale = sorted({m for m, _ in blocks} - set(_FORMAT1_CALIBRATED))
+      if model.get('moe_num_shared_experts', 0) and moe:
+        stale.append('the MoE shared experts')
+    if moe:
+      stale.append('the MoE routed experts')
     if stale:
       source = record.get('source', {}).get('workdir', 'the source checkpoint')
       raise ValueError(
@@ -286,8 +294,9 @@ def compress(config, workdir: str) -> dict[str, Any]:
                for b in eval_batches[:max(cfg.calibration_batches, 1)]]
       act_amax = calibrate_activations(model, calib, w_lib.target_names(cfg))
       details['calibrated'] = sorted(act_amax)
-      # Targets whose product never saw an activation (the MoE layer's routed experts, which
-      # its grouped matmul reads as dense weights): their activations stay unquantized.
+      # Targets whose product never saw an activation (none in the models here: every mixer's
+      # projections and the MoE layer's experts report their inputs): such a product keeps the
+      # placeholder scale, so the list would name what to calibrate next.
       details['not_calibrated'] = sorted(
           {w_lib.path_key(p + (n,)) for p, _, n in
            w_lib.find_targets(model, w_lib.target_names(cfg))} - set(act_amax))
@@ -305,7 +314,11 @@ def compress(config, workdir: str) -> dict[str, Any]:
   os.makedirs(out, exist_ok=True)
   new_lora = (out_config.compress.get('lora_base_dtype') in w_lib.LORA_QUANTIZED_BASES or
               bool(out_config.compress.get('lora_vocab_dtype')))
-  record = {'format': FORMAT if out_config.compress.method == 'lora' and new_lora else 2,
+  from effjax.models.registry import parse_pattern
+  method = out_config.compress.method
+  moe = any(ff == 'moe' for _, ff in parse_pattern(out_config.model.pattern))
+  record = {'format': FORMAT if method == 'w8a8' and moe else
+                      3 if method == 'lora' and new_lora else 2,
             'compress': {k: out_config.compress[k] for k in RECORDED}, 'model': model_changes,
             'source': {'workdir': os.path.abspath(workdir), 'step': step, 'method': src_method}}
   dst = trainer.build_run(out_config, out, read_only=True)

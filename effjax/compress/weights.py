@@ -142,6 +142,17 @@ class CompressedWeight(nnx.Module):
   def einsum(self, equation: str, x: jax.Array, dtype) -> jax.Array:
     return jnp.einsum(equation, x, self.dense().astype(dtype))
 
+  # Hooks for weights read whole rather than through `einsum` (the MoE layer's routed experts,
+  # which its grouped matmul multiplies; effjax.models.moe calls them by duck typing).
+
+  def int8_operands(self) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+    """(int8 values, float32 scales, the input's static scale) of a calibrated W8A8 weight, for
+    an int8 x int8 product; None for every other weight."""
+    return None
+
+  def observe_input(self, x: jax.Array) -> None:
+    """Calibration: report max|x| of this weight's input (only ObservedWeight does)."""
+
 
 class QuantizedWeight(CompressedWeight):
   """A weight stored as int8 / int4 / float8 values and float32 scales (qwix's quantization).
@@ -169,6 +180,11 @@ class QuantizedWeight(CompressedWeight):
 
   def dense(self) -> jax.Array:
     return q_lib.dequantize(self.qarray())
+
+  def int8_operands(self):
+    if self.kind == 'w8a8' and self.act_scale is not None:
+      return self.qvalue[...], self.scale[...].astype(jnp.float32), self.act_scale[...]
+    return None
 
   def einsum(self, equation: str, x: jax.Array, dtype) -> jax.Array:
     if self.kind == 'w8a8' and self.act_scale is not None:
@@ -344,8 +360,11 @@ class ObservedWeight(CompressedWeight):
     return self.value[...]
 
   def einsum(self, equation: str, x: jax.Array, dtype) -> jax.Array:
-    jax.debug.callback(self.sink, self.key, self.layer[...], jnp.max(jnp.abs(x)))
+    self.observe_input(x)
     return super().einsum(equation, x, dtype)
+
+  def observe_input(self, x: jax.Array) -> None:
+    jax.debug.callback(self.sink, self.key, self.layer[...], jnp.max(jnp.abs(x)))
 
 
 def _output_major_order(layout: Layout, ndim: int, to_stored: bool) -> tuple[int, ...]:

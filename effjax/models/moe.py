@@ -22,7 +22,10 @@ on. Expert choice always runs with a capacity (capacity_factor must be > 0).
 Execution sorts the (token, expert) slots by expert, runs gate and up (side by side, one call)
 and down as two grouped matmuls over the sorted rows (effjax.kernels.grouped_matmul, or
 jax.lax.ragged_dot until that package imports), unsorts and sums each token's slots weighted by
-the router.
+the router. A W8A8 model (effjax.compress) runs both grouped matmuls int8 x int8: the sorted rows
+are rounded with the calibrated static scale of the experts' input (and of the hidden SwiGLU
+activation for down) and multiplied by the int8 experts with int32 accumulation
+(jax.lax.ragged_dot; `int8_gmm`).
 
 Expert parallelism: under a mesh the routed part runs in jax.shard_map. Tokens are split over the
 batch axes of 'act_batch' and the expert axes of 'experts' (the expert axis is extra data
@@ -49,6 +52,7 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -140,15 +144,74 @@ def gmm(lhs_md: jax.Array, rhs_gdn: jax.Array, group_sizes_g: jax.Array,
   return grouped_matmul(lhs_md, rhs_gdn, group_sizes_g, backend=backend, interpret=interpret)
 
 
-def _swiglu_experts(x_sd, w_gate_up_edf, w_down_efd, group_sizes_e, backend):
-  """SwiGLU over expert-sorted rows; w_gate_up holds the gate and up weights side by side
-  ([E, D, 2F]), so both projections are one grouped matmul of twice the width: the rows are
-  read once, the kernel's N tiles are twice as many (better occupancy at small F), and the
-  backward is one d_lhs and one weight-gradient call instead of two of each. backend: (name,
-  interpret)."""
-  gate_up = gmm(x_sd, w_gate_up_edf, group_sizes_e, *backend)
+def _swiglu_experts(x_sd, experts, group_sizes_e, backend, observe_hidden=None):
+  """SwiGLU over expert-sorted rows; the gate and up weights sit side by side ([E, D, 2F]), so
+  both projections are one grouped matmul of twice the width: the rows are read once, the
+  kernel's N tiles are twice as many (better occupancy at small F), and the backward is one
+  d_lhs and one weight-gradient call instead of two of each. backend: (name, interpret).
+
+  experts: (w_gate_up, w_down) in the compute dtype, or W8A8's six operands (int8 gate_up,
+  its scales [E, 1, 2F], int8 down, its scales [E, 1, D], the static scales of the input and of
+  the hidden activation), which multiply int8 rows by int8 weights (`int8_gmm`).
+  observe_hidden(h): calibration's hook on the down projection's input."""
+  if len(experts) == 2:
+    w_gate_up_edf, w_down_efd = experts
+    product = lambda x, w: gmm(x, w, group_sizes_e, *backend)  # noqa: E731
+    gate_up = product(x_sd, w_gate_up_edf)
+  else:
+    q_gate_up, s_gate_up, q_down, s_down, act_in, act_hidden = experts
+    gate_up = int8_gmm(x_sd, act_in, q_gate_up, s_gate_up, group_sizes_e).astype(x_sd.dtype)
   gate, up = jnp.split(gate_up, 2, axis=-1)
-  return gmm(jax.nn.silu(gate) * up, w_down_efd, group_sizes_e, *backend)
+  hidden = jax.nn.silu(gate) * up
+  if observe_hidden is not None:
+    observe_hidden(hidden)
+  if len(experts) == 2:
+    return product(hidden, w_down_efd)
+  return int8_gmm(hidden, act_hidden, q_down, s_down, group_sizes_e).astype(x_sd.dtype)
+
+
+INT8_MAX = 127.0
+
+
+def _row_groups(group_sizes_g: jax.Array, rows: int) -> jax.Array:
+  """The group of each of `rows` sorted rows (rows past the groups' total: the last group)."""
+  ends = jnp.cumsum(group_sizes_g)
+  return jnp.minimum(jnp.searchsorted(ends, jnp.arange(rows), side='right'),
+                     group_sizes_g.shape[0] - 1)
+
+
+@jax.custom_vjp
+def int8_gmm(x_md, act_scale, q_gkn, scale_g1n, group_sizes_g):
+  """W8A8 grouped matmul: rows of group g, rounded to int8 with the static scale act_scale,
+  times the int8 weight q[g], accumulated in int32 (jax.lax.ragged_dot), then scaled by
+  act_scale and q[g]'s per-output-channel scales; float32 [M, N]. Rows past sum(group_sizes)
+  give 0. The gradient to x passes straight through the rounding (zero where x was clipped to
+  the calibrated range) and through the dequantized weights, as effjax.compress.quantize's
+  dense W8A8 product does; the weights and scales take none."""
+  xq = jnp.clip(jnp.round(x_md.astype(jnp.float32) / act_scale), -INT8_MAX, INT8_MAX)
+  acc = jax.lax.ragged_dot(xq.astype(jnp.int8), q_gkn, group_sizes_g,
+                           preferred_element_type=jnp.int32)
+  g, _, n = q_gkn.shape
+  rows = _row_groups(group_sizes_g, x_md.shape[0])
+  return acc.astype(jnp.float32) * (act_scale * scale_g1n.reshape(g, n)[rows])
+
+
+def _int8_gmm_fwd(x_md, act_scale, q_gkn, scale_g1n, group_sizes_g):
+  return (int8_gmm(x_md, act_scale, q_gkn, scale_g1n, group_sizes_g),
+          (x_md, act_scale, q_gkn, scale_g1n, group_sizes_g))
+
+
+def _int8_gmm_bwd(residuals, g_mn):
+  x_md, act_scale, q_gkn, scale_g1n, group_sizes_g = residuals
+  w_gnk = jnp.swapaxes(q_gkn.astype(jnp.float32) * scale_g1n, 1, 2)
+  dx = jax.lax.ragged_dot(g_mn.astype(jnp.float32), w_gnk, group_sizes_g)
+  dx = jnp.where(jnp.abs(x_md.astype(jnp.float32)) <= INT8_MAX * act_scale, dx, 0.0)
+  return (dx.astype(x_md.dtype), jnp.zeros_like(act_scale),
+          np.zeros(q_gkn.shape, jax.dtypes.float0), jnp.zeros_like(scale_g1n),
+          np.zeros(group_sizes_g.shape, jax.dtypes.float0))
+
+
+int8_gmm.defvjp(_int8_gmm_fwd, _int8_gmm_bwd)
 
 
 def _inverse(order_s: jax.Array) -> jax.Array:
@@ -175,7 +238,7 @@ _permute.defvjp(_permute_fwd, _permute_bwd)
 
 
 def _exchange(x_sd, group_sizes_e, weights, *, cap: int, ep_axes: tuple[str, ...], n_ep: int,
-              backend: tuple[str, bool]) -> jax.Array:
+              backend: tuple[str, bool], observe_hidden=None) -> jax.Array:
   """Expert-sorted slot rows -> their expert outputs, the experts living on n_ep peers.
 
   Rows [start_p, start_p + count_p) belong to peer p's experts; each peer gets a [cap, d] block
@@ -197,8 +260,8 @@ def _exchange(x_sd, group_sizes_e, weights, *, cap: int, ep_axes: tuple[str, ...
   ends_pe = jnp.cumsum(recv_counts_pe, axis=1)
   local_expert = jnp.sum(slot[None, :, None] >= ends_pe[:, None, :], axis=-1).reshape(-1)
   order = jnp.argsort(local_expert, stable=True)
-  out_sd = _swiglu_experts(recv_pcd.reshape(-1, d)[order], *weights, recv_counts_pe.sum(0),
-                           backend)
+  out_sd = _swiglu_experts(recv_pcd.reshape(-1, d)[order], weights, recv_counts_pe.sum(0),
+                           backend, observe_hidden)
   back = jax.lax.all_to_all(out_sd[_inverse(order)].reshape(n_ep, cap, d), ep_axes, 0, 0)
 
   r = jnp.arange(s)
@@ -207,13 +270,14 @@ def _exchange(x_sd, group_sizes_e, weights, *, cap: int, ep_axes: tuple[str, ...
   return jnp.where((r < peer_count.sum())[:, None], back[peer_r, pos_r], 0)
 
 
-def route_and_run(x_btd, valid_bt, router_de, w_gate_up_edf, w_down_efd, *, cfg,
-                  compute_dtype, token_axes: tuple[str, ...] = (), ep_axes: tuple[str, ...] = (),
-                  n_ep: int = 1) -> tuple[jax.Array, Stats]:
+def route_and_run(x_btd, valid_bt, router_de, *experts, cfg, compute_dtype,
+                  token_axes: tuple[str, ...] = (), ep_axes: tuple[str, ...] = (), n_ep: int = 1,
+                  observe_hidden=None) -> tuple[jax.Array, Stats]:
   """The routed experts on one routing group (one device's tokens, or all tokens without a mesh).
 
   Statistics are summed over token_axes before they are formed, so they are those of the global
-  batch. Expert weights hold the local experts (E / n_ep of them) when n_ep > 1.
+  batch. Expert weights hold the local experts (E / n_ep of them) when n_ep > 1; `experts` as
+  _swiglu_experts takes them.
   """
   b, t, d = x_btd.shape
   n, e, k = b * t, cfg.moe_num_experts, cfg.moe_top_k
@@ -282,15 +346,14 @@ def route_and_run(x_btd, valid_bt, router_de, w_gate_up_edf, w_down_efd, *, cfg,
     x_sd = x_nd[slot_token[order]]
   # Weights replicated over the token axes stay so: the grouped-matmul VJPs total their per-device
   # weight gradient over those axes themselves (kernels._compat.sum_to_varying).
-  weights = (w_gate_up_edf, w_down_efd)
   backend = (cfg.moe_gmm_backend, cfg.moe_gmm_interpret)
   if n_ep == 1:
-    out_sd = _swiglu_experts(x_sd, *weights, group_sizes_e, backend)
+    out_sd = _swiglu_experts(x_sd, experts, group_sizes_e, backend, observe_hidden)
   else:
     s = x_sd.shape[0]
     cap = s if not c else min(s, (e // n_ep) * c)
-    out_sd = _exchange(x_sd, group_sizes_e, weights, cap=cap, ep_axes=ep_axes, n_ep=n_ep,
-                       backend=backend)
+    out_sd = _exchange(x_sd, group_sizes_e, experts, cap=cap, ep_axes=ep_axes, n_ep=n_ep,
+                       backend=backend, observe_hidden=observe_hidden)
   gate_s = jnp.where(keep, slot_weight, 0.0).astype(compute_dtype)
   contrib_sd = _permute(out_sd, inverse, order) * gate_s[:, None]
   if cfg.moe_routing == 'token_choice':
@@ -305,6 +368,12 @@ def _mesh_axes(mesh, logical: str) -> tuple[str, ...]:
   axes = logical_to_spec((logical,))[0]
   axes_t = (axes,) if isinstance(axes, str) else tuple(axes or ())
   return tuple(a for a in axes_t if mesh.shape[a] > 1)
+
+
+def _int8_operands(weight):
+  """A calibrated W8A8 weight's (int8 values, scales, input scale); None for any other."""
+  hook = getattr(type(weight), 'int8_operands', None)
+  return None if hook is None else hook(weight)
 
 
 @FEED_FORWARDS.register('moe')
@@ -342,12 +411,27 @@ class MoE(nnx.Module):
     cdt = self.compute_dtype
     valid_bt = (jnp.ones(x_btd.shape[:2], bool) if ctx.segment_ids is None
                 else ctx.segment_ids > 0)
-    # Gate and up side by side: the cast to the compute dtype copies them anyway, so the
-    # concatenation is free (one fusion), and its gradient's split fuses into the cast back.
-    w_gate_up = jnp.concatenate([self.w_gate[...].astype(cdt), self.w_up[...].astype(cdt)], -1)
-    args = (x_btd, valid_bt, self.router[...], w_gate_up, self.w_down[...].astype(cdt))
-    run = functools.partial(route_and_run, cfg=self.cfg, compute_dtype=cdt)
-    y, stats = self._sharded(run, *args)
+    int8 = [_int8_operands(w) for w in (self.w_gate, self.w_up, self.w_down)]
+    if all(o is not None for o in int8):
+      # W8A8 (effjax.compress): int8 rows times int8 experts. Gate and up saw the same input,
+      # so their calibrated scales agree; the larger is taken.
+      (q_gate, s_gate, a_gate), (q_up, s_up, a_up), (q_down, s_down, a_down) = int8
+      experts = (jnp.concatenate([q_gate, q_up], -1), jnp.concatenate([s_gate, s_up], -1),
+                 q_down, s_down, jnp.maximum(a_gate, a_up), a_down)
+    else:
+      # Gate and up side by side: the cast to the compute dtype copies them anyway, so the
+      # concatenation is free (one fusion), and its gradient's split fuses into the cast back.
+      experts = (jnp.concatenate([self.w_gate[...].astype(cdt), self.w_up[...].astype(cdt)], -1),
+                 self.w_down[...].astype(cdt))
+    observe = getattr(type(self.w_gate), 'observe_input', None)
+    observe_hidden = None
+    if observe is not None:  # calibration (effjax.compress): the experts' inputs' max|x|
+      self.w_gate.observe_input(x_btd)
+      self.w_up.observe_input(x_btd)
+      observe_hidden = self.w_down.observe_input
+    run = functools.partial(route_and_run, cfg=self.cfg, compute_dtype=cdt,
+                            observe_hidden=observe_hidden)
+    y, stats = self._sharded(run, x_btd, valid_bt, self.router[...], *experts)
     if self.cfg.moe_num_shared_experts:
       gate, up = layers.matmuls(x_btd, [('btd,df->btf', self.shared_gate),
                                         ('btd,df->btf', self.shared_up)], cdt)
@@ -383,8 +467,9 @@ class MoE(nnx.Module):
     fn = functools.partial(run, token_axes=token_axes, ep_axes=ep_axes, n_ep=n_ep)
     stats_spec = {k: P() for k in ('loss', 'aux_loss', 'z_loss', 'load', 'router_entropy',
                                    'dropped_fraction')}
+    expert_specs = tuple(w_spec if w.ndim == 3 else P() for w in experts)  # W8A8's scalars: P()
     return jax.shard_map(fn, mesh=mesh, in_specs=(x_spec, P(token_axes or None, None), P(),
-                                                  w_spec, w_spec),
+                                                  *expert_specs),
                          out_specs=(x_spec, stats_spec))(x_btd, valid_bt, router_de, *experts)
 
   @staticmethod

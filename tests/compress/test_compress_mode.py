@@ -109,19 +109,22 @@ def test_command_line_compress_generate_and_clear_errors(source, stdlib_data_dir
                               'directory (it must not exist yet)')
 
 
-@pytest.mark.parametrize('pattern, shared, refused', [('attention:mlp', 0, False),
-                                                      ('gla:mlp', 0, True),
-                                                      ('attention:moe', 1, True),
-                                                      ('attention:moe', 0, False)])
-def test_w8a8_records_of_the_first_format_are_refused_where_scales_were_not_calibrated(
-    pattern, shared, refused, tmp_path):
-  """A W8A8 model written when only attention and feed-forward products were calibrated: loading
-  it where another mixer (or a shared expert) would take int8 activations with the placeholder
-  scale is one clear error naming what to do; the record is left as it was."""
+@pytest.mark.parametrize('pattern, shared, version, refused', [
+    ('attention:mlp', 0, 1, False), ('gla:mlp', 0, 1, True), ('attention:moe', 1, 1, True),
+    ('attention:moe', 0, 1, True), ('attention:moe', 0, 2, True), ('attention:moe', 0, 3, True),
+    ('gla:mlp', 0, 2, False), ('attention:mlp', 0, 3, False)])
+def test_w8a8_records_of_earlier_formats_are_refused_where_scales_were_not_calibrated(
+    pattern, shared, version, refused, tmp_path):
+  """A W8A8 model written when fewer products were calibrated (format 1: only attention's and
+  the feed-forwards'; formats 2-3: not the MoE routed experts): loading it where a product would
+  take int8 activations with the placeholder scale is one clear error naming what to do; the
+  record is left as it was."""
   c = base.get_config()
   c.model.pattern, c.model.moe_num_shared_experts = pattern, shared
   record = {'compress': {'method': 'w8a8', 'targets': c.compress.targets},
             'model': {}, 'source': {'workdir': '/runs/src', 'step': 4, 'method': ''}}
+  if version > 1:
+    record['format'] = version
   path = tmp_path / compress_run.RECORD
   path.write_text(json.dumps(record))
   if refused:
