@@ -50,6 +50,15 @@ def load_config(path: str, sets):
   return config_lib.apply_overrides(config_lib.load_file(os.path.join(ROOT, path)), sets)
 
 
+def study_config(path: str, sets):
+  """The config for the study: one device, no periodic evaluation or sampling."""
+  config = load_config(path, sets)
+  config.mesh.data = 1
+  config.train.eval_every = 0
+  config.generate.at_end = False
+  return config
+
+
 def train_or_load(config, workdir: str, steps: int):
   """(run, summary) after training to `steps`; a workdir whose last checkpoint is already at
   `steps` is reused as it is (whatever --set said then): use a fresh workdir for new settings."""
@@ -126,31 +135,19 @@ def main() -> None:
   from effjax.parallel import sharding as shd
   from effjax.train import trainer
 
-  config = load_config(args.config, args.set)
-  config.mesh.data = 1
-  config.train.eval_every = 0
-  config.generate.at_end = False
+  config = study_config(args.config, args.set)
   run, summary = train_or_load(config, args.workdir, args.steps)
   if args.decode_set:  # the trained checkpoint, rebuilt with the decode-time settings
-    config = load_config(args.config, args.set + args.decode_set)
-    config.mesh.data = 1
-    config.train.eval_every = 0
-    config.generate.at_end = False
+    config = study_config(args.config, args.set + args.decode_set)
     run.checkpointer.close()
     run, _ = train_or_load(config, args.workdir, args.steps)
   draft = None
   if args.draft_config:
-    draft_config = load_config(args.draft_config, args.draft_set)
-    draft_config.mesh.data = 1
-    draft_config.train.eval_every = 0
-    draft_config.generate.at_end = False
+    draft_config = study_config(args.draft_config, args.draft_set)
     draft_run, draft_summary = train_or_load(draft_config, args.workdir + '_draft',
                                              args.draft_steps)
     if args.decode_set:
-      draft_config = load_config(args.draft_config, args.draft_set + args.decode_set)
-      draft_config.mesh.data = 1
-      draft_config.train.eval_every = 0
-      draft_config.generate.at_end = False
+      draft_config = study_config(args.draft_config, args.draft_set + args.decode_set)
       draft_run.checkpointer.close()
       draft_run, _ = train_or_load(draft_config, args.workdir + '_draft', args.draft_steps)
     with jax.set_mesh(draft_run.mesh), shd.axis_rules(draft_run.rules):
