@@ -2,7 +2,7 @@
 # The decode-attention kernel on one GPU and what it does to decoding; results go to $RES (packed
 # into $OUT/results.tgz after each step, so a run cut short returns what it finished).
 #   bash experiments/decode_attention/run_gpu.sh STEP [STEP ...]
-#   steps: kernels decode_b1 profile_b1 decode_b16 qmm layout   ('all' = every one, in order)
+#   steps: kernels decode_b1 profile_b1 decode_b16 qmm layout levers   ('all' = every one, in order)
 set -u
 OUT=${OUT:-/tmp/effjax_decode_out}
 RES=${RES:-/tmp/effjax_decode_results}
@@ -55,8 +55,23 @@ layout() {
   done
 }
 
+# What else moves batch 1 toward the roofline, one session, context 1k: more weights stored
+# output-major (the MLP's, then q/k/v too), and the decode loop captured whole as a CUDA graph
+# (XLA's command buffers extended to the while loop, so its ~250 kernels a token launch without
+# a host-side gap). The first row (wo only, the default) is the baseline of the others.
+levers() {
+  for major in wo wo,w_gate,w_up wo,w_gate,w_up,w_down wo,wq,wk,wv,w_gate,w_up,w_down; do
+    $DECODE --contexts=1024 --decode_batch=1 --config.infer.output_major=$major \
+      --name=levers_major_${major//,/_}
+  done
+  XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL \
+    --xla_gpu_graph_min_graph_size=1" \
+    $DECODE --contexts=1024 --decode_batch=1 --name=levers_graph_while
+  grep -h "^| plain" "$RES"/levers_*.md
+}
+
 steps=("$@")
-if [ "${steps[0]:-all}" = all ]; then steps=(kernels decode_b1 profile_b1 decode_b16 qmm layout); fi
+if [ "${steps[0]:-all}" = all ]; then steps=(kernels decode_b1 profile_b1 decode_b16 qmm layout levers); fi
 for step in "${steps[@]}"; do
   echo "=== $step"
   "$step" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tail -40
