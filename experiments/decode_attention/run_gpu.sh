@@ -67,7 +67,7 @@ levers() {
   XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL \
     --xla_gpu_graph_min_graph_size=1" \
     $DECODE --contexts=1024 --decode_batch=1 --name=levers_graph_while
-  grep -h "^| plain" "$RES"/levers_*.md
+  grep "^| plain" "$RES"/levers_*.md
 }
 
 steps=("$@")
