@@ -10,7 +10,9 @@ weight stored as
   xla_int4     backend 'xla' (dequantize into bf16, then XLA's matmul); int4 packed two a byte,
                one scale per 128 entries of K and column;
   effjax_int8  the same weights through the op's Triton kernel (backend 'triton'; off GPU, in
-  effjax_int4  Pallas interpret mode, which checks the path but times nothing meaningful).
+  effjax_int4  Pallas interpret mode, which checks the path but times nothing meaningful);
+  gemv_int8    the op's one-row GEMV kernels (gemv=True: no tensor cores), rows of M = 1 only.
+  gemv_int4
 Float32 accumulation throughout, output in bf16.
 
 What is timed. A decode step reads every weight of the model once, so a product's cost is the
@@ -34,7 +36,8 @@ q/k/v/o 2048 x 2048, gate/up 2048 x 5632, down 5632 x 2048, and its unquantized 
 output head) and a larger layer (4096 x 14336 and back), at M = 1, 8, 16. 'tune': the kernel
 alone at M = 1 on the gpt_1b shapes and 4096 x 14336 for a list of tilings (bn, bk, split), each
 row named 'effjax_int8 bn,bk,split', beside the bf16 row and the default tiling's row, to choose
-the defaults from. 'tiny': CPU sizes, the same code paths, for tests.
+the defaults from (for gemv_* impls, the GEMV tilings GEMV_TUNE_TILINGS). 'tiny': CPU sizes,
+the same code paths, for tests.
 """
 
 from __future__ import annotations
@@ -74,10 +77,14 @@ QMM_GRIDS = {
     'tiny': QmmGrid(rows=(1, 16), shapes=((256, 128), (512, 64)), rotate_bytes=0),
 }
 # Kinds side by side: consecutive rows of a kind share their inputs (_inputs keeps the latest).
-IMPLS = ('bf16', 'xla_int8', 'effjax_int8', 'xla_int4', 'effjax_int4')
+IMPLS = ('bf16', 'xla_int8', 'effjax_int8', 'gemv_int8', 'xla_int4', 'effjax_int4', 'gemv_int4')
 # 16 tilings; a shape's invalid ones (split not dividing K's steps) are skipped rows.
 TUNE_TILINGS = tuple((bn, bk, split) for bn, bk in ((64, 256), (128, 128), (128, 256), (256, 256))
                      for split in (1, 2, 4, 8))
+# The GEMV kernels' tilings: accumulators of 4-8k float32 entries, 64 to 1024 programs at gpt_1b's
+# widths (invalid ones skipped per shape).
+GEMV_TUNE_TILINGS = tuple((bn, bk, split) for bn, bk in ((64, 128), (128, 32), (128, 64), (256, 32))
+                          for split in (2, 4, 8, 16))
 
 
 def weight_bytes(impl: str, k: int, n: int) -> int:
@@ -131,8 +138,9 @@ def _product(impl: str, tiling=None):
   from effjax.kernels.quantized_matmul import quantized_matmul
   family, kind = impl.split('_')
   kw: dict[str, Any] = dict(kind=kind, backend='xla')
-  if family == 'effjax':
-    kw.update(backend='triton', interpret=jax.default_backend() != 'gpu', tiling=tiling)
+  if family in ('effjax', 'gemv'):
+    kw.update(backend='triton', interpret=jax.default_backend() != 'gpu', tiling=tiling,
+              gemv=family == 'gemv')
   return lambda x, q, s: quantized_matmul(x, q, s, **kw)
 
 
@@ -171,15 +179,18 @@ def _check(impl: str, tiling=None):
   return check
 
 
-def _kernel_info(kind: str, m: int, k: int, n: int, tiling) -> tuple[dict[str, Any], str | None]:
+def _kernel_info(kind: str, m: int, k: int, n: int, tiling,
+                 gemv: bool = False) -> tuple[dict[str, Any], str | None]:
   """The kernel's tiling for the row (or why it cannot run: the row is then skipped)."""
   from effjax.kernels import quantized_matmul as qm
   group = INT4_GROUP if kind == 'int4' else None
+  if gemv and m != 1:
+    return {}, 'the GEMV kernels take one row'
   try:
-    chosen = qm.plan(kind, m, k, n, group, backend='triton', tiling=tiling)
+    chosen = qm.plan(kind, m, k, n, group, backend='triton', tiling=tiling, gemv=gemv)
   except ValueError as e:
     return {}, str(e)
-  info = {'backend': 'triton', 'tiling': list(chosen.tiling),
+  info = {'backend': 'triton', 'tiling': list(chosen.tiling), 'gemv': chosen.gemv,
           'interpret': jax.default_backend() != 'gpu'}
   return info, None
 
@@ -192,8 +203,8 @@ def qmm_case(grid: QmmGrid, impl: str, *, m: int, k: int, n: int, tiling=None) -
   if kind == 'int4':
     info['int4_group'] = INT4_GROUP  # ('group' names the row's shape)
   skip = None
-  if impl.startswith('effjax'):
-    extra, skip = _kernel_info(kind, m, k, n, tiling)
+  if impl.startswith(('effjax', 'gemv')):
+    extra, skip = _kernel_info(kind, m, k, n, tiling, gemv=impl.startswith('gemv'))
     info.update(extra)
   elif impl.startswith('xla'):
     info['backend'] = 'xla'
@@ -210,9 +221,9 @@ def qmm_cases(grid_name: str, impls: Sequence[str]) -> Iterator[kb.Case]:
     for m in grid.rows:
       if grid_name == 'tune':
         yield qmm_case(grid, 'bf16', m=m, k=k, n=n)
-        for impl in (i for i in impls if i.startswith('effjax')):
+        for impl in (i for i in impls if i.startswith(('effjax', 'gemv'))):
           yield qmm_case(grid, impl, m=m, k=k, n=n)  # the default tiling
-          for tiling in TUNE_TILINGS:
+          for tiling in GEMV_TUNE_TILINGS if impl.startswith('gemv') else TUNE_TILINGS:
             yield qmm_case(grid, impl, m=m, k=k, n=n, tiling=tiling)
         continue
       for impl in impls:

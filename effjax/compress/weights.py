@@ -165,14 +165,16 @@ class QuantizedWeight(CompressedWeight):
   """
 
   def __init__(self, qvalue, scale, layout: Layout, kind: str, act_scale=None, *,
-               backend: str = 'auto', interpret: bool = False, fuse: bool = True):
+               backend: str = 'auto', interpret: bool = False, fuse: bool = True,
+               gemv: bool = False):
     self.layout, self.kind = layout, kind
     self.qvalue = qvalue
     self.scale = scale
     self.act_scale = act_scale
     # The weight-only matmul's backend (compress.qmm_backend; effjax/kernels/quantized_matmul),
-    # and whether products sharing x may run as one launch (compress.qmm_fuse; einsum_group).
-    self.backend, self.interpret, self.fuse = backend, interpret, fuse
+    # whether products sharing x may run as one launch (compress.qmm_fuse; einsum_group) and
+    # whether a single row takes the GEMV kernels (compress.qmm_gemv).
+    self.backend, self.interpret, self.fuse, self.gemv = backend, interpret, fuse, gemv
 
   def qarray(self, dtype=jnp.float32):
     return q_lib.as_qarray(self.qvalue[...], self.scale[...].astype(dtype), self.kind,
@@ -236,8 +238,8 @@ class QuantizedWeight(CompressedWeight):
     if not all(isinstance(w, QuantizedWeight) for w in weights):
       return None
     if first.kind not in qmm.KINDS or not all(
-        w.fuse and (w.kind, w.backend, w.interpret) == (first.kind, first.backend,
-                                                         first.interpret) for w in weights):
+        w.fuse and (w.kind, w.backend, w.interpret, w.gemv) == (
+            first.kind, first.backend, first.interpret, first.gemv) for w in weights):
       return None
     return _kernel_products(products, x, dtype)
 
@@ -274,7 +276,8 @@ def _kernel_products(products, x: jax.Array, dtype) -> list[jax.Array] | None:
   compute = jnp.promote_types(x.dtype, dtype)
   ys = qmm.quantized_matmul_many(x.reshape(*lead, k).astype(compute),
                                  [(o[2], o[3]) for o in operands], kind=first.kind,
-                                 backend=first.backend, interpret=first.interpret)
+                                 backend=first.backend, interpret=first.interpret,
+                                 gemv=first.gemv)
   return [y.reshape(*lead, *o[4]).astype(dtype) for y, o in zip(ys, operands)]
 
 
@@ -465,7 +468,8 @@ def compress_param(param: nnx.Param, name: str, method: str, cfg, *, rngs: nnx.R
     return QuantizedWeight(_param(qvalue, names), _param(scale, scale_names), layout, method, act,
                            backend=cfg.get('qmm_backend', 'auto'),
                            interpret=bool(cfg.get('qmm_interpret', False)),
-                           fuse=bool(cfg.get('qmm_fuse', True)))
+                           fuse=bool(cfg.get('qmm_fuse', True)),
+                           gemv=bool(cfg.get('qmm_gemv', False)))
   if method in QAT_METHODS:
     return FakeQuantWeight(_param(w, names), layout, method[len('qat_'):], cfg.int4_group_size)
   if method == 'lowrank':

@@ -3,7 +3,7 @@ Triton kernel and through XLA's dequantize-and-matmul, in one process.
 
     python experiments/quantized_matmul/decode.py [--config=configs/gpt_1b.py] [--context=1024]
         [--steps=64] [--repeats=5]
-        [--variants=bf16,int8:xla,int8:triton,int8:triton:unfused,int4:xla,int4:triton,...]
+        [--variants=bf16,int8:xla,int8:triton,int8:triton:unfused,int8:triton:gemv,...]
         [--out=DIR] [--set model.num_layers=2 ...] [--profile_dir=DIR]
 
 The model is the config's, randomly initialised (decode speed does not depend on the values):
@@ -13,7 +13,8 @@ The model is the config's, randomly initialised (decode speed does not depend on
 of compress.int4_group_size) and compress.qmm_backend=<backend>, exactly what --mode=compress
 writes and --mode=generate reads. The kernel variants run the products that share an input
 (q/k/v, gate/up) as one launch each (compress.qmm_fuse); '<kind>:triton:unfused' as a launch per
-weight, the path before that. Timing is effjax.bench.decode.time_decode: the caches hold
+weight, the path before that; '<kind>:triton:gemv' fused, through the one-row GEMV kernels
+(compress.qmm_gemv) instead of the dot kernels. Timing is effjax.bench.decode.time_decode: the caches hold
 context + steps positions, one jitted loop of `steps` single-token steps, the median of
 `repeats` loops after a warm-up. Writes decode_qmm.json / .md to --out (suffixed if taken, never
 overwritten) and prints the table.
@@ -64,13 +65,15 @@ def main():
   for variant in args.variants.split(','):
     kind, _, rest = variant.partition(':')
     backend, _, mode = rest.partition(':')
-    if mode not in ('', 'unfused'):
-      raise SystemExit(f"--variants: {variant!r}: the third part may only be 'unfused'")
+    if mode not in ('', 'unfused', 'gemv'):
+      raise SystemExit(f"--variants: {variant!r}: the third part may only be 'unfused' or "
+                       "'gemv'")
     c = config.copy_and_resolve_references()
     model = LM(c.model, rngs=nnx.Rngs(c.seed))
     if kind != 'bf16':
       c.compress.method, c.compress.qmm_backend = kind, backend
       c.compress.qmm_fuse = mode != 'unfused'
+      c.compress.qmm_gemv = mode == 'gemv'
 
       w_lib.restructure(model, c)
     graphdef, params = nnx.split(model)

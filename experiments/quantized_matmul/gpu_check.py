@@ -59,38 +59,40 @@ def report(name: str, ok: bool, detail: str) -> None:
     FAILURES.append(name)
 
 
-def check_values(kind, k, n, m, dtype, *, group=128, tiling=None):
+def check_values(kind, k, n, m, dtype, *, group=128, tiling=None, gemv=False):
   key = jax.random.key(np.random.randint(1 << 30))
   q, s = _weights(key, kind, k, n, group)
   x = jax.random.normal(jax.random.fold_in(key, 1), (m, k), dtype)
   name = (f'{kind}{"/" + str(group) if kind == "int4" else ""} M={m} K={k} N={n} '
-          f'{jnp.dtype(dtype).name} tiling={tiling or "default"}')
+          f'{jnp.dtype(dtype).name} tiling={tiling or "default"}{" gemv" if gemv else ""}')
   try:
     fn = jax.jit(lambda x, q, s: qm.quantized_matmul(x, q, s, kind=kind, backend='triton',
-                                                     tiling=tiling, interpret=INTERPRET))
+                                                     tiling=tiling, interpret=INTERPRET,
+                                                     gemv=gemv))
     out = fn(x, q, s)
     rel = _rel(out.astype(jnp.float32), _reference(x, q, s, kind, group))
     plan = qm.plan(kind, m, k, n, group if kind == 'int4' else None, backend='triton',
-                   tiling=tiling)
+                   tiling=tiling, gemv=gemv)
     ok = out.shape == (m, n) and out.dtype == dtype and rel < TOLERANCE[dtype]
     report(name, ok, f'rel {rel:.2e}, tiling {plan.tiling}')
   except Exception as e:  # pylint: disable=broad-except  (a lowering error is a result here)
     report(name, False, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}')
 
 
-def check_many(kind, k, widths, m, *, group=128):
+def check_many(kind, k, widths, m, *, group=128, gemv=False):
   """Weights sharing x in one launch (quantized_matmul_many) against the reference, each."""
   key = jax.random.key(np.random.randint(1 << 30))
   weights = [_weights(jax.random.fold_in(key, i), kind, k, n, group)
              for i, n in enumerate(widths)]
   x = jax.random.normal(jax.random.fold_in(key, 99), (m, k), jnp.bfloat16)
-  name = f'{kind} many M={m} K={k} N={"+".join(map(str, widths))}'
+  name = f'{kind} many M={m} K={k} N={"+".join(map(str, widths))}{" gemv" if gemv else ""}'
   try:
     outs = jax.jit(lambda x: qm.quantized_matmul_many(x, weights, kind=kind, backend='triton',
-                                                      interpret=INTERPRET))(x)
+                                                      interpret=INTERPRET, gemv=gemv))(x)
     rels = [_rel(o.astype(jnp.float32), _reference(x, q, s, kind, group))
             for o, (q, s) in zip(outs, weights)]
-    plan = qm.plan(kind, m, k, widths, group if kind == 'int4' else None, backend='triton')
+    plan = qm.plan(kind, m, k, widths, group if kind == 'int4' else None, backend='triton',
+                   gemv=gemv)
     report(name, max(rels) < TOLERANCE[jnp.bfloat16],
            f'rel {" ".join(f"{r:.2e}" for r in rels)}, tiling {plan.tiling}')
   except Exception as e:  # pylint: disable=broad-except
@@ -177,6 +179,20 @@ def main(argv):
       check_many(kind, 2048, (2048, 2048, 2048), m)
       check_many(kind, 2048, (5632, 5632), m)
     check_many(kind, 2048, (2048, 512, 512), 1)
+  # The one-row GEMV kernels (gemv=True): gpt_1b's shapes at every dtype, explicit tilings,
+  # int4 groups of 64 and 256, widths that are not multiples of the default bn, fused launches.
+  for kind in ('int8', 'int4'):
+    for k, n in ((2048, 2048), (2048, 5632), (5632, 2048)):
+      for dtype in dtypes:
+        check_values(kind, k, n, 1, dtype, gemv=True)
+    for tiling in ((64, 128, 2), (128, 32, 16), (256, 32, 4), (128, 64, 1)):
+      check_values(kind, 2048, 2048, 1, jnp.bfloat16, tiling=tiling, gemv=True)
+    check_values(kind, 2048, 80, 1, jnp.bfloat16, gemv=True)
+    check_many(kind, 2048, (2048, 2048, 2048), 1, gemv=True)
+    check_many(kind, 2048, (5632, 5632), 1, gemv=True)
+    check_many(kind, 2048, (2048, 512, 512), 1, gemv=True)
+  check_values('int4', 2048, 2048, 1, jnp.bfloat16, group=64, gemv=True)
+  check_values('int4', 2048, 2048, 1, jnp.bfloat16, group=256, tiling=(128, 128, 2), gemv=True)
   check_gradients()
   check_shard_map()
   if not INTERPRET:

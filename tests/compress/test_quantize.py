@@ -195,6 +195,33 @@ def test_products_sharing_an_input_run_as_one_kernel_launch():
                              rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
 
 
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+def test_a_single_token_takes_the_gemv_kernels_with_qmm_gemv(kind):
+  """compress.qmm_gemv: a one-token forward of a quantized model runs its products through the
+  GEMV kernels (q/k/v and gate/up fused as before), with the XLA path's logits."""
+  from configs import base
+  from effjax.models.lm import LM
+  from flax import nnx
+  c = base.get_config()
+  c.model.d_model, c.model.mlp_dim, c.model.num_layers = 128, 256, 2
+  c.compress.method, c.compress.int4_group_size = kind, 64
+  c.compress.qmm_backend, c.compress.qmm_interpret, c.compress.qmm_gemv = 'triton', True, True
+  tokens = jnp.asarray(np.random.default_rng().integers(0, 256, (1, 1)), jnp.int32)
+  model = LM(c.model, rngs=nnx.Rngs(int(np.random.default_rng().integers(1000))))
+  w_lib.restructure(model, c)
+  weights = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.QuantizedWeight)]
+  assert weights and all(w.gemv for w in weights)
+  graphdef, state = nnx.split(model)
+  jaxpr = str(jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens))
+  assert f'{kind}_gemv' in jaxpr and f'{kind}_matmul' not in jaxpr  # every product a GEMV
+  _, logits = _pallas_calls_and_logits(model, tokens)
+  for w in weights:
+    w.backend, w.interpret = 'xla', False
+  _, want = _pallas_calls_and_logits(model, tokens)
+  np.testing.assert_allclose(np.asarray(logits, np.float32), np.asarray(want, np.float32),
+                             rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(want))))
+
+
 def _int8_kernel_model(pattern, targets, **model_fields):
   """(a tiny int8 model of `pattern` with `targets` quantized on the kernel in interpret mode,
   its QuantizedWeights, a random prompt)."""

@@ -359,3 +359,90 @@ def test_many_weights_outputs_vary_only_with_their_own_weight():
                     out_specs=(P(None, 'm'), P()))
   a, b = jax.eval_shape(g, x, qa, sa, qb, sb)
   assert a.shape == (2, 64) and b.shape == (2, 32)
+
+
+# ------------------------------------------------------------------------------------------------
+# The one-row GEMV kernels (gemv=True): elementwise products, no dot.
+
+
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+def test_gemv_matches_reference(kind):
+  """One row, bf16 and float32 x, the default tiling and explicit ones: split-K or not, a K step
+  smaller and larger than the int4 group, widths that are not multiples of the default bn."""
+  rng = np.random.default_rng()
+  for k, n, group, tiling in ((256, 128, 64, None), (512, 96, 128, (32, 64, 2)),
+                              (256, 64, 32, (16, 128, 1)), (256, 64, 64, (64, 16, 4))):
+    q, scale, group = _weight(rng, kind, k, n, group)
+    plan = qm.plan(kind, 1, k, n, group, backend='triton', tiling=tiling, gemv=True)
+    assert plan.gemv and plan.tiling == (tiling or qm.default_gemv_tiling(kind, k, n, group))
+    for dtype in (jnp.bfloat16, jnp.float32):
+      x = jnp.asarray(rng.standard_normal((1, 1, k)), dtype)
+      fn = lambda x, t=tiling: quantized_matmul(x, q, scale, kind=kind, backend='triton',
+                                                interpret=True, tiling=t, gemv=True)
+      jaxpr = str(jax.make_jaxpr(fn)(x))
+      assert 'gemv' in jaxpr and ' pad[' not in jaxpr
+      out = jax.jit(fn)(x)
+      assert out.shape == (1, 1, n) and out.dtype == dtype
+      _assert_close(out, _reference(x, q, scale, kind, group), dtype)
+
+
+def test_gemv_many_weights_and_more_rows():
+  """q/k/v-like widths in one GEMV launch equal their references; two rows ignore gemv and take
+  the dot kernel; the gradient is the XLA path's."""
+  rng = np.random.default_rng()
+  k = 256
+  weights = [_weight(rng, 'int8', k, n)[:2] for n in (128, 32, 32)]
+  x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
+  fn = lambda x: qm.quantized_matmul_many(x, weights, kind='int8', backend='triton',
+                                          interpret=True, gemv=True)
+  assert _pallas_calls(fn, x) == 1
+  for out, (q, s) in zip(jax.jit(fn)(x), weights):
+    _assert_close(out, int8_matmul_reference(x, q, s), jnp.bfloat16)
+  assert not qm.plan('int8', 2, k, 128, backend='triton', gemv=True).gemv
+  x2 = jnp.asarray(rng.standard_normal((2, k)), jnp.bfloat16)
+  assert 'gemv' not in str(jax.make_jaxpr(fn)(x2))
+  q, s = weights[0]
+  x = jnp.asarray(rng.standard_normal((1, k)), jnp.float32)
+  ct = jnp.asarray(rng.standard_normal((1, 128)), jnp.float32)
+  grad = lambda **kw: jax.grad(lambda x, s: jnp.sum(ct * quantized_matmul(
+      x, q, s, kind='int8', interpret=True, **kw)), argnums=(0, 1))(x, s)
+  for a, b in zip(grad(backend='triton', gemv=True), grad(backend='xla')):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_gemv_tiling_errors():
+  with pytest.raises(ValueError, match='bn=48 must be a power of two'):
+    qm.plan('int8', 1, 256, 96, backend='triton', tiling=(48, 64, 1), gemv=True)
+  with pytest.raises(ValueError, match=r'bk x split = 64 x 8 must divide K=256'):
+    qm.plan('int8', 1, 256, 128, backend='triton', tiling=(128, 64, 8), gemv=True)
+  with pytest.raises(ValueError, match='exceeds the 8192 float32 entries'):
+    qm.plan('int8', 1, 512, 256, backend='triton', tiling=(256, 64, 1), gemv=True)
+  with pytest.raises(ValueError, match='int4 bk=64 and group=96'):
+    qm.plan('int4', 1, 384, 128, 96, backend='triton', tiling=(128, 64, 1), gemv=True)
+
+
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+@pytest.mark.parametrize('in_shard_map,tiling', [(False, (128, 64, 4)), (True, (64, 128, 8))])
+def test_gemv_lowers_to_a_valid_triton_module(kind, in_shard_map, tiling, monkeypatch, capfd):
+  """The GEMV kernel lowered for CUDA at gpt_1b's q/k/v widths in one launch, bf16 x: a
+  reduction and no dot; verified, alone with a K loop of 8 steps (4 for int4's pieces) and inside
+  shard_map with an unrolled one of 2."""
+  from effjax.kernels.quantized_matmul import gpu
+  from tests.kernels.triton_lowering import assert_verified, triton_dump
+  k = 2048
+  args = [jax.ShapeDtypeStruct((1, k), jnp.bfloat16)]
+  for n in (2048, 512, 512):
+    if kind == 'int8':
+      args += [jax.ShapeDtypeStruct((k, n), jnp.int8), jax.ShapeDtypeStruct((1, n), jnp.float32)]
+    else:
+      args += [jax.ShapeDtypeStruct((k // 2, n), jnp.uint8),
+               jax.ShapeDtypeStruct((k // 128, n), jnp.float32)]
+  fn = lambda x, *w: tuple(qm.quantized_matmul_many(x, list(zip(w[0::2], w[1::2])), kind=kind,
+                                                    backend='triton', gemv=True,
+                                                    tiling=tiling))
+  if in_shard_map:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('d',))
+    fn = jax.shard_map(fn, mesh=mesh, in_specs=(P('d'),) + (P(),) * 6, out_specs=(P('d'),) * 3)
+  dump = triton_dump(monkeypatch, capfd, gpu, fn, *args)
+  assert 'tt.reduce' in dump and 'tt.dot' not in dump and 'scf.if' in dump
+  assert_verified(dump, 1)

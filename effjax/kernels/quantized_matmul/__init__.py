@@ -59,6 +59,7 @@ from effjax.kernels.quantized_matmul.reference import (
 __all__ = [
   'KINDS',
   'QMM_BACKENDS',
+  'default_gemv_tiling',
   'default_tiling',
   'dequantize_int4',
   'dequantize_int8',
@@ -89,6 +90,11 @@ DEFAULT_BK = {'int8': 128, 'int4': 128}
 # decode step on an H200 (experiments/quantized_matmul/tune_decode.py): BK 128 with 512-1024
 # programs decoded 1.20-1.21x bf16, the earlier BK 256 with 256 programs 1.06x / 1.01x.
 TARGET_PROGRAMS = 1024
+# The GEMV kernels (one row, no tensor cores; gpu.py): their default tile and the programs split-K
+# aims for. Each program's accumulator stays in registers over its K range.
+DEFAULT_GEMV_BN = 128
+DEFAULT_GEMV_BK = {'int8': 64, 'int4': 128}
+TARGET_GEMV_PROGRAMS = 512
 
 
 def _tiles(dim: int, largest: int) -> list[int]:
@@ -163,6 +169,26 @@ def default_tiling(kind: str, rows: int, k: int, n,
   return bn, bk, split
 
 
+def default_gemv_tiling(kind: str, k: int, n, group: int | None = None) -> tuple[int, int, int]:
+  """(bn, bk, split) for the one-row GEMV kernel: the largest power-of-two widths up to the
+  defaults that divide every N and K (int4: a K step and the group dividing one another), then
+  the largest split of K's steps keeping the programs within TARGET_GEMV_PROGRAMS."""
+  from effjax.kernels.quantized_matmul import gpu
+  reason = kernel_unsupported(kind, k, n, group)
+  if reason:
+    raise ValueError(f'the quantized GEMV kernel cannot tile these shapes: {reason}')
+  widths = _widths(n)
+  bn = _tiles(math.gcd(*widths), DEFAULT_GEMV_BN)[0]
+  steps = [t for t in _tiles(k, k) if kind == 'int8' or t % group == 0 or group % t == 0]
+  bk = next((t for t in steps if t <= DEFAULT_GEMV_BK[kind]), steps[-1])
+  tiles, count = sum(widths) // bn, k // bk
+  split = max(d for d in range(1, count + 1)
+              if count % d == 0 and (d == 1 or tiles * d <= TARGET_GEMV_PROGRAMS))
+  for width in widths:
+    gpu.check_gemv_tiling(kind, k, width, bn=bn, bk=bk, split=split, group=group)
+  return bn, bk, split
+
+
 def resolve_backend(backend: str, rows: int | None = None) -> str:
   """'auto' -> 'triton' on GPU for at most MAX_KERNEL_ROWS rows outside an automatically
   partitioned multi-device mesh, else 'xla'. (Shape fit is checked by `plan`.)"""
@@ -181,12 +207,14 @@ class Plan:
   backend: str
   tiling: tuple[int, int, int] | None = None  # (bn, bk, split) for 'triton'
   reason: str = ''  # why 'auto' fell back to 'xla' for shape reasons ('' otherwise)
+  gemv: bool = False  # 'triton' with one row: the GEMV kernels (else the dot kernels)
 
 
 def plan(kind: str, rows: int, k: int, n, group: int | None = None, *,
-         backend: str = 'auto', tiling=None) -> Plan:
+         backend: str = 'auto', tiling=None, gemv: bool = False) -> Plan:
   """The backend and tiling for x [rows, K] x a [K, N] weight of `kind` (group: int4's); n a
-  sequence of Ns plans one launch over several weights sharing x."""
+  sequence of Ns plans one launch over several weights sharing x. gemv: a single row takes the
+  GEMV kernels (gpu.py), with their own default tiling and rules."""
   resolved = resolve_backend(backend, rows)
   if resolved == 'xla':
     return Plan('xla')
@@ -196,11 +224,18 @@ def plan(kind: str, rows: int, k: int, n, group: int | None = None, *,
   if reason:
     raise ValueError(f"backend='triton': the quantized matmul kernel cannot tile these shapes: "
                      f"{reason}; use backend='xla' or 'auto'")
-  if tiling is None:
-    return Plan('triton', default_tiling(kind, rows, k, n, group))
-  if len(tiling) != 3:
+  if tiling is not None and len(tiling) != 3:
     raise ValueError(f'tiling must be (bn, bk, split), got {tiling!r}')
   from effjax.kernels.quantized_matmul import gpu
+  if gemv and rows == 1:
+    if tiling is None:
+      return Plan('triton', default_gemv_tiling(kind, k, n, group), gemv=True)
+    bn, bk, split = (int(t) for t in tiling)
+    for width in _widths(n):
+      gpu.check_gemv_tiling(kind, k, width, bn=bn, bk=bk, split=split, group=group)
+    return Plan('triton', (bn, bk, split), gemv=True)
+  if tiling is None:
+    return Plan('triton', default_tiling(kind, rows, k, n, group))
   bn, bk, split = (int(t) for t in tiling)
   mp = _padded_rows(rows)
   for width in _widths(n):
@@ -219,6 +254,7 @@ class _Static:
   group: int | None
   tiling: tuple[int, int, int]
   interpret: bool
+  gemv: bool = False
 
 
 def _dequantized(qvalue, scale, kind: str, group: int | None, dtype) -> jax.Array:
@@ -238,9 +274,18 @@ def _kernel_impl(x_mk, qvalues, scales, static: _Static) -> tuple:
   mp = _padded_rows(rows)
   bm = min(mp, gpu.MAX_ROW_BLOCK)
   bn, bk, split = static.tiling
+  scales = [scale.astype(jnp.float32) for scale in scales]
+  if static.gemv:  # one row, as a column: [1, K] -> [K, 1] is a reshape
+    kw = dict(bn=bn, bk=bk, split=split, interpret=static.interpret)
+    x_col = x_mk.reshape(-1, 1)
+    if static.kind == 'int8':
+      partials = gpu.int8_gemv_many(x_col, qvalues, scales, **kw)
+    else:
+      partials = gpu.int4_gemv_many(x_col[0::2], x_col[1::2], qvalues, scales, **kw)
+    return tuple((p if split == 1 else jnp.sum(p, axis=0, keepdims=True)).astype(x_mk.dtype)
+                 for p in partials)
   # One row (batch-1 decoding) goes in as it is and the kernel broadcasts it; more are padded.
   x_pad = jnp.pad(x_mk, ((0, mp - rows), (0, 0))) if mp != rows and rows > 1 else x_mk
-  scales = [scale.astype(jnp.float32) for scale in scales]
   kw = dict(rows=rows, bm=bm, bn=bn, bk=bk, split=split, interpret=static.interpret)
   if static.kind == 'int8':
     partials = gpu.int8_matmul_many(x_pad, qvalues, scales, **kw)
@@ -316,21 +361,25 @@ def _check(x, qvalue, scale, kind: str) -> tuple[int, int, int | None]:
 
 def quantized_matmul(x: jax.Array, qvalue: jax.Array, scale: jax.Array, *, kind: str,
                      backend: str = 'auto', interpret: bool = False,
-                     tiling: tuple[int, int, int] | None = None) -> jax.Array:
+                     tiling: tuple[int, int, int] | None = None,
+                     gemv: bool = False) -> jax.Array:
   """x [..., K] times a weight-only quantized [K, N] weight -> [..., N] in x's dtype.
 
   kind 'int8': qvalue int8 [K, N], scale [1, N]; kind 'int4': qvalue uint8 [K/2, N] (entry 2i
   the low nibble, 2i + 1 the high one), scale [K/group, N]. Float32 accumulation. backend and
   tiling (bn, bk, split) as in the module docstring; interpret=True runs the Pallas kernel in
-  interpret mode (CPU tests). Reverse-mode differentiable in x and scale.
+  interpret mode (CPU tests). gemv=True: a single row on the kernel path (batch-1 decoding)
+  takes the GEMV kernels (no tensor cores; gpu.py), tiling then being theirs. Reverse-mode
+  differentiable in x and scale.
   """
   return quantized_matmul_many(x, [(qvalue, scale)], kind=kind, backend=backend,
-                               interpret=interpret, tiling=tiling)[0]
+                               interpret=interpret, tiling=tiling, gemv=gemv)[0]
 
 
 def quantized_matmul_many(x: jax.Array, weights, *, kind: str, backend: str = 'auto',
                           interpret: bool = False,
-                          tiling: tuple[int, int, int] | None = None) -> list[jax.Array]:
+                          tiling: tuple[int, int, int] | None = None,
+                          gemv: bool = False) -> list[jax.Array]:
   """[x times each weight] for weights = [(qvalue, scale), ...] of one kind (and, for int4, one
   group size), each as in quantized_matmul: on the kernel path one launch reads them all, its
   column tiles running over the weights one after another (attention's q, k and v, or SwiGLU's
@@ -349,7 +398,7 @@ def quantized_matmul_many(x: jax.Array, weights, *, kind: str, backend: str = 'a
   group = groups.pop()
   lead = x.shape[:-1]
   rows = math.prod(lead)
-  chosen = plan(kind, rows, k, widths, group, backend=backend, tiling=tiling)
+  chosen = plan(kind, rows, k, widths, group, backend=backend, tiling=tiling, gemv=gemv)
   x_mk = x.reshape(rows, k)
   if chosen.backend == 'xla':
     outs = [_xla_product(x_mk, qvalue, scale, kind, group) for qvalue, scale in weights]
@@ -357,5 +406,5 @@ def quantized_matmul_many(x: jax.Array, weights, *, kind: str, backend: str = 'a
     outs = [jnp.zeros((0, n), x.dtype) for n in widths]
   else:
     outs = _kernel_products(x_mk, tuple(q for q, _ in weights), tuple(s for _, s in weights),
-                            _Static(kind, group, chosen.tiling, bool(interpret)))
+                            _Static(kind, group, chosen.tiling, bool(interpret), chosen.gemv))
   return [out.reshape(*lead, n) for out, n in zip(outs, widths)]

@@ -275,3 +275,157 @@ def int4_matmul(x_even, x_odd, packed, scale, **kw):
   """(x_even, x_odd [Mp, K/2]) x packed int4 [K/2, N] with float32 group scales [K/group, N]
   -> float32 partials [split, Mp, N], rows [0, rows) written. Keywords: int4_matmul_many's."""
   return int4_matmul_many(x_even, x_odd, [packed], [scale], **kw)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# A single row (batch-1 decoding) without the tensor cores: the GEMV kernels.
+#
+# The dot kernels above broadcast one row to Triton's smallest dot (16 rows) and pass each weight
+# tile through the dot's operand layout. For one row the product is 2 flops per weight entry,
+# which plain FMAs do at far more than the bytes arrive; so these kernels load a [bk, bn] tile
+# (N, the stored minor axis, contiguous), widen it to float32, multiply it by x's [bk, 1] column
+# and add it into a [bk, bn] float32 accumulator held in registers across the K loop, reducing
+# over K once at the end. No dot, no shared-memory layout change, no padded rows. x comes in as
+# a column, [K, 1] (int4: its even and odd entries, [K/2, 1] each), a reshape of the row.
+# Output: float32 partials [split, N] per weight (split-K as above), the column scale applied
+# (int8 after the K loop; int4 per group to each weight tile).
+#
+# Tile rules (check_gemv_tiling): bn, bk powers of two (bn >= 16, bk >= 2), bn dividing N,
+# bk * split dividing K, int4's bk and group dividing one another; the accumulator (bk x bn for
+# int8, min(bk, group) / 2 packed rows x bn for int4) at most MAX_GEMV_TILE entries (64
+# registers a thread at 4 warps).
+
+MAX_GEMV_TILE = 64 * 128
+
+
+def check_gemv_tiling(kind: str, k: int, n: int, *, bn: int, bk: int, split: int,
+                      group: int | None = None) -> None:
+  """Raises ValueError naming the first GEMV kernel constraint the shapes break."""
+  if bn < MIN_TILE or not _power_of_two(bn):
+    raise ValueError(f'quantized GEMV kernel: bn={bn} must be a power of two >= {MIN_TILE}')
+  if bk < 2 or not _power_of_two(bk):
+    raise ValueError(f'quantized GEMV kernel: bk={bk} must be a power of two >= 2')
+  rows = bk if kind == 'int8' else min(bk, group or bk) // 2  # the accumulator's rows
+  if rows * bn > MAX_GEMV_TILE:
+    raise ValueError(f'quantized GEMV kernel: an accumulator of {rows} x {bn} (bk={bk}, '
+                     f'bn={bn}) exceeds the {MAX_GEMV_TILE} float32 entries a program holds')
+  if n % bn:
+    raise ValueError(f'quantized GEMV kernel: bn={bn} must divide N={n}')
+  if split < 1 or k % (bk * split):
+    raise ValueError(f'quantized GEMV kernel: bk x split = {bk} x {split} must divide K={k}')
+  if kind == 'int4' and (group is None or (bk % group and group % bk)):
+    raise ValueError(f'quantized GEMV kernel: int4 bk={bk} and group={group} must divide one '
+                     'another')
+
+
+def _gemv_loop(steps: int, body, init):
+  """The K loop; a short one is unrolled in Python (the Triton lowering takes no scan unroll) so
+  its loads are independent and issue together."""
+  if steps <= 4:
+    for i in range(steps):
+      init = body(i, init)
+    return init
+  return lax.fori_loop(0, steps, body, init)
+
+
+def _int8_gemv_kernel(x_ref, *refs, bn, bk, steps, tiles):
+  q_refs, s_refs, o_refs = (refs[i * len(tiles):(i + 1) * len(tiles)] for i in range(3))
+  j, s = pl.program_id(0), pl.program_id(1)
+  k_first = s * (steps * bk)
+
+  def product(w, tile):
+    col0 = pl.multiple_of(tile * bn, bn)
+
+    def step(i, acc):
+      k0 = pl.multiple_of(k_first + i * bk, bk)
+      x_col = x_ref[pl.ds(k0, bk), pl.ds(0, 1)].astype(jnp.float32)
+      return acc + x_col * q_refs[w][pl.ds(k0, bk), pl.ds(col0, bn)].astype(jnp.float32)
+
+    acc = _gemv_loop(steps, step, jnp.zeros((bk, bn), jnp.float32))
+    y = jnp.sum(acc, axis=0) * s_refs[w][0, pl.ds(col0, bn)]
+    o_refs[w][s, pl.ds(col0, bn)] = y
+
+  _weights(j, tiles, product)
+
+
+def _int4_gemv_kernel(xe_ref, xo_ref, *refs, bn, bk, group, steps, tiles):
+  p_refs, s_refs, o_refs = (refs[i * len(tiles):(i + 1) * len(tiles)] for i in range(3))
+  j, s = pl.program_id(0), pl.program_id(1)
+  piece = min(bk, group)  # K entries in one group
+  half = piece // 2  # their packed rows
+  k_first = s * (steps * bk)
+
+  def product(w, tile):
+    col0 = pl.multiple_of(tile * bn, bn)
+
+    def step(i, acc):
+      for p in range(bk // piece):
+        kp = k_first + i * bk + p * piece
+        r0 = pl.multiple_of(lax.div(kp, 2), half)
+        low, high = _nibbles(p_refs[w][pl.ds(r0, half), pl.ds(col0, bn)])
+        xe = xe_ref[pl.ds(r0, half), pl.ds(0, 1)].astype(jnp.float32)
+        xo = xo_ref[pl.ds(r0, half), pl.ds(0, 1)].astype(jnp.float32)
+        part = xe * low.astype(jnp.float32) + xo * high.astype(jnp.float32)
+        scale = s_refs[w][pl.ds(lax.div(kp, group), 1), pl.ds(col0, bn)]
+        acc = acc + part * scale
+      return acc
+
+    acc = _gemv_loop(steps, step, jnp.zeros((half, bn), jnp.float32))
+    o_refs[w][s, pl.ds(col0, bn)] = jnp.sum(acc, axis=0)
+
+  _weights(j, tiles, product)
+
+
+def _gemv_params(bk: int, bn: int):
+  return _CompilerParams(num_warps=4 if bk * bn <= 32 * 128 else 8, num_stages=1)
+
+
+def int8_gemv_many(x_col, qs, scales, *, bn: int, bk: int, split: int,
+                   interpret: bool = False) -> list:
+  """x_col [K, 1] (one row of x as a column) times each int8 q [K, N_w] * float32 scale
+  [1, N_w], in one launch -> float32 partials [split, N_w] per weight."""
+  k = x_col.shape[0]
+  widths = [q.shape[1] for q in qs]
+  for width in widths:
+    check_gemv_tiling('int8', k, width, bn=bn, bk=bk, split=split)
+  tiles = tuple(width // bn for width in widths)
+  steps = k // (split * bk)
+  kernel = functools.partial(_int8_gemv_kernel, bn=bn, bk=bk, steps=steps, tiles=tiles)
+  out_shapes = [(split, width) for width in widths]
+  return list(pl.pallas_call(
+      kernel, grid=(sum(tiles), split),
+      in_specs=[_whole(a.shape) for a in (x_col, *qs, *scales)],
+      out_specs=[_whole(shape) for shape in out_shapes],
+      out_shape=[out_struct(shape, jnp.float32, x_col, q, scale)
+                 for shape, q, scale in zip(out_shapes, qs, scales)],
+      compiler_params=_gemv_params(bk, bn), interpret=interpret, name='int8_gemv',
+  )(x_col, *qs, *scales))
+
+
+def int4_gemv_many(xe_col, xo_col, packs, scales, *, bn: int, bk: int, split: int,
+                   interpret: bool = False) -> list:
+  """(x's even and odd entries as columns [K/2, 1]) times each packed int4 [K/2, N_w] with
+  float32 group scales [K/group, N_w] (one group size), in one launch -> float32 partials
+  [split, N_w] each. The accumulator is [min(bk, group) / 2, bn] (packed rows)."""
+  k = 2 * xe_col.shape[0]
+  groups = {scale.shape[0] for scale in scales}
+  if len(groups) != 1 or k % next(iter(groups)):
+    raise ValueError(f'int4 GEMV: scale rows {sorted(groups)} must be one count dividing K={k}')
+  group = k // groups.pop()
+  widths = [p.shape[1] for p in packs]
+  for width in widths:
+    check_gemv_tiling('int4', k, width, bn=bn, bk=bk, split=split, group=group)
+  tiles = tuple(width // bn for width in widths)
+  steps = k // (split * bk)
+  kernel = functools.partial(_int4_gemv_kernel, bn=bn, bk=bk, group=group, steps=steps,
+                             tiles=tiles)
+  out_shapes = [(split, width) for width in widths]
+  return list(pl.pallas_call(
+      kernel, grid=(sum(tiles), split),
+      in_specs=[_whole(a.shape) for a in (xe_col, xo_col, *packs, *scales)],
+      out_specs=[_whole(shape) for shape in out_shapes],
+      out_shape=[out_struct(shape, jnp.float32, xe_col, xo_col, packed, scale)
+                 for shape, packed, scale in zip(out_shapes, packs, scales)],
+      compiler_params=_gemv_params(min(bk, group) // 2, bn), interpret=interpret,
+      name='int4_gemv',
+  )(xe_col, xo_col, *packs, *scales))
