@@ -33,6 +33,23 @@ tune_int4() { python3 -m effjax.bench kernels --op=qmm --grid=tune --impls=effja
 # XLA and through the kernel (needs qwix: ../shared/tools/gpu-wheels qwix, carried as .whl).
 decode() { python3 experiments/quantized_matmul/decode.py --out="$RES"; }
 
+# The one-row GEMV kernels (compress.qmm_gemv) against the dot kernels: their checks, the
+# decode-shape products side by side (bf16, dot kernel, GEMV kernel; int8 and int4), and gpt_1b
+# decoding at batch 1 through each, in one call.
+gemv() {
+  python3 experiments/quantized_matmul/gpu_check.py --quick > "$RES/gpu_check_gemv.txt" 2>&1
+  grep -E "gemv|failed" "$RES/gpu_check_gemv.txt"
+  python3 -m effjax.bench kernels --op=qmm --grid=decode --out="$RES" --name=kernels_qmm_gemv \
+    --impls=bf16,effjax_int8,gemv_int8,effjax_int4,gemv_int4 $CACHE
+  python3 experiments/quantized_matmul/decode.py --repeats=3 --out="$RES/decode_gemv" \
+    --variants=bf16,int8:triton,int8:triton:gemv,int4:triton,int4:triton:gemv
+}
+# The GEMV kernels' tilings at M = 1 (GEMV_TUNE_TILINGS), one kind per call.
+tune_gemv_int8() { python3 -m effjax.bench kernels --op=qmm --grid=tune --impls=gemv_int8 \
+                   --out="$RES" --name=kernels_qmm_tune_gemv_int8 $CACHE; }
+tune_gemv_int4() { python3 -m effjax.bench kernels --op=qmm --grid=tune --impls=gemv_int4 \
+                   --out="$RES" --name=kernels_qmm_tune_gemv_int4 $CACHE; }
+
 steps=("$@")
 if [ "${steps[0]:-all}" = all ]; then steps=(check kernels_int8 kernels_int4 decode); fi
 for step in "${steps[@]}"; do
