@@ -173,7 +173,7 @@ class QuantizedWeight(CompressedWeight):
     self.act_scale = act_scale
     # The weight-only matmul's backend (compress.qmm_backend; effjax/kernels/quantized_matmul),
     # whether products sharing x may run as one launch (compress.qmm_fuse; einsum_group) and
-    # whether a single row takes the GEMV kernels (compress.qmm_gemv).
+    # whether a single row takes the GEMV kernels (compress.qmm_gemv names this kind).
     self.backend, self.interpret, self.fuse, self.gemv = backend, interpret, fuse, gemv
 
   def qarray(self, dtype=jnp.float32):
@@ -469,7 +469,7 @@ def compress_param(param: nnx.Param, name: str, method: str, cfg, *, rngs: nnx.R
                            backend=cfg.get('qmm_backend', 'auto'),
                            interpret=bool(cfg.get('qmm_interpret', False)),
                            fuse=bool(cfg.get('qmm_fuse', True)),
-                           gemv=bool(cfg.get('qmm_gemv', False)))
+                           gemv=method in parse_names(cfg.get('qmm_gemv', '')))
   if method in QAT_METHODS:
     return FakeQuantWeight(_param(w, names), layout, method[len('qat_'):], cfg.int4_group_size)
   if method == 'lowrank':

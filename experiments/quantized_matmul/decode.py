@@ -3,7 +3,8 @@ Triton kernel and through XLA's dequantize-and-matmul, in one process.
 
     python experiments/quantized_matmul/decode.py [--config=configs/gpt_1b.py] [--context=1024]
         [--steps=64] [--repeats=5]
-        [--variants=bf16,int8:xla,int8:triton,int8:triton:unfused,int8:triton:gemv,...]
+        [--variants=bf16,int8:xla,int8:triton,int8:triton:unfused,int8:triton:gemv,
+                    int4:triton:dot,...]
         [--out=DIR] [--set model.num_layers=2 ...] [--profile_dir=DIR]
 
 The model is the config's, randomly initialised (decode speed does not depend on the values):
@@ -13,8 +14,9 @@ The model is the config's, randomly initialised (decode speed does not depend on
 of compress.int4_group_size) and compress.qmm_backend=<backend>, exactly what --mode=compress
 writes and --mode=generate reads. The kernel variants run the products that share an input
 (q/k/v, gate/up) as one launch each (compress.qmm_fuse); '<kind>:triton:unfused' as a launch per
-weight, the path before that; '<kind>:triton:gemv' fused, through the one-row GEMV kernels
-(compress.qmm_gemv) instead of the dot kernels. Timing is effjax.bench.decode.time_decode: the caches hold
+weight, the path before that. A single row takes the GEMV kernels for the kinds compress.qmm_gemv
+names (int4 by default) and the dot kernels otherwise; '<kind>:triton:gemv' and
+'<kind>:triton:dot' choose (fused either way). Timing is effjax.bench.decode.time_decode: the caches hold
 context + steps positions, one jitted loop of `steps` single-token steps, the median of
 `repeats` loops after a warm-up. Writes decode_qmm.json / .md to --out (suffixed if taken, never
 overwritten) and prints the table.
@@ -65,15 +67,16 @@ def main():
   for variant in args.variants.split(','):
     kind, _, rest = variant.partition(':')
     backend, _, mode = rest.partition(':')
-    if mode not in ('', 'unfused', 'gemv'):
-      raise SystemExit(f"--variants: {variant!r}: the third part may only be 'unfused' or "
-                       "'gemv'")
+    if mode not in ('', 'unfused', 'gemv', 'dot'):
+      raise SystemExit(f"--variants: {variant!r}: the third part may only be 'unfused', "
+                       "'gemv' or 'dot'")
     c = config.copy_and_resolve_references()
     model = LM(c.model, rngs=nnx.Rngs(c.seed))
     if kind != 'bf16':
       c.compress.method, c.compress.qmm_backend = kind, backend
       c.compress.qmm_fuse = mode != 'unfused'
-      c.compress.qmm_gemv = mode == 'gemv'
+      if mode in ('gemv', 'dot'):
+        c.compress.qmm_gemv = kind if mode == 'gemv' else ''
 
       w_lib.restructure(model, c)
     graphdef, params = nnx.split(model)

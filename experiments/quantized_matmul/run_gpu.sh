@@ -42,7 +42,7 @@ gemv() {
   python3 -m effjax.bench kernels --op=qmm --grid=decode --out="$RES" --name=kernels_qmm_gemv \
     --impls=bf16,effjax_int8,gemv_int8,effjax_int4,gemv_int4 $CACHE
   python3 experiments/quantized_matmul/decode.py --repeats=3 --out="$RES/decode_gemv" \
-    --variants=bf16,int8:triton,int8:triton:gemv,int4:triton,int4:triton:gemv
+    --variants=bf16,int8:triton:dot,int8:triton:gemv,int4:triton:dot,int4:triton:gemv
 }
 # The GEMV kernels' tilings at M = 1 (GEMV_TUNE_TILINGS), one kind per call.
 tune_gemv_int8() { python3 -m effjax.bench kernels --op=qmm --grid=tune --impls=gemv_int8 \

@@ -1,6 +1,7 @@
 """Quantization: error bounds of int8 / int4 / fp8 weights, W8A8 products, QAT's straight-through
 gradient."""
 
+import copy
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -205,12 +206,21 @@ def test_a_single_token_takes_the_gemv_kernels_with_qmm_gemv(kind):
   c = base.get_config()
   c.model.d_model, c.model.mlp_dim, c.model.num_layers = 128, 256, 2
   c.compress.method, c.compress.int4_group_size = kind, 64
-  c.compress.qmm_backend, c.compress.qmm_interpret, c.compress.qmm_gemv = 'triton', True, True
+  c.compress.qmm_backend, c.compress.qmm_interpret, c.compress.qmm_gemv = 'triton', True, kind
   tokens = jnp.asarray(np.random.default_rng().integers(0, 256, (1, 1)), jnp.int32)
   model = LM(c.model, rngs=nnx.Rngs(int(np.random.default_rng().integers(1000))))
   w_lib.restructure(model, c)
   weights = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.QuantizedWeight)]
   assert weights and all(w.gemv for w in weights)
+  from effjax import config as config_lib
+  other = copy.deepcopy(c)
+  other.compress.qmm_gemv = 'int8' if kind == 'int4' else 'int4'  # naming the other kind only
+  dot_model = w_lib.restructure(LM(c.model, rngs=nnx.Rngs(0)), other)
+  assert not any(m.gemv for _, m in nnx.iter_modules(dot_model)
+                 if isinstance(m, w_lib.QuantizedWeight))
+  with pytest.raises(config_lib.ConfigError, match="compress.qmm_gemv='int2': allowed are"):
+    other.compress.qmm_gemv = 'int2'
+    config_lib.validate(other)
   graphdef, state = nnx.split(model)
   jaxpr = str(jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens))
   assert f'{kind}_gemv' in jaxpr and f'{kind}_matmul' not in jaxpr  # every product a GEMV
