@@ -196,6 +196,16 @@ def hessian_options(config) -> dict[str, Any]:
           'hessian_rows': config.optim.hessian_rows, 'seed': config.seed}
 
 
+def float_norm(tree) -> jax.Array:
+  """The global L2 norm of a tree's floating-point leaves, in float32. A compressed model's
+  integer leaves (int8 / int4 stored values) are not trained and are left out: squared in their
+  own dtype they overflow (optax.tree.norm gives NaN for an int8 weight of a few hundred
+  entries)."""
+  leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return optax.tree.norm(leaves) if leaves else jnp.zeros((), jnp.float32)
+
+
 def make_train_step(setup: TrainSetup, z_loss: float = 0.0, loss_chunk_size: int = 0,
                     hessian_estimator: str = '', hessian_probe: str = 'rademacher',
                     hessian_rows: int = 0, seed: int = 0,
@@ -282,7 +292,7 @@ def make_train_step(setup: TrainSetup, z_loss: float = 0.0, loss_chunk_size: int
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
     loss = ce_sum / denom
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = float_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     # The guard is a select, not a lax.cond: on GPU a conditional reads its predicate back to the
@@ -303,7 +313,7 @@ def make_train_step(setup: TrainSetup, z_loss: float = 0.0, loss_chunk_size: int
     new_state = {'step': state['step'] + 1, 'params': new_params, 'opt_state': new_opt_state}
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': schedule(state['step']),
                'tokens': count, 'finite': finite.astype(jnp.int32),
-               'param_norm': optax.tree.norm(new_params)}
+               'param_norm': float_norm(new_params)}
     metrics.update({f'moe_{k}': v / denom for k, v in moe_sums.items()})
     for i, layer in enumerate(exits):
       metrics[f'exit{layer}_loss'] = exit_sums['ce'][i] / denom

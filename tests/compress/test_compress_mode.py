@@ -139,3 +139,15 @@ def test_w8a8_records_of_earlier_formats_are_refused_where_scales_were_not_calib
   path.write_text(json.dumps(dict(record, format=compress_run.FORMAT + 1)))
   with pytest.raises(ValueError, match='update effjax'):
     compress_run.apply_recorded(c, str(tmp_path))
+
+
+def test_fine_tuning_a_quantized_model_logs_finite_norms(source, stdlib_data_dir, tmp_path):
+  """int8 stored values are not trained and would overflow when squared: the logged parameter
+  and gradient norms are over the floating-point leaves, finite for a W8A8 model fine-tuned."""
+  out = tmp_path / 'w8a8_tuned'
+  config = _config(stdlib_data_dir, method='w8a8', out_workdir=str(out), finetune_steps=2)
+  config.mode = 'compress'
+  compress_run.compress(config, str(source))
+  rows = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+  norms = [(r['train/param_norm'], r['train/grad_norm']) for r in rows if 'train/param_norm' in r]
+  assert norms and all(0 < n < float('inf') for pair in norms for n in pair), norms
