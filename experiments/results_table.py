@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -458,6 +459,49 @@ def quantized_decode_fused(decode_qmm) -> str:
   return '; '.join(parts) + f" (bf16 {bf16['ms_per_step']:.3f} ms a token)"
 
 
+def quantized_decode_gemv(decode_qmm) -> str:
+  """Batch-1 decode through the one-row GEMV kernels and through the dot kernels, vs bf16."""
+  rows = {r['variant']: r for r in load_json(decode_qmm)['rows'] if r.get('tokens_per_s')}
+  bf16 = rows['bf16']['tokens_per_s']
+  parts = []
+  for kind, target in (('int8', 1.6), ('int4', 2.5)):
+    gemv = rows[f'{kind}:triton:gemv']['tokens_per_s'] / bf16
+    # The 2026-12-06 file predates the ':dot' variant: its plain ':triton' ran the dot kernels
+    # (compress.qmm_gemv was off then).
+    dot = (rows.get(f'{kind}:triton:dot') or rows[f'{kind}:triton'])['tokens_per_s'] / bf16
+    parts.append(f"{kind} {gemv:.2f}x bf16 tokens/s through the GEMV kernels, {dot:.2f}x through "
+                 f"the dot kernels (target {target}x {'met' if max(gemv, dot) >= target else 'missed'})")
+  return '; '.join(parts)
+
+
+def decode_levers(baseline, *others) -> str:
+  """The batch-1 decode step with more weights stored output-major, or the loop as one CUDA
+  graph, against the default (wo output-major) of the same session."""
+  base = bench_row(baseline, context=1024)
+  parts = [f"default {base['ms_per_token']:.3f} ms/token"]
+  for path in others:
+    r = bench_row(path, context=1024)
+    label = ('whole loop as a CUDA graph' if path.stem == 'levers_graph_while' else
+             path.stem.replace('levers_major_', 'output-major ').replace('_w', ',w'))
+    parts.append(f"{label} "
+                 f"{base['ms_per_token'] / r['ms_per_token']:.3f}x")
+  fraction = max(bench_row(p, context=1024)['roofline_fraction'] for p in (baseline, *others))
+  return '; '.join(parts) + (f' (best {fraction:.0%} of the measured-copy roofline: target 70% '
+                             f"{'met' if fraction >= 0.7 else 'missed'})")
+
+
+def attention_d64(bench) -> str:
+  """The Hopper kernels against cuDNN at head dim 64, causal, S >= 4k (target 1.0x)."""
+  rows = [r for r in ok_rows(bench_rows(bench)) if r['op'] == 'attention' and r.get('ms')]
+  ms = {(r['group'], r['variant'], r['mode'], r['impl']): r['ms'] for r in rows}
+  mine = [r for r in rows if r['impl'] == 'effjax_mosaic_gpu' and r['variant'] == 'dense'
+          and r['seq_len'] >= 4096 and r['head_dim'] == 64]
+  parts = [f"{span([ms[(r['group'], 'dense', mode, 'cudnn')] / r['ms'] for r in mine if r['mode'] == mode])}"
+           f" cuDNN {mode}" for mode in ('fwd', 'fwd+bwd')]
+  return 'D64: ' + ', '.join(parts) + ' (target 1.0x); ' + mosaic_attention(
+      bench, restricted_dim=64).split('; ', 2)[2].replace('at 16k, D64, ', 'at 16k, ')
+
+
 def attention_kernels(bench) -> str:
   """Flash attention against cuDNN (causal, S >= 4k), and window / sparse against dense."""
   rows = [r for r in ok_rows(bench_rows(bench))
@@ -473,8 +517,9 @@ def attention_kernels(bench) -> str:
           f"dense; {pct:.0f}% block-sparse: {span([r['speedup_vs_dense'] for r in sparse], 1)}")
 
 
-def mosaic_attention(bench) -> str:
-  """The Hopper kernels against cuDNN and tokamax (causal, S >= 4k) and window / sparse vs dense."""
+def mosaic_attention(bench, restricted_dim: int | None = None) -> str:
+  """The Hopper kernels against cuDNN and tokamax (causal, S >= 4k) and window / sparse vs dense
+  (the first such rows of the file, or those at head dim restricted_dim)."""
   # Timed attention rows only (a file may also hold the check rows and the matmul peak).
   rows = [r for r in ok_rows(bench_rows(bench)) if r['op'] == 'attention' and r.get('ms')]
   ms = {(r['group'], r['variant'], r['mode'], r['impl']): r['ms'] for r in rows}
@@ -487,11 +532,13 @@ def mosaic_attention(bench) -> str:
                  if r['mode'] == mode])
 
   def restricted(prefix):
-    r = next(r for r in mine if r['variant'].startswith(prefix) and r['mode'] == 'fwd+bwd')
+    r = next(r for r in mine if r['variant'].startswith(prefix) and r['mode'] == 'fwd+bwd'
+             and restricted_dim in (None, r['head_dim']))
     return ms[(r['group'], 'dense', 'fwd+bwd', 'effjax_mosaic_gpu')] / r['ms']
 
+  at = f'at 16k, D{restricted_dim}' if restricted_dim else 'at 16k'
   return (f"D128: {vs('cudnn', 'fwd')} cuDNN fwd, {vs('cudnn', 'fwd+bwd')} fwd+bwd; "
-          f"{vs('tokamax', 'fwd')} tokamax fwd, {vs('tokamax', 'fwd+bwd')} fwd+bwd; at 16k, "
+          f"{vs('tokamax', 'fwd')} tokamax fwd, {vs('tokamax', 'fwd+bwd')} fwd+bwd; {at}, "
           f"window 1024 {restricted('window'):.2f}x and ~90% block-sparse "
           f"{restricted('bigbird'):.2f}x faster than its dense fwd+bwd")
 
@@ -606,6 +653,9 @@ AK_H100 = 'experiments/attention_kernels/results/h100_2026_12_06_speed'
 AK_TRAIN = 'experiments/attention_kernels/results/h100_2026_12_06_train'
 CR = 'experiments/compression/results'
 
+AK_TARGETS = 'experiments/attention_kernels/results/h100_2026_12_06_targets'
+LEVERS = 'experiments/decode_attention/results/h100_2026_12_06_levers'
+
 ROWS = (
     Row('default quickstart, 3.05M params, 240 steps', '2 CPU cores', 'cpu_default',
         ('experiments/cpu_default/metrics.jsonl', 'configs/base.py'), cpu_default),
@@ -666,6 +716,10 @@ ROWS = (
         '1 x H100', 'quantized_matmul',
         ('experiments/quantized_matmul/results/h100_2026_12_06/decode_qmm.json',),
         quantized_decode_fused),
+    Row('the same, one-row GEMV kernels (no tensor cores) vs the dot kernels', '1 x H100',
+        'quantized_matmul',
+        ('experiments/quantized_matmul/results/h100_2026_12_06_gemv/decode_gemv.json',),
+        quantized_decode_gemv),
     Row('LoRA (r=8, base frozen) vs full fine-tuning peak memory, 1.03B model, seq 2048',
         '1 x H200', 'compression', tuple(f'experiments/compression/results/finetune_memory_{v}.json'
                                          for v in ('full', 'lora', 'full_remat',
@@ -695,6 +749,11 @@ ROWS = (
         'machine', '1 x H100', 'decode_attention',
         (f'{DA_H100}/decode_gpt_1b_b1_output_major_wo_1k_8k.json',
          f'{DA_H100}/decode_gpt_1b_b1_output_major_wo.json'), decode_b1_contexts),
+    Row('the batch-1 output-major decode step with more weights output-major, and with the '
+        'whole loop as one CUDA graph', '1 x H100', 'decode_attention',
+        tuple(f'{LEVERS}/levers_{v}.json' for v in (
+            'major_wo', 'major_wo_w_gate_w_up', 'major_wo_w_gate_w_up_w_down',
+            'major_wo_wq_wk_wv_w_gate_w_up_w_down', 'graph_while')), decode_levers),
     Row('1.03B model with exits after layers 4 and 8 and a 0.15B draft, trained on the byte '
         'corpus; batch-1 greedy decoding of code prompts', '1 x H200', 'early_exit',
         ('experiments/early_exit/results_gpu/gpu_gpt_1b.json',), speculative_study),
@@ -716,6 +775,11 @@ ROWS = (
     Row('the same after the segment-id fix and the D256 backward, quick grid (causal D128 at 4k '
         'and 16k, window and BigBird at 16k)', '1 x H100', 'attention_kernels',
         (f'{AK_H100}/attention_quick.json',), mosaic_attention),
+    Row('the full targets grid (causal S 1k-32k, D64 and D128; window and BigBird at 16k), a '
+        'later session', '1 x H100', 'attention_kernels', (f'{AK_TARGETS}/attention_targets.json',),
+        functools.partial(mosaic_attention, restricted_dim=128)),
+    Row('the same run at head dim 64', '1 x H100', 'attention_kernels',
+        (f'{AK_TARGETS}/attention_targets.json',), attention_d64),
     Row('GPT-2-small training (bf16, batch 128 x 1024) with `flash` layers vs cuDNN attention '
         'layers', '1 x H100', 'attention_kernels',
         (f'{AK_H100}/gpt2_cudnn.json', f'{AK_H100}/gpt2_flash.json'), gpt2_flash),
