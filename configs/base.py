@@ -311,7 +311,7 @@ def get_config() -> ml_collections.ConfigDict:
   # The kinds ('int8', 'int4', comma-separated; '' none) whose single-row products on the kernel
   # path (batch-1 decoding) take the GEMV kernels (elementwise products, no tensor cores) rather
   # than the dot kernels. int4 by default: on an H100 gpt_1b decoded 1.11x faster through them,
-  # int8 0.93x (experiments/quantized_matmul). Not recorded with the model either.
+  # int8 0.93x (one run; experiments/quantized_matmul). Not recorded with the model either.
   cp.qmm_gemv = 'int4'
   cp.calibration_batches = 2  # w8a8: held-out batches of train.batch_size that fix the scales
   cp.prune_sparsity = 0.5  # 'magnitude': fraction of each target (or all targets) set to zero

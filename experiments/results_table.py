@@ -776,7 +776,7 @@ ROWS = (
         'and 16k, window and BigBird at 16k)', '1 x H100', 'attention_kernels',
         (f'{AK_H100}/attention_quick.json',), mosaic_attention),
     Row('the full targets grid (causal S 1k-32k, D64 and D128; window and BigBird at 16k), a '
-        'later session', '1 x H100', 'attention_kernels', (f'{AK_TARGETS}/attention_targets.json',),
+        'later session; ratios over S >= 4k', '1 x H100', 'attention_kernels', (f'{AK_TARGETS}/attention_targets.json',),
         functools.partial(mosaic_attention, restricted_dim=128)),
     Row('the same run at head dim 64', '1 x H100', 'attention_kernels',
         (f'{AK_TARGETS}/attention_targets.json',), attention_d64),

@@ -81,8 +81,8 @@ IMPLS = ('bf16', 'xla_int8', 'effjax_int8', 'gemv_int8', 'xla_int4', 'effjax_int
 # 16 tilings; a shape's invalid ones (split not dividing K's steps) are skipped rows.
 TUNE_TILINGS = tuple((bn, bk, split) for bn, bk in ((64, 256), (128, 128), (128, 256), (256, 256))
                      for split in (1, 2, 4, 8))
-# The GEMV kernels' tilings: accumulators of 4-8k float32 entries, 64 to 1024 programs at gpt_1b's
-# widths (invalid ones skipped per shape).
+# The GEMV kernels' tilings: int8 accumulators of 4-8k float32 entries (int4's hold half as many
+# rows), 64 to 1024 programs at gpt_1b's widths (invalid ones skipped per shape).
 GEMV_TUNE_TILINGS = tuple((bn, bk, split) for bn, bk in ((64, 128), (128, 32), (128, 64), (256, 32))
                           for split in (2, 4, 8, 16))
 

@@ -446,3 +446,27 @@ def test_gemv_lowers_to_a_valid_triton_module(kind, in_shard_map, tiling, monkey
   dump = triton_dump(monkeypatch, capfd, gpu, fn, *args)
   assert 'tt.reduce' in dump and 'tt.dot' not in dump and 'scf.if' in dump
   assert_verified(dump, 1)
+
+
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+def test_gemv_gradients_and_default_tiling(kind):
+  """The GEMV path's gradients are the XLA path's (x and the scales); the default tiling divides
+  the shapes, keeps the programs within TARGET_GEMV_PROGRAMS and takes the int4 step up to a
+  group; an accumulator too large is one clear error naming it."""
+  rng = np.random.default_rng()
+  k, n = 512, 96
+  q, scale, group = _weight(rng, kind, k, n, 64)
+  x = jnp.asarray(rng.standard_normal((1, k)), jnp.float32)
+  ct = jnp.asarray(rng.standard_normal((1, n)), jnp.float32)
+  grad = lambda **kw: jax.grad(lambda x, s: jnp.sum(ct * quantized_matmul(
+      x, q, s, kind=kind, interpret=True, **kw)), argnums=(0, 1))(x, scale)
+  for a, b in zip(grad(backend='triton', gemv=True), grad(backend='xla')):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+  for kk, widths in ((2048, (2048,)), (5632, (2048,)), (2048, (5632, 5632)), (2048, (96, 32))):
+    bn, bk, split = qm.default_gemv_tiling(kind, kk, widths, 128 if kind == 'int4' else None)
+    programs = sum(w // bn for w in widths) * split
+    assert all(w % bn == 0 for w in widths) and kk % (bk * split) == 0
+    assert programs <= qm.TARGET_GEMV_PROGRAMS or split == 1
+    assert bk == qm.DEFAULT_GEMV_BK[kind] and bn == min(qm.DEFAULT_GEMV_BN, *(w & -w for w in widths))
+  with pytest.raises(ValueError, match=r'accumulator of 64 x 256 \(bk=128, bn=256\)'):
+    qm.plan('int4', 1, 512, 256, 128, backend='triton', tiling=(256, 128, 1), gemv=True)

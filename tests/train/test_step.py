@@ -71,3 +71,16 @@ def test_non_finite_step_leaves_state_unchanged():
   assert int(state['step']) == 2  # the step counter still advances
   for a, b in zip(before, after):
     np.testing.assert_array_equal(a, b)
+
+
+def test_float_norm_skips_integer_leaves_and_squares_in_float32():
+  """The logged norms: a compressed model's int8 values are left out (squared in int8 they
+  overflow), float16 leaves are squared in float32 (in float16 600^2 is inf)."""
+  from effjax.train.step import float_norm
+  rng = np.random.default_rng()
+  w = rng.standard_normal((7, 5)).astype(np.float32)
+  tree = {'q': jnp.asarray(rng.integers(-127, 128, (300,)), jnp.int8),
+          'h': jnp.full((4,), 600.0, jnp.float16), 'w': jnp.asarray(w)}
+  want = np.sqrt(4 * 600.0 ** 2 + np.sum(w.astype(np.float64) ** 2))
+  np.testing.assert_allclose(float(float_norm(tree)), want, rtol=1e-6)
+  assert float(float_norm({'q': tree['q']})) == 0.0
