@@ -350,6 +350,24 @@ class LoRAWeight(CompressedWeight):
       y = jnp.einsum(equation, x, self.base[...].astype(dtype))
     return y + (self.scale * low).astype(y.dtype)
 
+  @staticmethod
+  def einsum_group(products, x: jax.Array, dtype) -> list[jax.Array] | None:
+    """[x times each weight] for LoRA weights sharing x whose quantized bases can share one
+    kernel launch (QuantizedWeight.einsum_group: attention's q/k/v, SwiGLU's gate/up of a QLoRA
+    model); each adapter's low-rank product is added after. None where that does not apply (the
+    caller then multiplies them one by one)."""
+    weights = [w for _, w in products]
+    if not all(isinstance(w, LoRAWeight) for w in weights):
+      return None
+    ys = QuantizedWeight.einsum_group([(equation, w.base) for equation, w in products], x, dtype)
+    if ys is None:
+      return None
+    lows = [factored_einsum(equation, x, w.lora_a[...].astype(dtype),
+                            w.lora_b[...].astype(dtype), w.layout) for equation, w in products]
+    if any(low is None for low in lows):
+      return None
+    return [y + (w.scale * low).astype(y.dtype) for y, w, low in zip(ys, weights, lows)]
+
 
 class ObservedWeight(CompressedWeight):
   """Calibration only: a dense weight whose product reports max|input| per layer to the host."""

@@ -259,3 +259,38 @@ def test_quantized_base_is_the_ptq_model_and_trains_only_the_adapters(kind):
     np.testing.assert_array_equal(_base_array(wq), before)
     # b starts at zero, so the first step's gradient reaches b (a's is zero until b moves).
     assert np.abs(b_before).max() == 0 and np.abs(jax.device_get(wq['lora_b'][...])).max() > 0
+
+
+def test_quantized_bases_sharing_an_input_run_as_one_kernel_launch():
+  """A QLoRA model's q/k/v and gate/up bases go through one quantized-matmul launch each (as a
+  quantized model's do), each adapter's product added after: 4 launches a layer, not 7, and the
+  logits of a launch per weight; gradients reach the adapters through the fused path."""
+  config = _lora_config()
+  config.compress.lora_base_dtype = 'int8'
+  config.compress.qmm_backend, config.compress.qmm_interpret = 'triton', True
+  config.model.scan_layers = False
+  tokens = jnp.asarray(np.random.default_rng().integers(3, 259, (1, 4)), jnp.int32)
+  model = LM(config.model, rngs=nnx.Rngs(int(np.random.default_rng().integers(1000))))
+  w_lib.restructure(model, config)
+  adapted = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.LoRAWeight)]
+  for i, weight in enumerate(adapted):  # adapters away from zero, so they count in the logits
+    b = weight.lora_b[...]
+    weight.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(i), b.shape, b.dtype)
+
+  def calls_and_logits():
+    graphdef, state = nnx.split(model)
+    fn = lambda s, t: nnx.merge(graphdef, s)(t)
+    return str(jax.make_jaxpr(fn)(state, tokens)).count('pallas_call'), jax.jit(fn)(state, tokens)
+
+  fused_calls, fused = calls_and_logits()
+  for weight in adapted:
+    weight.base.fuse = False
+  calls, want = calls_and_logits()
+  assert fused_calls == 4 * config.model.num_layers and calls == 7 * config.model.num_layers
+  np.testing.assert_allclose(np.asarray(fused), np.asarray(want), rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(want))))
+  for weight in adapted:
+    weight.base.fuse = True
+  graphdef, lora, rest = nnx.split(model, lambda path, _: 'lora_b' in path, ...)
+  grads = jax.grad(lambda l: jnp.sum(nnx.merge(graphdef, l, rest)(tokens) ** 2))(lora)
+  assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
