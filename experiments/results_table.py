@@ -476,7 +476,7 @@ def quantized_decode_gemv(decode_qmm) -> str:
 
 def decode_levers(baseline, *others) -> str:
   """The batch-1 decode step with more weights stored output-major, or the loop as one CUDA
-  graph, against the default (wo output-major) of the same session."""
+  graph, against the default (wo output-major) of the same run."""
   base = bench_row(baseline, context=1024)
   parts = [f"default {base['ms_per_token']:.3f} ms/token"]
   for path in others:
@@ -569,7 +569,7 @@ LORA_VARIANT_NAMES = {'bf16_base': 'bf16 base', 'bf16_vocab_bf16': 'bf16 base an
 
 def lora_memory_variants(full, *loras) -> str:
   """LoRA variants (batch 16, remat, 64-position loss chunks) against full fine-tuning, all
-  measured in one session."""
+  measured in one run."""
   f = bench_rows(full)[0]
   parts = []
   for path in loras:
@@ -594,7 +594,7 @@ def compression_distill(table) -> str:
 
 
 def decode_output_major(b1_major, b1_training, b16_major, b16_training) -> str:
-  """The decode step with wo stored output-major vs the training layout, same session."""
+  """The decode step with wo stored output-major vs the training layout, same run."""
   one, one_t = bench_row(b1_major, context=1024), bench_row(b1_training, context=1024)
   parts = [f"batch 1, 1k: {one['ms_per_token']:.3f} vs {one_t['ms_per_token']:.3f} ms/token "
            f"({one_t['ms_per_token'] / one['ms_per_token']:.2f}x), "
@@ -608,7 +608,7 @@ def decode_output_major(b1_major, b1_training, b16_major, b16_training) -> str:
 
 def decode_b1_contexts(new, earlier) -> str:
   """Batch 1 at 1k and 8k with the output-major default; the roofline fraction also against the
-  faster of the two sessions' copy bandwidths, since that measurement moves between machines
+  faster of the two runs' copy bandwidths, since that measurement moves between machines
   (the verdict uses the latter)."""
   bandwidth = max(bench_row(path, context=1024)['bandwidth_gbs'] for path in (new, earlier))
   parts, fractions = [], {}
@@ -729,7 +729,7 @@ ROWS = (
         '1 x H100', 'compression',
         (f'{CR}/finetune_memory_full_remat_chunk64.json',
          f'{CR}/finetune_memory_lora_bf16_base_remat_chunk64.json'), lora_memory_chunked),
-    Row('LoRA variants on the same settings, one session: bf16 base, bf16 base and frozen '
+    Row('LoRA variants on the same settings, one run: bf16 base, bf16 base and frozen '
         'embedding / head in bf16, int8 and int4 weight-only base (QLoRA-style)', '1 x H100',
         'compression', tuple(f'{CR}/finetune_memory_{v}_remat_chunk64.json' for v in (
             'full', 'lora_bf16_base', 'lora_bf16_vocab_bf16', 'lora_int8_base', 'lora_int4_base')),
@@ -776,14 +776,14 @@ ROWS = (
         'and 16k, window and BigBird at 16k)', '1 x H100', 'attention_kernels',
         (f'{AK_H100}/attention_quick.json',), mosaic_attention),
     Row('the full targets grid (causal S 1k-32k, D64 and D128; window and BigBird at 16k), a '
-        'later session; ratios over S >= 4k', '1 x H100', 'attention_kernels', (f'{AK_TARGETS}/attention_targets.json',),
+        'later run; ratios over S >= 4k', '1 x H100', 'attention_kernels', (f'{AK_TARGETS}/attention_targets.json',),
         functools.partial(mosaic_attention, restricted_dim=128)),
     Row('the same run at head dim 64', '1 x H100', 'attention_kernels',
         (f'{AK_TARGETS}/attention_targets.json',), attention_d64),
     Row('GPT-2-small training (bf16, batch 128 x 1024) with `flash` layers vs cuDNN attention '
         'layers', '1 x H100', 'attention_kernels',
         (f'{AK_H100}/gpt2_cudnn.json', f'{AK_H100}/gpt2_flash.json'), gpt2_flash),
-    Row('the same again, a later session', '1 x H100', 'attention_kernels',
+    Row('the same again, a later run', '1 x H100', 'attention_kernels',
         (f'{AK_TRAIN}/gpt2_cudnn.json', f'{AK_TRAIN}/gpt2_flash.json'), gpt2_flash),
     Row('1.03B model training (bf16, batch 16 x 2048) with `flash` layers vs cuDNN attention '
         'layers', '1 x H100', 'attention_kernels',

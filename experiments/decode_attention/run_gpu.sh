@@ -55,7 +55,7 @@ layout() {
   done
 }
 
-# What else moves batch 1 toward the roofline, one session, context 1k: more weights stored
+# What else moves batch 1 toward the roofline, one run, context 1k: more weights stored
 # output-major (the MLP's, then q/k/v too), and the decode loop captured whole as a CUDA graph
 # (XLA's command buffers extended to the while loop, so its ~250 kernels a token launch without
 # a host-side gap). The first row (wo only, the default) is the baseline of the others.

@@ -3,7 +3,7 @@
 # own workdir under $RES; analyze.py then writes the table and the loss-curve plot.
 #   bash experiments/sophia_vs_adamw/run_gpu.sh RUN [RUN ...]      (RUN: a name below, or 'all')
 # A rerun of a finished run resumes from its last checkpoint and ends at once, so the script can
-# be called again after a cut-short session to fill in what is missing.
+# be called again after a cut-short run to fill in what is missing.
 # EXTRA="--config.x=v ..." is appended to every run (e.g. to shrink it for a smoke test).
 # PARALLEL=N runs N trainings at once on the one GPU (each gets 1/N of its memory; Sophia-H
 # needs ~26 GB on this model, as its Hessian-vector product goes through XLA's attention). Their logged
