@@ -32,6 +32,7 @@ from flax import nnx
 from effjax.compress import lowrank, prune
 from effjax.compress import quantize as q_lib
 from effjax.compress import weights as w_lib
+from effjax.models.registry import parse_pattern
 
 RECORD = 'compression.json'
 METHODS = ('int8', 'w8a8', 'fp8', 'int4', 'qat_int8', 'qat_int4', 'magnitude', '2:4', 'lowrank',
@@ -57,9 +58,13 @@ FORMAT = 4
 _FORMAT1_CALIBRATED = ('attention', 'dense', 'flash', 'sliding_window', 'block_sparse')
 
 
+def _has_moe(blocks) -> bool:
+  """Whether a parsed pattern has a MoE feed-forward."""
+  return any(ff == 'moe' for _, ff in blocks)
+
+
 def _check_format(record: dict, config, path: str) -> None:
   """One clear error for a record this code would read wrongly."""
-  from effjax.models.registry import parse_pattern
   version = record.get('format', 1)
   if version > FORMAT:
     raise ValueError(f'{path} has format {version}; this code reads formats up to {FORMAT}: '
@@ -68,7 +73,7 @@ def _check_format(record: dict, config, path: str) -> None:
     model = dict(config.model)
     model.update(record.get('model', {}))
     blocks = parse_pattern(model['pattern'])
-    moe = any(ff == 'moe' for _, ff in blocks)
+    moe = _has_moe(blocks)
     stale = []
     if version < 2:
       stale = sorted({m for m, _ in blocks} - set(_FORMAT1_CALIBRATED))
@@ -314,9 +319,8 @@ def compress(config, workdir: str) -> dict[str, Any]:
   os.makedirs(out, exist_ok=True)
   new_lora = (out_config.compress.get('lora_base_dtype') in w_lib.LORA_QUANTIZED_BASES or
               bool(out_config.compress.get('lora_vocab_dtype')))
-  from effjax.models.registry import parse_pattern
   method = out_config.compress.method
-  moe = any(ff == 'moe' for _, ff in parse_pattern(out_config.model.pattern))
+  moe = _has_moe(parse_pattern(out_config.model.pattern))
   record = {'format': FORMAT if method == 'w8a8' and moe else
                       3 if method == 'lora' and new_lora else 2,
             'compress': {k: out_config.compress[k] for k in RECORDED}, 'model': model_changes,

@@ -145,46 +145,44 @@ def _padded_rows(rows: int) -> int:
   return max(MIN_ROWS, 1 << (max(rows, 1) - 1).bit_length())
 
 
-def default_tiling(kind: str, rows: int, k: int, n,
-                   group: int | None = None) -> tuple[int, int, int]:
-  """(bn, bk, split) for the kernel: the largest power-of-two widths up to the defaults that
-  divide N (every N, for weights sharing a launch) and K (int4: whose pieces fit the groups),
-  then the largest split of K's steps that keeps the programs (column tiles x row blocks x
-  split) within TARGET_PROGRAMS."""
-  from effjax.kernels.quantized_matmul import gpu
+def _fitted(kind: str, k: int, n, group: int | None, *, bn_max: int, bk_max: int,
+            row_blocks: int, target: int, what: str) -> tuple[int, int, int]:
+  """(bn, bk, split): the largest power-of-two column tile up to bn_max dividing every N, the
+  K step up to bk_max (int4: whose pieces fit the groups), then the largest split of K's steps
+  keeping the programs (column tiles x row_blocks x split) within `target`."""
   reason = kernel_unsupported(kind, k, n, group)
   if reason:
-    raise ValueError(f'the quantized matmul kernel cannot tile these shapes: {reason}')
+    raise ValueError(f'the quantized {what} kernel cannot tile these shapes: {reason}')
   widths = _widths(n)
-  bn = _tiles(math.gcd(*widths), DEFAULT_BN)[0]
+  bn = _tiles(math.gcd(*widths), bn_max)[0]
   steps = _k_steps(kind, k, group)
   # The default step where it fits; else the smallest allowed one above it (int4 groups larger
   # than the default step divide no smaller one).
-  bk = next((t for t in steps if t <= DEFAULT_BK[kind]), steps[-1])
-  mp = _padded_rows(rows)
-  blocks = (sum(widths) // bn) * (mp // min(mp, gpu.MAX_ROW_BLOCK))
-  count = k // bk
+  bk = next((t for t in steps if t <= bk_max), steps[-1])
+  blocks, count = (sum(widths) // bn) * row_blocks, k // bk
   split = max(d for d in range(1, count + 1)
-              if count % d == 0 and (d == 1 or blocks * d <= TARGET_PROGRAMS))
+              if count % d == 0 and (d == 1 or blocks * d <= target))
   return bn, bk, split
 
 
-def default_gemv_tiling(kind: str, k: int, n, group: int | None = None) -> tuple[int, int, int]:
-  """(bn, bk, split) for the one-row GEMV kernel: the largest power-of-two widths up to the
-  defaults that divide every N and K (int4: a K step and the group dividing one another), then
-  the largest split of K's steps keeping the programs within TARGET_GEMV_PROGRAMS."""
+def default_tiling(kind: str, rows: int, k: int, n,
+                   group: int | None = None) -> tuple[int, int, int]:
+  """(bn, bk, split) for the dot kernels (`_fitted` with DEFAULT_BN, DEFAULT_BK and
+  TARGET_PROGRAMS; each row block of up to MAX_ROW_BLOCK rows is its own set of programs)."""
   from effjax.kernels.quantized_matmul import gpu
-  reason = kernel_unsupported(kind, k, n, group)
-  if reason:
-    raise ValueError(f'the quantized GEMV kernel cannot tile these shapes: {reason}')
-  widths = _widths(n)
-  bn = _tiles(math.gcd(*widths), DEFAULT_GEMV_BN)[0]
-  steps = [t for t in _tiles(k, k) if kind == 'int8' or t % group == 0 or group % t == 0]
-  bk = next((t for t in steps if t <= DEFAULT_GEMV_BK[kind]), steps[-1])
-  tiles, count = sum(widths) // bn, k // bk
-  split = max(d for d in range(1, count + 1)
-              if count % d == 0 and (d == 1 or tiles * d <= TARGET_GEMV_PROGRAMS))
-  for width in widths:
+  mp = _padded_rows(rows)
+  return _fitted(kind, k, n, group, bn_max=DEFAULT_BN, bk_max=DEFAULT_BK[kind],
+                 row_blocks=mp // min(mp, gpu.MAX_ROW_BLOCK), target=TARGET_PROGRAMS,
+                 what='matmul')
+
+
+def default_gemv_tiling(kind: str, k: int, n, group: int | None = None) -> tuple[int, int, int]:
+  """(bn, bk, split) for the one-row GEMV kernels (`_fitted` with DEFAULT_GEMV_BN,
+  DEFAULT_GEMV_BK and TARGET_GEMV_PROGRAMS), checked against their accumulator limit."""
+  from effjax.kernels.quantized_matmul import gpu
+  bn, bk, split = _fitted(kind, k, n, group, bn_max=DEFAULT_GEMV_BN, bk_max=DEFAULT_GEMV_BK[kind],
+                          row_blocks=1, target=TARGET_GEMV_PROGRAMS, what='GEMV')
+  for width in _widths(n):
     gpu.check_gemv_tiling(kind, k, width, bn=bn, bk=bk, split=split, group=group)
   return bn, bk, split
 
