@@ -58,6 +58,22 @@ _METADATA = 'metadata'
 _MAX_LISTED = 20  # mismatches named in one error; more are counted, not listed
 
 
+def _write_replicas_whole() -> None:
+  """In a single-process run, every replica of an array is saved whole by one writer.
+
+  orbax's default on CPU (and on GPU unless JAX_PLATFORMS names it) is replica-parallel saving:
+  each replica of a replicated array writes a slice of it, cut with eager jax slices that are
+  compiled per shape on the first save. With one process every slice is written by the same
+  process anyway, so this gains nothing and cost 1.7 of a 3.6 s first save (GPT-2-small shapes,
+  8 CPU devices). orbax's array handler is registered process-wide, so this sets it for the
+  process; runs of several processes keep orbax's default, where the slices spread the writing
+  over hosts. Either way the checkpoint restores the same.
+  """
+  if jax.process_count() == 1:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class CheckpointError(ValueError):
   """A checkpoint exists but does not fit the state it should be restored into."""
 
@@ -189,6 +205,7 @@ class Checkpointer:
       directory = os.path.abspath(os.fspath(directory))
     self.directory = epath.Path(directory)
     self.save_every = save_every
+    _write_replicas_whole()
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,

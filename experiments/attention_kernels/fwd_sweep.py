@@ -1,0 +1,81 @@
+"""On a Hopper GPU: the Mosaic GPU forward's key tile and ring depth, against cuDNN, causal.
+
+    python experiments/attention_kernels/fwd_sweep.py [--out=FILE]
+
+Per shape (the targets' D 64 and D 128 rows at S 4k and 16k): cuDNN's forward, then
+mosaic_gpu.fwd at block_k 64 / 128 / 256 and every ring depth from 2 up to what fits in shared
+memory (the default marked), each checked against cuDNN's output before it is timed. Times are
+medians of 10 timed calls of 4 back-to-back forwards each (inputs rotated so no call reuses the
+previous one's cache lines); TFLOP/s count the causal half.
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effjax.kernels.flash_attention import computed_blocks
+from effjax.kernels.flash_attention import mosaic_gpu as mg
+
+SHAPES = ((4, 4096, 32, 64), (1, 16384, 32, 64), (4, 4096, 16, 128), (1, 16384, 16, 128))
+CALLS = 4
+
+
+def _timed(fn, sets, repeats=10):
+  run = jax.jit(lambda sets: [fn(*s) for s in sets])
+  jax.block_until_ready(run(sets))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(run(sets))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times)) * 1e3 / len(sets)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--out', default=None)
+  args = parser.parse_args()
+  lines = [f'{jax.devices()[0].device_kind}, JAX {jax.__version__}']
+  print(lines[0], flush=True)
+  for b, s, h, d in SHAPES:
+    keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3 * CALLS)
+    sets = [tuple(jax.random.normal(keys[3 * i + j], (b, s, h, d), jnp.bfloat16)
+                  for j in range(3)) for i in range(CALLS)]
+    flops = 4 * b * s * s * h * d / 2
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                          implementation='cudnn')
+    ref = np.asarray(jax.jit(cudnn)(*sets[0]), np.float32)
+    base = _timed(cudnn, sets)
+    head = f'B{b} S{s} H{h} D{d}'
+    lines.append(f'{head} cudnn: {base:.3f} ms {flops / base / 1e9:.1f} TFLOP/s')
+    print(lines[-1], flush=True)
+    default_k = mg.default_blocks(d)[1]
+    for block_k in (64, 128, 256):
+      blocks = computed_blocks(s, mg.BLOCK_Q, block_k, causal=True)
+      default_stages = mg.default_stages(d, block_k)
+      most = int((mg._SMEM_BYTES - mg.BLOCK_Q * d * 2 - 4096) // (4 * block_k * d))
+      for stages in range(2, max(2, min(6, most)) + 1):
+        tag = ' (default)' if (block_k, stages) == (default_k, default_stages) else ''
+        fwd = lambda q, k, v, _bk=block_k, _st=stages, _bl=blocks: mg.fwd(
+            q, k, v, None, causal=True, window=None, blocks=_bl, scale=d ** -0.5,
+            block_q=mg.BLOCK_Q, block_k=_bk, stages=_st)[0]
+        try:
+          err = float(np.abs(np.asarray(jax.jit(fwd)(*sets[0]), np.float32) - ref).max())
+          ms = _timed(fwd, sets)
+          lines.append(f'{head} block_k {block_k:3d} stages {stages}{tag}: {ms:.3f} ms '
+                       f'{flops / ms / 1e9:.1f} TFLOP/s, {base / ms:.3f}x cuDNN, max |diff| '
+                       f'{err:.1e}')
+        except Exception as e:  # noqa: BLE001  (a tiling that does not compile is a row too)
+          lines.append(f'{head} block_k {block_k:3d} stages {stages}{tag}: ERROR '
+                       f'{str(e).splitlines()[0][:160]}')
+        print(lines[-1], flush=True)
+  if args.out:
+    with open(args.out, 'w') as f:
+      f.write('\n'.join(lines) + '\n')
+
+
+if __name__ == '__main__':
+  main()
