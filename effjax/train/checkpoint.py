@@ -58,6 +58,9 @@ _METADATA = 'metadata'
 _MAX_LISTED = 20  # mismatches named in one error; more are counted, not listed
 
 
+_REPLICAS_WHOLE = False  # whether _write_replicas_whole registered its handler in this process
+
+
 def _write_replicas_whole() -> None:
   """In a single-process run, every replica of an array is saved whole by one writer.
 
@@ -69,9 +72,17 @@ def _write_replicas_whole() -> None:
   process; runs of several processes keep orbax's default, where the slices spread the writing
   over hosts. Either way the checkpoint restores the same.
   """
-  if jax.process_count() == 1:
+  global _REPLICAS_WHOLE
+  if _REPLICAS_WHOLE or jax.process_count() > 1:
+    return
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # orbax warns on any override of a registered type
+  try:
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+  finally:
+    logging.set_verbosity(verbosity)
+  _REPLICAS_WHOLE = True
 
 
 class CheckpointError(ValueError):
