@@ -152,13 +152,15 @@ def test_lora_accumulates_only_the_adapters_gradients():
   batch = random_batch(np.random.default_rng(), 16, 32)
   results = {}
   for micro in (1, 2):
+    # Zero-initialised B gives A a zero first gradient and a tiny second one: the case _one_step's
+    # Adam eps is there for.
     results[micro] = _one_step(_lora_config(), batch, micro)
   (m1, m1b, p1), (m2, m2b, p2) = results[1], results[2]
   np.testing.assert_allclose(m2['loss'], m1['loss'], rtol=1e-5)
   np.testing.assert_allclose(m2['grad_norm'], m1['grad_norm'], rtol=1e-5)
   np.testing.assert_allclose(m2b['loss'], m1b['loss'], rtol=3e-5)
   for a, b in zip(p1, p2):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   config = _lora_config()
   config.train.grad_accum_steps = 2
   mesh, rules, setup = build(config, jax.devices()[:1])
