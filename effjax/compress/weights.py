@@ -266,16 +266,24 @@ def _kernel_products(products, x: jax.Array, dtype) -> list[jax.Array] | None:
   if first.backend == 'triton' or (first.backend == 'auto' and len(products) > 1):
     # compress.qmm_backend='triton' puts every product the kernel can tile on it; a projection
     # it cannot (GLA's 4-wide gate, Mamba-1's dt projections) takes XLA's product, said once.
-    # A group the kernel cannot tile as a whole runs one product at a time under 'auto' too, so
-    # that one untileable weight (Mamba-1's dt_low beside B and C) does not send the others of
-    # its launch to XLA as well.
+    # A group the kernel cannot tile as a whole keeps one launch for the weights it can tile
+    # (Mamba-1's B and C) and multiplies the others on their own, under 'auto' too: one
+    # untileable weight (dt_low) does not send the others of its launch to XLA as well.
     group = None if first.kind == 'int8' else k // operands[0][3].shape[0]
     reason = qmm.kernel_unsupported(first.kind, k, [o[2].shape[1] for o in operands], group)
     if reason:
       if first.backend == 'triton' and len(products) == 1:
         _say_once(f"compress.qmm_backend='triton': the quantized matmul kernel cannot tile a "
                   f"{first.kind} product ({reason}); that product runs through XLA")
-      return None
+      if len(products) == 1:
+        return None
+      tileable = [not qmm.kernel_unsupported(first.kind, k, o[2].shape[1], group)
+                  for o in operands]
+      if sum(tileable) < 2:
+        return None  # nothing left to share a launch: the caller multiplies them one by one
+      fused = iter(_kernel_products([p for p, t in zip(products, tileable) if t], x, dtype))
+      return [next(fused) if t else w.einsum(equation, x, dtype)
+              for (equation, w), t in zip(products, tileable)]
   compute = jnp.promote_types(x.dtype, dtype)
   ys = qmm.quantized_matmul_many(x.reshape(*lead, k).astype(compute),
                                  [(o[2], o[3]) for o in operands], kind=first.kind,
