@@ -270,14 +270,16 @@ def _kernel_products(products, x: jax.Array, dtype) -> list[jax.Array] | None:
     # (Mamba-1's B and C) and multiplies the others on their own, under 'auto' too: one
     # untileable weight (dt_low) does not send the others of its launch to XLA as well.
     group = None if first.kind == 'int8' else k // operands[0][3].shape[0]
-    reason = qmm.kernel_unsupported(first.kind, k, [o[2].shape[1] for o in operands], group)
+    gemv = first.gemv and math.prod(lead) == 1  # the one-row kernels' wider rules apply
+    reason = qmm.kernel_unsupported(first.kind, k, [o[2].shape[1] for o in operands], group,
+                                    gemv=gemv)
     if reason:
       if first.backend == 'triton' and len(products) == 1:
         _say_once(f"compress.qmm_backend='triton': the quantized matmul kernel cannot tile a "
                   f"{first.kind} product ({reason}); that product runs through XLA")
       if len(products) == 1:
         return None
-      tileable = [not qmm.kernel_unsupported(first.kind, k, o[2].shape[1], group)
+      tileable = [not qmm.kernel_unsupported(first.kind, k, o[2].shape[1], group, gemv=gemv)
                   for o in operands]
       if sum(tileable) < 2:
         return None  # nothing left to share a launch: the caller multiplies them one by one

@@ -367,3 +367,26 @@ def test_a_group_with_a_weight_the_kernel_cannot_tile_keeps_the_kernel_for_the_o
   ys = jax.jit(lambda x: layers.matmuls(x, products, jnp.float32))(x)
   for y, w in zip(ys, weights):
     np.testing.assert_allclose(y, jnp.einsum('bte,en->btn', x, w[...]), rtol=1e-5, atol=1e-5)
+
+
+def test_int4_groups_too_small_for_the_dot_kernels_decode_one_row_on_the_gemv_kernels(monkeypatch):
+  """int4 in groups of 16: one row (batch-1 decoding) on a GPU (simulated) takes the GEMV kernels
+  as one launch for a q/k/v-like group, equal to the dense weights' products; two rows fall
+  under the dot kernels' rules, whose int4 pieces need 32 entries, and take XLA's product."""
+  from configs import base
+  from effjax.models import layers
+  rng = np.random.default_rng()
+  c = base.get_config().compress
+  c.qmm_interpret, c.int4_group_size, c.qmm_gemv = True, 16, 'int4'
+  dense = [jnp.asarray(rng.standard_normal((64, n)) * 0.1, jnp.float32) for n in (32, 16, 16)]
+  weights = [w_lib.compress_param(w_lib._param(w, ('embed', None)), f'w{i}', 'int4', c)
+             for i, w in enumerate(dense)]
+  products = [('bte,en->btn', w) for w in weights]
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  for rows, launches in ((1, 1), (2, 0)):
+    x = jnp.asarray(rng.standard_normal((1, rows, 64)), jnp.float32)
+    fn = lambda x: layers.matmuls(x, products, jnp.float32)
+    jaxpr = str(jax.make_jaxpr(fn)(x))
+    assert jaxpr.count('pallas_call') == launches and ('gemv' in jaxpr) == (launches > 0)
+    for y, w in zip(jax.jit(fn)(x), weights):
+      np.testing.assert_allclose(y, jnp.einsum('bte,en->btn', x, w[...]), rtol=1e-5, atol=1e-5)

@@ -4,6 +4,8 @@ random inputs (int8 and int4, several row counts, bf16 and float32, split-K or n
 are not multiples of the default tiles), gradients, shard_map, shape errors, backend choice, and
 the kernel lowered for CUDA on this CPU machine."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,7 +169,8 @@ def test_kernel_under_shard_map():
     ('bad_split', 'quantized matmul kernel: bk x split = 32 x 3 must divide K=64'),
     ('untileable', "backend='triton': the quantized matmul kernel cannot tile these shapes: "
                    "N=40 is not a multiple of 16; use backend='xla' or 'auto'"),
-    ('small_groups', 'int4 groups of 16 entries (K=64): the kernel needs groups of at least 32'),
+    ('small_groups', 'int4 groups of 16 entries (K=64): the dot kernel needs groups of at least '
+                     '32'),
 ])
 def test_bad_inputs_are_one_clear_error(case, message):
   rng = np.random.default_rng()
@@ -410,6 +413,34 @@ def test_gemv_many_weights_and_more_rows():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
+def test_gemv_takes_shapes_the_dot_kernels_cannot():
+  """The GEMV kernels have no dot, so one row takes int4 groups of 16 and 8 and a K that is no
+  multiple of 16 on the kernel (equal to the reference) where the dot kernels, and so two rows
+  under 'auto' on a GPU, fall back to XLA; a group of 1 entry is one clear error."""
+  rng = np.random.default_rng()
+  for kind, k, n, group in (('int4', 256, 64, 16), ('int4', 128, 32, 8), ('int8', 72, 48, None),
+                            ('int4', 72, 32, 8)):
+    q, scale, group = _weight(rng, kind, k, n, group or 64)
+    assert qm.kernel_unsupported(kind, k, n, group) is not None
+    assert qm.kernel_unsupported(kind, k, n, group, gemv=True) is None
+    plan = qm.plan(kind, 1, k, n, group, backend='triton', gemv=True)
+    assert plan.gemv and plan.tiling == qm.default_gemv_tiling(kind, k, n, group)
+    x = jnp.asarray(rng.standard_normal((1, k)), jnp.float32)
+    fn = lambda x: quantized_matmul(x, q, scale, kind=kind, backend='triton', interpret=True,
+                                    gemv=True)
+    assert 'gemv' in str(jax.make_jaxpr(fn)(x))
+    _assert_close(jax.jit(fn)(x), _reference(x, q, scale, kind, group), jnp.float32)
+    with pytest.raises(ValueError, match='the quantized matmul kernel cannot tile'):
+      qm.plan(kind, 2, k, n, group, backend='triton', gemv=True)
+  with mock.patch.object(jax, 'default_backend', lambda: 'gpu'):
+    assert qm.plan('int4', 1, 256, 64, 16, gemv=True).gemv
+    auto = qm.plan('int4', 2, 256, 64, 16, gemv=True)
+    assert auto.backend == 'xla' and 'the dot kernel needs groups of at least 32' in auto.reason
+  with pytest.raises(ValueError, match=r'int4 groups of 1 entries \(K=64\): the GEMV kernel '
+                     'needs groups of at least 2'):
+    qm.plan('int4', 1, 64, 32, 1, backend='triton', tiling=(32, 2, 1), gemv=True)
+
+
 def test_gemv_tiling_errors():
   with pytest.raises(ValueError, match='bn=48 must be a power of two'):
     qm.plan('int8', 1, 256, 96, backend='triton', tiling=(48, 64, 1), gemv=True)
@@ -445,6 +476,23 @@ def test_gemv_lowers_to_a_valid_triton_module(kind, in_shard_map, tiling, monkey
     fn = jax.shard_map(fn, mesh=mesh, in_specs=(P('d'),) + (P(),) * 6, out_specs=(P('d'),) * 3)
   dump = triton_dump(monkeypatch, capfd, gpu, fn, *args)
   assert 'tt.reduce' in dump and 'tt.dot' not in dump and 'scf.if' in dump
+  assert_verified(dump, 1)
+
+
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+def test_gemv_small_steps_lower_to_a_valid_triton_module(kind, monkeypatch, capfd):
+  """K = 72 (steps of 8) and int4 groups of 8 (pieces of 4 packed rows): shapes only the GEMV
+  kernels take, lowered for CUDA and verified."""
+  from effjax.kernels.quantized_matmul import gpu
+  from tests.kernels.triton_lowering import assert_verified, triton_dump
+  k, n = 72, 32
+  w = ([jax.ShapeDtypeStruct((k, n), jnp.int8), jax.ShapeDtypeStruct((1, n), jnp.float32)]
+       if kind == 'int8' else
+       [jax.ShapeDtypeStruct((k // 2, n), jnp.uint8), jax.ShapeDtypeStruct((k // 8, n),
+                                                                            jnp.float32)])
+  fn = lambda x, q, s: quantized_matmul(x, q, s, kind=kind, backend='triton', gemv=True)
+  dump = triton_dump(monkeypatch, capfd, gpu, fn, jax.ShapeDtypeStruct((1, k), jnp.bfloat16), *w)
+  assert 'tt.reduce' in dump and 'tt.dot' not in dump
   assert_verified(dump, 1)
 
 

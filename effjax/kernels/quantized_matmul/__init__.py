@@ -30,7 +30,8 @@ a violated constraint named (gpu.check_tiling). Rows are zero-padded to a power 
 (Triton's smallest dot), in row blocks of at most 64 (a single row is not: the kernel broadcasts
 it in registers, so batch-1 decoding makes no padded copy); K and N are never padded (that would
 copy the weight): shapes the kernel cannot tile go to 'xla' under 'auto' and are an error naming the
-reason under 'triton'.
+reason under 'triton'. The one-row GEMV kernels (gemv=True) have no dot, so they also take K
+steps and int4 groups below 16 / 32 entries (down to 2: `kernel_unsupported(..., gemv=True)`).
 
 Differentiation (reverse mode only): the kernel path is wrapped in a custom_vjp whose backward
 is the 'xla' path's VJP (cotangents for x and the scales; none for the integer values), so a
@@ -97,10 +98,10 @@ DEFAULT_GEMV_BK = {'int8': 64, 'int4': 128}
 TARGET_GEMV_PROGRAMS = 512
 
 
-def _tiles(dim: int, largest: int) -> list[int]:
-  """Powers of two in [MIN_TILE, largest] dividing dim, largest first."""
+def _tiles(dim: int, largest: int, smallest: int | None = None) -> list[int]:
+  """Powers of two in [smallest (MIN_TILE), largest] dividing dim, largest first."""
   from effjax.kernels.quantized_matmul import gpu
-  out, tile = [], gpu.MIN_TILE
+  out, tile = [], smallest or gpu.MIN_TILE
   while tile <= min(dim, largest):
     if dim % tile == 0:
       out.append(tile)
@@ -108,16 +109,22 @@ def _tiles(dim: int, largest: int) -> list[int]:
   return out[::-1]
 
 
-def _int4_fits(bk: int, group: int | None) -> bool:
-  from effjax.kernels.quantized_matmul import gpu
+def _int4_fits(bk: int, group: int | None, piece: int) -> bool:
   return (group is not None and (bk % group == 0 or group % bk == 0) and
-          min(bk, group) >= gpu.MIN_INT4_PIECE)
+          min(bk, group) >= piece)
 
 
-def _k_steps(kind: str, k: int, group: int | None) -> list[int]:
-  """The K steps (bk) the kernel can take for these shapes, largest first."""
-  tiles = _tiles(k, k)
-  return [t for t in tiles if _int4_fits(t, group)] if kind == 'int4' else tiles
+def _k_steps(kind: str, k: int, group: int | None, gemv: bool = False) -> list[int]:
+  """The K steps (bk) the kernel can take for these shapes, largest first. The dot kernels
+  need steps of at least MIN_TILE (Triton's smallest dot) and int4 pieces of MIN_INT4_PIECE
+  (MIN_TILE in each nibble's dot); the GEMV kernels multiply elementwise, so steps and pieces of
+  MIN_GEMV_STEP entries (one packed int4 row) do."""
+  from effjax.kernels.quantized_matmul import gpu
+  tiles = _tiles(k, k, gpu.MIN_GEMV_STEP if gemv else gpu.MIN_TILE)
+  if kind != 'int4':
+    return tiles
+  piece = gpu.MIN_GEMV_STEP if gemv else gpu.MIN_INT4_PIECE
+  return [t for t in tiles if _int4_fits(t, group, piece)]
 
 
 def _widths(n) -> tuple[int, ...]:
@@ -125,19 +132,24 @@ def _widths(n) -> tuple[int, ...]:
   return (int(n),) if isinstance(n, numbers.Integral) else tuple(int(w) for w in n)
 
 
-def kernel_unsupported(kind: str, k: int, n, group: int | None = None) -> str | None:
-  """Why the kernel cannot tile these shapes (K and N must split into power-of-two tiles of at
-  least 16, and int4 groups into pieces of at least 32 entries), or None when it can. n: one N
-  or the Ns of weights sharing a launch."""
+def kernel_unsupported(kind: str, k: int, n, group: int | None = None, *,
+                       gemv: bool = False) -> str | None:
+  """Why the kernel cannot tile these shapes, or None when it can. N must split into
+  power-of-two column tiles of at least 16; the dot kernels need K steps of at least 16 and int4
+  groups in pieces of at least 32 entries, the one-row GEMV kernels (gemv=True) K steps and
+  int4 pieces of at least 2. n: one N or the Ns of weights sharing a launch."""
   from effjax.kernels.quantized_matmul import gpu
   for width in _widths(n):
     if width % gpu.MIN_TILE:
       return f'N={width} is not a multiple of {gpu.MIN_TILE}'
-  if k % gpu.MIN_TILE:
-    return f'K={k} is not a multiple of {gpu.MIN_TILE}'
-  if not _k_steps(kind, k, group):
-    return (f'int4 groups of {group} entries (K={k}): the kernel needs groups of at least '
-            f'{gpu.MIN_INT4_PIECE} entries that a power-of-two K step divides or is divided by')
+  smallest = gpu.MIN_GEMV_STEP if gemv else gpu.MIN_TILE
+  if k % smallest:
+    return f'K={k} is not a multiple of {smallest}'
+  if not _k_steps(kind, k, group, gemv):
+    piece = gpu.MIN_GEMV_STEP if gemv else gpu.MIN_INT4_PIECE
+    return (f'int4 groups of {group} entries (K={k}): the {"GEMV" if gemv else "dot"} kernel '
+            f'needs groups of at least {piece} entries that a power-of-two K step divides or is '
+            'divided by')
   return None
 
 
@@ -146,16 +158,17 @@ def _padded_rows(rows: int) -> int:
 
 
 def _fitted(kind: str, k: int, n, group: int | None, *, bn_max: int, bk_max: int,
-            row_blocks: int, target: int, what: str) -> tuple[int, int, int]:
+            row_blocks: int, target: int, what: str,
+            gemv: bool = False) -> tuple[int, int, int]:
   """(bn, bk, split): the largest power-of-two column tile up to bn_max dividing every N, the
   K step up to bk_max (int4: whose pieces fit the groups), then the largest split of K's steps
   keeping the programs (column tiles x row_blocks x split) within `target`."""
-  reason = kernel_unsupported(kind, k, n, group)
+  reason = kernel_unsupported(kind, k, n, group, gemv=gemv)
   if reason:
     raise ValueError(f'the quantized {what} kernel cannot tile these shapes: {reason}')
   widths = _widths(n)
   bn = _tiles(math.gcd(*widths), bn_max)[0]
-  steps = _k_steps(kind, k, group)
+  steps = _k_steps(kind, k, group, gemv)
   # The default step where it fits; else the smallest allowed one above it (int4 groups larger
   # than the default step divide no smaller one).
   bk = next((t for t in steps if t <= bk_max), steps[-1])
@@ -181,7 +194,7 @@ def default_gemv_tiling(kind: str, k: int, n, group: int | None = None) -> tuple
   DEFAULT_GEMV_BK and TARGET_GEMV_PROGRAMS), checked against their accumulator limit."""
   from effjax.kernels.quantized_matmul import gpu
   bn, bk, split = _fitted(kind, k, n, group, bn_max=DEFAULT_GEMV_BN, bk_max=DEFAULT_GEMV_BK[kind],
-                          row_blocks=1, target=TARGET_GEMV_PROGRAMS, what='GEMV')
+                          row_blocks=1, target=TARGET_GEMV_PROGRAMS, what='GEMV', gemv=True)
   for width in _widths(n):
     gpu.check_gemv_tiling(kind, k, width, bn=bn, bk=bk, split=split, group=group)
   return bn, bk, split
@@ -216,7 +229,8 @@ def plan(kind: str, rows: int, k: int, n, group: int | None = None, *,
   resolved = resolve_backend(backend, rows)
   if resolved == 'xla':
     return Plan('xla')
-  reason = kernel_unsupported(kind, k, n, group)
+  gemv = gemv and rows == 1
+  reason = kernel_unsupported(kind, k, n, group, gemv=gemv)
   if reason and backend == 'auto':
     return Plan('xla', reason=reason)
   if reason:
@@ -225,7 +239,7 @@ def plan(kind: str, rows: int, k: int, n, group: int | None = None, *,
   if tiling is not None and len(tiling) != 3:
     raise ValueError(f'tiling must be (bn, bk, split), got {tiling!r}')
   from effjax.kernels.quantized_matmul import gpu
-  if gemv and rows == 1:
+  if gemv:
     if tiling is None:
       return Plan('triton', default_gemv_tiling(kind, k, n, group), gemv=True)
     bn, bk, split = (int(t) for t in tiling)

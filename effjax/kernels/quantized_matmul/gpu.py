@@ -54,6 +54,7 @@ from effjax.kernels._compat import out_struct
 _CompilerParams = getattr(plgpu, 'CompilerParams', None) or plgpu.TritonCompilerParams
 MIN_TILE = 16
 MIN_INT4_PIECE = 2 * MIN_TILE  # K entries of an int4 piece: MIN_TILE in each nibble's dot
+MIN_GEMV_STEP = 2  # the GEMV kernels' smallest K step and int4 piece: one packed row
 MAX_ROW_BLOCK = 64  # float32 accumulator rows a program holds; more rows are more row blocks
 
 
@@ -291,7 +292,7 @@ def int4_matmul(x_even, x_odd, packed, scale, **kw):
 # (int8 after the K loop; int4 per group to each weight tile).
 #
 # Tile rules (check_gemv_tiling): bn, bk powers of two (bn >= 16, bk >= 2), bn dividing N,
-# bk * split dividing K, int4's bk and group dividing one another; the accumulator (bk x bn for
+# bk * split dividing K, int4's bk and group (>= 2) dividing one another; the accumulator (bk x bn for
 # int8, min(bk, group) / 2 packed rows x bn for int4) at most MAX_GEMV_TILE entries (64
 # registers a thread at 4 warps).
 
@@ -303,8 +304,8 @@ def check_gemv_tiling(kind: str, k: int, n: int, *, bn: int, bk: int, split: int
   """Raises ValueError naming the first GEMV kernel constraint the shapes break."""
   if bn < MIN_TILE or not _power_of_two(bn):
     raise ValueError(f'quantized GEMV kernel: bn={bn} must be a power of two >= {MIN_TILE}')
-  if bk < 2 or not _power_of_two(bk):
-    raise ValueError(f'quantized GEMV kernel: bk={bk} must be a power of two >= 2')
+  if bk < MIN_GEMV_STEP or not _power_of_two(bk):
+    raise ValueError(f'quantized GEMV kernel: bk={bk} must be a power of two >= {MIN_GEMV_STEP}')
   rows = bk if kind == 'int8' else min(bk, group or bk) // 2  # the accumulator's rows
   if rows * bn > MAX_GEMV_TILE:
     raise ValueError(f'quantized GEMV kernel: an accumulator of {rows} x {bn} (bk={bk}, '
@@ -316,6 +317,9 @@ def check_gemv_tiling(kind: str, k: int, n: int, *, bn: int, bk: int, split: int
   if kind == 'int4' and (group is None or (bk % group and group % bk)):
     raise ValueError(f'quantized GEMV kernel: int4 bk={bk} and group={group} must divide one '
                      'another')
+  if kind == 'int4' and group < MIN_GEMV_STEP:
+    raise ValueError(f'quantized GEMV kernel: int4 group={group} must be at least '
+                     f'{MIN_GEMV_STEP} entries (one packed row)')
 
 
 def _gemv_loop(steps: int, body, init):
