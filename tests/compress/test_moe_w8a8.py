@@ -179,13 +179,15 @@ def test_calibration_covers_the_routed_experts_of_every_layer(scan_layers):
   dots = _int32_ragged_dots(lambda t: nnx.merge(graphdef, state)(t), tokens)
   assert dots == (2 if scan_layers else 2 * config.model.num_layers), dots
 
-  def error(m):  # relative RMS error of the logits against the float model's
-    return float(np.sqrt(np.mean((np.asarray(m(tokens)) - logits_float) ** 2) /
-                         np.mean(logits_float ** 2)))
-  # Every projection runs int8 x int8 here (attention's too): a few percent on a random model;
-  # the placeholder scale rounds the experts' inputs away (about 35%).
+  def error(m):  # the median over tokens of each token's relative RMS logit error
+    squared = (np.asarray(m(tokens)) - logits_float) ** 2
+    return float(np.median(np.sqrt(squared.mean(-1) / (logits_float ** 2).mean(-1))))
+  # Every projection runs int8 x int8 here (attention's too): about 2% a token on a random model
+  # (1.5-2.8% over 24 seeds); the placeholder scale rounds the experts' inputs away (29-43%). The
+  # median, not the mean: rounding can flip a near-tied top-2 choice of the router, and the few
+  # tokens routed elsewhere then differ wholesale (the mean: 1.5-10% over those seeds, 17% once).
   calibrated, uncalibrated = error(model), error(placeholder)
-  assert calibrated < 0.15 and calibrated < 0.3 * uncalibrated, (calibrated, uncalibrated)
+  assert calibrated < 0.06 and calibrated < 0.2 * uncalibrated, (calibrated, uncalibrated)
 
 
 def test_compress_mode_calibrates_every_product_of_a_moe_model(stdlib_data_dir, tmp_path):
