@@ -68,6 +68,7 @@ def test_optimizer_state_holds_only_adapter_moments():
 
 def _train(layout, batch, steps=3):
   config = _lora_config()
+  config.optim.eps = 1e-3  # the update ~linear in the gradient: see tests/train/test_step.py
   for axis, size in layout.items():
     config.mesh[axis] = size
   devices = jax.devices()[:int(np.prod(list(layout.values())))]
@@ -100,7 +101,7 @@ def test_lora_step_on_8_device_mesh_equals_one_device():
   losses, b, base, _, sharding = _train(dict(data=2, fsdp=2, tensor=2), batch)
   assert ref_losses[-1] < ref_losses[0]
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
-  np.testing.assert_allclose(b, ref_b, rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(b, ref_b, rtol=1e-5, atol=1e-6)
   assert np.abs(ref_b).max() > 0  # the adapters trained
   np.testing.assert_array_equal(ref_base, base0)  # the base stayed frozen
   np.testing.assert_array_equal(base, base0)

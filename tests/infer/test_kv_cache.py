@@ -72,6 +72,26 @@ def test_ring_buffer_holds_w_positions_whatever_max_len():
     assert full_cache['k'].shape == (groups, 2, max_len, kv, hd)
 
 
+def _assert_equal_up_to_rounding_ties(model, prompt, got, want, temperature, seed, top_k=40):
+  """Token lists equal, or where they first differ the cached and the full logits of that prefix
+  agree to float32 rounding and, drawn with that step's key, give exactly the two tokens: a near
+  tie flipped by rounding (a random model's top-2 logit gap came within 5x of the two paths'
+  3e-6 difference in 140 tokens), not a wrong cache or key. Later tokens follow from the flip."""
+  if got == want:
+    return
+  i = next(k for k, (a, b) in enumerate(zip(got, want)) if a != b)
+  tokens = jnp.asarray([prompt + want[:i]], jnp.int32)
+  full = np.asarray(jax.jit(lambda m, t: m(t))(model, tokens))[0, -1]
+  cached = _cached_logits(model, tokens, len(prompt))[0, -1]
+  np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
+  key = jax.random.key(seed)
+  for _ in range(i + 1):  # both generators split the key once per token
+    key, sub = jax.random.split(key)
+  draw = lambda logits: int(gen.sample_logits(
+      jnp.where(jnp.arange(logits.shape[-1]) < 259, logits, -jnp.inf), sub, temperature, top_k))
+  assert {draw(full), draw(cached)} == {want[i], got[i]}, (i, got, want)
+
+
 @pytest.mark.parametrize('temperature', [0.0, 0.8])
 def test_cached_generation_equals_full_recompute(temperature):
   rng = np.random.default_rng()
@@ -83,7 +103,7 @@ def test_cached_generation_equals_full_recompute(temperature):
                 vocab_limit=259)
   reference = gen.generate_tokens(graphdef, params, prompt, 14, **kwargs)
   cached = gen.generate_tokens_cached(graphdef, params, prompt, 14, **kwargs)
-  assert cached == reference
+  _assert_equal_up_to_rounding_ties(model, prompt, cached, reference, temperature, kwargs['seed'])
   if temperature > 0:
     # Sampling from a random model gives a varied continuation; greedy decoding of an untrained
     # model may settle on one token, which is why the per-step logits are compared above.

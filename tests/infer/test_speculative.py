@@ -146,11 +146,12 @@ def test_greedy_speculative_accepting_every_draft_equals_plain():
   assert spec.tokens == _decode(target, 'plain', prompts, max_new=20).tokens
 
 
-def _equal_up_to_rounding_ties(split, prompts, got, want, vocab=259):
-  """Token lists equal, or where a row first differs the full model's bf16 logits for the two
-  tokens at that position are within bf16 rounding of each other (a random-init model's logits are
-  nearly flat, so a product of gamma + 1 rows rounding one ulp differently from a product of one
-  row may flip a tie; anything past the first flip follows from it)."""
+def _equal_up_to_rounding_ties(split, prompts, got, want, vocab=259, rel=4 * 2.0**-8):
+  """Token lists equal, or where a row first differs the full model's logits for the two tokens
+  at that position are within `rel` (bf16 rounding by default) of the largest logit of each other
+  (a random-init model's logits are nearly flat, so a product of gamma + 1 rows rounding one ulp
+  differently from a product of one row may flip a tie; anything past the first flip follows
+  from it)."""
   model = nnx.merge(*split)
   for prompt, g, w in zip(prompts, got, want):
     if g == w:
@@ -159,8 +160,8 @@ def _equal_up_to_rounding_ties(split, prompts, got, want, vocab=259):
     logits = model(jnp.asarray([prompt + w[:i]], jnp.int32))[0, -1, :vocab].astype(jnp.float32)
     gap = abs(float(logits[g[i]]) - float(logits[w[i]]))
     scale = float(jnp.max(jnp.abs(logits)))
-    assert gap <= 4 * 2.0**-8 * scale, (i, g[i], w[i], gap, scale)
-    assert float(jnp.max(logits)) - float(logits[w[i]]) <= 4 * 2.0**-8 * scale
+    assert gap <= rel * scale, (i, g[i], w[i], gap, scale)
+    assert float(jnp.max(logits)) - float(logits[w[i]]) <= rel * scale
 
 
 def test_greedy_speculative_equals_plain_in_bfloat16():
@@ -241,7 +242,8 @@ def test_output_major_engine_equals_training_layout():
                                            sampler=Sampler(vocab_limit=259)), **kw)
     stored = nnx.merge(got.engine.block_defs[-1], got.engine.arrays['blocks'][-1])
     assert isinstance(stored.mixer.wo, w_lib.OutputMajorWeight)
-    assert got.generate(prompts).tokens == want
+    # float32 in both layouts, summed in different orders: equal up to a near tie flipped.
+    _equal_up_to_rounding_ties(target, prompts, got.generate(prompts).tokens, want, rel=1e-5)
   after = jax.tree.leaves(target[1])
   assert all(np.array_equal(a, b) and a.shape == b.shape for a, b in zip(before, after))
 

@@ -80,18 +80,16 @@ def _train(config, devices, batch, steps=2):
 
 def test_train_steps_with_kernel_equal_ragged_dot():
   batch = random_batch(np.random.default_rng(), 8, 32)
-  ref, params_ref = _train(_config('ragged_dot'), jax.devices()[:1], batch)
-  got, params = _train(_config('triton'), jax.devices()[:1], batch)
+  configs = {backend: _config(backend) for backend in ('ragged_dot', 'triton')}
+  for c in configs.values():
+    c.optim.eps = 1e-3  # the update ~linear in the gradient: see tests/train/test_step.py
+  ref, params_ref = _train(configs['ragged_dot'], jax.devices()[:1], batch)
+  got, params = _train(configs['triton'], jax.devices()[:1], batch)
   for m_ref, m in zip(ref, got):
     for key in ('loss', 'grad_norm', 'moe_aux_loss', 'moe_z_loss', 'moe_load_max'):
       np.testing.assert_allclose(m[key], m_ref[key], rtol=2e-5, err_msg=key)
-  # Adam divides by the gradient's own scale, so a near-zero gradient entry whose float32
-  # rounding differs between the two programs can move its parameter by up to a learning rate;
-  # the tolerance is a small fraction of that (the gradients themselves are compared to 1e-4 in
-  # the layer test above).
-  lr = _config('ragged_dot').optim.learning_rate
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_ref)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=0.05 * lr)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 MESHES = {'data8 (expert=1)': dict(data=8), 'data2 x expert4': dict(data=2, expert=4),

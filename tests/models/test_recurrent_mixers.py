@@ -262,7 +262,8 @@ def test_hybrid_stack_is_the_same_on_a_2x2x2_mesh():
   # the default norm_eps 1e-6: a 1e-7 relative perturbation of the parameters moves RetNet's
   # logits by 1.1e-4 (attention's and Mamba-2's by 2e-5), and the two layouts' losses after an
   # update differed by up to 2e-4 relative (SMALL's larger eps damps this).
-  np.testing.assert_allclose(losses['2x2x2'][0], losses['one'][0], rtol=2e-6)
+  # (the first: one forward reduced in another order, up to 6e-7 relative over 32 draws)
+  np.testing.assert_allclose(losses['2x2x2'][0], losses['one'][0], rtol=1e-5)
   np.testing.assert_allclose(losses['2x2x2'], losses['one'], rtol=2e-3)
 
 

@@ -109,6 +109,7 @@ def test_training_steps_equal_single_device():
   def train(mesh_sizes, devices):
     config = tiny_config(pattern='attention:moe')
     config.model.moe_num_experts = 4
+    config.optim.eps = 1e-3  # the update ~linear in the gradient: see tests/train/test_step.py
     for axis, size in mesh_sizes.items():
       config.mesh[axis] = size
     mesh, rules, setup = build(config, devices)
@@ -129,6 +130,6 @@ def test_training_steps_equal_single_device():
       for key in ('loss', 'grad_norm', 'moe_aux_loss', 'moe_z_loss', 'moe_load_max',
                   'moe_router_entropy'):
         np.testing.assert_allclose(m[key], m_ref[key], rtol=2e-5, err_msg=f'{layout}: {key}')
-    np.testing.assert_allclose(w, w_ref, rtol=1e-4, atol=1e-4, err_msg=layout)  # see test_sharding
+    np.testing.assert_allclose(w, w_ref, rtol=1e-5, atol=1e-6, err_msg=layout)
     # w_gate [layers, experts, embed, mlp]: experts split over 'expert', embed over 'fsdp'.
     assert shard_shape == (2, 4 // sizes['expert'], 64 // sizes.get('fsdp', 1), 128), layout

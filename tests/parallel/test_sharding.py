@@ -20,6 +20,7 @@ MESHES = {
 def _run_two_steps(layout, batch):
   sizes, n = MESHES[layout]
   config = tiny_config()
+  config.optim.eps = 1e-3  # the update ~linear in the gradient: see tests/train/test_step.py
   # fsdp=8 shards the 'embed' dim (64) eight ways; the tensor axis shards heads/kv heads by 2.
   for axis, size in sizes.items():
     config.mesh[axis] = size
@@ -43,8 +44,7 @@ def test_loss_equal_across_meshes():
   assert ref_losses[2] < ref_losses[0]  # step 0 has learning rate 0 (warmup)
   for layout, (losses, _, wq) in results.items():
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, err_msg=layout)
-    # Adam turns rounding noise in near-zero gradients into up to a few % of a step (lr 3e-3).
-    np.testing.assert_allclose(wq, ref_wq, rtol=1e-4, atol=1e-4, err_msg=layout)
+    np.testing.assert_allclose(wq, ref_wq, rtol=1e-5, atol=1e-6, err_msg=layout)
   # The parameters really were laid out differently: wq is [layers, embed, heads, head_dim].
   assert results['8x1x1 data'][1] == (2, 64, 4, 16)
   assert results['1x8x1 fsdp'][1] == (2, 8, 4, 16)
