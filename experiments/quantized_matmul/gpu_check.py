@@ -6,7 +6,8 @@
 For int8 and int4 (groups of 128 and 64), x in bf16, f16 and f32, rows M = 1, 3, 16, 64 and 100
 (several row blocks), configs/gpt_1b.py's decode shapes plus shapes that are not multiples of the
 default tiles, the default tiling and explicit ones (split 1, wide and narrow tiles, int4 steps
-smaller and larger than a group): the op with backend='triton' (not interpret mode) against the
+smaller and larger than a group; for the one-row GEMV kernels also int4 groups of 16 and 8 and
+K = 72, which only they take): the op with backend='triton' (not interpret mode) against the
 reference on the same stored values, rel = ||out - ref|| / ||ref||. Then the gradients against
 the 'xla' path's, the kernel inside jax.shard_map with check_vma on (the out_struct path), what
 backend='auto' picks, and the errors for shapes the kernel cannot tile. Prints one line per
@@ -146,6 +147,9 @@ def check_dispatch():
     report('triton refuses int4 groups of 16', False, 'no error')
   except ValueError as e:
     report('triton refuses int4 groups of 16', True, str(e)[:120])
+  small = qm.plan('int4', 1, 2048, 2048, 16, backend='auto', gemv=True)
+  report('auto takes the GEMV kernels for one row in int4 groups of 16',
+         small.backend == 'triton' and small.gemv, str(small))
 
 
 def main(argv):
@@ -193,6 +197,11 @@ def main(argv):
     check_many(kind, 2048, (2048, 512, 512), 1, gemv=True)
   check_values('int4', 2048, 2048, 1, jnp.bfloat16, group=64, gemv=True)
   check_values('int4', 2048, 2048, 1, jnp.bfloat16, group=256, tiling=(128, 128, 2), gemv=True)
+  # Shapes only the GEMV kernels take (no dot): int4 groups of 16 and 8, K steps of 8.
+  for group in (16, 8):
+    check_values('int4', 2048, 2048, 1, jnp.bfloat16, group=group, gemv=True)
+  check_values('int8', 72, 48, 1, jnp.bfloat16, gemv=True)
+  check_values('int4', 72, 48, 1, jnp.bfloat16, group=8, gemv=True)
   check_gradients()
   check_shard_map()
   if not INTERPRET:
