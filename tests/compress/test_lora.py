@@ -11,7 +11,7 @@ from effjax.compress import weights as w_lib
 from effjax.models.lm import LM
 from effjax.parallel import sharding as shd
 from effjax.train import step as step_lib
-from tests.helpers import build, random_batch, tiny_config
+from tests.helpers import build, comparable_updates, random_batch, tiny_config
 
 VOCAB = ['embedding', 'unembedding']  # the vocabulary matrices lora_vocab_dtype narrows
 PATTERNS = {
@@ -68,7 +68,7 @@ def test_optimizer_state_holds_only_adapter_moments():
 
 def _train(layout, batch, steps=3):
   config = _lora_config()
-  config.optim.eps = 1e-3  # the update ~linear in the gradient: see tests/train/test_step.py
+  comparable_updates(config)
   for axis, size in layout.items():
     config.mesh[axis] = size
   devices = jax.devices()[:int(np.prod(list(layout.values())))]
@@ -153,8 +153,8 @@ def test_lora_accumulates_only_the_adapters_gradients():
   batch = random_batch(np.random.default_rng(), 16, 32)
   results = {}
   for micro in (1, 2):
-    # Zero-initialised B gives A a zero first gradient and a tiny second one: the case _one_step's
-    # Adam eps is there for.
+    # Zero-initialised B gives A a zero first gradient and a tiny second one: the case
+    # comparable_updates (which _one_step applies) is there for.
     results[micro] = _one_step(_lora_config(), batch, micro)
   (m1, m1b, p1), (m2, m2b, p2) = results[1], results[2]
   np.testing.assert_allclose(m2['loss'], m1['loss'], rtol=1e-5)

@@ -12,7 +12,7 @@ from effjax.models import layers, moe as moe_lib
 from effjax.parallel import mesh as mesh_lib
 from effjax.parallel import sharding as shd
 from effjax.train import step as step_lib
-from tests.helpers import build, random_batch, tiny_config
+from tests.helpers import build, comparable_updates, random_batch, tiny_config
 
 MESHES = {
     'data2 x expert4': dict(data=2, expert=4),
@@ -109,7 +109,7 @@ def test_training_steps_equal_single_device():
   def train(mesh_sizes, devices):
     config = tiny_config(pattern='attention:moe')
     config.model.moe_num_experts = 4
-    config.optim.eps = 1e-3  # the update ~linear in the gradient: see tests/train/test_step.py
+    comparable_updates(config)
     for axis, size in mesh_sizes.items():
       config.mesh[axis] = size
     mesh, rules, setup = build(config, devices)

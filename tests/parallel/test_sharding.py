@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from effjax.parallel import sharding as shd
 from effjax.train import step as step_lib
-from tests.helpers import build, random_batch, tiny_config
+from tests.helpers import build, comparable_updates, random_batch, tiny_config
 
 MESHES = {
     '1x1x1': (dict(data=1, fsdp=1, tensor=1), 1),
@@ -20,7 +20,7 @@ MESHES = {
 def _run_two_steps(layout, batch):
   sizes, n = MESHES[layout]
   config = tiny_config()
-  config.optim.eps = 1e-3  # the update ~linear in the gradient: see tests/train/test_step.py
+  comparable_updates(config)
   # fsdp=8 shards the 'embed' dim (64) eight ways; the tensor axis shards heads/kv heads by 2.
   for axis, size in sizes.items():
     config.mesh[axis] = size

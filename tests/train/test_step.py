@@ -6,18 +6,14 @@ import numpy as np
 
 from effjax.parallel import sharding as shd
 from effjax.train import step as step_lib
-from tests.helpers import build, random_batch, tiny_config
+from tests.helpers import build, comparable_updates, random_batch, tiny_config
 
 
 def _one_step(config, batch, num_micro, loss_chunk_size=0, z_loss=0.0):
-  """Two train steps; returns both steps' metrics and the parameters after them.
-
-  Adam at eps 1e-8 divides a near-zero gradient by its own square root, so float-rounding
-  differences between two summation orders become differences of a few percent of the step. eps
-  1e-3 keeps the update nearly linear in the gradient, so comparing parameters compares the
-  gradients two step variants computed, tightly."""
+  """Two train steps (Adam eps as `comparable_updates` sets it); returns both steps' metrics and
+  the parameters after them."""
+  config = comparable_updates(config)
   config.train.grad_accum_steps = num_micro
-  config.optim.eps = 1e-3
   mesh, rules, setup = build(config)
   with jax.set_mesh(mesh), shd.axis_rules(rules):
     state = setup.init(seed=1)
