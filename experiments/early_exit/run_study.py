@@ -4,6 +4,7 @@ the exit threshold, time every decoding method on real prompts.
     python experiments/early_exit/run_study.py --workdir=/tmp/effjax_early_exit \
         [--config=configs/early_exit.py] [--set section.field=value ...] [--steps=240] \
         [--draft_config=configs/X.py --draft_steps=N] [--name=results] [--out=DIR]
+        [--thresholds=1.0,0.9,...|''] [--speculative=self_speculative,speculative|'']
 
 Trains --config (skipped when the workdir already holds its last checkpoint; --set overrides
 fields, e.g. model.exit_layers=4,8), then:
@@ -20,6 +21,8 @@ fields, e.g. model.exit_layers=4,8), then:
     <workdir>_draft): tokens/s against plain, acceptance, tokens per round, and whether the
     output is token for token plain greedy's (it must be), and where a prompt's output first
     parts from it, the full model's logit gap between the two tokens there.
+--thresholds='' skips the threshold rows and --speculative picks the speculative methods ('' none),
+so that a rerun of one row fits in a short GPU command.
 Every generation is compiled before it is timed; a prompt's time is the best of --timings runs.
 Writes <name>.json, <name>.md and <name>_sweep.png to --out (default: beside this file).
 """
@@ -114,6 +117,9 @@ def main() -> None:
   parser.add_argument('--draft_set', action='append', default=[], help='section.field=value')
   parser.add_argument('--draft_steps', type=int, default=0)
   parser.add_argument('--gamma', type=int, default=4)
+  parser.add_argument('--speculative', default='self_speculative,speculative',
+                      help="the speculative methods timed ('' none; 'speculative' needs "
+                      "--draft_config)")
   parser.add_argument('--timings', type=int, default=2)
   parser.add_argument('--decode_set', action='append', default=[], help=(
       'section.field=value applied to the target and the draft after training, for evaluation '
@@ -122,6 +128,18 @@ def main() -> None:
   args = parser.parse_args()
   if args.draft_config and args.draft_steps < 1:
     parser.error('--draft_config needs --draft_steps >= 1 (the draft is trained here)')
+  speculative = [m for m in args.speculative.split(',') if m]
+  unknown = sorted(set(speculative) - {'self_speculative', 'speculative'})
+  if unknown:
+    parser.error(f'--speculative: unknown {unknown}; allowed: self_speculative, speculative')
+  if 'speculative' in speculative and not args.draft_config:
+    parser.error("--speculative=speculative needs --draft_config (the draft model)")
+  try:
+    thresholds = [float(t) for t in args.thresholds.split(',') if t.strip()]
+  except ValueError:
+    parser.error(f'--thresholds={args.thresholds!r}: comma-separated numbers in [0, 1], or ""')
+  if any(not 0 <= t <= 1 for t in thresholds):
+    parser.error(f'--thresholds={args.thresholds!r}: each must lie in [0, 1]')
 
   import jax
   import jax.numpy as jnp
@@ -154,7 +172,6 @@ def main() -> None:
       draft_state, _ = trainer._load_latest(draft_run)  # pylint: disable=protected-access
     draft = (draft_run.setup.graphdef, draft_state['params'])
   tok = run.tokenizer
-  thresholds = [float(t) for t in args.thresholds.split(',')]
   with jax.set_mesh(run.mesh), shd.axis_rules(run.rules):
     state, step = trainer._load_latest(run)  # pylint: disable=protected-access
     params = state['params']
@@ -228,7 +245,7 @@ def main() -> None:
     model = nnx.merge(graphdef, params)
 
     speculative_rows = []
-    methods = [('self_speculative', None)] + ([('speculative', draft)] if draft else [])
+    methods = [(m, draft if m == 'speculative' else None) for m in speculative]
     for method, draft_model in methods:
       decoder = gen.Decoder(graphdef, params, gen.Options(method=method, **base),
                             draft=draft_model)
@@ -273,7 +290,7 @@ def main() -> None:
     json.dump(result, f, indent=2, default=float)
   lines = ['| threshold | exited (held-out) | perplexity | vs full | agreement (forced) | '
            'agreement (generated) | exited (generated) | tokens/s | vs plain |',
-           '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+           '| --- | --- | --- | --- | --- | --- | --- | --- | --- |'] if rows else []
   for r in rows:
     lines.append(f"| {r['threshold']:.2f} | {r['exit_fraction_heldout']:.1%} | "
                  f"{r['perplexity']:.3f} | {r['perplexity_increase']:+.1%} | "
@@ -297,7 +314,10 @@ def main() -> None:
   with open(os.path.join(args.out, f'{args.name}.md'), 'w', encoding='utf-8') as f:
     f.write(f"{machine}, {args.config} {' '.join(args.set)}, {args.steps} steps; full-depth "
             f"held-out perplexity {full_ppl:.3f} over {n_tokens} tokens; calibrated thresholds "
-            f"{calibrated}.\n\n" + '\n'.join(lines) + '\n')
+            f"{calibrated}.\n\n" + '\n'.join(lines).lstrip('\n') + '\n')
+  if not rows:  # --thresholds='': no sweep to plot
+    print(open(os.path.join(args.out, f'{args.name}.md'), encoding='utf-8').read())
+    return
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
