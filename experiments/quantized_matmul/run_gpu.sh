@@ -40,15 +40,19 @@ gemv() {
   python3 experiments/quantized_matmul/gpu_check.py --quick > "$RES/gpu_check_gemv.txt" 2>&1
   grep -E "gemv|failed" "$RES/gpu_check_gemv.txt"
   python3 -m effjax.bench kernels --op=qmm --grid=decode --out="$RES" --name=kernels_qmm_gemv \
-    --impls=bf16,effjax_int8,gemv_int8,effjax_int4,gemv_int4 $CACHE
+    --impls=bf16,effjax_int8,gemv_int8,effjax_int4,gemv_int4 $CACHE --profile_dir="$RES/gemv_profile"
   python3 experiments/quantized_matmul/decode.py --repeats=3 --out="$RES/decode_gemv" \
     --variants=bf16,int8:triton:dot,int8:triton:gemv,int4:triton:dot,int4:triton:gemv
 }
-# The GEMV kernels' tilings at M = 1 (GEMV_TUNE_TILINGS), one kind per call.
+# The GEMV kernels' tilings at M = 1 (GEMV_TUNE_TILINGS), one kind per call. Traced: a product's
+# wall-clock time in these grids (25-40 us) is far above the 1-6 us its bytes take at HBM speed,
+# so compare the rows' device time ('traced device ms'), which is the kernel's own cost.
 tune_gemv_int8() { python3 -m effjax.bench kernels --op=qmm --grid=tune --impls=gemv_int8 \
-                   --out="$RES" --name=kernels_qmm_tune_gemv_int8 $CACHE; }
+                   --out="$RES" --name=kernels_qmm_tune_gemv_int8 $CACHE --repeats=6 \
+                   --profile_dir="$RES/tune_gemv_int8_profile"; }
 tune_gemv_int4() { python3 -m effjax.bench kernels --op=qmm --grid=tune --impls=gemv_int4 \
-                   --out="$RES" --name=kernels_qmm_tune_gemv_int4 $CACHE; }
+                   --out="$RES" --name=kernels_qmm_tune_gemv_int4 $CACHE --repeats=6 \
+                   --profile_dir="$RES/tune_gemv_int4_profile"; }
 
 steps=("$@")
 if [ "${steps[0]:-all}" = all ]; then steps=(check kernels_int8 kernels_int4 decode); fi
