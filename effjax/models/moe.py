@@ -180,6 +180,13 @@ def _row_groups(group_sizes_g: jax.Array, rows: int) -> jax.Array:
                      group_sizes_g.shape[0] - 1)
 
 
+def int8_rows(x_md, act_scale):
+  """int8_gmm's activation rounding: x / act_scale in float32, half to even, clipped to
+  [-INT8_MAX, INT8_MAX], as int8."""
+  xq = jnp.clip(jnp.round(x_md.astype(jnp.float32) / act_scale), -INT8_MAX, INT8_MAX)
+  return xq.astype(jnp.int8)
+
+
 @jax.custom_vjp
 def int8_gmm(x_md, act_scale, q_gkn, scale_g1n, group_sizes_g):
   """W8A8 grouped matmul: rows of group g, rounded to int8 with the static scale act_scale,
@@ -190,8 +197,7 @@ def int8_gmm(x_md, act_scale, q_gkn, scale_g1n, group_sizes_g):
   dense W8A8 product does; the weights and scales take none. Exact on CPU; on an H100 (JAX
   0.11.2) XLA's GPU ragged_dot gave outputs 5e-4 relative off the exact integer product
   (experiments/gpu_smoke/moe_w8a8_check.py, experiments/compression/README.md)."""
-  xq = jnp.clip(jnp.round(x_md.astype(jnp.float32) / act_scale), -INT8_MAX, INT8_MAX)
-  acc = jax.lax.ragged_dot(xq.astype(jnp.int8), q_gkn, group_sizes_g,
+  acc = jax.lax.ragged_dot(int8_rows(x_md, act_scale), q_gkn, group_sizes_g,
                            preferred_element_type=jnp.int32)
   g, _, n = q_gkn.shape
   rows = _row_groups(group_sizes_g, x_md.shape[0])

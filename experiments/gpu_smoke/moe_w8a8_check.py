@@ -2,16 +2,18 @@
 against an exact reference, forward and gradient, at bf16 and float32 inputs.
   python experiments/gpu_smoke/moe_w8a8_check.py
 
-Three numbers per input dtype, so that a mismatch says where it comes from:
+Four numbers per input dtype, so that a mismatch says where it comes from:
   - the integer accumulator alone: jax.lax.ragged_dot of the int8 rows and experts with int32
     accumulation against numpy's int64 product of the same values (must be exactly equal);
   - the same product with the int8 values carried in bf16 and float32 accumulation (exact for
     these sizes: every partial sum is an integer below 2^24), the alternative formulation;
+  - the activation rounding alone (moe.int8_rows on the device against numpy's float32 division
+    and half-to-even rounding: a reciprocal multiply or a different rounding flips entries);
   - int8_gmm's output (the activation rounding included) against the float64 product of the
     rounded rows and the dequantized experts, over the rows the groups cover; rows past them
     must be zero.
-Exits 1 if any of these is off (accumulators not exact, or the forward's relative error above
-1e-5)."""
+Exits 1 if any of these is off (accumulators not exact, an entry rounded differently, or the
+forward's relative error above 1e-5)."""
 
 import sys
 
@@ -69,6 +71,13 @@ def main() -> int:
     y = np.asarray(jax.jit(moe.int8_gmm)(x, act, q, s, gs), np.float64)
     # The rows as the function rounds them: float32 division by the scale, half to even.
     x_rounded = np.clip(np.round(np.asarray(x.astype(jnp.float32)) / np.float32(act)), -127, 127)
+    on_device = np.asarray(jax.jit(moe.int8_rows)(x, act), np.float64)
+    flipped = on_device != x_rounded
+    print(f'{jnp.dtype(dtype).name} rows rounded on the device (int8_rows): {int(flipped.sum())} '
+          f'of {flipped.size} entries differ from numpy\'s float32 division and rounding'
+          + (f', by at most {np.abs(on_device - x_rounded).max():.0f}' if flipped.any() else ''))
+    if flipped.any():
+      failed.append(f'int8_rows {jnp.dtype(dtype).name}')
     exact = _exact(x_rounded.astype(np.int8), q_np, sizes, rows).astype(np.float64)
     rows_of = np.repeat(np.arange(groups), sizes)
     ref = exact[:covered] * float(act) * np.asarray(s, np.float64)[rows_of, 0]
