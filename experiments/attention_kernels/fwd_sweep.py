@@ -1,6 +1,6 @@
 """On a Hopper GPU: the Mosaic GPU forward's key tile and ring depth, against cuDNN, causal.
 
-    python experiments/attention_kernels/fwd_sweep.py [--out=FILE]
+    python experiments/attention_kernels/fwd_sweep.py [--out=FILE] [--shapes=0,2]
 
 Per shape (the targets' D 64 and D 128 rows at S 4k and 16k): cuDNN's forward, then
 mosaic_gpu.fwd at block_k 64 / 128 / 256 and ring depths 2-4 (those that fit in shared memory;
@@ -43,10 +43,13 @@ def _timed(fn, sets, repeats=10):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--out', default=None)
+  parser.add_argument('--shapes', default='all',
+                      help="'all' or indices into SHAPES, comma-separated (0,2: the S 4k rows)")
   args = parser.parse_args()
+  shapes = SHAPES if args.shapes == 'all' else [SHAPES[int(i)] for i in args.shapes.split(',')]
   lines = [f'{jax.devices()[0].device_kind}, JAX {jax.__version__}']
   print(lines[0], flush=True)
-  for b, s, h, d in SHAPES:
+  for b, s, h, d in shapes:
     keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3 * CALLS)
     sets = [tuple(jax.random.normal(keys[3 * i + j], (b, s, h, d), jnp.bfloat16)
                   for j in range(3)) for i in range(CALLS)]
