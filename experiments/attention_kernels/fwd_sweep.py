@@ -6,17 +6,17 @@ Per shape (the targets' D 64 and D 128 rows at S 4k and 16k): cuDNN's forward, t
 mosaic_gpu.fwd at block_k 64 / 128 / 256 and ring depths 2-4 (those that fit in shared memory;
 the default marked), and the default tiling once more with the softmax scale applied as a
 separate multiply (mosaic_gpu.FOLD_SCALE off). Each is checked against cuDNN's output before it
-is timed. Times are medians of 10 timed calls of 4 back-to-back forwards each (inputs rotated so
-no call reuses the previous one's cache lines); TFLOP/s count the causal half.
+is timed. Times are medians of 40 synchronised calls rotating over 4 input sets
+(effjax.bench's timing loop); TFLOP/s count the causal half.
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax.bench import kernels as kb
 from effjax.kernels.flash_attention import computed_blocks
 from effjax.kernels.flash_attention import mosaic_gpu as mg
 
@@ -30,14 +30,9 @@ def _most_stages(d, block_k):
 
 
 def _timed(fn, sets, repeats=10):
-  run = jax.jit(lambda sets: [fn(*s) for s in sets])
-  jax.block_until_ready(run(sets))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(run(sets))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times)) * 1e3 / len(sets)
+  """Median ms of a call, rotating over the input sets (effjax.bench's timing loop)."""
+  _, seconds = kb.time_calls(fn, sets, repeats * len(sets))
+  return float(np.median(seconds)) * 1e3
 
 
 def main():
