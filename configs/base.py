@@ -306,7 +306,8 @@ def get_config() -> ml_collections.ConfigDict:
   cp.qmm_backend = 'auto'
   cp.qmm_interpret = False  # run the kernel in Pallas interpret mode (slow; CPU testing)
   # Products sharing an input (attention's q, k, v; SwiGLU's gate, up) as one kernel launch
-  # (one x load, one set of programs over all their column tiles); False: a launch each.
+  # (one x load, one set of programs over all their column tiles); False: a launch each. A
+  # group with a weight the kernel cannot tile runs a launch per weight, the others on the kernel.
   cp.qmm_fuse = True
   # The kinds ('int8', 'int4', comma-separated; '' none) whose single-row products on the kernel
   # path (batch-1 decoding) take the GEMV kernels (elementwise products, no tensor cores) rather

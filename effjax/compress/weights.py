@@ -263,13 +263,16 @@ def _kernel_products(products, x: jax.Array, dtype) -> list[jax.Array] | None:
     return None
   lead, k = operands[0][0], operands[0][1]
   first = products[0][1]
-  if first.backend == 'triton':
+  if first.backend == 'triton' or (first.backend == 'auto' and len(products) > 1):
     # compress.qmm_backend='triton' puts every product the kernel can tile on it; a projection
     # it cannot (GLA's 4-wide gate, Mamba-1's dt projections) takes XLA's product, said once.
+    # A group the kernel cannot tile as a whole runs one product at a time under 'auto' too, so
+    # that one untileable weight (Mamba-1's dt_low beside B and C) does not send the others of
+    # its launch to XLA as well.
     group = None if first.kind == 'int8' else k // operands[0][3].shape[0]
     reason = qmm.kernel_unsupported(first.kind, k, [o[2].shape[1] for o in operands], group)
     if reason:
-      if len(products) == 1:
+      if first.backend == 'triton' and len(products) == 1:
         _say_once(f"compress.qmm_backend='triton': the quantized matmul kernel cannot tile a "
                   f"{first.kind} product ({reason}); that product runs through XLA")
       return None

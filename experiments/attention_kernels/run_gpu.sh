@@ -2,7 +2,7 @@
 # The Hopper attention study on the GPU machine, in named steps, most important first; every
 # result file is packed into $OUT/results.tgz after each step (a run cut short keeps what it did).
 #   bash experiments/attention_kernels/run_gpu.sh STEP [STEP ...]
-#   steps: check d256 model auto quick targets gpt2 gpt1b grid
+#   steps: check d256 model auto quick targets gpt2 gpt1b fwd_sweep grid
 set -u
 OUT=${OUT:-/tmp/effjax_attention_out}
 RES=${RES:-/tmp/effjax_attention_results}
@@ -58,6 +58,10 @@ train_pair() {  # $1 config, $2 name: cuDNN attention layers, then flash layers 
 }
 gpt2() { train_pair gpt2_small gpt2; }
 gpt1b() { train_pair gpt_1b gpt1b; }
+# The Mosaic GPU forward's key tile and ring depth against cuDNN (D64 and D128, S 4k and 16k).
+fwd_sweep() {
+  python3 experiments/attention_kernels/fwd_sweep.py --out="$RES/fwd_sweep.txt"
+}
 # The full default grid (causal and full, S 1k-32k).
 grid() {
   python3 -m effjax.bench kernels --op=attention --repeats=10 $CACHE \

@@ -339,3 +339,30 @@ def test_w8a8_gradient_passes_straight_through_the_activation_rounding():
   # move (the rounding's own gradient is zero almost everywhere).
   for name in ('mixer_normscale', 'ff_normscale'):
     assert float(jnp.min(jnp.max(jnp.abs(grads[name]), axis=-1))) > 0, name
+
+
+@pytest.mark.parametrize('backend', ['auto', 'triton'])
+def test_a_group_with_a_weight_the_kernel_cannot_tile_keeps_the_kernel_for_the_others(
+    backend, monkeypatch):
+  """Mamba-1's dt_low / B / C share an input; dt_low's 4 outputs are no multiple of the kernel's
+  16. On a GPU (simulated: the dispatch asks jax.default_backend) under 'auto' and 'triton' the
+  group runs one product at a time, B and C on the kernel, rather than all three through XLA;
+  the products equal the dense weights'."""
+  from configs import base
+  from effjax.models import layers
+  rng = np.random.default_rng()
+  c = base.get_config().compress
+  c.qmm_backend, c.qmm_interpret = backend, True
+  names = ('inner', None)
+  dense = [jnp.asarray(rng.standard_normal((64, n)) * 0.1, jnp.float32) for n in (4, 16, 16)]
+  weights = [w_lib.compress_param(w_lib._param(w, names), f'w{i}', 'int8', c)
+             for i, w in enumerate(dense)]
+  assert all(w.fuse for w in weights)
+  products = list(zip(['bte,er->btr', 'bte,en->btn', 'bte,en->btn'], weights))
+  x = jnp.asarray(rng.standard_normal((1, 1, 64)), jnp.float32)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  jaxpr = str(jax.make_jaxpr(lambda x: layers.matmuls(x, products, jnp.float32))(x))
+  assert jaxpr.count('pallas_call') == 2
+  ys = jax.jit(lambda x: layers.matmuls(x, products, jnp.float32))(x)
+  for y, w in zip(ys, weights):
+    np.testing.assert_allclose(y, jnp.einsum('bte,en->btn', x, w[...]), rtol=1e-5, atol=1e-5)
