@@ -5,9 +5,9 @@
 Per shape (the targets' D 64 and D 128 rows at S 4k and 16k): cuDNN's forward, then
 mosaic_gpu.fwd at block_k 64 / 128 / 256 and ring depths 2-4 (those that fit in shared memory;
 the default marked), and the default tiling once more with the softmax scale applied as a
-separate multiply (mosaic_gpu.FOLD_SCALE off). Each is checked against cuDNN's output (max |diff| <=
-TOLERANCE) before it is timed. Times are medians of 40 synchronised calls rotating over 4 input sets
-(effjax.bench's timing loop); TFLOP/s count the causal half.
+separate multiply (mosaic_gpu.FOLD_SCALE off). Each is checked against cuDNN's output (max
+|diff| at most TOLERANCE) before it is timed. Times are medians of 40 synchronised calls
+rotating over 4 input sets (effjax.bench's timing loop); TFLOP/s count the causal half.
 """
 
 import argparse
