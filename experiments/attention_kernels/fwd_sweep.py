@@ -1,12 +1,13 @@
 """On a Hopper GPU: the Mosaic GPU forward's key tile and ring depth, against cuDNN, causal.
 
-    python experiments/attention_kernels/fwd_sweep.py [--out=FILE]
+    python experiments/attention_kernels/fwd_sweep.py [--out=FILE] [--shapes=0,2]
 
 Per shape (the targets' D 64 and D 128 rows at S 4k and 16k): cuDNN's forward, then
-mosaic_gpu.fwd at block_k 64 / 128 / 256 and every ring depth from 2 up to what fits in shared
-memory (at most 6; the default marked), each checked against cuDNN's output (max |diff| at
-most TOLERANCE) before it is timed. Times are medians of 40 synchronised calls rotating over 4
-input sets (effjax.bench's timing loop); TFLOP/s count the causal half.
+mosaic_gpu.fwd at block_k 64 / 128 / 256 and ring depths 2-4 (those that fit in shared memory;
+the default marked), and the default tiling once more with the softmax scale applied as a
+separate multiply (mosaic_gpu.FOLD_SCALE off). Each is checked against cuDNN's output (max
+|diff| at most TOLERANCE) before it is timed. Times are medians of 40 synchronised calls
+rotating over 4 input sets (effjax.bench's timing loop); TFLOP/s count the causal half.
 """
 
 import argparse
@@ -24,6 +25,11 @@ CALLS = 4
 TOLERANCE = 5e-2  # max |out - cuDNN's out|: a few bf16 steps at outputs of order 1
 
 
+def _most_stages(d, block_k):
+  """k/v slots that fit in shared memory beside q."""
+  return int((mg._SMEM_BYTES - mg.BLOCK_Q * d * 2 - 4096) // (4 * block_k * d))
+
+
 def _timed(fn, sets, repeats=10):
   """Median ms of a call, rotating over the input sets (effjax.bench's timing loop)."""
   _, seconds = kb.time_calls(fn, sets, repeats * len(sets))
@@ -33,10 +39,13 @@ def _timed(fn, sets, repeats=10):
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--out', default=None)
+  parser.add_argument('--shapes', default='all',
+                      help="'all' or indices into SHAPES, comma-separated (0,2: the S 4k rows)")
   args = parser.parse_args()
+  shapes = SHAPES if args.shapes == 'all' else [SHAPES[int(i)] for i in args.shapes.split(',')]
   lines = [f'{jax.devices()[0].device_kind}, JAX {jax.__version__}']
   print(lines[0], flush=True)
-  for b, s, h, d in SHAPES:
+  for b, s, h, d in shapes:
     keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3 * CALLS)
     sets = [tuple(jax.random.normal(keys[3 * i + j], (b, s, h, d), jnp.bfloat16)
                   for j in range(3)) for i in range(CALLS)]
@@ -49,27 +58,30 @@ def main():
     lines.append(f'{head} cudnn: {base:.3f} ms {flops / base / 1e9:.1f} TFLOP/s')
     print(lines[-1], flush=True)
     default_k = mg.default_blocks(d)[1]
-    for block_k in (64, 128, 256):
+    default_stages = mg.default_stages(d, default_k)
+    runs = [(block_k, stages, True) for block_k in (64, 128, 256)
+            for stages in range(2, max(2, min(4, _most_stages(d, block_k))) + 1)]
+    for block_k, stages, fold in runs + [(default_k, default_stages, False)]:
+      mg.FOLD_SCALE = fold  # read when the forward is traced, in _timed's first call
       blocks = computed_blocks(s, mg.BLOCK_Q, block_k, causal=True)
-      default_stages = mg.default_stages(d, block_k)
-      most = int((mg._SMEM_BYTES - mg.BLOCK_Q * d * 2 - 4096) // (4 * block_k * d))
-      for stages in range(2, max(2, min(6, most)) + 1):
-        tag = ' (default)' if (block_k, stages) == (default_k, default_stages) else ''
-        fwd = lambda q, k, v, _bk=block_k, _st=stages, _bl=blocks: mg.fwd(
-            q, k, v, None, causal=True, window=None, blocks=_bl, scale=d ** -0.5,
-            block_q=mg.BLOCK_Q, block_k=_bk, stages=_st)[0]
-        try:
-          err = float(np.abs(np.asarray(jax.jit(fwd)(*sets[0]), np.float32) - ref).max())
-          if not err <= TOLERANCE:  # a wrong result is a row, not a time
-            raise ValueError(f'max |diff| {err:.1e} from cuDNN, above {TOLERANCE}')
-          ms = _timed(fwd, sets)
-          lines.append(f'{head} block_k {block_k:3d} stages {stages}{tag}: {ms:.3f} ms '
-                       f'{flops / ms / 1e9:.1f} TFLOP/s, {base / ms:.3f}x cuDNN, max |diff| '
-                       f'{err:.1e}')
-        except Exception as e:  # noqa: BLE001  (a tiling that does not compile is a row too)
-          lines.append(f'{head} block_k {block_k:3d} stages {stages}{tag}: ERROR '
-                       f'{str(e).splitlines()[0][:160]}')
-        print(lines[-1], flush=True)
+      tag = ' (default)' if (block_k, stages) == (default_k, default_stages) else ''
+      tag += '' if fold else ' scale not folded'
+      fwd = lambda q, k, v, _bk=block_k, _st=stages, _bl=blocks: mg.fwd(
+          q, k, v, None, causal=True, window=None, blocks=_bl, scale=d ** -0.5,
+          block_q=mg.BLOCK_Q, block_k=_bk, stages=_st)[0]
+      try:
+        err = float(np.abs(np.asarray(jax.jit(fwd)(*sets[0]), np.float32) - ref).max())
+        if not err <= TOLERANCE:  # a wrong result is a row, not a time
+          raise ValueError(f'max |diff| {err:.1e} from cuDNN, above {TOLERANCE}')
+        ms = _timed(fwd, sets)
+        lines.append(f'{head} block_k {block_k:3d} stages {stages}{tag}: {ms:.3f} ms '
+                     f'{flops / ms / 1e9:.1f} TFLOP/s, {base / ms:.3f}x cuDNN, max |diff| '
+                     f'{err:.1e}')
+      except Exception as e:  # noqa: BLE001  (a tiling that does not compile is a row too)
+        lines.append(f'{head} block_k {block_k:3d} stages {stages}{tag}: ERROR '
+                     f'{str(e).splitlines()[0][:160]}')
+      print(lines[-1], flush=True)
+    mg.FOLD_SCALE = True
   if args.out:
     with open(args.out, 'w') as f:
       f.write('\n'.join(lines) + '\n')

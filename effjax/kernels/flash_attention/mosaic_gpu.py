@@ -62,6 +62,9 @@ _SMEM_BYTES = 227 * 1024  # usable shared memory per CTA on Hopper
 # 512 (240 + 240 + 40 would). 232 / 40 is the split JAX's own Hopper kernels use.
 COMPUTE_REGISTERS, MEMORY_REGISTERS = 232, 40
 assert COMPUTE_WGS * COMPUTE_REGISTERS + MEMORY_REGISTERS <= 512
+# Full tiles fold the softmax scale into exp2's argument (see fwd's step). False restores the
+# separate scaling, for experiments/attention_kernels/fwd_sweep.py to compare the two.
+FOLD_SCALE = True
 
 
 def default_blocks(head_dim: int) -> tuple[int, int]:
@@ -240,13 +243,20 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
       seg_k = _load(segk_smem.at[slot], plgpu.Layout.WGMMA.reduce(0)) \
           if masked and has_segments else None
       plgpu.barrier_arrive(k_free.at[slot])
-      scores = scores * qk_scale
-      if masked:
-        scores = _mask_tile(scores, row0, idx_ref[qb, t] * block_k, seg_q, seg_k,
-                            keys_on_rows=False, causal=causal, window=window, layout=layout)
-      m_new = jnp.maximum(m, scores.max(axis=1))
+      if masked or not FOLD_SCALE:
+        scores = scores * qk_scale
+        if masked:
+          scores = _mask_tile(scores, row0, idx_ref[qb, t] * block_k, seg_q, seg_k,
+                              keys_on_rows=False, causal=causal, window=window, layout=layout)
+        m_new = jnp.maximum(m, scores.max(axis=1))
+        p = jnp.exp2(scores - lax.broadcast_in_dim(m_new, scores.shape, [0]))
+      else:
+        # A full tile: the scale goes into the exponent's argument, one fused multiply-add an
+        # entry, and the row max is taken unscaled (scaling by a positive constant commutes with
+        # max and with rounding), instead of a multiply, then a subtract.
+        m_new = jnp.maximum(m, scores.max(axis=1) * qk_scale)
+        p = jnp.exp2(scores * qk_scale - lax.broadcast_in_dim(m_new, scores.shape, [0]))
       alpha = jnp.exp2(m - m_new)
-      p = jnp.exp2(scores - lax.broadcast_in_dim(m_new, scores.shape, [0]))
       l = l * alpha + p.sum(axis=1)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
       p = p.astype(dtype)
