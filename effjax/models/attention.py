@@ -105,6 +105,13 @@ def op_blocks(backend: str, head_dim: int, seq_len: int,
     blocks = [min(b, fit) for b in blocks]
   if layout_block:
     blocks = [math.gcd(b, layout_block) for b in blocks]
+  if backend == 'mosaic_gpu':
+    # The query tile is fixed; a key tile longer than it (head dim 64 takes 256) is halved,
+    # down to 64, until it divides the length padded for the query tile, so it adds no padding.
+    padded = -(-seq_len // math.lcm(blocks[0], layout_block or 1)) * math.lcm(
+        blocks[0], layout_block or 1)
+    while blocks[1] > 64 and padded % blocks[1]:
+      blocks[1] //= 2
   multiple = math.lcm(*blocks, layout_block or 1)
   return -(-seq_len // multiple) * multiple, blocks[0], blocks[1]
 

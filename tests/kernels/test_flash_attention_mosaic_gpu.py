@@ -126,7 +126,7 @@ def test_head_dim_256_gradients_lower_through_triton_backward_when_asked(monkeyp
 @pytest.mark.parametrize('case,d,hq,hkv,block_k', [
     ('causal', 64, 2, 1, 64), ('bidirectional', 128, 1, 1, 128), ('window', 64, 1, 1, 64),
     ('window_bidirectional', 64, 1, 1, 128), ('segments', 64, 2, 2, 64), ('bigbird', 64, 2, 1, 64),
-    ('causal', 256, 1, 1, 64)])
+    ('causal', 256, 1, 1, 64), ('bidirectional', 64, 2, 1, 256)])
 def test_interpreted_kernel_matches_reference(case, d, hq, hkv, block_k):
   rng = np.random.default_rng()
   s = 256

@@ -106,10 +106,18 @@ def _rel(a, b) -> float:
 
 
 def test_op_blocks_keep_the_warpgroup_tiles():
-  """Short sequences pad to 128 instead of shrinking the 128-row query tile."""
+  """Short sequences pad to 128 instead of shrinking the 128-row query tile; head dim 64's
+  256-key tile is halved where it would add padding beyond that."""
   assert attn.op_blocks('mosaic_gpu', 64, 40) == (128, 128, 128)
   assert attn.op_blocks('mosaic_gpu', 128, 1000) == (1024, 128, 128)
   assert attn.op_blocks('mosaic_gpu', 256, 512, 256) == (512, 128, 64)
+  assert attn.op_blocks('mosaic_gpu', 64, 1000) == (1024, 128, 256)
+  assert attn.op_blocks('mosaic_gpu', 64, 300) == (384, 128, 128)
+  assert attn.op_blocks('mosaic_gpu', 64, 512, 128) == (512, 128, 128)
+  rng = np.random.default_rng()
+  for s in rng.integers(1, 5000, 20):
+    padded, block_q, block_k = attn.op_blocks('mosaic_gpu', 64, int(s))
+    assert padded == -(-s // 128) * 128 and padded % block_k == 0 and block_k in (128, 256)
 
 
 def test_config_refuses_what_the_kernel_cannot_run():
