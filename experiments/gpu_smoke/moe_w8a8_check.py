@@ -8,12 +8,13 @@ Four numbers per input dtype, so that a mismatch says where it comes from:
   - the same product with the int8 values carried in bf16 and float32 accumulation (exact for
     these sizes: every partial sum is an integer below 2^24), the alternative formulation;
   - the activation rounding alone (moe.int8_rows on the device against numpy's float32 division
-    and half-to-even rounding: a reciprocal multiply or a different rounding flips entries);
-  - int8_gmm's output (the activation rounding included) against the float64 product of the
-    rounded rows and the dequantized experts, over the rows the groups cover; rows past them
-    must be zero.
-Exits 1 if any of these is off (accumulators not exact, an entry rounded differently, or the
-forward's relative error above 1e-5)."""
+    and half-to-even rounding): entries may differ only by 1 and only at quotients within a few
+    float32 steps of a half-integer (a division that differs in the last place rounds such a tie
+    the other way; the H100 rounded 1 entry of 476,672 differently at float32 inputs);
+  - int8_gmm's output against the float64 product of the rows as the device rounded them and
+    the dequantized experts, over the rows the groups cover; rows past them must be zero.
+Exits 1 if any of these is off (accumulators not exact, an entry rounded differently other than
+at a tie, or the forward's relative error above 1e-5)."""
 
 import sys
 
@@ -70,15 +71,25 @@ def main() -> int:
     act = jnp.float32(0.8 * float(jnp.max(jnp.abs(x.astype(jnp.float32)))) / 127)
     y = np.asarray(jax.jit(moe.int8_gmm)(x, act, q, s, gs), np.float64)
     # The rows as the function rounds them: float32 division by the scale, half to even.
-    x_rounded = np.clip(np.round(np.asarray(x.astype(jnp.float32)) / np.float32(act)), -127, 127)
+    quotient = np.asarray(x.astype(jnp.float32)) / np.float32(act)
+    x_rounded = np.clip(np.round(quotient), -127, 127)
     on_device = np.asarray(jax.jit(moe.int8_rows)(x, act), np.float64)
     flipped = on_device != x_rounded
+    # A device whose float32 division differs from numpy's in the last place (a reciprocal
+    # multiply) rounds a quotient within a few float32 steps of a half-integer to the other
+    # neighbour, which is equally valid. The H100 rounded 1 entry of 476,672 differently (whether
+    # at such a tie was not recorded then). Anything else fails.
+    tie_gap = np.abs(np.abs(quotient - np.floor(quotient)) - 0.5)
+    at_ties = bool(np.all(tie_gap[flipped] <= 4 * np.spacing(np.abs(quotient[flipped]))))
+    by_one = bool(np.all(np.abs(on_device - x_rounded) <= 1))
     print(f'{jnp.dtype(dtype).name} rows rounded on the device (int8_rows): {int(flipped.sum())} '
           f'of {flipped.size} entries differ from numpy\'s float32 division and rounding'
-          + (f', by at most {np.abs(on_device - x_rounded).max():.0f}' if flipped.any() else ''))
-    if flipped.any():
+          + (f', by at most {np.abs(on_device - x_rounded).max():.0f}, every one at a quotient '
+             f'within 4 float32 steps of a half-integer: {at_ties}' if flipped.any() else ''))
+    if not (at_ties and by_one):
       failed.append(f'int8_rows {jnp.dtype(dtype).name}')
-    exact = _exact(x_rounded.astype(np.int8), q_np, sizes, rows).astype(np.float64)
+    # The product is checked on the device's own rounding, so it measures the accumulator.
+    exact = _exact(on_device.astype(np.int8), q_np, sizes, rows).astype(np.float64)
     rows_of = np.repeat(np.arange(groups), sizes)
     ref = exact[:covered] * float(act) * np.asarray(s, np.float64)[rows_of, 0]
     err = np.abs(y[:covered] - ref).max() / np.abs(ref).max()
