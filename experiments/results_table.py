@@ -502,6 +502,40 @@ def attention_d64(bench) -> str:
       bench, restricted_dim=64).split('; ', 2)[2].replace('at 16k, D64, ', 'at 16k, ')
 
 
+_SWEEP_ROW = re.compile(r'^B\d+ S(\d+) H\d+ D(\d+) (?:cudnn|block_k\s+(\d+) stages (\d+)'
+                        r'( \(default\))?( scale not folded)?): ([\d.]+) ms')
+
+
+def forward_sweep(*sweeps, tilings: dict[int, tuple[int, int]]) -> str:
+  """The Mosaic GPU forward sweep (fwd_sweep.py output) against cuDNN per head dim, over the
+  swept lengths: the tiling `tilings` names for the head dim (block_k, stages), against the
+  sweep's 'scale not folded' row (the default tiling before the fold)."""
+  cudnn, chosen, unfolded = {}, {}, {}
+  for path in sweeps:
+    for line in path.read_text().splitlines():
+      m = _SWEEP_ROW.match(line)
+      if not m:
+        continue
+      seq, dim, block_k, stages, _, not_folded, ms = m.groups()
+      key = (int(dim), int(seq))
+      if block_k is None:
+        cudnn[key] = float(ms)
+      elif not_folded:
+        unfolded[key] = float(ms)
+      elif (int(block_k), int(stages)) == tilings.get(int(dim)):
+        chosen[key] = float(ms)
+  parts = []
+  for dim in sorted({d for d, _ in cudnn}):
+    keys = sorted(k for k in cudnn if k[0] == dim)
+    ratios = lambda table: span([cudnn[k] / table[k] for k in keys if k in table])
+    block_k, stages = tilings[dim]
+    parts.append(f"D{dim} at S {', '.join(seq_text(s) for _, s in keys)}: {block_k}-key tiles, "
+                 f"{stages} slots {ratios(chosen)} cuDNN fwd (before the fold, 128-key tiles: "
+                 f"{ratios(unfolded)})")
+  return ('; '.join(parts) + ' (targets: D64 1.0x, D128 1.1x cuDNN, fwd and fwd+bwd in the '
+          'benchmark, which has not run on this code)')
+
+
 def attention_kernels(bench) -> str:
   """Flash attention against cuDNN (causal, S >= 4k), and window / sparse against dense."""
   rows = [r for r in ok_rows(bench_rows(bench))
@@ -654,6 +688,7 @@ AK_TRAIN = 'experiments/attention_kernels/results/h100_2026_12_06_train'
 CR = 'experiments/compression/results'
 
 AK_TARGETS = 'experiments/attention_kernels/results/h100_2026_12_06_targets'
+AK_SWEEP = 'experiments/attention_kernels/results/h100_2026_12_07_fwd_sweep'
 LEVERS = 'experiments/decode_attention/results/h100_2026_12_06_levers'
 
 ROWS = (
@@ -780,6 +815,10 @@ ROWS = (
         functools.partial(mosaic_attention, restricted_dim=128)),
     Row('the same run at head dim 64', '1 x H100', 'attention_kernels',
         (f'{AK_TARGETS}/attention_targets.json',), attention_d64),
+    Row('the Mosaic GPU forward alone after the scale fold and head dim 64\'s 256-key tiles, '
+        'causal (tile sweep, forward only)', '1 x H100', 'attention_kernels',
+        (f'{AK_SWEEP}/fwd_sweep_s4k.txt', f'{AK_SWEEP}/fwd_sweep_s16k.txt'),
+        functools.partial(forward_sweep, tilings={64: (256, 3), 128: (128, 2)})),
     Row('GPT-2-small training (bf16, batch 128 x 1024) with `flash` layers vs cuDNN attention '
         'layers', '1 x H100', 'attention_kernels',
         (f'{AK_H100}/gpt2_cudnn.json', f'{AK_H100}/gpt2_flash.json'), gpt2_flash),
