@@ -10,9 +10,10 @@ runs three warpgroups:
     `stages` shared-memory slots, waiting on a per-slot "consumed" barrier before it reuses one;
   - two compute warpgroups, each owning 64 query rows (q stays in shared memory, the float32
     accumulator in registers). Per key tile: S = Q K^T by wgmma, an online softmax in float32
-    (exp2 with the scores pre-scaled by scale * log2 e), then O += P V by wgmma with P from
-    registers. The two warpgroups take turns on the tensor cores through a shared "schedule"
-    barrier, so one's softmax overlaps the other's matmuls (FA3's ping-pong).
+    (exp2 of the scores times scale * log2 e; on full tiles that multiply is folded into exp2's
+    argument as one multiply-add), then O += P V by wgmma with P from registers. The two
+    warpgroups take turns on the tensor cores through a shared "schedule" barrier, so one's
+    softmax overlaps the other's matmuls (FA3's ping-pong).
 Both compute warpgroups walk the same tile list, so every barrier sees the same number of
 arrivals whatever the mask.
 
