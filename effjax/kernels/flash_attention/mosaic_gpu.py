@@ -72,7 +72,8 @@ def default_blocks(head_dim: int) -> tuple[int, int]:
   """(block_q, block_k): 128 query rows per CTA; k/v tiles sized so the ring fits in SMEM.
 
   Head dim 64 takes 256-key tiles (three ring slots): with half the matmul work of head dim 128
-  per tile, the longer tile halves the per-tile softmax bookkeeping and barriers. On an H100
+  per tile, a longer tile presumably pays its per-tile costs (barriers, the accumulator's
+  rescaling) over twice the keys; that reading was not profiled. On an H100
   (experiments/attention_kernels/fwd_sweep.py, causal, one run) it was 0.99x / 1.07x cuDNN at
   S 4k / 16k against 0.93x / 1.01x with 128-key tiles. Head dim 128 keeps 128 (256 does not
   fit two slots), 256 takes 64."""
