@@ -1,11 +1,15 @@
 """The kernel's tiling constants tried on the real decode step rather than on isolated products.
 
     python experiments/quantized_matmul/tune_decode.py [--config=configs/gpt_1b.py]
-        [--kinds=int8,int4] [--settings=128:256:256,128:64:128,...] [--out=DIR]
+        [--kinds=int8,int4] [--settings=128:256:256,128:64:128,...] [--gemv] [--out=DIR]
 
 A setting is DEFAULT_BN:DEFAULT_BK:TARGET_PROGRAMS of effjax/kernels/quantized_matmul (the widest
 column tile, the K step, and how many programs split-K may aim for; `default_tiling` fits them
-to each product's shape). For each kind and setting the model (random weights) is quantized
+to each product's shape). With --gemv the single row takes the one-row GEMV kernels and the
+settings are their constants (DEFAULT_GEMV_BN, DEFAULT_GEMV_BK, TARGET_GEMV_PROGRAMS); there the
+third field may also be `sN`: split K so that every program runs N K steps where the shape
+allows it (the largest split of K's steps giving at least N steps a program), whatever the
+program count. For each kind and setting the model (random weights) is quantized
 once and its batch-1 decode loop compiled and timed with the constants set, as decode.py times
 it, so the figure includes everything around the kernel (launches, padding, split-K sums). The
 isolated-product benchmark (`bench kernels --op=qmm`) is dominated by dispatch at these sizes,
@@ -25,13 +29,49 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_SETTINGS = ('128:256:256,128:128:512,64:256:512,128:256:64,128:64:128,128:64:256,'
                     '256:128:256,64:128:1024')
+DEFAULT_GEMV_SETTINGS = '128:64:512,128:32:256,128:32:s4,128:64:s4,128:32:s2,256:32:s4,128:64:1024'
+
+
+def parse_setting(text: str, gemv: bool) -> tuple[int, int, int | str]:
+  """'BN:BK:TARGET' (or, with --gemv, 'BN:BK:sN') as (bn, bk, target or 'sN')."""
+  parts = text.split(':')
+  try:
+    if len(parts) != 3:
+      raise ValueError
+    bn, bk, third = int(parts[0]), int(parts[1]), parts[2]
+    if gemv and third.startswith('s'):
+      if int(third[1:]) < 1:
+        raise ValueError
+      return bn, bk, third
+    return bn, bk, int(third)
+  except ValueError:
+    raise SystemExit(f'--settings: {text!r} is not BN:BK:TARGET' +
+                     (' or BN:BK:sN (N >= 1 K steps a program)' if gemv else '') +
+                     ' with whole numbers') from None
+
+
+def steps_tiling(qmm, steps: int):
+  """A stand-in for qmm.default_gemv_tiling choosing split from steps per program."""
+  original = qmm.default_gemv_tiling
+
+  def tiling(kind, k, n, group=None):
+    bn, bk, _ = original(kind, k, n, group)
+    count = k // bk
+    split = max(d for d in range(1, count + 1) if count % d == 0 and (count // d >= steps or d == 1))
+    return bn, bk, split
+  return tiling
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--config', default='configs/gpt_1b.py')
   parser.add_argument('--kinds', default='int8,int4')
-  parser.add_argument('--settings', default=DEFAULT_SETTINGS)
+  parser.add_argument('--settings', default='',
+                      help=f'default: {DEFAULT_SETTINGS}; with --gemv: {DEFAULT_GEMV_SETTINGS}')
+  parser.add_argument('--gemv', action='store_true',
+                      help='tune the one-row GEMV kernels (compress.qmm_gemv set to each kind)')
+  parser.add_argument('--output_major', default='wo', help="weights stored transposed for "
+                      "decoding (infer.output_major), as decode.py; '' for none")
   parser.add_argument('--context', type=int, default=1024)
   parser.add_argument('--steps', type=int, default=64)
   parser.add_argument('--repeats', type=int, default=5)
@@ -51,13 +91,29 @@ def main():
   from effjax.models.lm import LM
 
   config = load_config(args)
-  settings = [tuple(int(v) for v in s.split(':')) for s in args.settings.split(',')]
-  defaults = (qmm.DEFAULT_BN, dict(qmm.DEFAULT_BK), qmm.TARGET_PROGRAMS)
+  text = args.settings or (DEFAULT_GEMV_SETTINGS if args.gemv else DEFAULT_SETTINGS)
+  settings = [parse_setting(s, args.gemv) for s in text.split(',')]
+  names = (('DEFAULT_GEMV_BN', 'DEFAULT_GEMV_BK', 'TARGET_GEMV_PROGRAMS', 'default_gemv_tiling')
+           if args.gemv else ('DEFAULT_BN', 'DEFAULT_BK', 'TARGET_PROGRAMS', 'default_tiling'))
+  defaults = {name: getattr(qmm, name) for name in names}
+  defaults[names[1]] = dict(defaults[names[1]])
   rows = []
 
   def time_params(graphdef, params):
     return decode_bench.time_decode(graphdef, params, args.context, steps=args.steps, batch=1,
-                                    repeats=args.repeats)
+                                    repeats=args.repeats,
+                                    output_major=w_lib.parse_names(args.output_major))
+
+  def restore():
+    for name in (names[0], names[2], names[3]):
+      setattr(qmm, name, defaults[name])
+    getattr(qmm, names[1]).clear()
+    getattr(qmm, names[1]).update(defaults[names[1]])
+
+  def tiling_of(kind, k, n, group):
+    if args.gemv:
+      return qmm.default_gemv_tiling(kind, k, n, group)
+    return qmm.default_tiling(kind, 1, k, n, group)
 
   model = LM(config.model, rngs=nnx.Rngs(config.seed))
   graphdef, params = nnx.split(model)
@@ -68,6 +124,8 @@ def main():
   for kind in args.kinds.split(','):
     c = config.copy_and_resolve_references()
     c.compress.method, c.compress.qmm_backend = kind, args.backend
+    if args.gemv:
+      c.compress.qmm_gemv = kind
     model = LM(c.model, rngs=nnx.Rngs(c.seed))
     w_lib.restructure(model, c)
     graphdef, params = nnx.split(model)
@@ -75,20 +133,22 @@ def main():
     del model
     for bn, bk, target in settings:
       row = {'kind': kind, 'setting': f'{bn}:{bk}:{target}'}
-      qmm.DEFAULT_BN, qmm.TARGET_PROGRAMS = bn, target
-      qmm.DEFAULT_BK.update({kind: bk})
+      setattr(qmm, names[0], bn)
+      getattr(qmm, names[1]).update({kind: bk})
+      if isinstance(target, str):  # 'sN': N K steps a program
+        setattr(qmm, names[3], steps_tiling(qmm, int(target[1:])))
+      else:
+        setattr(qmm, names[2], target)
       try:
-        row['tilings'] = {f'{k}x{n}': qmm.default_tiling(kind, 1, k, n, c.compress.int4_group_size
-                                                          if kind == 'int4' else None)
+        group = c.compress.int4_group_size if kind == 'int4' else None
+        row['tilings'] = {f'{k}x{n}': tiling_of(kind, k, n, group)
                           for k, n in ((2048, 2048), (2048, 5632), (5632, 2048))}
         row.update(time_params(graphdef, params))  # a fresh trace: the constants are read then
         row['speedup_vs_bf16'] = base['ms_per_step'] / row['ms_per_step']
       except Exception as e:  # pylint: disable=broad-except  (a failing setting is a result)
         row['error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
       finally:
-        qmm.DEFAULT_BN, qmm.TARGET_PROGRAMS = defaults[0], defaults[2]
-        qmm.DEFAULT_BK.clear()
-        qmm.DEFAULT_BK.update(defaults[1])
+        restore()
       rows.append(row)
       print(f"[tune] {kind} {row['setting']}: " + (row.get('error') or
             f"{row['ms_per_step']:.3f} ms/step, {row['speedup_vs_bf16']:.2f}x bf16 "
@@ -96,13 +156,15 @@ def main():
   for r in rows:
     r['tilings_text'] = ' / '.join(str(t) for t in r.get('tilings', {}).values()) or None
   env = {**results.environment(), 'command': 'python ' + ' '.join(sys.argv),
-         'config': args.config, 'set': args.set}
+         'config': args.config, 'set': args.set, 'gemv': args.gemv,
+         'output_major': args.output_major}
   columns = (('kind', 'kind', ''), ('setting', 'BN:BK:TARGET', ''),
              ('tilings_text', 'tilings (bn, bk, split) at 2048x2048 / 2048x5632 / 5632x2048', ''),
              ('ms_per_step', 'ms / token', '.3f'), ('speedup_vs_bf16', 'vs bf16', '.2f'),
              ('error', 'error', ''))
-  _, md_path = results.write(args.out, 'tune_decode', env, rows, columns,
-                             f'Quantized-matmul tiling on the batch-1 decode step, {args.config}')
+  _, md_path = results.write(args.out, 'tune_decode_gemv' if args.gemv else 'tune_decode', env,
+                             rows, columns, f'Quantized-matmul {"GEMV " if args.gemv else ""}'
+                             f'tiling on the batch-1 decode step, {args.config}')
   print(open(md_path, encoding='utf-8').read())
 
 
