@@ -518,3 +518,40 @@ def test_gemv_gradients_and_default_tiling(kind):
     assert bk == qm.DEFAULT_GEMV_BK[kind] and bn == min(qm.DEFAULT_GEMV_BN, *(w & -w for w in widths))
   with pytest.raises(ValueError, match=r'accumulator of 64 x 256 \(bk=128, bn=256\)'):
     qm.plan('int4', 1, 512, 256, 128, backend='triton', tiling=(256, 128, 1), gemv=True)
+
+
+def _tune_decode_module():
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[2] / 'experiments/quantized_matmul/tune_decode.py'
+  spec = importlib.util.spec_from_file_location('tune_decode', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_tune_decode_steps_settings_give_each_program_its_steps():
+  """tune_decode.py --gemv's 'BN:BK:sN' settings: the split leaves every program at least N K
+  steps (exactly N where N divides the step count), the tiling stays valid for the GEMV kernel,
+  and malformed settings are one clear error."""
+  from effjax.kernels.quantized_matmul import gpu
+  td = _tune_decode_module()
+  rng = np.random.default_rng()
+  steps_wanted = int(rng.choice([1, 2, 4, 8]))
+  bk = int(rng.choice([16, 32, 64]))
+  assert td.parse_setting(f'128:{bk}:s{steps_wanted}', gemv=True) == (128, bk,
+                                                                     f's{steps_wanted}')
+  with mock.patch.dict(qm.DEFAULT_GEMV_BK, {'int8': bk}):
+    tiling = td.steps_tiling(qm, steps_wanted)
+    for k, n in ((2048, 2048), (2048, 5632), (5632, 2048), (2048, (2048, 2048, 2048))):
+      bn, got_bk, split = tiling('int8', k, n)
+      count = k // got_bk
+      assert got_bk == bk and count % split == 0 and count // split >= steps_wanted
+      if count % steps_wanted == 0:
+        assert count // split == steps_wanted
+      for width in qm._widths(n):  # pylint: disable=protected-access
+        gpu.check_gemv_tiling('int8', k, width, bn=bn, bk=got_bk, split=split)
+  for bad, gemv in (('128:64:s4', False), ('128:64', True), ('128:64:s0', True),
+                    ('a:64:512', True)):
+    with pytest.raises(SystemExit, match='--settings'):
+      td.parse_setting(bad, gemv)
