@@ -141,12 +141,14 @@ def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, 
   weights_dtype = config.infer.weights_dtype
   kernel = config.infer.attention_kernel
   major = w_lib.parse_names(config.infer.output_major)
-  engine = Engine(*split, weights_dtype, kernel, output_major=major)
+  qmajor = bool(config.infer.qmm_output_major)
+  engine = Engine(*split, weights_dtype, kernel, output_major=major, qmm_output_major=qmajor)
   draft = None
   if 'speculative' in methods:
     if draft_params is None:
       draft_params = nnx.split(LM((draft_config or config).model, rngs=nnx.Rngs(config.seed + 1)))
-    draft = Engine(*draft_params, weights_dtype, kernel, output_major=major)
+    draft = Engine(*draft_params, weights_dtype, kernel, output_major=major,
+                   qmm_output_major=qmajor)
   policy = ExitPolicy(exit_threshold, config.infer.confidence, config.infer.exit_skip)
   rows = []
   for context in contexts:

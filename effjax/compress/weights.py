@@ -175,10 +175,33 @@ class QuantizedWeight(CompressedWeight):
     # whether products sharing x may run as one launch (compress.qmm_fuse; einsum_group) and
     # whether a single row takes the GEMV kernels (compress.qmm_gemv names this kind).
     self.backend, self.interpret, self.fuse, self.gemv = backend, interpret, fuse, gemv
+    # Decoding's transposed storage (`store_output_major`, infer.qmm_output_major).
+    self.output_major = False
+
+  def store_output_major(self) -> None:
+    """Store qvalue and scale [batch..., outputs..., inputs...] (int4 stays packed along its
+    last input axis, now the minor one), in place: a single row's product then takes the
+    output-major GEMV kernels. For decoding only; `qarray` / `w[...]` give the usual values."""
+    if self.output_major or self.kind not in qmm.KINDS:
+      return
+    for key in ('qvalue', 'scale'):
+      param = getattr(self, key)
+      names = _names(param)
+      order = _output_major_order(self.layout, len(names), to_stored=True)
+      setattr(self, key, _param(jnp.transpose(param[...], order), tuple(names[i] for i in order)))
+    self.output_major = True
+
+  def _stored_arrays(self) -> tuple[jax.Array, jax.Array]:
+    """(qvalue, scale) in the usual [batch..., inputs..., outputs...] layout."""
+    qvalue, scale = self.qvalue[...], self.scale[...]
+    if self.output_major:
+      order = _output_major_order(self.layout, qvalue.ndim, to_stored=False)
+      qvalue, scale = jnp.transpose(qvalue, order), jnp.transpose(scale, order)
+    return qvalue, scale
 
   def qarray(self, dtype=jnp.float32):
-    return q_lib.as_qarray(self.qvalue[...], self.scale[...].astype(dtype), self.kind,
-                           self.layout)
+    qvalue, scale = self._stored_arrays()
+    return q_lib.as_qarray(qvalue, scale.astype(dtype), self.kind, self.layout)
 
   def dense(self) -> jax.Array:
     return q_lib.dequantize(self.qarray())
@@ -214,11 +237,16 @@ class QuantizedWeight(CompressedWeight):
     if not lhs.endswith(ins) or out != free + outs or len(set(lhs + outs)) != len(lhs + outs):
       return None
     n_in = len(ins)
-    in_shape, out_shape = qvalue.shape[:n_in], qvalue.shape[n_in:]
+    if self.output_major:  # stored [outputs..., inputs...]: returned as [N, K or K/2], [N, rows]
+      out_shape, in_shape = qvalue.shape[:len(outs)], qvalue.shape[len(outs):]
+    else:
+      in_shape, out_shape = qvalue.shape[:n_in], qvalue.shape[n_in:]
     k, n = math.prod(x.shape[len(free):]), math.prod(out_shape)
     rows = math.prod(in_shape)  # int4: K / 2 bytes
     if rows * (1 if self.kind == 'int8' else 2) != k:
       return None
+    if self.output_major:
+      return x.shape[:len(free)], k, qvalue.reshape(n, rows), scale.reshape(n, -1), out_shape
     return x.shape[:len(free)], k, qvalue.reshape(rows, n), scale.reshape(-1, n), out_shape
 
   def _matmul(self, equation: str, x: jax.Array, dtype) -> jax.Array | None:
@@ -238,8 +266,9 @@ class QuantizedWeight(CompressedWeight):
     if not all(isinstance(w, QuantizedWeight) for w in weights):
       return None
     if first.kind not in qmm.KINDS or not all(
-        w.fuse and (w.kind, w.backend, w.interpret, w.gemv) == (
-            first.kind, first.backend, first.interpret, first.gemv) for w in weights):
+        w.fuse and (w.kind, w.backend, w.interpret, w.gemv, w.output_major) == (
+            first.kind, first.backend, first.interpret, first.gemv, first.output_major)
+        for w in weights):
       return None
     return _kernel_products(products, x, dtype)
 
@@ -259,11 +288,14 @@ def _kernel_products(products, x: jax.Array, dtype) -> list[jax.Array] | None:
   operands = [w.plain_operands(equation, x) for equation, w in products]
   if any(o is None for o in operands) or len({(o[0], o[1]) for o in operands}) != 1:
     return None
-  if len({o[3].shape[0] for o in operands}) != 1:  # int4 groups differ
+  first = products[0][1]
+  major = first.output_major  # operands [N, K or K/2] and scales [N, rows]
+  if len({o[3].shape[1 if major else 0] for o in operands}) != 1:  # int4 groups differ
     return None
   lead, k = operands[0][0], operands[0][1]
-  first = products[0][1]
-  if first.backend == 'triton' or (first.backend == 'auto' and len(products) > 1):
+  # Output-major weights skip this: their GEMV kernel takes any N and an even K, and
+  # `quantized_matmul_many` sends what it cannot take (an odd K, more rows) through XLA.
+  if not major and (first.backend == 'triton' or (first.backend == 'auto' and len(products) > 1)):
     # compress.qmm_backend='triton' puts every product the kernel can tile on it; a projection
     # it cannot (GLA's 4-wide gate, Mamba-1's dt projections) takes XLA's product, said once.
     # A group the kernel cannot tile as a whole keeps one launch for the weights it can tile
@@ -290,7 +322,7 @@ def _kernel_products(products, x: jax.Array, dtype) -> list[jax.Array] | None:
   ys = qmm.quantized_matmul_many(x.reshape(*lead, k).astype(compute),
                                  [(o[2], o[3]) for o in operands], kind=first.kind,
                                  backend=first.backend, interpret=first.interpret,
-                                 gemv=first.gemv)
+                                 gemv=first.gemv, output_major=major)
   return [y.reshape(*lead, *o[4]).astype(dtype) for y, o in zip(ys, operands)]
 
 
@@ -579,11 +611,15 @@ DECODE_OUTPUT_MAJOR = ('wo',)
 _READ_WHOLE = {'experts', 'vocab'}  # axes of weights used whole, never through layers.matmul
 
 
-def output_major(model: nnx.Module, names: tuple[str, ...]) -> nnx.Module:
+def output_major(model: nnx.Module, names: tuple[str, ...], *,
+                 quantized: bool = False) -> nnx.Module:
   """The plain Params called `names` stored output-major (OutputMajorWeight), in place; returned.
 
   For decoding (effjax.infer.engine.Engine, effjax.bench.decode.time_decode): the products
-  compute the same values. Compressed weights (quantized, low-rank, LoRA) are left as they are.
+  compute the same values. Compressed weights (quantized, low-rank, LoRA) are left as they are,
+  except that quantized=True (infer.qmm_output_major) stores every int8 / int4 weight-only
+  QuantizedWeight computed through `layers.matmul` output-major as well, whatever its name
+  (`QuantizedWeight.store_output_major`; those read whole, the MoE experts', are left).
   Only weights whose products go through `layers.matmul` belong here (a weight read whole with
   `w[...]`, as the MoE experts' are, would be transposed back on every read): naming one is an
   error, and so is a name other than the default's that matches no weight of the model (a
@@ -613,6 +649,10 @@ def output_major(model: nnx.Module, names: tuple[str, ...]) -> nnx.Module:
     value = jnp.transpose(param[...], order)
     setattr(module, name, OutputMajorWeight(_param(value, tuple(names_in[i] for i in order)),
                                             layout))
+  if quantized:
+    for _, module in nnx.iter_modules(model):
+      if isinstance(module, QuantizedWeight) and not set(module.layout.names) & _READ_WHOLE:
+        module.store_output_major()
   return model
 
 

@@ -139,6 +139,7 @@ class Options:
   attention_kernel: str = 'auto'  # effjax.kernels.decode_attention's backend
   attention_interpret: bool = False  # the kernel in interpret mode (tests on CPU)
   output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR  # stored transposed for decoding
+  qmm_output_major: bool = False  # int8 / int4 weights stored transposed too (infer.qmm_output_major)
   exit_policy: ExitPolicy = ExitPolicy()
   gamma: int = 4
   draft_exit: int = 0  # self_speculative: the exit layer that drafts (0 = the first exit)
@@ -189,7 +190,8 @@ class Decoder:
     kernel = (options.attention_kernel, options.attention_interpret)
     vocab = options.sampler.vocab_limit  # the heads keep only the rows that can be drawn
     self.engine = Engine(graphdef, params, options.weights_dtype, *kernel, vocab_limit=vocab,
-                         output_major=options.output_major)
+                         output_major=options.output_major,
+                         qmm_output_major=options.qmm_output_major)
     exits = self.engine.exits
     if options.method in ('early_exit', 'self_speculative') and not exits:
       raise ValueError(f'infer.method={options.method}: the model has no exit heads; train it '
@@ -206,7 +208,8 @@ class Decoder:
       if draft is None:
         raise ValueError('infer.method=speculative needs a draft model (infer.draft_config)')
       self.draft = Engine(*draft, options.weights_dtype, *kernel, vocab_limit=vocab,
-                          output_major=options.output_major)
+                          output_major=options.output_major,
+                          qmm_output_major=options.qmm_output_major)
       dv, tv = self.draft.cfg.vocab_size, self.engine.cfg.vocab_size
       if dv != tv:
         raise ValueError(f'the draft model\'s vocabulary ({dv} ids, model.vocab_size of '

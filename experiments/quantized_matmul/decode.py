@@ -16,7 +16,9 @@ writes and --mode=generate reads. The kernel variants run the products that shar
 (q/k/v, gate/up) as one launch each (compress.qmm_fuse); '<kind>:triton:unfused' as a launch per
 weight, the path before that. A single row takes the GEMV kernels for the kinds compress.qmm_gemv
 names (int4 by default) and the dot kernels otherwise; '<kind>:triton:gemv' and
-'<kind>:triton:dot' choose (fused either way). Timing is effjax.bench.decode.time_decode: the caches hold
+'<kind>:triton:dot' choose (fused either way); '<kind>:triton:nk' stores every quantized weight
+output-major for decoding (infer.qmm_output_major) so a single row takes the output-major GEMV
+kernels, one launch per product group with its final output and no split-K sum. Timing is effjax.bench.decode.time_decode: the caches hold
 context + steps positions, one jitted loop of `steps` single-token steps, the median of
 `repeats` loops after a warm-up. Writes decode_qmm.json / .md to --out (suffixed if taken, never
 overwritten) and prints the table.
@@ -67,9 +69,9 @@ def main():
   for variant in args.variants.split(','):
     kind, _, rest = variant.partition(':')
     backend, _, mode = rest.partition(':')
-    if mode not in ('', 'unfused', 'gemv', 'dot'):
+    if mode not in ('', 'unfused', 'gemv', 'dot', 'nk'):
       raise SystemExit(f"--variants: {variant!r}: the third part may only be 'unfused', "
-                       "'gemv' or 'dot'")
+                       "'gemv', 'dot' or 'nk'")
     c = config.copy_and_resolve_references()
     model = LM(c.model, rngs=nnx.Rngs(c.seed))
     if kind != 'bf16':
@@ -87,6 +89,7 @@ def main():
       row.update(decode_bench.time_decode(graphdef, params, args.context, steps=args.steps,
                                           batch=1, repeats=args.repeats,
                                           output_major=w_lib.parse_names(args.output_major),
+                                          qmm_output_major=mode == 'nk',
                                           profile_dir=(os.path.join(args.profile_dir,
                                                                     variant.replace(':', '_'))
                                                        if args.profile_dir else '')))

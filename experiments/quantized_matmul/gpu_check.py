@@ -2,12 +2,14 @@
 
     python experiments/quantized_matmul/gpu_check.py [--quick]
     python experiments/quantized_matmul/gpu_check.py --quick --interpret   # the script on a CPU
+    python experiments/quantized_matmul/gpu_check.py --nk   # only the output-major GEMV cases
 
 For int8 and int4 (groups of 128 and 64), x in bf16, f16 and f32, rows M = 1, 3, 16, 64 and 100
 (several row blocks), configs/gpt_1b.py's decode shapes plus shapes that are not multiples of the
 default tiles, the default tiling and explicit ones (split 1, wide and narrow tiles, int4 steps
 smaller and larger than a group; for the one-row GEMV kernels also int4 groups of 16 and 8 and
-K = 72, which only they take): the op with backend='triton' (not interpret mode) against the
+K = 72, which only they take; for the output-major GEMV kernels, weights stored [N, K], gpt_1b's
+shapes, explicit tilings, a looped K, fused launches and int4 groups of 64 and 8): the op with backend='triton' (not interpret mode) against the
 reference on the same stored values, rel = ||out - ref|| / ||ref||. Then the gradients against
 the 'xla' path's, the kernel inside jax.shard_map with check_vma on (the out_struct path), what
 backend='auto' picks, and the errors for shapes the kernel cannot tile. Prints one line per
@@ -60,40 +62,47 @@ def report(name: str, ok: bool, detail: str) -> None:
     FAILURES.append(name)
 
 
-def check_values(kind, k, n, m, dtype, *, group=128, tiling=None, gemv=False):
+def _mode(gemv, nk) -> str:
+  return ' gemv_nk' if nk else ' gemv' if gemv else ''
+
+
+def check_values(kind, k, n, m, dtype, *, group=128, tiling=None, gemv=False, nk=False):
+  """nk: the weight passed stored output-major (transposed), output_major=True."""
   key = jax.random.key(np.random.randint(1 << 30))
   q, s = _weights(key, kind, k, n, group)
   x = jax.random.normal(jax.random.fold_in(key, 1), (m, k), dtype)
   name = (f'{kind}{"/" + str(group) if kind == "int4" else ""} M={m} K={k} N={n} '
-          f'{jnp.dtype(dtype).name} tiling={tiling or "default"}{" gemv" if gemv else ""}')
+          f'{jnp.dtype(dtype).name} tiling={tiling or "default"}{_mode(gemv, nk)}')
   try:
     fn = jax.jit(lambda x, q, s: qm.quantized_matmul(x, q, s, kind=kind, backend='triton',
                                                      tiling=tiling, interpret=INTERPRET,
-                                                     gemv=gemv))
-    out = fn(x, q, s)
+                                                     gemv=gemv, output_major=nk))
+    out = fn(x, q.T, s.T) if nk else fn(x, q, s)
     rel = _rel(out.astype(jnp.float32), _reference(x, q, s, kind, group))
     plan = qm.plan(kind, m, k, n, group if kind == 'int4' else None, backend='triton',
-                   tiling=tiling, gemv=gemv)
+                   tiling=tiling, gemv=gemv, output_major=nk)
     ok = out.shape == (m, n) and out.dtype == dtype and rel < TOLERANCE[dtype]
     report(name, ok, f'rel {rel:.2e}, tiling {plan.tiling}')
   except Exception as e:  # pylint: disable=broad-except  (a lowering error is a result here)
     report(name, False, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}')
 
 
-def check_many(kind, k, widths, m, *, group=128, gemv=False):
+def check_many(kind, k, widths, m, *, group=128, gemv=False, nk=False):
   """Weights sharing x in one launch (quantized_matmul_many) against the reference, each."""
   key = jax.random.key(np.random.randint(1 << 30))
   weights = [_weights(jax.random.fold_in(key, i), kind, k, n, group)
              for i, n in enumerate(widths)]
+  stored = [(q.T, s.T) for q, s in weights] if nk else weights
   x = jax.random.normal(jax.random.fold_in(key, 99), (m, k), jnp.bfloat16)
-  name = f'{kind} many M={m} K={k} N={"+".join(map(str, widths))}{" gemv" if gemv else ""}'
+  name = f'{kind} many M={m} K={k} N={"+".join(map(str, widths))}{_mode(gemv, nk)}'
   try:
-    outs = jax.jit(lambda x: qm.quantized_matmul_many(x, weights, kind=kind, backend='triton',
-                                                      interpret=INTERPRET, gemv=gemv))(x)
+    outs = jax.jit(lambda x: qm.quantized_matmul_many(x, stored, kind=kind, backend='triton',
+                                                      interpret=INTERPRET, gemv=gemv,
+                                                      output_major=nk))(x)
     rels = [_rel(o.astype(jnp.float32), _reference(x, q, s, kind, group))
             for o, (q, s) in zip(outs, weights)]
     plan = qm.plan(kind, m, k, widths, group if kind == 'int4' else None, backend='triton',
-                   gemv=gemv)
+                   gemv=gemv, output_major=nk)
     report(name, max(rels) < TOLERANCE[jnp.bfloat16],
            f'rel {" ".join(f"{r:.2e}" for r in rels)}, tiling {plan.tiling}')
   except Exception as e:  # pylint: disable=broad-except
@@ -152,6 +161,25 @@ def check_dispatch():
          small.backend == 'triton' and small.gemv, str(small))
 
 
+def check_output_major(quick: bool) -> None:
+  """The output-major GEMV kernels (weights stored [N, K], one row): gpt_1b's shapes, explicit
+  tilings (a row tile of 1, a looped K of 32 steps), fused q/k/v and gate/up, int4 groups of 64
+  and 8, K = 72; then whether a model's products take them is a CPU test."""
+  dtypes = (jnp.bfloat16,) if quick else (jnp.bfloat16, jnp.float16, jnp.float32)
+  for kind in ('int8', 'int4'):
+    for k, n in ((2048, 2048), (2048, 5632), (5632, 2048)):
+      for dtype in dtypes:
+        check_values(kind, k, n, 1, dtype, nk=True)
+    for tiling in ((1, 512, 1), (4, 1024, 1), (16, 256, 1), (8, 64, 1)):
+      check_values(kind, 2048, 2048, 1, jnp.bfloat16, tiling=tiling, nk=True)
+    check_values(kind, 2048, 80, 1, jnp.bfloat16, nk=True)
+    check_many(kind, 2048, (2048, 512, 512), 1, nk=True)
+    check_many(kind, 2048, (5632, 5632), 1, nk=True)
+  check_values('int4', 2048, 2048, 1, jnp.bfloat16, group=64, nk=True)
+  check_values('int4', 2048, 2048, 1, jnp.bfloat16, group=8, nk=True)
+  check_values('int8', 72, 48, 1, jnp.bfloat16, nk=True)
+
+
 def main(argv):
   global INTERPRET  # pylint: disable=global-statement
   INTERPRET = '--interpret' in argv
@@ -159,6 +187,10 @@ def main(argv):
     print(f'needs a GPU; the backend is {jax.default_backend()} (--interpret runs it anyway)')
     return 2
   print(jax.devices()[0].device_kind, 'JAX', jax.__version__, flush=True)
+  check_output_major('--quick' in argv)
+  if '--nk' in argv:
+    print(f'{len(FAILURES)} failed' + (': ' + '; '.join(FAILURES) if FAILURES else ''))
+    return 1 if FAILURES else 0
   quick = '--quick' in argv
   shapes = ((2048, 2048), (2048, 5632), (5632, 2048)) if not quick else ((2048, 2048),)
   dtypes = (jnp.bfloat16, jnp.float16, jnp.float32) if not quick else (jnp.bfloat16,)

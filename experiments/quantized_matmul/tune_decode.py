@@ -1,7 +1,7 @@
 """The kernel's tiling constants tried on the real decode step rather than on isolated products.
 
     python experiments/quantized_matmul/tune_decode.py [--config=configs/gpt_1b.py]
-        [--kinds=int8,int4] [--settings=128:256:256,128:64:128,...] [--gemv] [--out=DIR]
+        [--kinds=int8,int4] [--settings=128:256:256,128:64:128,...] [--gemv | --nk] [--out=DIR]
 
 A setting is DEFAULT_BN:DEFAULT_BK:TARGET_PROGRAMS of effjax/kernels/quantized_matmul (the widest
 column tile, the K step, and how many programs split-K may aim for; `default_tiling` fits them
@@ -9,7 +9,9 @@ to each product's shape). With --gemv the single row takes the one-row GEMV kern
 settings are their constants (DEFAULT_GEMV_BN, DEFAULT_GEMV_BK, TARGET_GEMV_PROGRAMS); there the
 third field may also be `sN`: split K so that every program runs N K steps where the shape
 allows it (the largest split of K's steps giving at least N steps a program), whatever the
-program count. For each kind and setting the model (random weights) is quantized
+program count. With --nk every quantized weight is stored output-major for decoding
+(infer.qmm_output_major) and a setting is BN:BK, the output-major GEMV kernels' row tile and K
+step for that kind (DEFAULT_GEMV_NK_BN, DEFAULT_GEMV_NK_BK; no split). For each kind and setting the model (random weights) is quantized
 once and its batch-1 decode loop compiled and timed with the constants set, as decode.py times
 it, so the figure includes everything around the kernel (launches, padding, split-K sums). The
 isolated-product benchmark (`bench kernels --op=qmm`) is dominated by dispatch at these sizes,
@@ -30,11 +32,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SETTINGS = ('128:256:256,128:128:512,64:256:512,128:256:64,128:64:128,128:64:256,'
                     '256:128:256,64:128:1024')
 DEFAULT_GEMV_SETTINGS = '128:64:512,128:32:256,128:32:s4,128:64:s4,128:32:s2,256:32:s4,128:64:1024'
+DEFAULT_NK_SETTINGS = '8:512,4:512,16:256,2:1024,8:256,16:512,4:1024,32:128'
 
 
-def parse_setting(text: str, gemv: bool) -> tuple[int, int, int | str]:
-  """'BN:BK:TARGET' (or, with --gemv, 'BN:BK:sN') as (bn, bk, target or 'sN')."""
+def parse_setting(text: str, gemv: bool, nk: bool = False) -> tuple[int, int, int | str | None]:
+  """'BN:BK:TARGET' (or, with --gemv, 'BN:BK:sN') as (bn, bk, target or 'sN'); with nk,
+  'BN:BK' as (bn, bk, None)."""
   parts = text.split(':')
+  if nk:
+    try:
+      bn, bk = (int(p) for p in parts)
+      if bn < 1 or bk < 1:
+        raise ValueError
+      return bn, bk, None
+    except ValueError:
+      raise SystemExit(f'--settings: {text!r} is not BN:BK with whole numbers >= 1 (--nk)') from None
   try:
     if len(parts) != 3:
       raise ValueError
@@ -70,6 +82,8 @@ def main():
                       help=f'default: {DEFAULT_SETTINGS}; with --gemv: {DEFAULT_GEMV_SETTINGS}')
   parser.add_argument('--gemv', action='store_true',
                       help='tune the one-row GEMV kernels (compress.qmm_gemv set to each kind)')
+  parser.add_argument('--nk', action='store_true',
+                      help='tune the output-major GEMV kernels (infer.qmm_output_major)')
   parser.add_argument('--output_major', default='wo', help="weights stored transposed for "
                       "decoding (infer.output_major), as decode.py; '' for none")
   parser.add_argument('--context', type=int, default=1024)
@@ -91,26 +105,36 @@ def main():
   from effjax.models.lm import LM
 
   config = load_config(args)
-  text = args.settings or (DEFAULT_GEMV_SETTINGS if args.gemv else DEFAULT_SETTINGS)
-  settings = [parse_setting(s, args.gemv) for s in text.split(',')]
-  names = (('DEFAULT_GEMV_BN', 'DEFAULT_GEMV_BK', 'TARGET_GEMV_PROGRAMS', 'default_gemv_tiling')
+  if args.gemv and args.nk:
+    raise SystemExit('--gemv and --nk tune different kernels: give one')
+  text = args.settings or (DEFAULT_NK_SETTINGS if args.nk else
+                           DEFAULT_GEMV_SETTINGS if args.gemv else DEFAULT_SETTINGS)
+  settings = [parse_setting(s, args.gemv, args.nk) for s in text.split(',')]
+  names = (('DEFAULT_GEMV_NK_BN', 'DEFAULT_GEMV_NK_BK', None, 'default_gemv_nk_tiling')
+           if args.nk else
+           ('DEFAULT_GEMV_BN', 'DEFAULT_GEMV_BK', 'TARGET_GEMV_PROGRAMS', 'default_gemv_tiling')
            if args.gemv else ('DEFAULT_BN', 'DEFAULT_BK', 'TARGET_PROGRAMS', 'default_tiling'))
-  defaults = {name: getattr(qmm, name) for name in names}
-  defaults[names[1]] = dict(defaults[names[1]])
+  defaults = {name: getattr(qmm, name) for name in names if name}
+  defaults = {name: dict(v) if isinstance(v, dict) else v for name, v in defaults.items()}
   rows = []
 
   def time_params(graphdef, params):
     return decode_bench.time_decode(graphdef, params, args.context, steps=args.steps, batch=1,
                                     repeats=args.repeats,
-                                    output_major=w_lib.parse_names(args.output_major))
+                                    output_major=w_lib.parse_names(args.output_major),
+                                    qmm_output_major=args.nk)
 
   def restore():
-    for name in (names[0], names[2], names[3]):
-      setattr(qmm, name, defaults[name])
-    getattr(qmm, names[1]).clear()
-    getattr(qmm, names[1]).update(defaults[names[1]])
+    for name, value in defaults.items():
+      if isinstance(value, dict):
+        getattr(qmm, name).clear()
+        getattr(qmm, name).update(value)
+      else:
+        setattr(qmm, name, value)
 
   def tiling_of(kind, k, n, group):
+    if args.nk:
+      return qmm.default_gemv_nk_tiling(kind, k, n, group)
     if args.gemv:
       return qmm.default_gemv_tiling(kind, k, n, group)
     return qmm.default_tiling(kind, 1, k, n, group)
@@ -132,12 +156,15 @@ def main():
     params = compress_run.decode_params(params, c.model.compute_dtype)
     del model
     for bn, bk, target in settings:
-      row = {'kind': kind, 'setting': f'{bn}:{bk}:{target}'}
-      setattr(qmm, names[0], bn)
+      row = {'kind': kind, 'setting': f'{bn}:{bk}' if args.nk else f'{bn}:{bk}:{target}'}
+      if args.nk:
+        getattr(qmm, names[0]).update({kind: bn})
+      else:
+        setattr(qmm, names[0], bn)
       getattr(qmm, names[1]).update({kind: bk})
       if isinstance(target, str):  # 'sN': N K steps a program
         setattr(qmm, names[3], steps_tiling(qmm, int(target[1:])))
-      else:
+      elif target is not None:  # --nk settings have no target
         setattr(qmm, names[2], target)
       try:
         group = c.compress.int4_group_size if kind == 'int4' else None
@@ -156,14 +183,15 @@ def main():
   for r in rows:
     r['tilings_text'] = ' / '.join(str(t) for t in r.get('tilings', {}).values()) or None
   env = {**results.environment(), 'command': 'python ' + ' '.join(sys.argv),
-         'config': args.config, 'set': args.set, 'gemv': args.gemv,
+         'config': args.config, 'set': args.set, 'gemv': args.gemv, 'nk': args.nk,
          'output_major': args.output_major}
   columns = (('kind', 'kind', ''), ('setting', 'BN:BK:TARGET', ''),
              ('tilings_text', 'tilings (bn, bk, split) at 2048x2048 / 2048x5632 / 5632x2048', ''),
              ('ms_per_step', 'ms / token', '.3f'), ('speedup_vs_bf16', 'vs bf16', '.2f'),
              ('error', 'error', ''))
-  _, md_path = results.write(args.out, 'tune_decode_gemv' if args.gemv else 'tune_decode', env,
-                             rows, columns, f'Quantized-matmul {"GEMV " if args.gemv else ""}'
+  stem = 'tune_decode_nk' if args.nk else 'tune_decode_gemv' if args.gemv else 'tune_decode'
+  what = 'output-major GEMV ' if args.nk else 'GEMV ' if args.gemv else ''
+  _, md_path = results.write(args.out, stem, env, rows, columns, f'Quantized-matmul {what}'
                              f'tiling on the batch-1 decode step, {args.config}')
   print(open(md_path, encoding='utf-8').read())
 

@@ -390,3 +390,44 @@ def test_int4_groups_too_small_for_the_dot_kernels_decode_one_row_on_the_gemv_ke
     assert jaxpr.count('pallas_call') == launches and ('gemv' in jaxpr) == (launches > 0)
     for y, w in zip(jax.jit(fn)(x), weights):
       np.testing.assert_allclose(y, jnp.einsum('bte,en->btn', x, w[...]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+def test_output_major_quantized_weights_decode_one_row_on_the_output_major_kernels(kind):
+  """infer.qmm_output_major: every weight-only quantized projection stored transposed. A one-token
+  forward then runs each product group (q/k/v, wo, gate/up, down) as one output-major GEMV
+  launch with the logits of the usual layout on XLA; a prompt of several tokens multiplies the
+  transposed weights through XLA with the same logits; `w[...]` still gives the dense weight."""
+  from configs import base
+  from effjax.models.lm import LM
+  from flax import nnx
+  c = base.get_config()
+  c.model.d_model, c.model.mlp_dim, c.model.num_layers = 128, 256, 2
+  c.compress.method, c.compress.int4_group_size = kind, 64
+  c.compress.qmm_backend, c.compress.qmm_interpret = 'triton', True
+  seed = int(np.random.default_rng().integers(1000))
+  model = w_lib.restructure(LM(c.model, rngs=nnx.Rngs(seed)), c)
+  usual = w_lib.restructure(LM(c.model, rngs=nnx.Rngs(seed)), c)
+  weights = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.QuantizedWeight)]
+  dense = [w[...] for w in weights]
+  w_lib.output_major(model, (), quantized=True)
+  assert all(w.output_major for w in weights)
+  for w, d in zip(weights, dense):
+    last_input = d.shape[w.layout.batch + w.layout.inputs - 1]  # now the minor axis
+    assert w.qvalue[...].shape[-1] * (2 if kind == 'int4' else 1) == last_input
+    np.testing.assert_array_equal(w[...], d)
+  for w in (m for _, m in nnx.iter_modules(usual) if isinstance(m, w_lib.QuantizedWeight)):
+    w.backend, w.interpret = 'xla', False
+  for length in (1, 3):
+    tokens = jnp.asarray(np.random.default_rng().integers(0, 256, (1, length)), jnp.int32)
+    graphdef, state = nnx.split(model)
+    jaxpr = str(jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens))
+    calls, logits = _pallas_calls_and_logits(model, tokens)
+    if length == 1:
+      per_body = 1 if c.model.scan_layers else c.model.num_layers  # a scanned stack traces one
+      assert calls == 4 * per_body and f'{kind}_gemv_nk' in jaxpr
+    else:
+      assert calls == 0
+    _, want = _pallas_calls_and_logits(usual, tokens)
+    np.testing.assert_allclose(np.asarray(logits, np.float32), np.asarray(want, np.float32),
+                               rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(want))))

@@ -4,6 +4,7 @@ random inputs (int8 and int4, several row counts, bf16 and float32, split-K or n
 are not multiples of the default tiles), gradients, shard_map, shape errors, backend choice, and
 the kernel lowered for CUDA on this CPU machine."""
 
+import functools
 from unittest import mock
 
 import jax
@@ -555,3 +556,147 @@ def test_tune_decode_steps_settings_give_each_program_its_steps():
                     ('a:64:512', True)):
     with pytest.raises(SystemExit, match='--settings'):
       td.parse_setting(bad, gemv)
+
+
+# ------------------------------------------------------------------------------------------------
+# The output-major GEMV kernels (output_major=True): weights stored [N, K] for decoding.
+
+
+def _ops_outside_kernels(jaxpr) -> set[str]:
+  """The primitives of a jaxpr and its sub-jaxprs, not looking inside pallas_call."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    if eqn.primitive.name == 'pallas_call':
+      continue
+    for value in eqn.params.values():
+      inner = getattr(value, 'jaxpr', value)
+      if hasattr(inner, 'eqns'):
+        names |= _ops_outside_kernels(inner)
+  return names
+
+
+def _transposed(q, scale):
+  return q.T, scale.T
+
+
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+def test_gemv_output_major_matches_reference(kind):
+  """One row through the output-major kernels equals the reference for bf16 and float32 x, at
+  the default tiling and explicit ones: an unrolled and a looped K (more than
+  MAX_UNROLLED_NK_STEPS steps), a K step smaller and larger than the int4 group, a K of 72 and
+  a row tile of 1; the output is final (one pallas_call, no split-K sum, x's dtype)."""
+  from effjax.kernels.quantized_matmul import gpu
+  rng = np.random.default_rng()
+  for k, n, group, tiling in ((256, 96, 64, None), (2048, 64, 128, (4, 64, 1)),
+                              (512, 32, 32, (1, 256, 1)), (72, 48, 8, None),
+                              (512, 64, 128, (8, 32, 1))):
+    q, scale, group = _weight(rng, kind, k, n, group)
+    q_t, s_t = _transposed(q, scale)
+    plan = qm.plan(kind, 1, k, n, group, backend='triton', tiling=tiling, output_major=True)
+    assert plan.output_major and plan.tiling == (tiling or qm.default_gemv_nk_tiling(
+        kind, k, n, group))
+    if tiling and tiling[1] == 64 and k == 2048:
+      assert k // tiling[1] > gpu.MAX_UNROLLED_NK_STEPS
+    for dtype in (jnp.bfloat16, jnp.float32):
+      x = jnp.asarray(rng.standard_normal((1, 1, k)), dtype)
+      fn = lambda x, t=tiling: quantized_matmul(x, q_t, s_t, kind=kind, backend='triton',
+                                                interpret=True, tiling=t, output_major=True)
+      assert _pallas_calls(fn, x) == 1
+      assert 'reduce_sum' not in _ops_outside_kernels(jax.make_jaxpr(fn)(x).jaxpr)
+      out = jax.jit(fn)(x)
+      assert out.shape == (1, 1, n) and out.dtype == dtype
+      _assert_close(out, _reference(x, q, scale, kind, group), dtype)
+
+
+def test_gemv_output_major_many_weights_rows_and_gradients():
+  """q/k/v-like widths in one output-major launch equal their references; two rows (prefill)
+  and the 'xla' backend compute the same products from the transposed weights without a kernel;
+  the kernel path's gradients are the XLA path's."""
+  rng = np.random.default_rng()
+  k = 256
+  for kind in ('int8', 'int4'):
+    weights = [_weight(rng, kind, k, n, 64) for n in (128, 32, 32)]
+    stored = [_transposed(q, s) for q, s, _ in weights]
+    x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
+    fn = lambda x, b='triton': qm.quantized_matmul_many(x, stored, kind=kind, backend=b,
+                                                         interpret=True, output_major=True)
+    assert _pallas_calls(fn, x) == 1
+    for out, (q, s, g) in zip(jax.jit(fn)(x), weights):
+      _assert_close(out, _reference(x, q, s, kind, g), jnp.bfloat16)
+    x2 = jnp.asarray(rng.standard_normal((3, k)), jnp.bfloat16)
+    assert qm.plan(kind, 3, k, 128, 64, backend='triton', output_major=True).backend == 'xla'
+    for backend, xs in (('triton', x2), ('xla', x)):
+      assert _pallas_calls(functools.partial(fn, b=backend), xs) == 0
+      for out, (q, s, g) in zip(jax.jit(fn, static_argnums=1)(xs, backend), weights):
+        _assert_close(out, _reference(xs, q, s, kind, g), jnp.bfloat16)
+    q, s, g = weights[0]
+    q_t, s_t = _transposed(q, s)
+    x = jnp.asarray(rng.standard_normal((1, k)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((1, 128)), jnp.float32)
+    grad = lambda **kw: jax.grad(lambda x, s: jnp.sum(ct * quantized_matmul(
+        x, q_t, s, kind=kind, interpret=True, output_major=True, **kw)), argnums=(0, 1))(x, s_t)
+    for a, b in zip(grad(backend='triton'), grad(backend='xla')):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_gemv_output_major_tiling_and_errors():
+  """The default tiling divides the shapes with no split and fits the accumulator; a bad tiling
+  or layout is one error naming the rule."""
+  for kind, group in (('int8', None), ('int4', 128)):
+    for k, widths in ((2048, (2048, 512, 512)), (5632, (2048,)), (2048, (5632, 5632))):
+      bn, bk, split = qm.default_gemv_nk_tiling(kind, k, widths, group)
+      assert split == 1 and k % bk == 0 and all(w % bn == 0 for w in widths)
+      assert bn == qm.DEFAULT_GEMV_NK_BN[kind] and bk <= qm.DEFAULT_GEMV_NK_BK[kind]
+  with pytest.raises(ValueError, match=r'\(bn, bk, 1\) \(no split-K\)'):
+    qm.plan('int8', 1, 256, 64, backend='triton', tiling=(8, 64, 2), output_major=True)
+  with pytest.raises(ValueError, match='bn=3 must be a power of two'):
+    qm.plan('int8', 1, 256, 96, backend='triton', tiling=(3, 64, 1), output_major=True)
+  with pytest.raises(ValueError, match='bk=128 must divide K=192'):
+    qm.plan('int8', 1, 192, 64, backend='triton', tiling=(8, 128, 1), output_major=True)
+  with pytest.raises(ValueError, match=r'accumulator of 32 x 512'):
+    qm.plan('int8', 1, 512, 64, backend='triton', tiling=(32, 512, 1), output_major=True)
+  with pytest.raises(ValueError, match='int4 bk=64 and group=96'):
+    qm.plan('int4', 1, 384, 128, 96, backend='triton', tiling=(8, 64, 1), output_major=True)
+  with pytest.raises(ValueError, match=r'int8 qvalue must have K=256 rows'):
+    rng = np.random.default_rng()
+    q, s, _ = _weight(rng, 'int8', 128, 64)
+    quantized_matmul(jnp.ones((1, 256), jnp.float32), q.T, s.T, kind='int8', output_major=True)
+
+
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+@pytest.mark.parametrize('k,widths,in_shard_map', [(2048, (2048, 512, 512), False),
+                                                   (5632, (2048,), True)])
+def test_gemv_output_major_lowers_to_a_valid_triton_module(kind, k, widths, in_shard_map,
+                                                           monkeypatch, capfd):
+  """The output-major kernels lowered for CUDA at gpt_1b's shapes (q/k/v in one launch; the
+  down projection's K of 5632, 11 unrolled steps, inside shard_map), verified: a reduction, no
+  dot, no loop of split-K partials."""
+  from effjax.kernels.quantized_matmul import gpu
+  from tests.kernels.triton_lowering import assert_verified, triton_dump
+  args = [jax.ShapeDtypeStruct((1, k), jnp.bfloat16)]
+  for n in widths:
+    if kind == 'int8':
+      args += [jax.ShapeDtypeStruct((n, k), jnp.int8), jax.ShapeDtypeStruct((n, 1), jnp.float32)]
+    else:
+      args += [jax.ShapeDtypeStruct((n, k // 2), jnp.uint8),
+               jax.ShapeDtypeStruct((n, k // 128), jnp.float32)]
+  fn = lambda x, *w: tuple(qm.quantized_matmul_many(x, list(zip(w[0::2], w[1::2])), kind=kind,
+                                                    backend='triton', output_major=True))
+  if in_shard_map:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('d',))
+    fn = jax.shard_map(fn, mesh=mesh, in_specs=(P('d'),) + (P(),) * (len(args) - 1),
+                       out_specs=(P('d'),) * len(widths))
+  dump = triton_dump(monkeypatch, capfd, gpu, fn, *args)
+  assert 'tt.reduce' in dump and 'tt.dot' not in dump
+  assert 'scf.for' not in dump  # every step unrolled at these shapes
+  assert_verified(dump, 1)
+
+
+def test_tune_decode_nk_settings():
+  """tune_decode.py --nk's 'BN:BK' settings parse to (bn, bk, None); other forms are refused."""
+  td = _tune_decode_module()
+  assert td.parse_setting('8:512', False, nk=True) == (8, 512, None)
+  for bad in ('8:512:1', '8', 'a:512', '0:512'):
+    with pytest.raises(SystemExit, match='is not BN:BK'):
+      td.parse_setting(bad, False, nk=True)

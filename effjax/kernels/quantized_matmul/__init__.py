@@ -60,6 +60,7 @@ from effjax.kernels.quantized_matmul.reference import (
 __all__ = [
   'KINDS',
   'QMM_BACKENDS',
+  'default_gemv_nk_tiling',
   'default_gemv_tiling',
   'default_tiling',
   'dequantize_int4',
@@ -200,6 +201,49 @@ def default_gemv_tiling(kind: str, k: int, n, group: int | None = None) -> tuple
   return bn, bk, split
 
 
+# The output-major GEMV kernels (weights stored [N, K] for decoding; gpu.py): rows of output per
+# program and K entries per step, at most. A program's accumulator is [bn, bk] (int4: [bn, group
+# / 2]); 8 rows of 512 int8 entries is 4 KB a load, 16 bytes for each of 256 threads.
+DEFAULT_GEMV_NK_BN = {'int8': 8, 'int4': 16}
+DEFAULT_GEMV_NK_BK = {'int8': 512, 'int4': 1024}
+NK_PIECES_PER_STEP = 8
+
+
+def _nk_unsupported(kind: str, k: int, group: int | None) -> str | None:
+  """Why the output-major GEMV kernels cannot take K (and int4's group), or None."""
+  if not _k_steps(kind, k, group, gemv=True):
+    if kind == 'int8' or k % 2:
+      return f'K={k} is not a multiple of 2'
+    return (f'int4 groups of {group} entries (K={k}): the output-major GEMV kernel needs groups '
+            'of at least 2 entries that a power-of-two K step divides or is divided by')
+  return None
+
+
+def default_gemv_nk_tiling(kind: str, k: int, n, group: int | None = None) -> tuple[int, int, int]:
+  """(bn, bk, 1) for the output-major GEMV kernels: the largest power-of-two row tile up to
+  DEFAULT_GEMV_NK_BN dividing every N and the largest K step up to DEFAULT_GEMV_NK_BK (int4:
+  dividing or divided by the group) whose accumulator fits; no split."""
+  from effjax.kernels.quantized_matmul import gpu
+  reason = _nk_unsupported(kind, k, group)
+  if reason:
+    raise ValueError(f'the quantized output-major GEMV kernel cannot tile these shapes: {reason}')
+  widths = _widths(n)
+  common = math.gcd(*widths)
+  bn = min(common & -common, DEFAULT_GEMV_NK_BN[kind])
+  steps = _k_steps(kind, k, group, gemv=True)
+  # int4: at most NK_PIECES_PER_STEP groups a step (each its own load and scale), so small
+  # groups do not unroll into hundreds of tiny loads.
+  largest = DEFAULT_GEMV_NK_BK[kind] if kind == 'int8' else min(DEFAULT_GEMV_NK_BK[kind],
+                                                                 NK_PIECES_PER_STEP * group)
+  bk = next((t for t in steps if t <= largest), steps[-1])
+  cols = bk if kind == 'int8' else min(bk, group) // 2
+  while bn * cols > gpu.MAX_GEMV_TILE and bn > 1:
+    bn //= 2
+  for width in widths:
+    gpu.check_gemv_nk_tiling(kind, k, width, bn=bn, bk=bk, group=group)
+  return bn, bk, 1
+
+
 def resolve_backend(backend: str, rows: int | None = None) -> str:
   """'auto' -> 'triton' on GPU for at most MAX_KERNEL_ROWS rows outside an automatically
   partitioned multi-device mesh, else 'xla'. (Shape fit is checked by `plan`.)"""
@@ -219,16 +263,22 @@ class Plan:
   tiling: tuple[int, int, int] | None = None  # (bn, bk, split) for 'triton'
   reason: str = ''  # why 'auto' fell back to 'xla' for shape reasons ('' otherwise)
   gemv: bool = False  # 'triton' with one row: the GEMV kernels (else the dot kernels)
+  output_major: bool = False  # the weights stored [N, K]: the output-major GEMV kernels
 
 
 def plan(kind: str, rows: int, k: int, n, group: int | None = None, *,
-         backend: str = 'auto', tiling=None, gemv: bool = False) -> Plan:
+         backend: str = 'auto', tiling=None, gemv: bool = False,
+         output_major: bool = False) -> Plan:
   """The backend and tiling for x [rows, K] x a [K, N] weight of `kind` (group: int4's); n a
   sequence of Ns plans one launch over several weights sharing x. gemv: a single row takes the
-  GEMV kernels (gpu.py), with their own default tiling and rules."""
+  GEMV kernels (gpu.py), with their own default tiling and rules. output_major: the weights are
+  stored [N, K] (decoding's transposed copy); a single row on the kernel path takes the
+  output-major GEMV kernels (tiling (bn, bk, 1)), anything else the 'xla' path."""
   resolved = resolve_backend(backend, rows)
   if resolved == 'xla':
     return Plan('xla')
+  if output_major:
+    return _plan_output_major(kind, rows, k, n, group, backend=backend, tiling=tiling)
   gemv = gemv and rows == 1
   reason = kernel_unsupported(kind, k, n, group, gemv=gemv)
   if reason and backend == 'auto':
@@ -256,6 +306,28 @@ def plan(kind: str, rows: int, k: int, n, group: int | None = None, *,
   return Plan('triton', (bn, bk, split))
 
 
+def _plan_output_major(kind: str, rows: int, k: int, n, group: int | None, *, backend: str,
+                       tiling) -> Plan:
+  if rows != 1:  # the dot kernels read [K, N]; more rows of an output-major weight go to XLA
+    return Plan('xla', reason=f'{rows} rows: output-major weights take the kernel for one row')
+  reason = _nk_unsupported(kind, k, group)
+  if reason and backend == 'auto':
+    return Plan('xla', reason=reason)
+  if reason:
+    raise ValueError(f"backend='triton': the quantized output-major GEMV kernel cannot tile "
+                     f"these shapes: {reason}; use backend='xla' or 'auto'")
+  if tiling is None:
+    return Plan('triton', default_gemv_nk_tiling(kind, k, n, group), gemv=True,
+                output_major=True)
+  if len(tiling) != 3 or int(tiling[2]) != 1:
+    raise ValueError(f'an output-major GEMV tiling is (bn, bk, 1) (no split-K), got {tiling!r}')
+  from effjax.kernels.quantized_matmul import gpu
+  bn, bk = int(tiling[0]), int(tiling[1])
+  for width in _widths(n):
+    gpu.check_gemv_nk_tiling(kind, k, width, bn=bn, bk=bk, group=group)
+  return Plan('triton', (bn, bk, 1), gemv=True, output_major=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # The two paths
 
@@ -267,6 +339,7 @@ class _Static:
   tiling: tuple[int, int, int]
   interpret: bool
   gemv: bool = False
+  output_major: bool = False
 
 
 def _dequantized(qvalue, scale, kind: str, group: int | None, dtype) -> jax.Array:
@@ -274,8 +347,13 @@ def _dequantized(qvalue, scale, kind: str, group: int | None, dtype) -> jax.Arra
   return w.astype(dtype)
 
 
-def _xla_product(x_mk, qvalue, scale, kind: str, group: int | None) -> jax.Array:
-  """The 'xla' path: the weight dequantized into x's dtype, one dot, float32 accumulation."""
+def _xla_product(x_mk, qvalue, scale, kind: str, group: int | None,
+                 output_major: bool = False) -> jax.Array:
+  """The 'xla' path: the weight dequantized into x's dtype, one dot, float32 accumulation.
+  An output-major weight ([N, K] and its scales [N, rows]) is transposed back first, which XLA
+  fuses into the dequantization."""
+  if output_major:
+    qvalue, scale = qvalue.T, scale.T
   w = _dequantized(qvalue, scale, kind, group, x_mk.dtype)
   return jnp.matmul(x_mk, w, preferred_element_type=jnp.float32).astype(x_mk.dtype)
 
@@ -287,6 +365,13 @@ def _kernel_impl(x_mk, qvalues, scales, static: _Static) -> tuple:
   bm = min(mp, gpu.MAX_ROW_BLOCK)
   bn, bk, split = static.tiling
   scales = [scale.astype(jnp.float32) for scale in scales]
+  if static.output_major:  # one row: outputs [N, 1] in x's dtype, final (no split)
+    kw = dict(bn=bn, bk=bk, interpret=static.interpret)
+    if static.kind == 'int8':
+      outs = gpu.int8_gemv_nk_many(x_mk, qvalues, scales, **kw)
+    else:
+      outs = gpu.int4_gemv_nk_many(x_mk[:, 0::2], x_mk[:, 1::2], qvalues, scales, **kw)
+    return tuple(out.reshape(1, -1) for out in outs)
   if static.gemv:  # one row, as a column: [1, K] -> [K, 1] is a reshape
     kw = dict(bn=bn, bk=bk, split=split, interpret=static.interpret)
     x_col = x_mk.reshape(-1, 1)
@@ -323,7 +408,7 @@ def _kernel_bwd(static: _Static, residuals, d_outs):
   # The XLA path's own VJP: the same function, so the same cotangents (and shard_map's psums of
   # the replicated scale's cotangent come from JAX's autodiff, not from here).
   def products(x, scales):
-    return tuple(_xla_product(x, q, s, static.kind, static.group)
+    return tuple(_xla_product(x, q, s, static.kind, static.group, static.output_major)
                  for q, s in zip(qvalues, scales))
 
   _, pullback = jax.vjp(products, x_mk, tuple(scales))
@@ -374,33 +459,42 @@ def _check(x, qvalue, scale, kind: str) -> tuple[int, int, int | None]:
 def quantized_matmul(x: jax.Array, qvalue: jax.Array, scale: jax.Array, *, kind: str,
                      backend: str = 'auto', interpret: bool = False,
                      tiling: tuple[int, int, int] | None = None,
-                     gemv: bool = False) -> jax.Array:
+                     gemv: bool = False, output_major: bool = False) -> jax.Array:
   """x [..., K] times a weight-only quantized [K, N] weight -> [..., N] in x's dtype.
 
   kind 'int8': qvalue int8 [K, N], scale [1, N]; kind 'int4': qvalue uint8 [K/2, N] (entry 2i
   the low nibble, 2i + 1 the high one), scale [K/group, N]. Float32 accumulation. backend and
   tiling (bn, bk, split) as in the module docstring; interpret=True runs the Pallas kernel in
   interpret mode (CPU tests). gemv=True: a single row on the kernel path (batch-1 decoding)
-  takes the GEMV kernels (no tensor cores; gpu.py), tiling then being theirs. Reverse-mode
-  differentiable in x and scale.
+  takes the GEMV kernels (no tensor cores; gpu.py), tiling then being theirs.
+  output_major=True: the weight is stored transposed, int8 qvalue [N, K] with scale [N, 1], int4
+  [N, K/2] (packed along K as above) with scale [N, K/group]; a single row on the kernel path
+  takes the output-major GEMV kernels (tiling (bn, bk, 1)), more rows the 'xla' path.
+  Reverse-mode differentiable in x and scale.
   """
   return quantized_matmul_many(x, [(qvalue, scale)], kind=kind, backend=backend,
-                               interpret=interpret, tiling=tiling, gemv=gemv)[0]
+                               interpret=interpret, tiling=tiling, gemv=gemv,
+                               output_major=output_major)[0]
 
 
 def quantized_matmul_many(x: jax.Array, weights, *, kind: str, backend: str = 'auto',
                           interpret: bool = False,
                           tiling: tuple[int, int, int] | None = None,
-                          gemv: bool = False) -> list[jax.Array]:
+                          gemv: bool = False, output_major: bool = False) -> list[jax.Array]:
   """[x times each weight] for weights = [(qvalue, scale), ...] of one kind (and, for int4, one
   group size), each as in quantized_matmul: on the kernel path one launch reads them all, its
   column tiles running over the weights one after another (attention's q, k and v, or SwiGLU's
   gate and up, share x), so a decode step pays one launch and one x load for them, not one
   each. The plan (backend, tiling) is made for the weights together: bn divides every N, and
-  split aims at TARGET_PROGRAMS over all their column tiles."""
+  split aims at TARGET_PROGRAMS over all their column tiles. output_major: every weight stored
+  transposed, as in quantized_matmul."""
   if not weights:
     raise ValueError('quantized_matmul_many needs at least one (qvalue, scale) weight')
-  checked = [_check(x, qvalue, scale, kind) for qvalue, scale in weights]
+  if output_major:  # checked as the [K, N] weights they are transposes of
+    t = lambda a: jax.ShapeDtypeStruct(a.shape[::-1], a.dtype) if a.ndim == 2 else a
+    checked = [_check(x, t(qvalue), t(scale), kind) for qvalue, scale in weights]
+  else:
+    checked = [_check(x, qvalue, scale, kind) for qvalue, scale in weights]
   k = checked[0][0]
   widths = tuple(n for _, n, _ in checked)
   groups = {group for _, _, group in checked}
@@ -410,13 +504,16 @@ def quantized_matmul_many(x: jax.Array, weights, *, kind: str, backend: str = 'a
   group = groups.pop()
   lead = x.shape[:-1]
   rows = math.prod(lead)
-  chosen = plan(kind, rows, k, widths, group, backend=backend, tiling=tiling, gemv=gemv)
+  chosen = plan(kind, rows, k, widths, group, backend=backend, tiling=tiling, gemv=gemv,
+                output_major=output_major)
   x_mk = x.reshape(rows, k)
   if chosen.backend == 'xla':
-    outs = [_xla_product(x_mk, qvalue, scale, kind, group) for qvalue, scale in weights]
+    outs = [_xla_product(x_mk, qvalue, scale, kind, group, output_major)
+            for qvalue, scale in weights]
   elif rows == 0:
     outs = [jnp.zeros((0, n), x.dtype) for n in widths]
   else:
     outs = _kernel_products(x_mk, tuple(q for q, _ in weights), tuple(s for _, s in weights),
-                            _Static(kind, group, chosen.tiling, bool(interpret), chosen.gemv))
+                            _Static(kind, group, chosen.tiling, bool(interpret), chosen.gemv,
+                                    chosen.output_major))
   return [out.reshape(*lead, n) for out, n in zip(outs, widths)]

@@ -433,3 +433,162 @@ def int4_gemv_many(xe_col, xo_col, packs, scales, *, bn: int, bk: int, split: in
       compiler_params=_gemv_params(min(bk, group) // 2, bn), interpret=interpret,
       name='int4_gemv',
   )(xe_col, xo_col, *packs, *scales))
+
+
+# ----------------------------------------------------------------------------------------------
+# Output-major GEMV kernels: one row times a weight stored [N, K] (decoding's transposed copy).
+#
+# The GEMV kernels above read the stored [K, N] layout, whose contiguous axis is N: a program
+# needs bn >= 16 columns of a row for whole memory transactions, so N / bn tiles are too few
+# programs and K is split, which leaves float32 partials [split, N] to write, read back and sum
+# in a further XLA kernel, and a cast to x's dtype, per product. Stored output-major (int8
+# [N, K] with scales [N, 1]; int4 [N, K / 2] packed along K, two entries a byte as before, with
+# scales [N, K / group]), a weight's rows are its output channels and K is contiguous. A
+# program then owns bn whole output rows: it loads [bn, bk] tiles along K (each row's bytes
+# contiguous, so any bn reads whole transactions), widens them to float32, multiplies them by
+# x's [1, bk] row and adds them into a [bn, bk] float32 accumulator in registers; at the end it
+# reduces over K, applies the scale and stores the bn outputs in x's dtype. No split, no
+# partials, no second kernel: one launch per product (or per group of weights sharing x), its
+# output the final one. The K loop runs unrolled up to MAX_UNROLLED_NK_STEPS steps, so a
+# program's loads are independent and in flight together.
+#
+# Tile rules (check_gemv_nk_tiling): bn, bk powers of two (bn >= 1, bk >= 2), bn dividing N, bk
+# dividing K, int4's bk and group dividing one another; the accumulator (bn x bk for int8, bn x
+# min(bk, group) / 2 for int4) at most MAX_GEMV_TILE entries. Outputs are [N, 1] (a column; the
+# caller reshapes it to the row [1, N]).
+
+MAX_UNROLLED_NK_STEPS = 16
+
+
+def check_gemv_nk_tiling(kind: str, k: int, n: int, *, bn: int, bk: int,
+                         group: int | None = None) -> None:
+  """Raises ValueError naming the first output-major GEMV kernel constraint the shapes break."""
+  what = 'quantized output-major GEMV kernel'
+  if bn < 1 or not _power_of_two(bn):
+    raise ValueError(f'{what}: bn={bn} must be a power of two')
+  if bk < MIN_GEMV_STEP or not _power_of_two(bk):
+    raise ValueError(f'{what}: bk={bk} must be a power of two >= {MIN_GEMV_STEP}')
+  cols = bk if kind == 'int8' else min(bk, group or bk) // 2  # the accumulator's columns
+  if bn * cols > MAX_GEMV_TILE:
+    raise ValueError(f'{what}: an accumulator of {bn} x {cols} (bn={bn}, bk={bk}) exceeds the '
+                     f'{MAX_GEMV_TILE} float32 entries a program holds')
+  if n % bn:
+    raise ValueError(f'{what}: bn={bn} must divide N={n}')
+  if k % bk:
+    raise ValueError(f'{what}: bk={bk} must divide K={k}')
+  if kind == 'int4' and (group is None or group < MIN_GEMV_STEP or (bk % group and group % bk)):
+    raise ValueError(f'{what}: int4 bk={bk} and group={group} must divide one another, the '
+                     f'group at least {MIN_GEMV_STEP} entries')
+
+
+def _aligned(v, m: int):
+  """v (a Python int in an unrolled loop, else traced) marked a multiple of m."""
+  return v if isinstance(v, int) else pl.multiple_of(v, m)
+
+
+def _nk_loop(steps: int, body, init):
+  if steps <= MAX_UNROLLED_NK_STEPS:
+    for i in range(steps):
+      init = body(i, init)
+    return init
+  return lax.fori_loop(0, steps, body, init)
+
+
+def _int8_gemv_nk_kernel(x_ref, *refs, bn, bk, steps, tiles):
+  q_refs, s_refs, o_refs = (refs[i * len(tiles):(i + 1) * len(tiles)] for i in range(3))
+
+  def product(w, tile):
+    row0 = pl.multiple_of(tile * bn, bn)
+
+    def step(i, acc):
+      k0 = _aligned(i * bk, bk)
+      x_row = x_ref[pl.ds(0, 1), pl.ds(k0, bk)].astype(jnp.float32)
+      return acc + q_refs[w][pl.ds(row0, bn), pl.ds(k0, bk)].astype(jnp.float32) * x_row
+
+    acc = _nk_loop(steps, step, jnp.zeros((bn, bk), jnp.float32))
+    y = jnp.sum(acc, axis=1, keepdims=True) * s_refs[w][pl.ds(row0, bn), pl.ds(0, 1)]
+    o_refs[w][pl.ds(row0, bn), pl.ds(0, 1)] = y.astype(o_refs[w].dtype)
+
+  _weights(pl.program_id(0), tiles, product)
+
+
+def _int4_gemv_nk_kernel(xe_ref, xo_ref, *refs, bn, bk, group, steps, tiles):
+  p_refs, s_refs, o_refs = (refs[i * len(tiles):(i + 1) * len(tiles)] for i in range(3))
+  piece = min(bk, group)  # K entries in one group
+  half = piece // 2  # their packed columns
+
+  def product(w, tile):
+    row0 = pl.multiple_of(tile * bn, bn)
+
+    def step(i, acc):
+      for p in range(bk // piece):
+        kp = i * bk + p * piece
+        c0 = kp // 2 if isinstance(kp, int) else pl.multiple_of(lax.div(kp, 2), half)
+        low, high = _nibbles(p_refs[w][pl.ds(row0, bn), pl.ds(c0, half)])
+        xe = xe_ref[pl.ds(0, 1), pl.ds(c0, half)].astype(jnp.float32)
+        xo = xo_ref[pl.ds(0, 1), pl.ds(c0, half)].astype(jnp.float32)
+        part = low.astype(jnp.float32) * xe + high.astype(jnp.float32) * xo
+        g = kp // group if isinstance(kp, int) else lax.div(kp, group)
+        acc = acc + part * s_refs[w][pl.ds(row0, bn), pl.ds(g, 1)]
+      return acc
+
+    acc = _nk_loop(steps, step, jnp.zeros((bn, half), jnp.float32))
+    y = jnp.sum(acc, axis=1, keepdims=True)
+    o_refs[w][pl.ds(row0, bn), pl.ds(0, 1)] = y.astype(o_refs[w].dtype)
+
+  _weights(pl.program_id(0), tiles, product)
+
+
+def _gemv_nk_params(bn: int, cols: int):
+  """Warps for a [bn, cols] tile: enough threads that each loads 16 bytes or more of it."""
+  return _CompilerParams(num_warps=8 if bn * cols >= 64 * 128 else 4 if bn * cols >= 2048 else 2,
+                         num_stages=1)
+
+
+def int8_gemv_nk_many(x_row, qs, scales, *, bn: int, bk: int, interpret: bool = False) -> list:
+  """x_row [1, K] times each output-major int8 q [N_w, K] * float32 scale [N_w, 1], in one
+  launch -> [N_w, 1] per weight in x's dtype."""
+  k = x_row.shape[1]
+  widths = [q.shape[0] for q in qs]
+  for width in widths:
+    check_gemv_nk_tiling('int8', k, width, bn=bn, bk=bk)
+  tiles = tuple(width // bn for width in widths)
+  kernel = functools.partial(_int8_gemv_nk_kernel, bn=bn, bk=bk, steps=k // bk, tiles=tiles)
+  out_shapes = [(width, 1) for width in widths]
+  return list(pl.pallas_call(
+      kernel, grid=(sum(tiles),),
+      in_specs=[_whole(a.shape) for a in (x_row, *qs, *scales)],
+      out_specs=[_whole(shape) for shape in out_shapes],
+      out_shape=[out_struct(shape, x_row.dtype, x_row, q, scale)
+                 for shape, q, scale in zip(out_shapes, qs, scales)],
+      compiler_params=_gemv_nk_params(bn, bk), interpret=interpret, name='int8_gemv_nk',
+  )(x_row, *qs, *scales))
+
+
+def int4_gemv_nk_many(xe_row, xo_row, packs, scales, *, bn: int, bk: int,
+                      interpret: bool = False) -> list:
+  """(x's even and odd entries as rows [1, K/2]) times each output-major packed int4
+  [N_w, K/2] with float32 group scales [N_w, K/group] (one group size), in one launch ->
+  [N_w, 1] per weight in x's dtype."""
+  k = 2 * xe_row.shape[1]
+  groups = {scale.shape[1] for scale in scales}
+  if len(groups) != 1 or k % next(iter(groups)):
+    raise ValueError(f'int4 GEMV: scale columns {sorted(groups)} must be one count dividing '
+                     f'K={k}')
+  group = k // groups.pop()
+  widths = [p.shape[0] for p in packs]
+  for width in widths:
+    check_gemv_nk_tiling('int4', k, width, bn=bn, bk=bk, group=group)
+  tiles = tuple(width // bn for width in widths)
+  kernel = functools.partial(_int4_gemv_nk_kernel, bn=bn, bk=bk, group=group, steps=k // bk,
+                             tiles=tiles)
+  out_shapes = [(width, 1) for width in widths]
+  return list(pl.pallas_call(
+      kernel, grid=(sum(tiles),),
+      in_specs=[_whole(a.shape) for a in (xe_row, xo_row, *packs, *scales)],
+      out_specs=[_whole(shape) for shape in out_shapes],
+      out_shape=[out_struct(shape, xe_row.dtype, xe_row, xo_row, packed, scale)
+                 for shape, packed, scale in zip(out_shapes, packs, scales)],
+      compiler_params=_gemv_nk_params(bn, min(bk, group) // 2), interpret=interpret,
+      name='int4_gemv_nk',
+  )(xe_row, xo_row, *packs, *scales))
