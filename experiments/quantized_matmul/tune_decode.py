@@ -11,7 +11,8 @@ third field may also be `sN`: split K so that every program runs N K steps where
 allows it (the largest split of K's steps giving at least N steps a program), whatever the
 program count. With --nk every quantized weight is stored output-major for decoding
 (infer.qmm_output_major) and a setting is BN:BK, the output-major GEMV kernels' row tile and K
-step for that kind (DEFAULT_GEMV_NK_BN, DEFAULT_GEMV_NK_BK; no split). For each kind and setting the model (random weights) is quantized
+step for that kind (DEFAULT_GEMV_NK_BN, DEFAULT_GEMV_NK_BK; no split), or BN:BK:WIDEN with
+WIDEN 'magic' or 'convert' (gpu.NK_WIDEN: how the integers become floats). For each kind and setting the model (random weights) is quantized
 once and its batch-1 decode loop compiled and timed with the constants set, as decode.py times
 it, so the figure includes everything around the kernel (launches, padding, split-K sums). The
 isolated-product benchmark (`bench kernels --op=qmm`) is dominated by dispatch at these sizes,
@@ -32,21 +33,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SETTINGS = ('128:256:256,128:128:512,64:256:512,128:256:64,128:64:128,128:64:256,'
                     '256:128:256,64:128:1024')
 DEFAULT_GEMV_SETTINGS = '128:64:512,128:32:256,128:32:s4,128:64:s4,128:32:s2,256:32:s4,128:64:1024'
-DEFAULT_NK_SETTINGS = '8:512,4:512,16:256,2:1024,8:256,16:512,4:1024,32:128'
+DEFAULT_NK_SETTINGS = ('8:512,8:512:convert,4:512,16:256,2:1024,8:256,16:512,4:1024,32:128')
+NK_WIDEN_CHOICES = ('magic', 'convert')  # effjax.kernels.quantized_matmul.gpu.NK_WIDEN_CHOICES
 
 
 def parse_setting(text: str, gemv: bool, nk: bool = False) -> tuple[int, int, int | str | None]:
   """'BN:BK:TARGET' (or, with --gemv, 'BN:BK:sN') as (bn, bk, target or 'sN'); with nk,
-  'BN:BK' as (bn, bk, None)."""
+  'BN:BK' as (bn, bk, None) and 'BN:BK:WIDEN' as (bn, bk, WIDEN)."""
   parts = text.split(':')
   if nk:
     try:
-      bn, bk = (int(p) for p in parts)
+      widen = parts[2] if len(parts) == 3 else None
+      if len(parts) not in (2, 3) or (widen is not None and widen not in NK_WIDEN_CHOICES):
+        raise ValueError
+      bn, bk = int(parts[0]), int(parts[1])
       if bn < 1 or bk < 1:
         raise ValueError
-      return bn, bk, None
+      return bn, bk, widen
     except ValueError:
-      raise SystemExit(f'--settings: {text!r} is not BN:BK with whole numbers >= 1 (--nk)') from None
+      raise SystemExit(f'--settings: {text!r} is not BN:BK or BN:BK:WIDEN (WIDEN one of '
+                       f'{", ".join(NK_WIDEN_CHOICES)}) with whole numbers >= 1 (--nk)') from None
   try:
     if len(parts) != 3:
       raise ValueError
@@ -124,7 +130,11 @@ def main():
                                     output_major=w_lib.parse_names(args.output_major),
                                     qmm_output_major=args.nk)
 
+  from effjax.kernels.quantized_matmul import gpu
+  widen_default = gpu.NK_WIDEN
+
   def restore():
+    gpu.NK_WIDEN = widen_default
     for name, value in defaults.items():
       if isinstance(value, dict):
         getattr(qmm, name).clear()
@@ -156,16 +166,18 @@ def main():
     params = compress_run.decode_params(params, c.model.compute_dtype)
     del model
     for bn, bk, target in settings:
-      row = {'kind': kind, 'setting': f'{bn}:{bk}' if args.nk else f'{bn}:{bk}:{target}'}
-      if args.nk:
+      row = {'kind': kind, 'setting': ':'.join(str(v) for v in (bn, bk, target)
+                                                if v is not None)}
+      getattr(qmm, names[1]).update({kind: bk})
+      if args.nk:  # no split to choose; the third field is the widening
         getattr(qmm, names[0]).update({kind: bn})
+        gpu.NK_WIDEN = target or widen_default
       else:
         setattr(qmm, names[0], bn)
-      getattr(qmm, names[1]).update({kind: bk})
-      if isinstance(target, str):  # 'sN': N K steps a program
-        setattr(qmm, names[3], steps_tiling(qmm, int(target[1:])))
-      elif target is not None:  # --nk settings have no target
-        setattr(qmm, names[2], target)
+        if isinstance(target, str):  # 'sN': N K steps a program
+          setattr(qmm, names[3], steps_tiling(qmm, int(target[1:])))
+        else:
+          setattr(qmm, names[2], target)
       try:
         group = c.compress.int4_group_size if kind == 'int4' else None
         row['tilings'] = {f'{k}x{n}': tiling_of(kind, k, n, group)

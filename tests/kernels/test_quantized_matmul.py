@@ -665,15 +665,17 @@ def test_gemv_output_major_tiling_and_errors():
 
 
 @pytest.mark.parametrize('kind', ['int8', 'int4'])
-@pytest.mark.parametrize('k,widths,in_shard_map', [(2048, (2048, 512, 512), False),
-                                                   (5632, (2048,), True)])
-def test_gemv_output_major_lowers_to_a_valid_triton_module(kind, k, widths, in_shard_map,
+@pytest.mark.parametrize('k,widths,in_shard_map,widen', [(2048, (2048, 512, 512), False, 'magic'),
+                                                          (5632, (2048,), True, 'magic'),
+                                                          (2048, (2048,), False, 'convert')])
+def test_gemv_output_major_lowers_to_a_valid_triton_module(kind, k, widths, in_shard_map, widen,
                                                            monkeypatch, capfd):
   """The output-major kernels lowered for CUDA at gpt_1b's shapes (q/k/v in one launch; the
-  down projection's K of 5632, 11 unrolled steps, inside shard_map), verified: a reduction, no
-  dot, no loop of split-K partials."""
+  down projection's K of 5632, 11 unrolled steps, inside shard_map), with either widening,
+  verified: a reduction, no dot, no loop; 'magic' widens with bitcasts, not conversions."""
   from effjax.kernels.quantized_matmul import gpu
   from tests.kernels.triton_lowering import assert_verified, triton_dump
+  monkeypatch.setattr(gpu, 'NK_WIDEN', widen)
   args = [jax.ShapeDtypeStruct((1, k), jnp.bfloat16)]
   for n in widths:
     if kind == 'int8':
@@ -690,13 +692,44 @@ def test_gemv_output_major_lowers_to_a_valid_triton_module(kind, k, widths, in_s
   dump = triton_dump(monkeypatch, capfd, gpu, fn, *args)
   assert 'tt.reduce' in dump and 'tt.dot' not in dump
   assert 'scf.for' not in dump  # every step unrolled at these shapes
+  assert ('tt.bitcast' in dump) == (widen == 'magic') and ('arith.sitofp' in dump) == (
+      widen == 'convert')
   assert_verified(dump, 1)
 
 
 def test_tune_decode_nk_settings():
   """tune_decode.py --nk's 'BN:BK' settings parse to (bn, bk, None); other forms are refused."""
   td = _tune_decode_module()
+  from effjax.kernels.quantized_matmul import gpu
   assert td.parse_setting('8:512', False, nk=True) == (8, 512, None)
-  for bad in ('8:512:1', '8', 'a:512', '0:512'):
-    with pytest.raises(SystemExit, match='is not BN:BK'):
+  assert td.parse_setting('8:512:convert', False, nk=True) == (8, 512, 'convert')
+  assert td.NK_WIDEN_CHOICES == gpu.NK_WIDEN_CHOICES
+  for bad in ('8:512:1', '8', 'a:512', '0:512', '8:512:fast'):
+    with pytest.raises(SystemExit, match='is not BN:BK or BN:BK:WIDEN'):
       td.parse_setting(bad, False, nk=True)
+
+
+@pytest.mark.parametrize('kind', ['int8', 'int4'])
+def test_output_major_widenings_agree_exactly(kind, monkeypatch):
+  """gpu.NK_WIDEN: the integer-ops widening ('magic') gives every stored value exactly (all 256
+  int8 values, both nibbles of all 256 bytes) and the same products as the conversion
+  instruction's ('convert')."""
+  from effjax.kernels.quantized_matmul import gpu
+  byte = jnp.arange(256, dtype=jnp.int32).reshape(16, 16)
+  if kind == 'int8':
+    q = byte.astype(jnp.uint8).astype(jnp.int8)  # -128..127
+    np.testing.assert_array_equal(gpu._widen_int8(q), q.astype(jnp.float32))
+  else:
+    low, high = gpu._widen_nibbles(byte.astype(jnp.uint8))
+    want_low, want_high = gpu._nibbles(byte.astype(jnp.uint8))
+    np.testing.assert_array_equal(low, want_low.astype(jnp.float32))
+    np.testing.assert_array_equal(high, want_high.astype(jnp.float32))
+  rng = np.random.default_rng()
+  q, scale, group = _weight(rng, kind, 512, 64, 128)
+  x = jnp.asarray(rng.standard_normal((1, 512)), jnp.float32)
+  outs = {}
+  for widen in gpu.NK_WIDEN_CHOICES:
+    monkeypatch.setattr(gpu, 'NK_WIDEN', widen)
+    outs[widen] = quantized_matmul(x, q.T, scale.T, kind=kind, backend='triton', interpret=True,
+                                   output_major=True)
+  np.testing.assert_array_equal(outs['magic'], outs['convert'])

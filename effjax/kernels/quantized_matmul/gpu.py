@@ -458,6 +458,36 @@ def int4_gemv_many(xe_col, xo_col, packs, scales, *, bn: int, bk: int, split: in
 # caller reshapes it to the row [1, N]).
 
 MAX_UNROLLED_NK_STEPS = 16
+# How the output-major kernels widen the stored integers to float32 (read at trace time):
+# 'magic' builds each float's bits with integer ops, the value v (biased to be non-negative) in
+# the mantissa of 2^23, and subtracts 2^23 + bias, which is exact: an AND/XOR and an add per
+# value. 'convert' is the int-to-float conversion instruction, which an SM issues at a quarter
+# of the rate of the float multiply-adds (16 a clock on Hopper, per the CUDA programming guide),
+# fewer than the values an int4 weight delivers a clock at full memory bandwidth.
+NK_WIDEN = 'magic'
+NK_WIDEN_CHOICES = ('magic', 'convert')
+_TWO_23 = 8388608.0
+
+
+def _widen_int8(q):
+  """int8 [r, c] -> float32 values."""
+  if NK_WIDEN == 'convert':
+    return q.astype(jnp.float32)
+  bits = (q.astype(jnp.int32) & 0xFF) ^ 0x4B000080  # 2^23's bits with v + 128 in the mantissa
+  return lax.bitcast_convert_type(bits, jnp.float32) - (_TWO_23 + 128.0)
+
+
+def _widen_nibbles(packed):
+  """uint8 [r, c] -> (low, high) float32 values in [-8, 7]."""
+  if NK_WIDEN == 'convert':
+    low, high = _nibbles(packed)
+    return low.astype(jnp.float32), high.astype(jnp.float32)
+  p = packed.astype(jnp.int32)  # zero-extended
+  low = (p & 0xF) ^ 0x4B000008  # two's-complement nibble v: v ^ 8 = v + 8, in 2^23's mantissa
+  high = lax.shift_right_logical(p, 4) ^ 0x4B000008
+  bias = _TWO_23 + 8.0
+  return (lax.bitcast_convert_type(low, jnp.float32) - bias,
+          lax.bitcast_convert_type(high, jnp.float32) - bias)
 
 
 def check_gemv_nk_tiling(kind: str, k: int, n: int, *, bn: int, bk: int,
@@ -503,7 +533,7 @@ def _int8_gemv_nk_kernel(x_ref, *refs, bn, bk, steps, tiles):
     def step(i, acc):
       k0 = _aligned(i * bk, bk)
       x_row = x_ref[pl.ds(0, 1), pl.ds(k0, bk)].astype(jnp.float32)
-      return acc + q_refs[w][pl.ds(row0, bn), pl.ds(k0, bk)].astype(jnp.float32) * x_row
+      return acc + _widen_int8(q_refs[w][pl.ds(row0, bn), pl.ds(k0, bk)]) * x_row
 
     acc = _nk_loop(steps, step, jnp.zeros((bn, bk), jnp.float32))
     y = jnp.sum(acc, axis=1, keepdims=True) * s_refs[w][pl.ds(row0, bn), pl.ds(0, 1)]
@@ -524,10 +554,10 @@ def _int4_gemv_nk_kernel(xe_ref, xo_ref, *refs, bn, bk, group, steps, tiles):
       for p in range(bk // piece):
         kp = i * bk + p * piece
         c0 = kp // 2 if isinstance(kp, int) else pl.multiple_of(lax.div(kp, 2), half)
-        low, high = _nibbles(p_refs[w][pl.ds(row0, bn), pl.ds(c0, half)])
+        low, high = _widen_nibbles(p_refs[w][pl.ds(row0, bn), pl.ds(c0, half)])
         xe = xe_ref[pl.ds(0, 1), pl.ds(c0, half)].astype(jnp.float32)
         xo = xo_ref[pl.ds(0, 1), pl.ds(c0, half)].astype(jnp.float32)
-        part = low.astype(jnp.float32) * xe + high.astype(jnp.float32) * xo
+        part = low * xe + high * xo
         g = kp // group if isinstance(kp, int) else lax.div(kp, group)
         acc = acc + part * s_refs[w][pl.ds(row0, bn), pl.ds(g, 1)]
       return acc
