@@ -658,7 +658,8 @@ def test_gemv_output_major_tiling_and_errors():
     qm.plan('int8', 1, 512, 64, backend='triton', tiling=(32, 512, 1), output_major=True)
   with pytest.raises(ValueError, match='int4 bk=64 and group=96'):
     qm.plan('int4', 1, 384, 128, 96, backend='triton', tiling=(8, 64, 1), output_major=True)
-  with pytest.raises(ValueError, match=r'int8 qvalue must have K=256 rows'):
+  with pytest.raises(ValueError, match=r'output_major=True \(weights stored \[N, K\].*int8 '
+                     r'qvalue must have K=256 rows'):
     rng = np.random.default_rng()
     q, s, _ = _weight(rng, 'int8', 128, 64)
     quantized_matmul(jnp.ones((1, 256), jnp.float32), q.T, s.T, kind='int8', output_major=True)

@@ -492,7 +492,11 @@ def quantized_matmul_many(x: jax.Array, weights, *, kind: str, backend: str = 'a
     raise ValueError('quantized_matmul_many needs at least one (qvalue, scale) weight')
   if output_major:  # checked as the [K, N] weights they are transposes of
     t = lambda a: jax.ShapeDtypeStruct(a.shape[::-1], a.dtype) if a.ndim == 2 else a
-    checked = [_check(x, t(qvalue), t(scale), kind) for qvalue, scale in weights]
+    try:
+      checked = [_check(x, t(qvalue), t(scale), kind) for qvalue, scale in weights]
+    except ValueError as e:
+      raise ValueError(f'output_major=True (weights stored [N, K], checked as their [K, N] '
+                       f'transposes): {e}') from None
   else:
     checked = [_check(x, qvalue, scale, kind) for qvalue, scale in weights]
   k = checked[0][0]
