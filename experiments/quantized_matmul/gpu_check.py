@@ -161,23 +161,24 @@ def check_dispatch():
          small.backend == 'triton' and small.gemv, str(small))
 
 
-def check_output_major(quick: bool) -> None:
-  """The output-major GEMV kernels (weights stored [N, K], one row): gpt_1b's shapes, explicit
-  tilings (a row tile of 1, a looped K of 32 steps), fused q/k/v and gate/up, int4 groups of 64
-  and 8, K = 72; then whether a model's products take them is a CPU test."""
-  dtypes = (jnp.bfloat16,) if quick else (jnp.bfloat16, jnp.float16, jnp.float32)
+def check_one_row(dtypes, tilings, *, gemv=False, nk=False) -> None:
+  """A one-row kernel family (the GEMV kernels, gemv; the output-major ones, nk): gpt_1b's shapes
+  at every dtype, explicit tilings, a width that is no multiple of the default row / column
+  tile, fused q/k/v (also GQA-like) and gate/up, then shapes only the no-dot kernels take: int4
+  groups of 64, 16 and 8 and K = 72."""
   for kind in ('int8', 'int4'):
     for k, n in ((2048, 2048), (2048, 5632), (5632, 2048)):
       for dtype in dtypes:
-        check_values(kind, k, n, 1, dtype, nk=True)
-    for tiling in ((1, 512, 1), (4, 1024, 1), (16, 256, 1), (8, 64, 1)):
-      check_values(kind, 2048, 2048, 1, jnp.bfloat16, tiling=tiling, nk=True)
-    check_values(kind, 2048, 80, 1, jnp.bfloat16, nk=True)
-    check_many(kind, 2048, (2048, 512, 512), 1, nk=True)
-    check_many(kind, 2048, (5632, 5632), 1, nk=True)
-  check_values('int4', 2048, 2048, 1, jnp.bfloat16, group=64, nk=True)
-  check_values('int4', 2048, 2048, 1, jnp.bfloat16, group=8, nk=True)
-  check_values('int8', 72, 48, 1, jnp.bfloat16, nk=True)
+        check_values(kind, k, n, 1, dtype, gemv=gemv, nk=nk)
+    for tiling in tilings:
+      check_values(kind, 2048, 2048, 1, jnp.bfloat16, tiling=tiling, gemv=gemv, nk=nk)
+    check_values(kind, 2048, 80, 1, jnp.bfloat16, gemv=gemv, nk=nk)
+    for widths in ((2048, 2048, 2048), (5632, 5632), (2048, 512, 512)):
+      check_many(kind, 2048, widths, 1, gemv=gemv, nk=nk)
+  for group in (64, 16, 8):
+    check_values('int4', 2048, 2048, 1, jnp.bfloat16, group=group, gemv=gemv, nk=nk)
+  check_values('int8', 72, 48, 1, jnp.bfloat16, gemv=gemv, nk=nk)
+  check_values('int4', 72, 48, 1, jnp.bfloat16, group=8, gemv=gemv, nk=nk)
 
 
 def main(argv):
@@ -187,7 +188,9 @@ def main(argv):
     print(f'needs a GPU; the backend is {jax.default_backend()} (--interpret runs it anyway)')
     return 2
   print(jax.devices()[0].device_kind, 'JAX', jax.__version__, flush=True)
-  check_output_major('--quick' in argv)
+  # The output-major GEMV kernels (weights stored [N, K]): a row tile of 1, a looped K (32 steps).
+  check_one_row((jnp.bfloat16,) if '--quick' in argv else (jnp.bfloat16, jnp.float16, jnp.float32),
+                ((1, 512, 1), (4, 1024, 1), (16, 256, 1), (8, 64, 1)), nk=True)
   if '--nk' in argv:
     print(f'{len(FAILURES)} failed' + (': ' + '; '.join(FAILURES) if FAILURES else ''))
     return 1 if FAILURES else 0
@@ -215,25 +218,9 @@ def main(argv):
       check_many(kind, 2048, (2048, 2048, 2048), m)
       check_many(kind, 2048, (5632, 5632), m)
     check_many(kind, 2048, (2048, 512, 512), 1)
-  # The one-row GEMV kernels (gemv=True): gpt_1b's shapes at every dtype, explicit tilings,
-  # int4 groups of 64 and 256, widths that are not multiples of the default bn, fused launches.
-  for kind in ('int8', 'int4'):
-    for k, n in ((2048, 2048), (2048, 5632), (5632, 2048)):
-      for dtype in dtypes:
-        check_values(kind, k, n, 1, dtype, gemv=True)
-    for tiling in ((64, 128, 2), (128, 32, 16), (256, 32, 4), (128, 64, 1)):
-      check_values(kind, 2048, 2048, 1, jnp.bfloat16, tiling=tiling, gemv=True)
-    check_values(kind, 2048, 80, 1, jnp.bfloat16, gemv=True)
-    check_many(kind, 2048, (2048, 2048, 2048), 1, gemv=True)
-    check_many(kind, 2048, (5632, 5632), 1, gemv=True)
-    check_many(kind, 2048, (2048, 512, 512), 1, gemv=True)
-  check_values('int4', 2048, 2048, 1, jnp.bfloat16, group=64, gemv=True)
+  # The one-row GEMV kernels (gemv=True), then an int4 step larger than its group of 256.
+  check_one_row(dtypes, ((64, 128, 2), (128, 32, 16), (256, 32, 4), (128, 64, 1)), gemv=True)
   check_values('int4', 2048, 2048, 1, jnp.bfloat16, group=256, tiling=(128, 128, 2), gemv=True)
-  # Shapes only the GEMV kernels take (no dot): int4 groups of 16 and 8, K steps of 8.
-  for group in (16, 8):
-    check_values('int4', 2048, 2048, 1, jnp.bfloat16, group=group, gemv=True)
-  check_values('int8', 72, 48, 1, jnp.bfloat16, gemv=True)
-  check_values('int4', 72, 48, 1, jnp.bfloat16, group=8, gemv=True)
   check_gradients()
   check_shard_map()
   if not INTERPRET:

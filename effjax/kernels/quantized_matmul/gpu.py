@@ -300,32 +300,39 @@ MAX_GEMV_TILE = 64 * 128
 
 
 def check_gemv_tiling(kind: str, k: int, n: int, *, bn: int, bk: int, split: int,
-                      group: int | None = None) -> None:
-  """Raises ValueError naming the first GEMV kernel constraint the shapes break."""
-  if bn < MIN_TILE or not _power_of_two(bn):
-    raise ValueError(f'quantized GEMV kernel: bn={bn} must be a power of two >= {MIN_TILE}')
+                      group: int | None = None, output_major: bool = False) -> None:
+  """Raises ValueError naming the first GEMV kernel constraint the shapes break (output_major:
+  the output-major kernels' rules, below: any power-of-two bn, no split)."""
+  what = f'quantized {"output-major " if output_major else ""}GEMV kernel'
+  smallest_bn = 1 if output_major else MIN_TILE
+  if bn < smallest_bn or not _power_of_two(bn):
+    raise ValueError(f'{what}: bn={bn} must be a power of two' +
+                     ('' if output_major else f' >= {MIN_TILE}'))
   if bk < MIN_GEMV_STEP or not _power_of_two(bk):
-    raise ValueError(f'quantized GEMV kernel: bk={bk} must be a power of two >= {MIN_GEMV_STEP}')
-  rows = bk if kind == 'int8' else min(bk, group or bk) // 2  # the accumulator's rows
-  if rows * bn > MAX_GEMV_TILE:
-    raise ValueError(f'quantized GEMV kernel: an accumulator of {rows} x {bn} (bk={bk}, '
-                     f'bn={bn}) exceeds the {MAX_GEMV_TILE} float32 entries a program holds')
+    raise ValueError(f'{what}: bk={bk} must be a power of two >= {MIN_GEMV_STEP}')
+  depth = bk if kind == 'int8' else min(bk, group or bk) // 2  # the accumulator's K extent
+  if depth * bn > MAX_GEMV_TILE:
+    shape = f'{bn} x {depth} (bn={bn}, bk={bk})' if output_major else (
+        f'{depth} x {bn} (bk={bk}, bn={bn})')
+    raise ValueError(f'{what}: an accumulator of {shape} exceeds the {MAX_GEMV_TILE} float32 '
+                     'entries a program holds')
   if n % bn:
-    raise ValueError(f'quantized GEMV kernel: bn={bn} must divide N={n}')
+    raise ValueError(f'{what}: bn={bn} must divide N={n}')
+  if output_major and (split != 1 or k % bk):
+    raise ValueError(f'{what}: bk={bk} must divide K={k} (no split-K)')
   if split < 1 or k % (bk * split):
-    raise ValueError(f'quantized GEMV kernel: bk x split = {bk} x {split} must divide K={k}')
+    raise ValueError(f'{what}: bk x split = {bk} x {split} must divide K={k}')
   if kind == 'int4' and (group is None or (bk % group and group % bk)):
-    raise ValueError(f'quantized GEMV kernel: int4 bk={bk} and group={group} must divide one '
-                     'another')
+    raise ValueError(f'{what}: int4 bk={bk} and group={group} must divide one another')
   if kind == 'int4' and group < MIN_GEMV_STEP:
-    raise ValueError(f'quantized GEMV kernel: int4 group={group} must be at least '
-                     f'{MIN_GEMV_STEP} entries (one packed row)')
+    raise ValueError(f'{what}: int4 group={group} must be at least {MIN_GEMV_STEP} entries (one '
+                     'packed row)')
 
 
-def _gemv_loop(steps: int, body, init):
-  """The K loop; a short one is unrolled in Python (the Triton lowering takes no scan unroll) so
-  its loads are independent and issue together."""
-  if steps <= 4:
+def _gemv_loop(steps: int, body, init, unrolled: int = 4):
+  """The K loop; a short one (up to `unrolled` steps) is unrolled in Python (the Triton lowering
+  takes no scan unroll) so its loads are independent and issue together."""
+  if steps <= unrolled:
     for i in range(steps):
       init = body(i, init)
     return init
@@ -493,35 +500,12 @@ def _widen_nibbles(packed):
 def check_gemv_nk_tiling(kind: str, k: int, n: int, *, bn: int, bk: int,
                          group: int | None = None) -> None:
   """Raises ValueError naming the first output-major GEMV kernel constraint the shapes break."""
-  what = 'quantized output-major GEMV kernel'
-  if bn < 1 or not _power_of_two(bn):
-    raise ValueError(f'{what}: bn={bn} must be a power of two')
-  if bk < MIN_GEMV_STEP or not _power_of_two(bk):
-    raise ValueError(f'{what}: bk={bk} must be a power of two >= {MIN_GEMV_STEP}')
-  cols = bk if kind == 'int8' else min(bk, group or bk) // 2  # the accumulator's columns
-  if bn * cols > MAX_GEMV_TILE:
-    raise ValueError(f'{what}: an accumulator of {bn} x {cols} (bn={bn}, bk={bk}) exceeds the '
-                     f'{MAX_GEMV_TILE} float32 entries a program holds')
-  if n % bn:
-    raise ValueError(f'{what}: bn={bn} must divide N={n}')
-  if k % bk:
-    raise ValueError(f'{what}: bk={bk} must divide K={k}')
-  if kind == 'int4' and (group is None or group < MIN_GEMV_STEP or (bk % group and group % bk)):
-    raise ValueError(f'{what}: int4 bk={bk} and group={group} must divide one another, the '
-                     f'group at least {MIN_GEMV_STEP} entries')
+  check_gemv_tiling(kind, k, n, bn=bn, bk=bk, split=1, group=group, output_major=True)
 
 
 def _aligned(v, m: int):
   """v (a Python int in an unrolled loop, else traced) marked a multiple of m."""
   return v if isinstance(v, int) else pl.multiple_of(v, m)
-
-
-def _nk_loop(steps: int, body, init):
-  if steps <= MAX_UNROLLED_NK_STEPS:
-    for i in range(steps):
-      init = body(i, init)
-    return init
-  return lax.fori_loop(0, steps, body, init)
 
 
 def _int8_gemv_nk_kernel(x_ref, *refs, bn, bk, steps, tiles):
@@ -535,7 +519,8 @@ def _int8_gemv_nk_kernel(x_ref, *refs, bn, bk, steps, tiles):
       x_row = x_ref[pl.ds(0, 1), pl.ds(k0, bk)].astype(jnp.float32)
       return acc + _widen_int8(q_refs[w][pl.ds(row0, bn), pl.ds(k0, bk)]) * x_row
 
-    acc = _nk_loop(steps, step, jnp.zeros((bn, bk), jnp.float32))
+    acc = _gemv_loop(steps, step, jnp.zeros((bn, bk), jnp.float32),
+                     MAX_UNROLLED_NK_STEPS)
     y = jnp.sum(acc, axis=1, keepdims=True) * s_refs[w][pl.ds(row0, bn), pl.ds(0, 1)]
     o_refs[w][pl.ds(row0, bn), pl.ds(0, 1)] = y.astype(o_refs[w].dtype)
 
@@ -562,7 +547,8 @@ def _int4_gemv_nk_kernel(xe_ref, xo_ref, *refs, bn, bk, group, steps, tiles):
         acc = acc + part * s_refs[w][pl.ds(row0, bn), pl.ds(g, 1)]
       return acc
 
-    acc = _nk_loop(steps, step, jnp.zeros((bn, half), jnp.float32))
+    acc = _gemv_loop(steps, step, jnp.zeros((bn, half), jnp.float32),
+                     MAX_UNROLLED_NK_STEPS)
     y = jnp.sum(acc, axis=1, keepdims=True)
     o_refs[w][pl.ds(row0, bn), pl.ds(0, 1)] = y.astype(o_refs[w].dtype)
 
