@@ -76,6 +76,20 @@ lora_int4_base_remat_chunk64 --config.compress.method=lora --config.compress.lor
 EOF_VARIANTS
 }
 
+# The same at a loss chunk of 16 positions (the CPU trend above: LoRA's temporaries shrink with
+# the chunk), full fine-tuning and the bf16 LoRA with bf16 vocabulary matrices in one call.
+memory_chunk16() {
+  local chunk="--config.train.loss_chunk_size=16 --config.model.remat_policy=full"
+  while read -r name flags; do
+    [ -f "$RES/finetune_memory_$name.json" ] || python3 -m effjax.bench train \
+      --config=configs/gpt_1b.py $flags $chunk --config.train.batch_size=16 --steps=3 \
+      --repeats=1 --warmup_steps=1 --out="$RES" --name="finetune_memory_$name"
+  done <<EOF_VARIANTS
+full_remat_chunk16
+lora_bf16_vocab_bf16_remat_chunk16 --config.compress.method=lora --config.compress.lora_base_dtype=bfloat16 --config.compress.lora_vocab_dtype=bfloat16
+EOF_VARIANTS
+}
+
 steps=("$@")
 if [ "${steps[0]:-all}" = all ]; then steps=(ptq prune memory rest); fi
 for step in "${steps[@]}"; do
