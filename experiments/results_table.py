@@ -474,6 +474,20 @@ def quantized_decode_gemv(decode_qmm) -> str:
   return '; '.join(parts)
 
 
+def quantized_decode_output_major(decode_qmm) -> str:
+  """Batch-1 decode with the quantized weights stored output-major (one-row kernels with no
+  split-K) against the [K, N] GEMV kernels of the same run, vs bf16."""
+  rows = {r['variant']: r for r in load_json(decode_qmm)['rows'] if r.get('tokens_per_s')}
+  bf16 = rows['bf16']['tokens_per_s']
+  parts = []
+  for kind, target in (('int8', 1.6), ('int4', 2.5)):
+    nk = rows[f'{kind}:triton:nk']['tokens_per_s'] / bf16
+    gemv = rows[f'{kind}:triton:gemv']['tokens_per_s'] / bf16
+    parts.append(f"{kind} {nk:.2f}x bf16 tokens/s output-major, {gemv:.2f}x through the [K, N] "
+                 f"GEMV kernels (target {target}x {'met' if max(nk, gemv) >= target else 'missed'})")
+  return '; '.join(parts)
+
+
 def decode_levers(baseline, *others) -> str:
   """The batch-1 decode step with more weights stored output-major, or the loop as one CUDA
   graph, against the default (wo output-major) of the same run."""
@@ -755,6 +769,10 @@ ROWS = (
         'quantized_matmul',
         ('experiments/quantized_matmul/results/h100_2026_12_06_gemv/decode_gemv.json',),
         quantized_decode_gemv),
+    Row('the same, weights stored output-major for decoding (one-row kernels, no split-K sums) '
+        'vs the [K, N] GEMV kernels', '1 x H100', 'quantized_matmul',
+        ('experiments/quantized_matmul/results/h100_2026_12_07_nk/decode_qmm.json',),
+        quantized_decode_output_major),
     Row('LoRA (r=8, base frozen) vs full fine-tuning peak memory, 1.03B model, seq 2048',
         '1 x H200', 'compression', tuple(f'experiments/compression/results/finetune_memory_{v}.json'
                                          for v in ('full', 'lora', 'full_remat',

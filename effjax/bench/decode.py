@@ -69,7 +69,7 @@ def run(config, contexts: Sequence[int], *, steps: int, batch: int, repeats: int
     try:
       row = time_decode(graphdef, params, context, steps=steps, batch=batch, repeats=repeats,
                         output_major=w_lib.parse_names(config.infer.output_major),
-                        qmm_output_major=bool(config.infer.qmm_output_major))
+                        qmm_output_major=w_lib.parse_names(config.infer.qmm_output_major))
     except Exception as e:  # pylint: disable=broad-except
       from effjax.bench.kernels import first_line
       row = {'context': context, 'batch': batch, 'steps': steps, 'error': first_line(e)}
@@ -89,7 +89,7 @@ def run(config, contexts: Sequence[int], *, steps: int, batch: int, repeats: int
 def time_decode(graphdef, params, context: int, *, steps: int = 32, batch: int = 1,
                 repeats: int = 3, profile_dir: str = '',
                 output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR,
-                qmm_output_major: bool = False) -> dict[str, Any]:
+                qmm_output_major: tuple[str, ...] = ()) -> dict[str, Any]:
   """One row: decode tokens/s of given (random, trained or compressed) parameters.
 
   The caches hold context + steps positions and decoding starts at position `context`: one
@@ -97,13 +97,13 @@ def time_decode(graphdef, params, context: int, *, steps: int = 32, batch: int =
   window (its inputs are ready and its output is blocked on inside the window). With
   profile_dir, one more loop is traced there and the row gets `profile_summary` (device time
   per kernel name). The weights named in `output_major` are stored transposed for the loop, as
-  the decoding engine stores them (infer.output_major); with qmm_output_major, so are the int8 /
-  int4 weight-only quantized ones (infer.qmm_output_major).
+  the decoding engine stores them (infer.output_major), and so are the weight-only quantized
+  weights of the kinds in `qmm_output_major` (infer.qmm_output_major).
   """
   model = nnx.merge(graphdef, params)
   if output_major or qmm_output_major:
     graphdef, params = nnx.split(w_lib.output_major(model, tuple(output_major),
-                                                    quantized=qmm_output_major))
+                                                    quantized=tuple(qmm_output_major)))
   row: dict[str, Any] = {'context': context, 'batch': batch, 'steps': steps}
   if not model.supports_cache():
     return {**row, 'error': 'a mixer of the pattern has no cached decoding'}

@@ -141,7 +141,7 @@ def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, 
   weights_dtype = config.infer.weights_dtype
   kernel = config.infer.attention_kernel
   major = w_lib.parse_names(config.infer.output_major)
-  qmajor = bool(config.infer.qmm_output_major)
+  qmajor = w_lib.parse_names(config.infer.qmm_output_major)
   engine = Engine(*split, weights_dtype, kernel, output_major=major, qmm_output_major=qmajor)
   draft = None
   if 'speculative' in methods:

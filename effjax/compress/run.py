@@ -168,7 +168,8 @@ def measure(run, params, eval_batches, compress_cfg) -> dict[str, Any]:
     row = decode_bench.time_decode(run.setup.graphdef, dparams, compress_cfg.decode_context,
                                    steps=compress_cfg.decode_steps, batch=1,
                                    output_major=w_lib.parse_names(run.config.infer.output_major),
-                                   qmm_output_major=bool(run.config.infer.qmm_output_major))
+                                   qmm_output_major=w_lib.parse_names(
+                                       run.config.infer.qmm_output_major))
     out.update({f'decode_{k}': v for k, v in row.items()})
   except Exception as e:  # pylint: disable=broad-except
     out['decode_error'] = f'{type(e).__name__}: {e}'.splitlines()[0]

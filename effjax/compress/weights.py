@@ -612,13 +612,14 @@ _READ_WHOLE = {'experts', 'vocab'}  # axes of weights used whole, never through 
 
 
 def output_major(model: nnx.Module, names: tuple[str, ...], *,
-                 quantized: bool = False) -> nnx.Module:
+                 quantized: tuple[str, ...] = ()) -> nnx.Module:
   """The plain Params called `names` stored output-major (OutputMajorWeight), in place; returned.
 
   For decoding (effjax.infer.engine.Engine, effjax.bench.decode.time_decode): the products
   compute the same values. Compressed weights (quantized, low-rank, LoRA) are left as they are,
-  except that quantized=True (infer.qmm_output_major) stores every int8 / int4 weight-only
-  QuantizedWeight computed through `layers.matmul` output-major as well, whatever its name
+  except that `quantized` (infer.qmm_output_major: kinds, 'int8' / 'int4') stores every
+  weight-only QuantizedWeight of those kinds computed through `layers.matmul` output-major as
+  well, whatever its name
   (`QuantizedWeight.store_output_major`; those read whole, the MoE experts', are left).
   Only weights whose products go through `layers.matmul` belong here (a weight read whole with
   `w[...]`, as the MoE experts' are, would be transposed back on every read): naming one is an
@@ -650,8 +651,13 @@ def output_major(model: nnx.Module, names: tuple[str, ...], *,
     setattr(module, name, OutputMajorWeight(_param(value, tuple(names_in[i] for i in order)),
                                             layout))
   if quantized:
+    unknown = sorted(set(quantized) - set(qmm.KINDS))
+    if unknown:
+      raise ValueError(f'infer.qmm_output_major: {", ".join(unknown)} is no weight-only quantized '
+                       f'kind; allowed: {", ".join(qmm.KINDS)}')
     for _, module in nnx.iter_modules(model):
-      if isinstance(module, QuantizedWeight) and not set(module.layout.names) & _READ_WHOLE:
+      if (isinstance(module, QuantizedWeight) and module.kind in quantized
+          and not set(module.layout.names) & _READ_WHOLE):
         module.store_output_major()
   return model
 

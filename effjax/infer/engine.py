@@ -61,9 +61,9 @@ class Engine:
   def __init__(self, graphdef: Any, params: Any, weights_dtype: str = '',
                attention_kernel: str = 'auto', attention_interpret: bool = False,
                vocab_limit: int = 0, output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR,
-               qmm_output_major: bool = False):
+               qmm_output_major: tuple[str, ...] = ()):
     model = nnx.merge(graphdef, params)  # new module objects: the caller's model is untouched
-    w_lib.output_major(model, tuple(output_major), quantized=qmm_output_major)
+    w_lib.output_major(model, tuple(output_major), quantized=tuple(qmm_output_major))
     decode_kernel.resolve_backend(attention_kernel)  # a bad name fails here, not when traced
     self.attention = (attention_kernel, attention_interpret)
     cfg = self.cfg = model.cfg

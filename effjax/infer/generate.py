@@ -139,7 +139,7 @@ class Options:
   attention_kernel: str = 'auto'  # effjax.kernels.decode_attention's backend
   attention_interpret: bool = False  # the kernel in interpret mode (tests on CPU)
   output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR  # stored transposed for decoding
-  qmm_output_major: bool = False  # int8 / int4 weights stored transposed too (infer.qmm_output_major)
+  qmm_output_major: tuple[str, ...] = ()  # quantized kinds stored transposed for decoding
   exit_policy: ExitPolicy = ExitPolicy()
   gamma: int = 4
   draft_exit: int = 0  # self_speculative: the exit layer that drafts (0 = the first exit)

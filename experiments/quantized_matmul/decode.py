@@ -18,7 +18,8 @@ weight, the path before that. A single row takes the GEMV kernels for the kinds 
 names (int4 by default) and the dot kernels otherwise; '<kind>:triton:gemv' and
 '<kind>:triton:dot' choose (fused either way); '<kind>:triton:nk' stores every quantized weight
 output-major for decoding (infer.qmm_output_major) so a single row takes the output-major GEMV
-kernels, one launch per product group with its final output and no split-K sum. Timing is effjax.bench.decode.time_decode: the caches hold
+kernels, one launch per product group with its final output and no split-K sum. Timing is
+effjax.bench.decode.time_decode: the caches hold
 context + steps positions, one jitted loop of `steps` single-token steps, the median of
 `repeats` loops after a warm-up. Writes decode_qmm.json / .md to --out (suffixed if taken, never
 overwritten) and prints the table.
@@ -89,7 +90,7 @@ def main():
       row.update(decode_bench.time_decode(graphdef, params, args.context, steps=args.steps,
                                           batch=1, repeats=args.repeats,
                                           output_major=w_lib.parse_names(args.output_major),
-                                          qmm_output_major=mode == 'nk',
+                                          qmm_output_major=(kind,) if mode == 'nk' else (),
                                           profile_dir=(os.path.join(args.profile_dir,
                                                                     variant.replace(':', '_'))
                                                        if args.profile_dir else '')))

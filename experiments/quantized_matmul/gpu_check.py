@@ -9,7 +9,8 @@ For int8 and int4 (groups of 128 and 64), x in bf16, f16 and f32, rows M = 1, 3,
 default tiles, the default tiling and explicit ones (split 1, wide and narrow tiles, int4 steps
 smaller and larger than a group; for the one-row GEMV kernels also int4 groups of 16 and 8 and
 K = 72, which only they take; for the output-major GEMV kernels, weights stored [N, K], gpt_1b's
-shapes, explicit tilings, a looped K, fused launches and int4 groups of 64 and 8): the op with backend='triton' (not interpret mode) against the
+shapes, explicit tilings, a looped K, fused launches and int4 groups of 64 and 8): the op with
+backend='triton' (not interpret mode) against the
 reference on the same stored values, rel = ||out - ref|| / ||ref||. Then the gradients against
 the 'xla' path's, the kernel inside jax.shard_map with check_vma on (the out_struct path), what
 backend='auto' picks, and the errors for shapes the kernel cannot tile. Prints one line per

@@ -12,7 +12,8 @@ allows it (the largest split of K's steps giving at least N steps a program), wh
 program count. With --nk every quantized weight is stored output-major for decoding
 (infer.qmm_output_major) and a setting is BN:BK, the output-major GEMV kernels' row tile and K
 step for that kind (DEFAULT_GEMV_NK_BN, DEFAULT_GEMV_NK_BK; no split), or BN:BK:WIDEN with
-WIDEN 'magic' or 'convert' (gpu.NK_WIDEN: how the integers become floats). For each kind and setting the model (random weights) is quantized
+WIDEN 'magic' or 'convert' (gpu.NK_WIDEN: how the integers become floats). For each kind and
+setting the model (random weights) is quantized
 once and its batch-1 decode loop compiled and timed with the constants set, as decode.py times
 it, so the figure includes everything around the kernel (launches, padding, split-K sums). The
 isolated-product benchmark (`bench kernels --op=qmm`) is dominated by dispatch at these sizes,
@@ -128,7 +129,7 @@ def main():
     return decode_bench.time_decode(graphdef, params, args.context, steps=args.steps, batch=1,
                                     repeats=args.repeats,
                                     output_major=w_lib.parse_names(args.output_major),
-                                    qmm_output_major=args.nk)
+                                    qmm_output_major=('int8', 'int4') if args.nk else ())
 
   from effjax.kernels.quantized_matmul import gpu
   widen_default = gpu.NK_WIDEN

@@ -410,7 +410,17 @@ def test_output_major_quantized_weights_decode_one_row_on_the_output_major_kerne
   usual = w_lib.restructure(LM(c.model, rngs=nnx.Rngs(seed)), c)
   weights = [m for _, m in nnx.iter_modules(model) if isinstance(m, w_lib.QuantizedWeight)]
   dense = [w[...] for w in weights]
-  w_lib.output_major(model, (), quantized=True)
+  other = 'int4' if kind == 'int8' else 'int8'
+  w_lib.output_major(model, (), quantized=(other,))  # naming the other kind changes nothing
+  assert not any(w.output_major for w in weights)
+  with pytest.raises(ValueError, match="infer.qmm_output_major: w8a8 is no weight-only"):
+    w_lib.output_major(model, (), quantized=('w8a8',))
+  from effjax import config as config_lib
+  bad = copy.deepcopy(c)
+  bad.infer.qmm_output_major = 'int2'
+  with pytest.raises(config_lib.ConfigError, match="infer.qmm_output_major='int2': allowed are"):
+    config_lib.validate(bad)
+  w_lib.output_major(model, (), quantized=(kind,))
   assert all(w.output_major for w in weights)
   for w, d in zip(weights, dense):
     last_input = d.shape[w.layout.batch + w.layout.inputs - 1]  # now the minor axis
