@@ -57,17 +57,24 @@ full_remat $remat
 lora_bf16_base_remat $lora $bf16 $remat
 EOF_VARIANTS
 }
+
+# One peak-memory row per stdin line 'NAME FLAGS...', batch 16, every block rematerialised, the
+# loss over chunks of $1 positions; a row whose file exists is not run again.
+_memory_rows() {
+  local chunk="--config.train.loss_chunk_size=$1 --config.model.remat_policy=full"
+  while read -r name flags; do
+    [ -f "$RES/finetune_memory_$name.json" ] || python3 -m effjax.bench train \
+      --config=configs/gpt_1b.py $flags $chunk --config.train.batch_size=16 --steps=3 \
+      --repeats=1 --warmup_steps=1 --out="$RES" --name="finetune_memory_$name"
+  done
+}
+
 # Both rematerialised variants again at batch 16 with the loss over chunks of 64 positions (the
 # config's 512 keeps a [16, 512, 50304] float32 logits block and its gradient alive), and LoRA
 # over a base quantized weight-only to int8 / int4 (QLoRA-style, compress.lora_base_dtype); the
 # last three also store the frozen embedding and head in bf16 (compress.lora_vocab_dtype).
 memory_chunk() {
-  local chunk="--config.train.loss_chunk_size=64 --config.model.remat_policy=full"
-  while read -r name flags; do
-    [ -f "$RES/finetune_memory_$name.json" ] || python3 -m effjax.bench train \
-      --config=configs/gpt_1b.py $flags $chunk --config.train.batch_size=16 --steps=3 \
-      --repeats=1 --warmup_steps=1 --out="$RES" --name="finetune_memory_$name"
-  done <<EOF_VARIANTS
+  _memory_rows 64 <<EOF_VARIANTS
 full_remat_chunk64
 lora_bf16_base_remat_chunk64 --config.compress.method=lora --config.compress.lora_base_dtype=bfloat16
 lora_bf16_vocab_bf16_remat_chunk64 --config.compress.method=lora --config.compress.lora_base_dtype=bfloat16 --config.compress.lora_vocab_dtype=bfloat16
@@ -79,12 +86,7 @@ EOF_VARIANTS
 # The same at a loss chunk of 16 positions (the CPU trend above: LoRA's temporaries shrink with
 # the chunk), full fine-tuning and the bf16 LoRA with bf16 vocabulary matrices in one call.
 memory_chunk16() {
-  local chunk="--config.train.loss_chunk_size=16 --config.model.remat_policy=full"
-  while read -r name flags; do
-    [ -f "$RES/finetune_memory_$name.json" ] || python3 -m effjax.bench train \
-      --config=configs/gpt_1b.py $flags $chunk --config.train.batch_size=16 --steps=3 \
-      --repeats=1 --warmup_steps=1 --out="$RES" --name="finetune_memory_$name"
-  done <<EOF_VARIANTS
+  _memory_rows 16 <<EOF_VARIANTS
 full_remat_chunk16
 lora_bf16_vocab_bf16_remat_chunk16 --config.compress.method=lora --config.compress.lora_base_dtype=bfloat16 --config.compress.lora_vocab_dtype=bfloat16
 EOF_VARIANTS

@@ -188,6 +188,23 @@ def _whole(shape):
   return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
+def _launch(kernel, grid, shared, weights, scales, out_shapes, out_dtype, params, name: str,
+            interpret: bool) -> list:
+  """The one pallas_call every kernel here makes: each program sees whole arrays (it slices them
+  with pl.ds), the inputs being the operands every weight shares (x, or its even and odd
+  entries), then the weights, then their scales; one output per weight. Each output varies over
+  what x and its own weight vary over (inside shard_map a replicated weight's product stays
+  replicated beside a sharded one's)."""
+  return list(pl.pallas_call(
+      kernel, grid=grid,
+      in_specs=[_whole(a.shape) for a in (*shared, *weights, *scales)],
+      out_specs=[_whole(shape) for shape in out_shapes],
+      out_shape=[out_struct(shape, out_dtype, *shared, w, scale)
+                 for shape, w, scale in zip(out_shapes, weights, scales)],
+      compiler_params=params, interpret=interpret, name=name,
+  )(*shared, *weights, *scales))
+
+
 def _params(bm: int, bn: int, steps: int):
   """8 warps only for the largest accumulators (at decode sizes 4 warps keep more programs per
   SM). Up to 3 stages let the K loop load the next steps' tiles during the current dot; no more
@@ -225,16 +242,8 @@ def int8_matmul_many(x, qs, scales, *, rows: int, bm: int, bn: int, bk: int, spl
   kernel = functools.partial(_int8_kernel, bm=bm, bn=bn, bk=bk, steps=steps, rows=rows, mp=mp,
                              tiles=tiles)
   out_shapes = [(split, mp, n) for n in widths]
-  return list(pl.pallas_call(
-      kernel, grid=(sum(tiles), split, mp // bm),
-      in_specs=[_whole(a.shape) for a in (x, *qs, *scales)],
-      out_specs=[_whole(shape) for shape in out_shapes],
-      # Each output varies over what its own weight and x vary over (inside shard_map a
-      # replicated weight's product stays replicated beside a sharded one's).
-      out_shape=[out_struct(shape, jnp.float32, x, q, scale)
-                 for shape, q, scale in zip(out_shapes, qs, scales)],
-      compiler_params=_params(bm, bn, steps), interpret=interpret, name='int8_matmul',
-  )(x, *qs, *scales))
+  return _launch(kernel, (sum(tiles), split, mp // bm), (x,), qs, scales, out_shapes,
+                 jnp.float32, _params(bm, bn, steps), 'int8_matmul', interpret)
 
 
 def int8_matmul(x, q, scale, **kw):
@@ -262,14 +271,8 @@ def int4_matmul_many(x_even, x_odd, packs, scales, *, rows: int, bm: int, bn: in
   kernel = functools.partial(_int4_kernel, bm=bm, bn=bn, bk=bk, group=group, steps=steps,
                              rows=rows, mp=mp, tiles=tiles)
   out_shapes = [(split, mp, n) for n in widths]
-  return list(pl.pallas_call(
-      kernel, grid=(sum(tiles), split, mp // bm),
-      in_specs=[_whole(a.shape) for a in (x_even, x_odd, *packs, *scales)],
-      out_specs=[_whole(shape) for shape in out_shapes],
-      out_shape=[out_struct(shape, jnp.float32, x_even, x_odd, packed, scale)
-                 for shape, packed, scale in zip(out_shapes, packs, scales)],
-      compiler_params=_params(bm, bn, steps), interpret=interpret, name='int4_matmul',
-  )(x_even, x_odd, *packs, *scales))
+  return _launch(kernel, (sum(tiles), split, mp // bm), (x_even, x_odd), packs, scales,
+                 out_shapes, jnp.float32, _params(bm, bn, steps), 'int4_matmul', interpret)
 
 
 def int4_matmul(x_even, x_odd, packed, scale, **kw):
@@ -403,14 +406,8 @@ def int8_gemv_many(x_col, qs, scales, *, bn: int, bk: int, split: int,
   steps = k // (split * bk)
   kernel = functools.partial(_int8_gemv_kernel, bn=bn, bk=bk, steps=steps, tiles=tiles)
   out_shapes = [(split, width) for width in widths]
-  return list(pl.pallas_call(
-      kernel, grid=(sum(tiles), split),
-      in_specs=[_whole(a.shape) for a in (x_col, *qs, *scales)],
-      out_specs=[_whole(shape) for shape in out_shapes],
-      out_shape=[out_struct(shape, jnp.float32, x_col, q, scale)
-                 for shape, q, scale in zip(out_shapes, qs, scales)],
-      compiler_params=_gemv_params(bk, bn), interpret=interpret, name='int8_gemv',
-  )(x_col, *qs, *scales))
+  return _launch(kernel, (sum(tiles), split), (x_col,), qs, scales, out_shapes, jnp.float32,
+                 _gemv_params(bk, bn), 'int8_gemv', interpret)
 
 
 def int4_gemv_many(xe_col, xo_col, packs, scales, *, bn: int, bk: int, split: int,
@@ -431,15 +428,8 @@ def int4_gemv_many(xe_col, xo_col, packs, scales, *, bn: int, bk: int, split: in
   kernel = functools.partial(_int4_gemv_kernel, bn=bn, bk=bk, group=group, steps=steps,
                              tiles=tiles)
   out_shapes = [(split, width) for width in widths]
-  return list(pl.pallas_call(
-      kernel, grid=(sum(tiles), split),
-      in_specs=[_whole(a.shape) for a in (xe_col, xo_col, *packs, *scales)],
-      out_specs=[_whole(shape) for shape in out_shapes],
-      out_shape=[out_struct(shape, jnp.float32, xe_col, xo_col, packed, scale)
-                 for shape, packed, scale in zip(out_shapes, packs, scales)],
-      compiler_params=_gemv_params(min(bk, group) // 2, bn), interpret=interpret,
-      name='int4_gemv',
-  )(xe_col, xo_col, *packs, *scales))
+  return _launch(kernel, (sum(tiles), split), (xe_col, xo_col), packs, scales, out_shapes,
+                 jnp.float32, _gemv_params(min(bk, group) // 2, bn), 'int4_gemv', interpret)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,14 +561,8 @@ def int8_gemv_nk_many(x_row, qs, scales, *, bn: int, bk: int, interpret: bool = 
   tiles = tuple(width // bn for width in widths)
   kernel = functools.partial(_int8_gemv_nk_kernel, bn=bn, bk=bk, steps=k // bk, tiles=tiles)
   out_shapes = [(width, 1) for width in widths]
-  return list(pl.pallas_call(
-      kernel, grid=(sum(tiles),),
-      in_specs=[_whole(a.shape) for a in (x_row, *qs, *scales)],
-      out_specs=[_whole(shape) for shape in out_shapes],
-      out_shape=[out_struct(shape, x_row.dtype, x_row, q, scale)
-                 for shape, q, scale in zip(out_shapes, qs, scales)],
-      compiler_params=_gemv_nk_params(bn, bk), interpret=interpret, name='int8_gemv_nk',
-  )(x_row, *qs, *scales))
+  return _launch(kernel, (sum(tiles),), (x_row,), qs, scales, out_shapes, x_row.dtype,
+                 _gemv_nk_params(bn, bk), 'int8_gemv_nk', interpret)
 
 
 def int4_gemv_nk_many(xe_row, xo_row, packs, scales, *, bn: int, bk: int,
@@ -599,12 +583,6 @@ def int4_gemv_nk_many(xe_row, xo_row, packs, scales, *, bn: int, bk: int,
   kernel = functools.partial(_int4_gemv_nk_kernel, bn=bn, bk=bk, group=group, steps=k // bk,
                              tiles=tiles)
   out_shapes = [(width, 1) for width in widths]
-  return list(pl.pallas_call(
-      kernel, grid=(sum(tiles),),
-      in_specs=[_whole(a.shape) for a in (xe_row, xo_row, *packs, *scales)],
-      out_specs=[_whole(shape) for shape in out_shapes],
-      out_shape=[out_struct(shape, xe_row.dtype, xe_row, xo_row, packed, scale)
-                 for shape, packed, scale in zip(out_shapes, packs, scales)],
-      compiler_params=_gemv_nk_params(bn, min(bk, group) // 2), interpret=interpret,
-      name='int4_gemv_nk',
-  )(xe_row, xo_row, *packs, *scales))
+  return _launch(kernel, (sum(tiles),), (xe_row, xo_row), packs, scales, out_shapes,
+                 xe_row.dtype, _gemv_nk_params(bn, min(bk, group) // 2), 'int4_gemv_nk',
+                 interpret)
