@@ -188,6 +188,14 @@ def _whole(shape):
   return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
+def _int4_group(k: int, counts, what: str) -> int:
+  """The int4 group size from the weights' group counts (one count, dividing K)."""
+  groups = set(counts)
+  if len(groups) != 1 or k % next(iter(groups)):
+    raise ValueError(f'{what} {sorted(groups)} must be one count dividing K={k}')
+  return k // groups.pop()
+
+
 def _launch(kernel, grid, shared, weights, scales, out_shapes, out_dtype, params, name: str,
             interpret: bool) -> list:
   """The one pallas_call every kernel here makes: each program sees whole arrays (it slices them
@@ -260,11 +268,7 @@ def int4_matmul_many(x_even, x_odd, packs, scales, *, rows: int, bm: int, bn: in
   half_k = x_even.shape[1]
   mp = _padded(x_even, rows, bm)
   k = 2 * half_k
-  groups = {scale.shape[0] for scale in scales}
-  if len(groups) != 1 or k % next(iter(groups)):
-    raise ValueError(f'int4 matmul: scale rows {sorted(groups)} must be one count dividing '
-                     f'K={k}')
-  group = k // groups.pop()
+  group = _int4_group(k, [scale.shape[0] for scale in scales], 'int4 matmul: scale rows')
   widths = [p.shape[1] for p in packs]
   tiles = _tiles_of('int4', mp, k, widths, bm=bm, bn=bn, bk=bk, split=split, group=group)
   steps = k // (split * bk)
@@ -416,10 +420,7 @@ def int4_gemv_many(xe_col, xo_col, packs, scales, *, bn: int, bk: int, split: in
   float32 group scales [K/group, N_w] (one group size), in one launch -> float32 partials
   [split, N_w] each. The accumulator is [min(bk, group) / 2, bn] (packed rows)."""
   k = 2 * xe_col.shape[0]
-  groups = {scale.shape[0] for scale in scales}
-  if len(groups) != 1 or k % next(iter(groups)):
-    raise ValueError(f'int4 GEMV: scale rows {sorted(groups)} must be one count dividing K={k}')
-  group = k // groups.pop()
+  group = _int4_group(k, [scale.shape[0] for scale in scales], 'int4 GEMV: scale rows')
   widths = [p.shape[1] for p in packs]
   for width in widths:
     check_gemv_tiling('int4', k, width, bn=bn, bk=bk, split=split, group=group)
@@ -571,11 +572,7 @@ def int4_gemv_nk_many(xe_row, xo_row, packs, scales, *, bn: int, bk: int,
   [N_w, K/2] with float32 group scales [N_w, K/group] (one group size), in one launch ->
   [N_w, 1] per weight in x's dtype."""
   k = 2 * xe_row.shape[1]
-  groups = {scale.shape[1] for scale in scales}
-  if len(groups) != 1 or k % next(iter(groups)):
-    raise ValueError(f'int4 GEMV: scale columns {sorted(groups)} must be one count dividing '
-                     f'K={k}')
-  group = k // groups.pop()
+  group = _int4_group(k, [scale.shape[1] for scale in scales], 'int4 GEMV: scale columns')
   widths = [p.shape[0] for p in packs]
   for width in widths:
     check_gemv_nk_tiling('int4', k, width, bn=bn, bk=bk, group=group)
