@@ -202,11 +202,11 @@ def default_gemv_tiling(kind: str, k: int, n, group: int | None = None) -> tuple
 
 
 # The output-major GEMV kernels (weights stored [N, K] for decoding; gpu.py): rows of output per
-# program and K entries per step, at most. A program's accumulator is [bn, bk] (int4: [bn, group
-# / 2]); 8 rows of 512 int8 entries is 4 KB a load, 16 bytes for each of 256 threads.
-DEFAULT_GEMV_NK_BN = {'int8': 8, 'int4': 16}
+# program and K entries per step, at most. A program's accumulator is [bn, bk] (int4: [bn, bk /
+# 2] packed columns, whole groups or one group's part); 8 rows of 512 int8 entries, or of 1024
+# int4 ones, are 4 KB a load, 16 bytes for each of 256 threads.
+DEFAULT_GEMV_NK_BN = {'int8': 8, 'int4': 8}
 DEFAULT_GEMV_NK_BK = {'int8': 512, 'int4': 1024}
-NK_PIECES_PER_STEP = 8
 
 
 def _nk_unsupported(kind: str, k: int, group: int | None) -> str | None:
@@ -231,12 +231,8 @@ def default_gemv_nk_tiling(kind: str, k: int, n, group: int | None = None) -> tu
   common = math.gcd(*widths)
   bn = min(common & -common, DEFAULT_GEMV_NK_BN[kind])
   steps = _k_steps(kind, k, group, gemv=True)
-  # int4: at most NK_PIECES_PER_STEP groups a step (each its own load and scale), so small
-  # groups do not unroll into hundreds of tiny loads.
-  largest = DEFAULT_GEMV_NK_BK[kind] if kind == 'int8' else min(DEFAULT_GEMV_NK_BK[kind],
-                                                                 NK_PIECES_PER_STEP * group)
-  bk = next((t for t in steps if t <= largest), steps[-1])
-  cols = bk if kind == 'int8' else min(bk, group) // 2
+  bk = next((t for t in steps if t <= DEFAULT_GEMV_NK_BK[kind]), steps[-1])
+  cols = bk if kind == 'int8' else bk // 2
   while bn * cols > gpu.MAX_GEMV_TILE and bn > 1:
     bn //= 2
   for width in widths:

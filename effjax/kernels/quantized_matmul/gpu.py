@@ -317,7 +317,8 @@ def check_gemv_tiling(kind: str, k: int, n: int, *, bn: int, bk: int, split: int
                      ('' if output_major else f' >= {MIN_TILE}'))
   if bk < MIN_GEMV_STEP or not _power_of_two(bk):
     raise ValueError(f'{what}: bk={bk} must be a power of two >= {MIN_GEMV_STEP}')
-  depth = bk if kind == 'int8' else min(bk, group or bk) // 2  # the accumulator's K extent
+  # the accumulator's K extent (the output-major int4 kernel holds a whole step's pieces)
+  depth = bk if kind == 'int8' else (bk if output_major else min(bk, group or bk)) // 2
   if depth * bn > MAX_GEMV_TILE:
     shape = f'{bn} x {depth} (bn={bn}, bk={bk})' if output_major else (
         f'{depth} x {bn} (bk={bk}, bn={bn})')
@@ -452,7 +453,7 @@ def int4_gemv_many(xe_col, xo_col, packs, scales, *, bn: int, bk: int, split: in
 #
 # Tile rules (check_gemv_nk_tiling): bn, bk powers of two (bn >= 1, bk >= 2), bn dividing N, bk
 # dividing K, int4's bk and group dividing one another; the accumulator (bn x bk for int8, bn x
-# min(bk, group) / 2 for int4) at most MAX_GEMV_TILE entries. Outputs are [N, 1] (a column; the
+# bk / 2 for int4) at most MAX_GEMV_TILE entries. Outputs are [N, 1] (a column; the
 # caller reshapes it to the row [1, N]).
 
 MAX_UNROLLED_NK_STEPS = 16
@@ -518,29 +519,30 @@ def _int8_gemv_nk_kernel(x_ref, *refs, bn, bk, steps, tiles):
   _weights(pl.program_id(0), tiles, product)
 
 
-def _int4_gemv_nk_kernel(xe_ref, xo_ref, *refs, bn, bk, group, steps, tiles):
+def _int4_gemv_nk_kernel(xe_ref, xo_ref, *refs, bn, pieces, per_group, steps, tiles):
+  # Weights [N, K / piece, piece / 2] and x's halves [1, K / piece, piece / 2], piece =
+  # min(bk, group): a step loads `pieces` whole pieces of bn rows as one [bn, pieces, piece / 2]
+  # tile, and each piece's scale broadcasts along its last axis (no reshape in the loop).
+  # per_group: pieces in a group (1 when a step spans whole groups).
   p_refs, s_refs, o_refs = (refs[i * len(tiles):(i + 1) * len(tiles)] for i in range(3))
-  piece = min(bk, group)  # K entries in one group
-  half = piece // 2  # their packed columns
+  half = p_refs[0].shape[2]
 
   def product(w, tile):
     row0 = pl.multiple_of(tile * bn, bn)
 
     def step(i, acc):
-      for p in range(bk // piece):
-        kp = i * bk + p * piece
-        c0 = kp // 2 if isinstance(kp, int) else pl.multiple_of(lax.div(kp, 2), half)
-        low, high = _widen_nibbles(p_refs[w][pl.ds(row0, bn), pl.ds(c0, half)])
-        xe = xe_ref[pl.ds(0, 1), pl.ds(c0, half)].astype(jnp.float32)
-        xo = xo_ref[pl.ds(0, 1), pl.ds(c0, half)].astype(jnp.float32)
-        part = low * xe + high * xo
-        g = kp // group if isinstance(kp, int) else lax.div(kp, group)
-        acc = acc + part * s_refs[w][pl.ds(row0, bn), pl.ds(g, 1)]
-      return acc
+      j0 = _aligned(i * pieces, pieces)
+      low, high = _widen_nibbles(p_refs[w][pl.ds(row0, bn), pl.ds(j0, pieces), pl.ds(0, half)])
+      xe = xe_ref[pl.ds(0, 1), pl.ds(j0, pieces), pl.ds(0, half)].astype(jnp.float32)
+      xo = xo_ref[pl.ds(0, 1), pl.ds(j0, pieces), pl.ds(0, half)].astype(jnp.float32)
+      g0 = j0 if per_group == 1 else (
+          i * pieces // per_group if isinstance(i, int) else lax.div(j0, per_group))
+      scale = s_refs[w][pl.ds(row0, bn), pl.ds(g0, pieces)]  # pieces > 1 only if per_group == 1
+      return acc + (low * xe + high * xo) * scale[:, :, None]
 
-    acc = _gemv_loop(steps, step, jnp.zeros((bn, half), jnp.float32),
+    acc = _gemv_loop(steps, step, jnp.zeros((bn, pieces, half), jnp.float32),
                      MAX_UNROLLED_NK_STEPS)
-    y = jnp.sum(acc, axis=1, keepdims=True)
+    y = jnp.sum(jnp.sum(acc, axis=2), axis=1, keepdims=True)
     o_refs[w][pl.ds(row0, bn), pl.ds(0, 1)] = y.astype(o_refs[w].dtype)
 
   _weights(pl.program_id(0), tiles, product)
@@ -576,10 +578,13 @@ def int4_gemv_nk_many(xe_row, xo_row, packs, scales, *, bn: int, bk: int,
   widths = [p.shape[0] for p in packs]
   for width in widths:
     check_gemv_nk_tiling('int4', k, width, bn=bn, bk=bk, group=group)
+  piece = min(bk, group)
+  # Free views: each row's K / piece pieces of piece / 2 packed bytes (x's halves alike).
+  shared = [x.reshape(1, k // piece, piece // 2) for x in (xe_row, xo_row)]
+  views = [p.reshape(p.shape[0], k // piece, piece // 2) for p in packs]
   tiles = tuple(width // bn for width in widths)
-  kernel = functools.partial(_int4_gemv_nk_kernel, bn=bn, bk=bk, group=group, steps=k // bk,
-                             tiles=tiles)
+  kernel = functools.partial(_int4_gemv_nk_kernel, bn=bn, pieces=bk // piece,
+                             per_group=group // piece, steps=k // bk, tiles=tiles)
   out_shapes = [(width, 1) for width in widths]
-  return _launch(kernel, (sum(tiles),), (xe_row, xo_row), packs, scales, out_shapes,
-                 xe_row.dtype, _gemv_nk_params(bn, min(bk, group) // 2), 'int4_gemv_nk',
-                 interpret)
+  return _launch(kernel, (sum(tiles),), shared, views, scales, out_shapes,
+                 xe_row.dtype, _gemv_nk_params(bn, bk // 2), 'int4_gemv_nk', interpret)
