@@ -450,6 +450,9 @@ def int4_gemv_many(xe_col, xo_col, packs, scales, *, bn: int, bk: int, split: in
 # partials, no second kernel: one launch per product (or per group of weights sharing x), its
 # output the final one. The K loop runs unrolled up to MAX_UNROLLED_NK_STEPS steps, so a
 # program's loads are independent and in flight together.
+# int4 reads its weights through a free 3-D view [N, K / piece, piece / 2] (piece = min(bk,
+# group)), so a step's whole groups are one [bn, pieces, piece / 2] load and each group's
+# scale broadcasts along the last axis, with no reshape inside the kernel.
 #
 # Tile rules (check_gemv_nk_tiling): bn, bk powers of two (bn >= 1, bk >= 2), bn dividing N, bk
 # dividing K, int4's bk and group dividing one another; the accumulator (bn x bk for int8, bn x
