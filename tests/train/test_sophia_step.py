@@ -56,10 +56,13 @@ def test_sharded_equals_single_device_and_refreshes_every_k(name):
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
   sharded_metrics, sharded_params, sharded_h = _run(config, batches)
 
-  for a, b in zip(single_metrics, sharded_metrics):
+  # The first step sees the same parameters on both meshes: float noise only. Later steps see
+  # parameters a few clipped coordinates moved apart (below), so loss and gradient norm agree to
+  # a looser bound (a gradient norm 3.2e-5 apart, relative, has been seen).
+  for i, (a, b) in enumerate(zip(single_metrics, sharded_metrics)):
     assert {k for k in a if k.startswith('sophia_')}, a
     for key in ('loss', 'grad_norm'):
-      np.testing.assert_allclose(a[key], b[key], rtol=2e-5)
+      np.testing.assert_allclose(a[key], b[key], rtol=2e-5 if i == 0 else 3e-4)
   # Sophia's update is clipped per coordinate: where |m / (rho h)| sits near the clip bound, float
   # rounding (other reduction orders on the mesh) can move a coordinate by up to lr = 1e-3 a step.
   # So: every coordinate within 5 steps' worth of lr, and nearly all of them within float noise.
