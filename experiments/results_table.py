@@ -474,13 +474,16 @@ def quantized_decode_gemv(decode_qmm) -> str:
   return '; '.join(parts)
 
 
-def quantized_decode_output_major(decode_qmm) -> str:
+def quantized_decode_output_major(*decode_qmm) -> str:
   """Batch-1 decode with the quantized weights stored output-major (one-row kernels with no
-  split-K) against the [K, N] GEMV kernels of the same run, vs bf16."""
-  rows = {r['variant']: r for r in load_json(decode_qmm)['rows'] if r.get('tokens_per_s')}
-  bf16 = rows['bf16']['tokens_per_s']
+  split-K) against the [K, N] GEMV kernels, vs bf16 of the same run (one file per run, each
+  kind from the file that has it)."""
   parts = []
   for kind, target in (('int8', 1.6), ('int4', 2.5)):
+    rows = next(rows for rows in ({r['variant']: r for r in load_json(path)['rows']
+                                   if r.get('tokens_per_s')} for path in decode_qmm)
+                if f'{kind}:triton:nk' in rows)
+    bf16 = rows['bf16']['tokens_per_s']
     nk = rows[f'{kind}:triton:nk']['tokens_per_s'] / bf16
     gemv = rows[f'{kind}:triton:gemv']['tokens_per_s'] / bf16
     parts.append(f"{kind} {nk:.2f}x bf16 tokens/s output-major, {gemv:.2f}x through the [K, N] "
@@ -594,8 +597,10 @@ def mosaic_attention(bench, restricted_dim: int | None = None) -> str:
 def gpt2_flash(cudnn, flash) -> str:
   """GPT-2-small training tokens/s with flash layers on each backend vs cuDNN attention layers."""
   base = bench_rows(cudnn)[0]['tokens_per_second']
-  ratios = {r['name'].split('=')[-1]: r['tokens_per_second'] / base
-            for r in ok_rows(bench_rows(flash))}
+  # A sweep names each row by its backend; a single run's backend is in its command.
+  single = re.search(r'attention_backend=(\w+)', load_json(flash)['environment']['command'])
+  ratios = {(r['name'].split('=')[-1] if '=' in r['name'] else single.group(1)):
+            r['tokens_per_second'] / base for r in ok_rows(bench_rows(flash))}
   parts = [f'{backend} {ratio:.3f}x' for backend, ratio in ratios.items()]
   verdict = 'met' if max(ratios.values()) >= 1.0 else 'missed'
   return (f"flash layers vs cuDNN attention layers ({base:,.0f} tokens/s): {', '.join(parts)} "
@@ -703,6 +708,8 @@ CR = 'experiments/compression/results'
 
 AK_TARGETS = 'experiments/attention_kernels/results/h100_2026_12_06_targets'
 AK_SWEEP = 'experiments/attention_kernels/results/h100_2026_12_07_fwd_sweep'
+AK_H200 = 'experiments/attention_kernels/results/h200_2026_12_07'
+QM_H200 = 'experiments/quantized_matmul/results/h200_2026_12_07_nk3d'
 LEVERS = 'experiments/decode_attention/results/h100_2026_12_06_levers'
 
 ROWS = (
@@ -772,6 +779,10 @@ ROWS = (
     Row('the same, weights stored output-major for decoding (one-row kernels, no split-K sums) '
         'vs the [K, N] GEMV kernels', '1 x H100', 'quantized_matmul',
         ('experiments/quantized_matmul/results/h100_2026_12_07_nk/decode_qmm.json',),
+        quantized_decode_output_major),
+    Row('the same on one H200 after the output-major int4 kernel took whole-group tiles (row '
+        'tile 8; each kind with bf16 in its own call)', '1 x H200', 'quantized_matmul',
+        (f'{QM_H200}/decode_qmm_int8.json', f'{QM_H200}/decode_qmm_int4.json'),
         quantized_decode_output_major),
     Row('LoRA (r=8, base frozen) vs full fine-tuning peak memory, 1.03B model, seq 2048',
         '1 x H200', 'compression', tuple(f'experiments/compression/results/finetune_memory_{v}.json'
@@ -845,6 +856,9 @@ ROWS = (
     Row('1.03B model training (bf16, batch 16 x 2048) with `flash` layers vs cuDNN attention '
         'layers', '1 x H100', 'attention_kernels',
         (f'{AK_TRAIN}/gpt1b_cudnn.json', f'{AK_TRAIN}/gpt1b_flash.json'), gpt2_flash),
+    Row('GPT-2-small training with `flash` layers on Mosaic GPU vs cuDNN attention layers, after '
+        "the D64 forward's 256-key tiles", '1 x H200', 'attention_kernels',
+        (f'{AK_H200}/gpt2_cudnn.json', f'{AK_H200}/gpt2_flash.json'), gpt2_flash),
 )
 
 
