@@ -3,6 +3,7 @@
     python experiments/quantized_matmul/gpu_check.py [--quick]
     python experiments/quantized_matmul/gpu_check.py --quick --interpret   # the script on a CPU
     python experiments/quantized_matmul/gpu_check.py --nk   # only the output-major GEMV cases
+    python experiments/quantized_matmul/gpu_check.py --nk --widen=words   # with gpu.NK_WIDEN set
 
 For int8 and int4 (groups of 128 and 64), x in bf16, f16 and f32, rows M = 1, 3, 16, 64 and 100
 (several row blocks), configs/gpt_1b.py's decode shapes plus shapes that are not multiples of the
@@ -189,6 +190,15 @@ def main(argv):
     print(f'needs a GPU; the backend is {jax.default_backend()} (--interpret runs it anyway)')
     return 2
   print(jax.devices()[0].device_kind, 'JAX', jax.__version__, flush=True)
+  from effjax.kernels.quantized_matmul import gpu
+  for arg in argv:
+    if arg.startswith('--widen='):
+      widen = arg.split('=', 1)[1]
+      if widen not in gpu.NK_WIDEN_CHOICES:
+        print(f'--widen={widen!r}: allowed {", ".join(gpu.NK_WIDEN_CHOICES)}')
+        return 2
+      gpu.NK_WIDEN = widen
+      print(f'output-major widening: {widen}')
   # The output-major GEMV kernels (weights stored [N, K]): a row tile of 1, a looped K (32 steps).
   check_one_row((jnp.bfloat16,) if '--quick' in argv else (jnp.bfloat16, jnp.float16, jnp.float32),
                 ((1, 512, 1), (4, 1024, 1), (16, 256, 1), (8, 64, 1)), nk=True)

@@ -5,6 +5,7 @@ are not multiples of the default tiles), gradients, shard_map, shape errors, bac
 the kernel lowered for CUDA on this CPU machine."""
 
 import functools
+import re
 from unittest import mock
 
 import jax
@@ -668,12 +669,15 @@ def test_gemv_output_major_tiling_and_errors():
 @pytest.mark.parametrize('kind', ['int8', 'int4'])
 @pytest.mark.parametrize('k,widths,in_shard_map,widen', [(2048, (2048, 512, 512), False, 'magic'),
                                                           (5632, (2048,), True, 'magic'),
-                                                          (2048, (2048,), False, 'convert')])
+                                                          (2048, (2048,), False, 'convert'),
+                                                          (5632, (2048,), True, 'words'),
+                                                          (2048, (2048, 512, 512), False, 'words')])
 def test_gemv_output_major_lowers_to_a_valid_triton_module(kind, k, widths, in_shard_map, widen,
                                                            monkeypatch, capfd):
   """The output-major kernels lowered for CUDA at gpt_1b's shapes (q/k/v in one launch; the
   down projection's K of 5632, 11 unrolled steps, inside shard_map), with either widening,
-  verified: a reduction, no dot, no loop; 'magic' widens with bitcasts, not conversions."""
+  verified: a reduction, no dot, no loop; 'magic' widens with bitcasts, not conversions, and
+  'words' so too, int4 from 32-bit loads."""
   from effjax.kernels.quantized_matmul import gpu
   from tests.kernels.triton_lowering import assert_verified, triton_dump
   monkeypatch.setattr(gpu, 'NK_WIDEN', widen)
@@ -693,8 +697,10 @@ def test_gemv_output_major_lowers_to_a_valid_triton_module(kind, k, widths, in_s
   dump = triton_dump(monkeypatch, capfd, gpu, fn, *args)
   assert 'tt.reduce' in dump and 'tt.dot' not in dump
   assert 'scf.for' not in dump  # every step unrolled at these shapes
-  assert ('tt.bitcast' in dump) == (widen == 'magic') and ('arith.sitofp' in dump) == (
+  assert ('tt.bitcast' in dump) == (widen != 'convert') and ('arith.sitofp' in dump) == (
       widen == 'convert')
+  int4_words = kind == 'int4' and widen == 'words'
+  assert bool(re.search(r'tt\.load \S+ : tensor<[0-9x]+x!tt\.ptr<i32>>', dump)) == int4_words
   assert_verified(dump, 1)
 
 
@@ -714,7 +720,8 @@ def test_tune_decode_nk_settings():
 def test_output_major_widenings_agree_exactly(kind, monkeypatch):
   """gpu.NK_WIDEN: the integer-ops widening ('magic') gives every stored value exactly (all 256
   int8 values, both nibbles of all 256 bytes) and the same products as the conversion
-  instruction's ('convert')."""
+  instruction's ('convert'); int4's 32-bit words ('words') give every nibble of random words
+  exactly at its place value, and the products to float32 rounding (another summation order)."""
   from effjax.kernels.quantized_matmul import gpu
   byte = jnp.arange(256, dtype=jnp.int32).reshape(16, 16)
   if kind == 'int8':
@@ -725,6 +732,13 @@ def test_output_major_widenings_agree_exactly(kind, monkeypatch):
     want_low, want_high = gpu._nibbles(byte.astype(jnp.uint8))
     np.testing.assert_array_equal(low, want_low.astype(jnp.float32))
     np.testing.assert_array_equal(high, want_high.astype(jnp.float32))
+    words = np.random.default_rng().integers(0, 2 ** 32, (64, 8), dtype=np.int64)
+    words = np.concatenate([words, np.array([[0xFFFFFFFF, 0x88888888, 0x77777777, 0] * 2])])
+    values = gpu._widen_word(jnp.asarray(words.astype(np.uint32).view(np.int32)))
+    for j, (v, place) in enumerate(zip(values, gpu.WORD_PLACES)):
+      nibble = ((words >> (4 * j)) & 0xF).astype(np.int64)
+      np.testing.assert_array_equal(np.asarray(v) / 2.0 ** (4 * place),
+                                    np.where(nibble >= 8, nibble - 16, nibble))
   rng = np.random.default_rng()
   q, scale, group = _weight(rng, kind, 512, 64, 128)
   x = jnp.asarray(rng.standard_normal((1, 512)), jnp.float32)
@@ -734,3 +748,8 @@ def test_output_major_widenings_agree_exactly(kind, monkeypatch):
     outs[widen] = quantized_matmul(x, q.T, scale.T, kind=kind, backend='triton', interpret=True,
                                    output_major=True)
   np.testing.assert_array_equal(outs['magic'], outs['convert'])
+  if kind == 'int4':
+    np.testing.assert_allclose(outs['words'], outs['magic'], rtol=1e-5,
+                               atol=1e-6 * float(jnp.max(jnp.abs(outs['magic']))))
+  else:  # 'words' widens int8 as 'magic'
+    np.testing.assert_array_equal(outs['words'], outs['magic'])

@@ -465,9 +465,17 @@ MAX_UNROLLED_NK_STEPS = 16
 # the mantissa of 2^23, and subtracts 2^23 + bias, which is exact: an AND/XOR and an add per
 # value. 'convert' is the int-to-float conversion instruction, which an SM issues at a quarter
 # of the rate of the float multiply-adds (16 a clock on Hopper, per the CUDA programming guide),
-# fewer than the values an int4 weight delivers a clock at full memory bandwidth.
+# fewer than the values an int4 weight delivers a clock at full memory bandwidth. 'words' (int4;
+# int8 widens as 'magic' under it) reads the packed bytes as 32-bit words of eight nibbles and
+# masks nibbles 0-4 in place, where their bits lie inside 2^23's mantissa, and nibbles 5-7 in
+# place after one shift of the word by 12: 9 integer operations a word of 8 values, where bytes
+# take 2 a value (extract or shift, then mask). Each nibble's place value 2^(4 i) stays in the
+# float and is undone by x's entries, scaled by 2^(-4 i) outside the kernel (exact: powers of
+# two). Groups of fewer than 8 entries keep 'magic'.
 NK_WIDEN = 'magic'
-NK_WIDEN_CHOICES = ('magic', 'convert')
+NK_WIDEN_CHOICES = ('magic', 'convert', 'words')
+# 'words': the bit position / 4 at which each of a word's 8 nibbles is masked (5-7 after >> 12).
+WORD_PLACES = (0, 1, 2, 3, 4, 2, 3, 4)
 _TWO_23 = 8388608.0
 
 
@@ -551,6 +559,48 @@ def _int4_gemv_nk_kernel(xe_ref, xo_ref, *refs, bn, pieces, per_group, steps, ti
   _weights(pl.program_id(0), tiles, product)
 
 
+def _widen_word(word) -> list:
+  """int32 words of 8 nibbles -> 8 float32 arrays, nibble j's value times 2^(4 WORD_PLACES[j])
+  (exact)."""
+  shifted = lax.shift_right_logical(word, 12)
+  values = []
+  for j, place in enumerate(WORD_PLACES):
+    shift = 4 * place  # the nibble's v ^ 8 = v + 8 at 2^shift, inside 2^23's mantissa
+    bits = ((word if j < 5 else shifted) & (0xF << shift)) ^ (0x4B000000 | (8 << shift))
+    values.append(lax.bitcast_convert_type(bits, jnp.float32) - (_TWO_23 + float(8 << shift)))
+  return values
+
+
+def _int4_gemv_nk_words_kernel(x8_ref, *refs, bn, pieces, per_group, steps, tiles):
+  # NK_WIDEN == 'words': weights [N, K / piece, piece / 8] int32 words, nibble j of word m of a
+  # piece being entry 8 m + j; x8 [8, K / piece, piece / 8] float32, x8[j] holding those entries
+  # of x times 2^(-4 WORD_PLACES[j]).
+  w_refs, s_refs, o_refs = (refs[i * len(tiles):(i + 1) * len(tiles)] for i in range(3))
+  width = w_refs[0].shape[2]
+
+  def product(w, tile):
+    row0 = pl.multiple_of(tile * bn, bn)
+
+    def step(i, acc):
+      j0 = _aligned(i * pieces, pieces)
+      word = w_refs[w][pl.ds(row0, bn), pl.ds(j0, pieces), pl.ds(0, width)]
+      part = None
+      for j, v in enumerate(_widen_word(word)):
+        term = v * x8_ref[pl.ds(j, 1), pl.ds(j0, pieces), pl.ds(0, width)]
+        part = term if part is None else part + term
+      g0 = j0 if per_group == 1 else (
+          i * pieces // per_group if isinstance(i, int) else lax.div(j0, per_group))
+      scale = s_refs[w][pl.ds(row0, bn), pl.ds(g0, pieces)]
+      return acc + part * scale[:, :, None]
+
+    acc = _gemv_loop(steps, step, jnp.zeros((bn, pieces, width), jnp.float32),
+                     MAX_UNROLLED_NK_STEPS)
+    y = jnp.sum(jnp.sum(acc, axis=2), axis=1, keepdims=True)
+    o_refs[w][pl.ds(row0, bn), pl.ds(0, 1)] = y.astype(o_refs[w].dtype)
+
+  _weights(pl.program_id(0), tiles, product)
+
+
 def _gemv_nk_params(bn: int, cols: int):
   """Warps for a [bn, cols] tile: enough threads that each loads 16 bytes or more of it."""
   return _CompilerParams(num_warps=8 if bn * cols >= 64 * 128 else 4 if bn * cols >= 2048 else 2,
@@ -582,12 +632,23 @@ def int4_gemv_nk_many(xe_row, xo_row, packs, scales, *, bn: int, bk: int,
   for width in widths:
     check_gemv_nk_tiling('int4', k, width, bn=bn, bk=bk, group=group)
   piece = min(bk, group)
+  tiles = tuple(width // bn for width in widths)
+  static = dict(bn=bn, pieces=bk // piece, per_group=group // piece, steps=k // bk, tiles=tiles)
+  out_shapes = [(width, 1) for width in widths]
+  if NK_WIDEN == 'words' and piece % 8 == 0:
+    # Free views of the packed bytes as 32-bit words (little-endian: byte 4 m + b is bits 8 b
+    # of word m, so nibble j of word m is entry 8 m + j); x's entries in nibble order, scaled.
+    views = [lax.bitcast_convert_type(p.reshape(p.shape[0], k // 8, 4), jnp.int32).reshape(
+        p.shape[0], k // piece, piece // 8) for p in packs]
+    x = jnp.stack([xe_row[0], xo_row[0]], axis=1).reshape(k // 8, 8).astype(jnp.float32)
+    places = jnp.asarray([2.0 ** (-4 * place) for place in WORD_PLACES], jnp.float32)
+    x8 = (x * places).T.reshape(8, k // piece, piece // 8)
+    return _launch(functools.partial(_int4_gemv_nk_words_kernel, **static), (sum(tiles),),
+                   (x8,), views, scales, out_shapes, xe_row.dtype,
+                   _gemv_nk_params(bn, bk // 2), 'int4_gemv_nk_words', interpret)
   # Free views: each row's K / piece pieces of piece / 2 packed bytes (x's halves alike).
   shared = [x.reshape(1, k // piece, piece // 2) for x in (xe_row, xo_row)]
   views = [p.reshape(p.shape[0], k // piece, piece // 2) for p in packs]
-  tiles = tuple(width // bn for width in widths)
-  kernel = functools.partial(_int4_gemv_nk_kernel, bn=bn, pieces=bk // piece,
-                             per_group=group // piece, steps=k // bk, tiles=tiles)
-  out_shapes = [(width, 1) for width in widths]
-  return _launch(kernel, (sum(tiles),), shared, views, scales, out_shapes,
-                 xe_row.dtype, _gemv_nk_params(bn, bk // 2), 'int4_gemv_nk', interpret)
+  return _launch(functools.partial(_int4_gemv_nk_kernel, **static), (sum(tiles),), shared, views,
+                 scales, out_shapes, xe_row.dtype, _gemv_nk_params(bn, bk // 2), 'int4_gemv_nk',
+                 interpret)
