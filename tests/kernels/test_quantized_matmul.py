@@ -581,13 +581,17 @@ def _transposed(q, scale):
   return q.T, scale.T
 
 
+@pytest.mark.parametrize('widen', ['magic', 'words'])
 @pytest.mark.parametrize('kind', ['int8', 'int4'])
-def test_gemv_output_major_matches_reference(kind):
+def test_gemv_output_major_matches_reference(kind, widen, monkeypatch):
   """One row through the output-major kernels equals the reference for bf16 and float32 x, at
   the default tiling and explicit ones: an unrolled and a looped K (more than
   MAX_UNROLLED_NK_STEPS steps), a K step smaller and larger than the int4 group, a K of 72 and
-  a row tile of 1; the output is final (one pallas_call, no split-K sum, x's dtype)."""
+  a row tile of 1; the output is final (one pallas_call, no split-K sum, x's dtype). Both
+  integer widenings (gpu.NK_WIDEN: bytes, or 32-bit words, whose int4 groups of 8 take one word
+  a row)."""
   from effjax.kernels.quantized_matmul import gpu
+  monkeypatch.setattr(gpu, 'NK_WIDEN', widen)
   rng = np.random.default_rng()
   for k, n, group, tiling in ((256, 96, 64, None), (2048, 64, 128, (4, 64, 1)),
                               (512, 32, 32, (1, 256, 1)), (72, 48, 8, None),
@@ -677,7 +681,7 @@ def test_gemv_output_major_lowers_to_a_valid_triton_module(kind, k, widths, in_s
   """The output-major kernels lowered for CUDA at gpt_1b's shapes (q/k/v in one launch; the
   down projection's K of 5632, 11 unrolled steps, inside shard_map), with either widening,
   verified: a reduction, no dot, no loop; 'magic' widens with bitcasts, not conversions, and
-  'words' so too, int4 from 32-bit loads."""
+  'words' so too, from 32-bit loads."""
   from effjax.kernels.quantized_matmul import gpu
   from tests.kernels.triton_lowering import assert_verified, triton_dump
   monkeypatch.setattr(gpu, 'NK_WIDEN', widen)
@@ -699,8 +703,8 @@ def test_gemv_output_major_lowers_to_a_valid_triton_module(kind, k, widths, in_s
   assert 'scf.for' not in dump  # every step unrolled at these shapes
   assert ('tt.bitcast' in dump) == (widen != 'convert') and ('arith.sitofp' in dump) == (
       widen == 'convert')
-  int4_words = kind == 'int4' and widen == 'words'
-  assert bool(re.search(r'tt\.load \S+ : tensor<[0-9x]+x!tt\.ptr<i32>>', dump)) == int4_words
+  assert bool(re.search(r'tt\.load \S+ : tensor<[0-9x]+x!tt\.ptr<i32>>', dump)) == (
+      widen == 'words')
   assert_verified(dump, 1)
 
 
@@ -720,7 +724,7 @@ def test_tune_decode_nk_settings():
 def test_output_major_widenings_agree_exactly(kind, monkeypatch):
   """gpu.NK_WIDEN: the integer-ops widening ('magic') gives every stored value exactly (all 256
   int8 values, both nibbles of all 256 bytes) and the same products as the conversion
-  instruction's ('convert'); int4's 32-bit words ('words') give every nibble of random words
+  instruction's ('convert'); from 32-bit words ('words') every value of random words comes out
   exactly at its place value, and the products to float32 rounding (another summation order)."""
   from effjax.kernels.quantized_matmul import gpu
   byte = jnp.arange(256, dtype=jnp.int32).reshape(16, 16)
@@ -732,13 +736,16 @@ def test_output_major_widenings_agree_exactly(kind, monkeypatch):
     want_low, want_high = gpu._nibbles(byte.astype(jnp.uint8))
     np.testing.assert_array_equal(low, want_low.astype(jnp.float32))
     np.testing.assert_array_equal(high, want_high.astype(jnp.float32))
-    words = np.random.default_rng().integers(0, 2 ** 32, (64, 8), dtype=np.int64)
-    words = np.concatenate([words, np.array([[0xFFFFFFFF, 0x88888888, 0x77777777, 0] * 2])])
-    values = gpu._widen_word(jnp.asarray(words.astype(np.uint32).view(np.int32)))
-    for j, (v, place) in enumerate(zip(values, gpu.WORD_PLACES)):
-      nibble = ((words >> (4 * j)) & 0xF).astype(np.int64)
-      np.testing.assert_array_equal(np.asarray(v) / 2.0 ** (4 * place),
-                                    np.where(nibble >= 8, nibble - 16, nibble))
+  # 'words': random 32-bit words and the extremes, every value at its place value
+  words = np.random.default_rng().integers(0, 2 ** 32, (64, 8), dtype=np.int64)
+  words = np.concatenate([words, np.array([[0xFFFFFFFF, 0x88888888, 0x77777777, 0x80808080] * 2])])
+  bits, _, _, places = gpu.WORDS[kind]
+  values = gpu._widen_word(jnp.asarray(words.astype(np.uint32).view(np.int32)), kind)
+  assert len(values) == 32 // bits
+  for j, (v, place) in enumerate(zip(values, places)):
+    field = (words >> (bits * j)) & ((1 << bits) - 1)
+    np.testing.assert_array_equal(np.asarray(v) / 2.0 ** (bits * place),
+                                  np.where(field >= 1 << (bits - 1), field - (1 << bits), field))
   rng = np.random.default_rng()
   q, scale, group = _weight(rng, kind, 512, 64, 128)
   x = jnp.asarray(rng.standard_normal((1, 512)), jnp.float32)
@@ -748,8 +755,5 @@ def test_output_major_widenings_agree_exactly(kind, monkeypatch):
     outs[widen] = quantized_matmul(x, q.T, scale.T, kind=kind, backend='triton', interpret=True,
                                    output_major=True)
   np.testing.assert_array_equal(outs['magic'], outs['convert'])
-  if kind == 'int4':
-    np.testing.assert_allclose(outs['words'], outs['magic'], rtol=1e-5,
-                               atol=1e-6 * float(jnp.max(jnp.abs(outs['magic']))))
-  else:  # 'words' widens int8 as 'magic'
-    np.testing.assert_array_equal(outs['words'], outs['magic'])
+  np.testing.assert_allclose(outs['words'], outs['magic'], rtol=1e-5,
+                             atol=1e-6 * float(jnp.max(jnp.abs(outs['magic']))))

@@ -465,17 +465,19 @@ MAX_UNROLLED_NK_STEPS = 16
 # the mantissa of 2^23, and subtracts 2^23 + bias, which is exact: an AND/XOR and an add per
 # value. 'convert' is the int-to-float conversion instruction, which an SM issues at a quarter
 # of the rate of the float multiply-adds (16 a clock on Hopper, per the CUDA programming guide),
-# fewer than the values an int4 weight delivers a clock at full memory bandwidth. 'words' (int4;
-# int8 widens as 'magic' under it) reads the packed bytes as 32-bit words of eight nibbles and
-# masks nibbles 0-4 in place, where their bits lie inside 2^23's mantissa, and nibbles 5-7 in
-# place after one shift of the word by 12: 9 integer operations a word of 8 values, where bytes
-# take 2 a value (extract or shift, then mask). Each nibble's place value 2^(4 i) stays in the
-# float and is undone by x's entries, scaled by 2^(-4 i) outside the kernel (exact: powers of
-# two). Groups of fewer than 8 entries keep 'magic'.
+# fewer than the values an int4 weight delivers a clock at full memory bandwidth. 'words' reads
+# the stored bytes as 32-bit words and masks each value in place where its bits lie inside 2^23's
+# mantissa (bits 0-22: int4's nibbles 0-4, int8's bytes 0-1), the rest in place after one shift
+# of the word (by 12 / 16): 9 integer operations for a word's 8 nibbles and 5 for its 4 bytes,
+# where bytes take 2 a value (extract or shift, then mask). Each value's place value stays in the
+# float and is undone by x's entries, scaled by its inverse outside the kernel (exact: powers of
+# two). int4 groups of fewer than 8 entries, and K steps of fewer than 4 int8 entries, keep
+# 'magic'.
 NK_WIDEN = 'magic'
 NK_WIDEN_CHOICES = ('magic', 'convert', 'words')
-# 'words': the bit position / 4 at which each of a word's 8 nibbles is masked (5-7 after >> 12).
-WORD_PLACES = (0, 1, 2, 3, 4, 2, 3, 4)
+# 'words': per kind, (value bits, how many values a word holds in place before the shift, the
+# shift, each value's place: its bit position / value bits, after the shift for the later ones).
+WORDS = {'int4': (4, 5, 12, (0, 1, 2, 3, 4, 2, 3, 4)), 'int8': (8, 2, 16, (0, 1, 0, 1))}
 _TWO_23 = 8388608.0
 
 
@@ -559,22 +561,54 @@ def _int4_gemv_nk_kernel(xe_ref, xo_ref, *refs, bn, pieces, per_group, steps, ti
   _weights(pl.program_id(0), tiles, product)
 
 
-def _widen_word(word) -> list:
-  """int32 words of 8 nibbles -> 8 float32 arrays, nibble j's value times 2^(4 WORD_PLACES[j])
-  (exact)."""
-  shifted = lax.shift_right_logical(word, 12)
+def _widen_word(word, kind: str) -> list:
+  """int32 words of 8 int4 / 4 int8 values -> one float32 array per value, value j times
+  2^(bits * place j) (exact)."""
+  bits, direct, shift, places = WORDS[kind]
+  mask, half = (1 << bits) - 1, 1 << (bits - 1)
+  shifted = lax.shift_right_logical(word, shift)
   values = []
-  for j, place in enumerate(WORD_PLACES):
-    shift = 4 * place  # the nibble's v ^ 8 = v + 8 at 2^shift, inside 2^23's mantissa
-    bits = ((word if j < 5 else shifted) & (0xF << shift)) ^ (0x4B000000 | (8 << shift))
-    values.append(lax.bitcast_convert_type(bits, jnp.float32) - (_TWO_23 + float(8 << shift)))
+  for j, place in enumerate(places):
+    at = bits * place  # the value's v ^ half = v + half at 2^at, inside 2^23's mantissa
+    field = ((word if j < direct else shifted) & (mask << at)) ^ (0x4B000000 | (half << at))
+    values.append(lax.bitcast_convert_type(field, jnp.float32) - (_TWO_23 + float(half << at)))
   return values
+
+
+def _word_x(x_row, kind: str, k: int):
+  """x [1, K] as [values a word, K / values a word] float32 in word order, value j's row times
+  2^(-bits * place j) ('words')."""
+  bits, _, _, places = WORDS[kind]
+  scale = jnp.asarray([2.0 ** (-bits * place) for place in places], jnp.float32)
+  return (x_row.reshape(k // len(places), len(places)).astype(jnp.float32) * scale).T
+
+
+def _int8_gemv_nk_words_kernel(x4_ref, *refs, bn, width, steps, tiles):
+  # NK_WIDEN == 'words': weights [N, K / 4] int32 words, byte j of word m being entry 4 m + j;
+  # x4 [4, K / 4] from _word_x. A step covers `width` words of bn rows.
+  q_refs, s_refs, o_refs = (refs[i * len(tiles):(i + 1) * len(tiles)] for i in range(3))
+
+  def product(w, tile):
+    row0 = pl.multiple_of(tile * bn, bn)
+
+    def step(i, acc):
+      m0 = _aligned(i * width, width)
+      word = q_refs[w][pl.ds(row0, bn), pl.ds(m0, width)]
+      for j, v in enumerate(_widen_word(word, 'int8')):
+        acc = acc + v * x4_ref[pl.ds(j, 1), pl.ds(m0, width)]
+      return acc
+
+    acc = _gemv_loop(steps, step, jnp.zeros((bn, width), jnp.float32), MAX_UNROLLED_NK_STEPS)
+    y = jnp.sum(acc, axis=1, keepdims=True) * s_refs[w][pl.ds(row0, bn), pl.ds(0, 1)]
+    o_refs[w][pl.ds(row0, bn), pl.ds(0, 1)] = y.astype(o_refs[w].dtype)
+
+  _weights(pl.program_id(0), tiles, product)
 
 
 def _int4_gemv_nk_words_kernel(x8_ref, *refs, bn, pieces, per_group, steps, tiles):
   # NK_WIDEN == 'words': weights [N, K / piece, piece / 8] int32 words, nibble j of word m of a
   # piece being entry 8 m + j; x8 [8, K / piece, piece / 8] float32, x8[j] holding those entries
-  # of x times 2^(-4 WORD_PLACES[j]).
+  # of x times 2^(-4 place j) (_word_x).
   w_refs, s_refs, o_refs = (refs[i * len(tiles):(i + 1) * len(tiles)] for i in range(3))
   width = w_refs[0].shape[2]
 
@@ -585,7 +619,7 @@ def _int4_gemv_nk_words_kernel(x8_ref, *refs, bn, pieces, per_group, steps, tile
       j0 = _aligned(i * pieces, pieces)
       word = w_refs[w][pl.ds(row0, bn), pl.ds(j0, pieces), pl.ds(0, width)]
       part = None
-      for j, v in enumerate(_widen_word(word)):
+      for j, v in enumerate(_widen_word(word, 'int4')):
         term = v * x8_ref[pl.ds(j, 1), pl.ds(j0, pieces), pl.ds(0, width)]
         part = term if part is None else part + term
       g0 = j0 if per_group == 1 else (
@@ -615,8 +649,16 @@ def int8_gemv_nk_many(x_row, qs, scales, *, bn: int, bk: int, interpret: bool = 
   for width in widths:
     check_gemv_nk_tiling('int8', k, width, bn=bn, bk=bk)
   tiles = tuple(width // bn for width in widths)
-  kernel = functools.partial(_int8_gemv_nk_kernel, bn=bn, bk=bk, steps=k // bk, tiles=tiles)
   out_shapes = [(width, 1) for width in widths]
+  if NK_WIDEN == 'words' and bk % 4 == 0:
+    # Free views of the rows as 32-bit words (little-endian: entry 4 m + j is byte j of word m).
+    views = [lax.bitcast_convert_type(q.reshape(q.shape[0], k // 4, 4), jnp.int32) for q in qs]
+    kernel = functools.partial(_int8_gemv_nk_words_kernel, bn=bn, width=bk // 4,
+                               steps=k // bk, tiles=tiles)
+    return _launch(kernel, (sum(tiles),), (_word_x(x_row, 'int8', k),), views, scales,
+                   out_shapes, x_row.dtype, _gemv_nk_params(bn, bk), 'int8_gemv_nk_words',
+                   interpret)
+  kernel = functools.partial(_int8_gemv_nk_kernel, bn=bn, bk=bk, steps=k // bk, tiles=tiles)
   return _launch(kernel, (sum(tiles),), (x_row,), qs, scales, out_shapes, x_row.dtype,
                  _gemv_nk_params(bn, bk), 'int8_gemv_nk', interpret)
 
@@ -640,9 +682,8 @@ def int4_gemv_nk_many(xe_row, xo_row, packs, scales, *, bn: int, bk: int,
     # of word m, so nibble j of word m is entry 8 m + j); x's entries in nibble order, scaled.
     views = [lax.bitcast_convert_type(p.reshape(p.shape[0], k // 8, 4), jnp.int32).reshape(
         p.shape[0], k // piece, piece // 8) for p in packs]
-    x = jnp.stack([xe_row[0], xo_row[0]], axis=1).reshape(k // 8, 8).astype(jnp.float32)
-    places = jnp.asarray([2.0 ** (-4 * place) for place in WORD_PLACES], jnp.float32)
-    x8 = (x * places).T.reshape(8, k // piece, piece // 8)
+    x8 = _word_x(jnp.stack([xe_row, xo_row], axis=2).reshape(1, k), 'int4', k).reshape(
+        8, k // piece, piece // 8)
     return _launch(functools.partial(_int4_gemv_nk_words_kernel, **static), (sum(tiles),),
                    (x8,), views, scales, out_shapes, xe_row.dtype,
                    _gemv_nk_params(bn, bk // 2), 'int4_gemv_nk_words', interpret)
