@@ -513,54 +513,6 @@ def _aligned(v, m: int):
   return v if isinstance(v, int) else pl.multiple_of(v, m)
 
 
-def _int8_gemv_nk_kernel(x_ref, *refs, bn, bk, steps, tiles):
-  q_refs, s_refs, o_refs = (refs[i * len(tiles):(i + 1) * len(tiles)] for i in range(3))
-
-  def product(w, tile):
-    row0 = pl.multiple_of(tile * bn, bn)
-
-    def step(i, acc):
-      k0 = _aligned(i * bk, bk)
-      x_row = x_ref[pl.ds(0, 1), pl.ds(k0, bk)].astype(jnp.float32)
-      return acc + _widen_int8(q_refs[w][pl.ds(row0, bn), pl.ds(k0, bk)]) * x_row
-
-    acc = _gemv_loop(steps, step, jnp.zeros((bn, bk), jnp.float32),
-                     MAX_UNROLLED_NK_STEPS)
-    y = jnp.sum(acc, axis=1, keepdims=True) * s_refs[w][pl.ds(row0, bn), pl.ds(0, 1)]
-    o_refs[w][pl.ds(row0, bn), pl.ds(0, 1)] = y.astype(o_refs[w].dtype)
-
-  _weights(pl.program_id(0), tiles, product)
-
-
-def _int4_gemv_nk_kernel(xe_ref, xo_ref, *refs, bn, pieces, per_group, steps, tiles):
-  # Weights [N, K / piece, piece / 2] and x's halves [1, K / piece, piece / 2], piece =
-  # min(bk, group): a step loads `pieces` whole pieces of bn rows as one [bn, pieces, piece / 2]
-  # tile, and each piece's scale broadcasts along its last axis (no reshape in the loop).
-  # per_group: pieces in a group (1 when a step spans whole groups).
-  p_refs, s_refs, o_refs = (refs[i * len(tiles):(i + 1) * len(tiles)] for i in range(3))
-  half = p_refs[0].shape[2]
-
-  def product(w, tile):
-    row0 = pl.multiple_of(tile * bn, bn)
-
-    def step(i, acc):
-      j0 = _aligned(i * pieces, pieces)
-      low, high = _widen_nibbles(p_refs[w][pl.ds(row0, bn), pl.ds(j0, pieces), pl.ds(0, half)])
-      xe = xe_ref[pl.ds(0, 1), pl.ds(j0, pieces), pl.ds(0, half)].astype(jnp.float32)
-      xo = xo_ref[pl.ds(0, 1), pl.ds(j0, pieces), pl.ds(0, half)].astype(jnp.float32)
-      g0 = j0 if per_group == 1 else (
-          i * pieces // per_group if isinstance(i, int) else lax.div(j0, per_group))
-      scale = s_refs[w][pl.ds(row0, bn), pl.ds(g0, pieces)]  # pieces > 1 only if per_group == 1
-      return acc + (low * xe + high * xo) * scale[:, :, None]
-
-    acc = _gemv_loop(steps, step, jnp.zeros((bn, pieces, half), jnp.float32),
-                     MAX_UNROLLED_NK_STEPS)
-    y = jnp.sum(jnp.sum(acc, axis=2), axis=1, keepdims=True)
-    o_refs[w][pl.ds(row0, bn), pl.ds(0, 1)] = y.astype(o_refs[w].dtype)
-
-  _weights(pl.program_id(0), tiles, product)
-
-
 def _widen_word(word, kind: str) -> list:
   """int32 words of 8 int4 / 4 int8 values -> one float32 array per value, value j times
   2^(bits * place j) (exact)."""
@@ -583,19 +535,21 @@ def _word_x(x_row, kind: str, k: int):
   return (x_row.reshape(k // len(places), len(places)).astype(jnp.float32) * scale).T
 
 
-def _int8_gemv_nk_words_kernel(x4_ref, *refs, bn, width, steps, tiles):
-  # NK_WIDEN == 'words': weights [N, K / 4] int32 words, byte j of word m being entry 4 m + j;
-  # x4 [4, K / 4] from _word_x. A step covers `width` words of bn rows.
+def _int8_gemv_nk_kernel(x_ref, *refs, bn, width, steps, tiles, words):
+  # Weights [N, K] int8, x [1, K]; or, words: weights [N, K / 4] int32 words, byte j of word m
+  # being entry 4 m + j, and x [4, K / 4] from _word_x. A step covers `width` columns of bn rows.
   q_refs, s_refs, o_refs = (refs[i * len(tiles):(i + 1) * len(tiles)] for i in range(3))
 
   def product(w, tile):
     row0 = pl.multiple_of(tile * bn, bn)
 
     def step(i, acc):
-      m0 = _aligned(i * width, width)
-      word = q_refs[w][pl.ds(row0, bn), pl.ds(m0, width)]
-      for j, v in enumerate(_widen_word(word, 'int8')):
-        acc = acc + v * x4_ref[pl.ds(j, 1), pl.ds(m0, width)]
+      c0 = _aligned(i * width, width)
+      stored = q_refs[w][pl.ds(row0, bn), pl.ds(c0, width)]
+      if not words:
+        return acc + _widen_int8(stored) * x_ref[pl.ds(0, 1), pl.ds(c0, width)].astype(jnp.float32)
+      for j, v in enumerate(_widen_word(stored, 'int8')):
+        acc = acc + v * x_ref[pl.ds(j, 1), pl.ds(c0, width)]
       return acc
 
     acc = _gemv_loop(steps, step, jnp.zeros((bn, width), jnp.float32), MAX_UNROLLED_NK_STEPS)
@@ -605,26 +559,36 @@ def _int8_gemv_nk_words_kernel(x4_ref, *refs, bn, width, steps, tiles):
   _weights(pl.program_id(0), tiles, product)
 
 
-def _int4_gemv_nk_words_kernel(x8_ref, *refs, bn, pieces, per_group, steps, tiles):
-  # NK_WIDEN == 'words': weights [N, K / piece, piece / 8] int32 words, nibble j of word m of a
-  # piece being entry 8 m + j; x8 [8, K / piece, piece / 8] float32, x8[j] holding those entries
-  # of x times 2^(-4 place j) (_word_x).
-  w_refs, s_refs, o_refs = (refs[i * len(tiles):(i + 1) * len(tiles)] for i in range(3))
-  width = w_refs[0].shape[2]
+def _int4_gemv_nk_kernel(*refs, bn, pieces, per_group, steps, tiles, words):
+  # Weights [N, K / piece, piece / 2] and x's halves [1, K / piece, piece / 2], piece =
+  # min(bk, group): a step loads `pieces` whole pieces of bn rows as one [bn, pieces, piece / 2]
+  # tile, and each piece's scale broadcasts along its last axis (no reshape in the loop).
+  # per_group: pieces in a group (1 when a step spans whole groups). words: weights
+  # [N, K / piece, piece / 8] int32 words, nibble j of word m of a piece being its entry 8 m + j,
+  # and one x [8, K / piece, piece / 8] from _word_x in place of the halves.
+  shared = refs[:1] if words else refs[:2]
+  refs = refs[len(shared):]
+  tiles_n = len(tiles)
+  p_refs, s_refs, o_refs = (refs[i * tiles_n:(i + 1) * tiles_n] for i in range(3))
+  width = p_refs[0].shape[2]
 
   def product(w, tile):
     row0 = pl.multiple_of(tile * bn, bn)
 
     def step(i, acc):
       j0 = _aligned(i * pieces, pieces)
-      word = w_refs[w][pl.ds(row0, bn), pl.ds(j0, pieces), pl.ds(0, width)]
-      part = None
-      for j, v in enumerate(_widen_word(word, 'int4')):
-        term = v * x8_ref[pl.ds(j, 1), pl.ds(j0, pieces), pl.ds(0, width)]
-        part = term if part is None else part + term
+      stored = p_refs[w][pl.ds(row0, bn), pl.ds(j0, pieces), pl.ds(0, width)]
+      x = lambda r, j=0: r[pl.ds(j, 1), pl.ds(j0, pieces), pl.ds(0, width)].astype(jnp.float32)
+      if words:
+        part = None
+        for j, v in enumerate(_widen_word(stored, 'int4')):
+          part = v * x(shared[0], j) if part is None else part + v * x(shared[0], j)
+      else:
+        low, high = _widen_nibbles(stored)
+        part = low * x(shared[0]) + high * x(shared[1])
       g0 = j0 if per_group == 1 else (
           i * pieces // per_group if isinstance(i, int) else lax.div(j0, per_group))
-      scale = s_refs[w][pl.ds(row0, bn), pl.ds(g0, pieces)]
+      scale = s_refs[w][pl.ds(row0, bn), pl.ds(g0, pieces)]  # pieces > 1 only if per_group == 1
       return acc + part * scale[:, :, None]
 
     acc = _gemv_loop(steps, step, jnp.zeros((bn, pieces, width), jnp.float32),
@@ -650,17 +614,14 @@ def int8_gemv_nk_many(x_row, qs, scales, *, bn: int, bk: int, interpret: bool = 
     check_gemv_nk_tiling('int8', k, width, bn=bn, bk=bk)
   tiles = tuple(width // bn for width in widths)
   out_shapes = [(width, 1) for width in widths]
-  if NK_WIDEN == 'words' and bk % 4 == 0:
-    # Free views of the rows as 32-bit words (little-endian: entry 4 m + j is byte j of word m).
-    views = [lax.bitcast_convert_type(q.reshape(q.shape[0], k // 4, 4), jnp.int32) for q in qs]
-    kernel = functools.partial(_int8_gemv_nk_words_kernel, bn=bn, width=bk // 4,
-                               steps=k // bk, tiles=tiles)
-    return _launch(kernel, (sum(tiles),), (_word_x(x_row, 'int8', k),), views, scales,
-                   out_shapes, x_row.dtype, _gemv_nk_params(bn, bk), 'int8_gemv_nk_words',
-                   interpret)
-  kernel = functools.partial(_int8_gemv_nk_kernel, bn=bn, bk=bk, steps=k // bk, tiles=tiles)
-  return _launch(kernel, (sum(tiles),), (x_row,), qs, scales, out_shapes, x_row.dtype,
-                 _gemv_nk_params(bn, bk), 'int8_gemv_nk', interpret)
+  words = NK_WIDEN == 'words' and bk % 4 == 0
+  if words:  # free views of the rows as 32-bit words (little-endian: entry 4 m + j is byte j)
+    qs = [lax.bitcast_convert_type(q.reshape(q.shape[0], k // 4, 4), jnp.int32) for q in qs]
+  kernel = functools.partial(_int8_gemv_nk_kernel, bn=bn, width=bk // 4 if words else bk,
+                             steps=k // bk, tiles=tiles, words=words)
+  x = _word_x(x_row, 'int8', k) if words else x_row
+  return _launch(kernel, (sum(tiles),), (x,), qs, scales, out_shapes, x_row.dtype,
+                 _gemv_nk_params(bn, bk), 'int8_gemv_nk' + ('_words' if words else ''), interpret)
 
 
 def int4_gemv_nk_many(xe_row, xo_row, packs, scales, *, bn: int, bk: int,
@@ -675,21 +636,19 @@ def int4_gemv_nk_many(xe_row, xo_row, packs, scales, *, bn: int, bk: int,
     check_gemv_nk_tiling('int4', k, width, bn=bn, bk=bk, group=group)
   piece = min(bk, group)
   tiles = tuple(width // bn for width in widths)
-  static = dict(bn=bn, pieces=bk // piece, per_group=group // piece, steps=k // bk, tiles=tiles)
   out_shapes = [(width, 1) for width in widths]
-  if NK_WIDEN == 'words' and piece % 8 == 0:
-    # Free views of the packed bytes as 32-bit words (little-endian: byte 4 m + b is bits 8 b
-    # of word m, so nibble j of word m is entry 8 m + j); x's entries in nibble order, scaled.
+  words = NK_WIDEN == 'words' and piece % 8 == 0
+  if words:  # free views of the packed bytes as 32-bit words (little-endian: nibble j of word m
+    # is entry 8 m + j), and x's entries in that order, scaled
     views = [lax.bitcast_convert_type(p.reshape(p.shape[0], k // 8, 4), jnp.int32).reshape(
         p.shape[0], k // piece, piece // 8) for p in packs]
-    x8 = _word_x(jnp.stack([xe_row, xo_row], axis=2).reshape(1, k), 'int4', k).reshape(
-        8, k // piece, piece // 8)
-    return _launch(functools.partial(_int4_gemv_nk_words_kernel, **static), (sum(tiles),),
-                   (x8,), views, scales, out_shapes, xe_row.dtype,
-                   _gemv_nk_params(bn, bk // 2), 'int4_gemv_nk_words', interpret)
-  # Free views: each row's K / piece pieces of piece / 2 packed bytes (x's halves alike).
-  shared = [x.reshape(1, k // piece, piece // 2) for x in (xe_row, xo_row)]
-  views = [p.reshape(p.shape[0], k // piece, piece // 2) for p in packs]
-  return _launch(functools.partial(_int4_gemv_nk_kernel, **static), (sum(tiles),), shared, views,
-                 scales, out_shapes, xe_row.dtype, _gemv_nk_params(bn, bk // 2), 'int4_gemv_nk',
+    shared = [_word_x(jnp.stack([xe_row, xo_row], axis=2).reshape(1, k), 'int4', k).reshape(
+        8, k // piece, piece // 8)]
+  else:  # free views: each row's K / piece pieces of piece / 2 packed bytes (x's halves alike)
+    views = [p.reshape(p.shape[0], k // piece, piece // 2) for p in packs]
+    shared = [x.reshape(1, k // piece, piece // 2) for x in (xe_row, xo_row)]
+  kernel = functools.partial(_int4_gemv_nk_kernel, bn=bn, pieces=bk // piece,
+                             per_group=group // piece, steps=k // bk, tiles=tiles, words=words)
+  return _launch(kernel, (sum(tiles),), shared, views, scales, out_shapes, xe_row.dtype,
+                 _gemv_nk_params(bn, bk // 2), 'int4_gemv_nk' + ('_words' if words else ''),
                  interpret)
