@@ -12,8 +12,7 @@ allows it (the largest split of K's steps giving at least N steps a program), wh
 program count. With --nk every quantized weight is stored output-major for decoding
 (infer.qmm_output_major) and a setting is BN:BK, the output-major GEMV kernels' row tile and K
 step for that kind (DEFAULT_GEMV_NK_BN, DEFAULT_GEMV_NK_BK; no split), or BN:BK:WIDEN with
-WIDEN 'magic', 'convert' or 'words' (gpu.NK_WIDEN: how the integers become floats; 'words'
-changes only int4). For each kind and
+WIDEN 'magic', 'convert' or 'words' (gpu.NK_WIDEN: how the integers become floats). For each kind and
 setting the model (random weights) is quantized
 once and its batch-1 decode loop compiled and timed with the constants set, as decode.py times
 it, so the figure includes everything around the kernel (launches, padding, split-K sums). The

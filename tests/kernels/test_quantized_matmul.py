@@ -588,14 +588,15 @@ def test_gemv_output_major_matches_reference(kind, widen, monkeypatch):
   the default tiling and explicit ones: an unrolled and a looped K (more than
   MAX_UNROLLED_NK_STEPS steps), a K step smaller and larger than the int4 group, a K of 72 and
   a row tile of 1; the output is final (one pallas_call, no split-K sum, x's dtype). Both
-  integer widenings (gpu.NK_WIDEN: bytes, or 32-bit words, whose int4 groups of 8 take one word
-  a row)."""
+  integer widenings (gpu.NK_WIDEN: bytes, or 32-bit words: int4 groups of 8 take one word a
+  row, int8 steps of 4 one word, and steps or groups under a word fall back to bytes)."""
   from effjax.kernels.quantized_matmul import gpu
   monkeypatch.setattr(gpu, 'NK_WIDEN', widen)
   rng = np.random.default_rng()
   for k, n, group, tiling in ((256, 96, 64, None), (2048, 64, 128, (4, 64, 1)),
                               (512, 32, 32, (1, 256, 1)), (72, 48, 8, None),
-                              (512, 64, 128, (8, 32, 1))):
+                              (512, 64, 128, (8, 32, 1)), (64, 32, 8, (4, 4, 1)),
+                              (64, 32, 4, (4, 2, 1))):
     q, scale, group = _weight(rng, kind, k, n, group)
     q_t, s_t = _transposed(q, scale)
     plan = qm.plan(kind, 1, k, n, group, backend='triton', tiling=tiling, output_major=True)
@@ -609,6 +610,10 @@ def test_gemv_output_major_matches_reference(kind, widen, monkeypatch):
                                                 interpret=True, tiling=t, output_major=True)
       assert _pallas_calls(fn, x) == 1
       assert 'reduce_sum' not in _ops_outside_kernels(jax.make_jaxpr(fn)(x).jaxpr)
+      # 'words' unless a step (or int4 group) holds less than a word of values
+      bk = plan.tiling[1]
+      by_words = widen == 'words' and (bk % 4 == 0 if kind == 'int8' else min(bk, group) % 8 == 0)
+      assert (f'{kind}_gemv_nk_words' in str(jax.make_jaxpr(fn)(x))) == by_words
       out = jax.jit(fn)(x)
       assert out.shape == (1, 1, n) and out.dtype == dtype
       _assert_close(out, _reference(x, q, scale, kind, group), dtype)

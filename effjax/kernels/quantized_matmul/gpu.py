@@ -470,9 +470,10 @@ MAX_UNROLLED_NK_STEPS = 16
 # mantissa (bits 0-22: int4's nibbles 0-4, int8's bytes 0-1), the rest in place after one shift
 # of the word (by 12 / 16): 9 integer operations for a word's 8 nibbles and 5 for its 4 bytes,
 # where bytes take 2 a value (extract or shift, then mask). Each value's place value stays in the
-# float and is undone by x's entries, scaled by its inverse outside the kernel (exact: powers of
-# two). int4 groups of fewer than 8 entries, and K steps of fewer than 4 int8 entries, keep
-# 'magic'.
+# float and is undone by x's entries, scaled by its inverse outside the kernel (powers of two:
+# exact unless an entry below about 2^-110 in magnitude turns subnormal). A K step or int4 group
+# of fewer than 8 int4 entries (min(bk, group) % 8 != 0), or a K step of fewer than 4 int8
+# entries, keeps 'magic'.
 NK_WIDEN = 'magic'
 NK_WIDEN_CHOICES = ('magic', 'convert', 'words')
 # 'words': per kind, (value bits, how many values a word holds in place before the shift, the
