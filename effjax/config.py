@@ -446,14 +446,11 @@ def _check_compress(config) -> None:
   if config.infer.attention_kernel == 'triton' and jax.default_backend() != 'gpu':
     raise ConfigError(f"infer.attention_kernel='triton': needs a GPU but the backend is "
                       f"{jax.default_backend()}; use 'auto' or 'xla'")
-  gemv = [n.strip() for n in cp.qmm_gemv.split(',') if n.strip()]
-  if any(n not in ('int8', 'int4') for n in gemv):
-    raise ConfigError(f"compress.qmm_gemv={cp.qmm_gemv!r}: allowed are the kinds 'int8' and "
-                      "'int4', comma-separated, or '' (none)")
-  major = config.infer.qmm_output_major
-  if any(n.strip() not in ('int8', 'int4') for n in major.split(',') if n.strip()):
-    raise ConfigError(f"infer.qmm_output_major={major!r}: allowed are the kinds 'int8' and "
-                      "'int4', comma-separated, or '' (none)")
+  for field, kinds in (('compress.qmm_gemv', cp.qmm_gemv),
+                       ('infer.qmm_output_major', config.infer.qmm_output_major)):
+    if any(n.strip() not in ('int8', 'int4') for n in kinds.split(',') if n.strip()):
+      raise ConfigError(f"{field}={kinds!r}: allowed are the kinds 'int8' and 'int4', "
+                        "comma-separated, or '' (none)")
   if cp.qmm_backend == 'triton' and jax.default_backend() != 'gpu' and not cp.qmm_interpret:
     raise ConfigError(f"compress.qmm_backend='triton': needs a GPU but the backend is "
                       f"{jax.default_backend()}; use 'auto', 'xla' or "

@@ -367,7 +367,7 @@ def _kernel_impl(x_mk, qvalues, scales, static: _Static) -> tuple:
     if static.kind == 'int8':
       outs = gpu.int8_gemv_nk_many(x_mk, qvalues, scales, **kw)
     else:
-      outs = gpu.int4_gemv_nk_many(x_mk[:, 0::2], x_mk[:, 1::2], qvalues, scales, **kw)
+      outs = gpu.int4_gemv_nk_many(x_mk, qvalues, scales, **kw)
     return tuple(out.reshape(1, -1) for out in outs)
   if static.gemv:  # one row, as a column: [1, K] -> [K, 1] is a reshape
     kw = dict(bn=bn, bk=bk, split=split, interpret=static.interpret)

@@ -625,12 +625,10 @@ def int8_gemv_nk_many(x_row, qs, scales, *, bn: int, bk: int, interpret: bool = 
                  _gemv_nk_params(bn, bk), 'int8_gemv_nk' + ('_words' if words else ''), interpret)
 
 
-def int4_gemv_nk_many(xe_row, xo_row, packs, scales, *, bn: int, bk: int,
-                      interpret: bool = False) -> list:
-  """(x's even and odd entries as rows [1, K/2]) times each output-major packed int4
-  [N_w, K/2] with float32 group scales [N_w, K/group] (one group size), in one launch ->
-  [N_w, 1] per weight in x's dtype."""
-  k = 2 * xe_row.shape[1]
+def int4_gemv_nk_many(x_row, packs, scales, *, bn: int, bk: int, interpret: bool = False) -> list:
+  """x_row [1, K] times each output-major packed int4 [N_w, K/2] with float32 group scales
+  [N_w, K/group] (one group size), in one launch -> [N_w, 1] per weight in x's dtype."""
+  k = x_row.shape[1]
   group = _int4_group(k, [scale.shape[1] for scale in scales], 'int4 GEMV: scale columns')
   widths = [p.shape[0] for p in packs]
   for width in widths:
@@ -643,13 +641,13 @@ def int4_gemv_nk_many(xe_row, xo_row, packs, scales, *, bn: int, bk: int,
     # is entry 8 m + j), and x's entries in that order, scaled
     views = [lax.bitcast_convert_type(p.reshape(p.shape[0], k // 8, 4), jnp.int32).reshape(
         p.shape[0], k // piece, piece // 8) for p in packs]
-    shared = [_word_x(jnp.stack([xe_row, xo_row], axis=2).reshape(1, k), 'int4', k).reshape(
-        8, k // piece, piece // 8)]
-  else:  # free views: each row's K / piece pieces of piece / 2 packed bytes (x's halves alike)
+    shared = [_word_x(x_row, 'int4', k).reshape(8, k // piece, piece // 8)]
+  else:  # free views: each row's K / piece pieces of piece / 2 packed bytes; x's even and odd
+    # entries (each byte's low and high nibble) alike
     views = [p.reshape(p.shape[0], k // piece, piece // 2) for p in packs]
-    shared = [x.reshape(1, k // piece, piece // 2) for x in (xe_row, xo_row)]
+    shared = [x.reshape(1, k // piece, piece // 2) for x in (x_row[:, 0::2], x_row[:, 1::2])]
   kernel = functools.partial(_int4_gemv_nk_kernel, bn=bn, pieces=bk // piece,
                              per_group=group // piece, steps=k // bk, tiles=tiles, words=words)
-  return _launch(kernel, (sum(tiles),), shared, views, scales, out_shapes, xe_row.dtype,
+  return _launch(kernel, (sum(tiles),), shared, views, scales, out_shapes, x_row.dtype,
                  _gemv_nk_params(bn, bk // 2), 'int4_gemv_nk' + ('_words' if words else ''),
                  interpret)
