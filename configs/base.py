@@ -266,9 +266,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (effjax/kernels/quantized_matmul), one launch per product group with its final output and no
   # split-K partials to sum; more rows (the prompt, batched decoding) multiply the transposed
   # weights through XLA rather than the kernel. gpt_1b at batch 1: int8 1.18x bf16 with 'int8'
-  # against 1.01x without (H100), 1.07-1.12x (H200); int4 this way 0.89-0.96x, below its [K, N]
-  # kernels' 1.07x (H200). Off by default: batched decoding of the transposed weights was not
-  # measured. See experiments/quantized_matmul.
+  # against 1.01x without (H100), 1.07-1.12x (H200); int4 this way 1.29-1.30x with its kernel
+  # reading 32-bit words (H100; 1.06x reading bytes), above its [K, N] kernels' 1.18x. Off by
+  # default: batched decoding of the transposed weights was not measured. See
+  # experiments/quantized_matmul.
   inf.qmm_output_major = ''
   inf.max_len = 0  # cache positions; 0 = longest prompt + generate.max_new_tokens + gamma + 1
   # early_exit: the confidence measure: 'softmax' (top-1 probability), 'margin' (top-1 minus

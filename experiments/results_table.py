@@ -491,6 +491,29 @@ def quantized_decode_output_major(*decode_qmm) -> str:
   return '; '.join(parts)
 
 
+def output_major_widening(*tune_runs) -> str:
+  """tune_decode.py --nk runs: per kind, each setting's speed vs the bf16 step of its own run
+  (BN:BK with the bytes widening, BN:BK:words with 32-bit words); settings in every run give
+  their range over the runs."""
+  ratios: dict[tuple[str, str], list[float]] = {}
+  for path in tune_runs:
+    rows = load_json(path)['rows']
+    bf16 = next(r['ms_per_step'] for r in rows if r['kind'] == 'bf16')
+    for r in rows:
+      if r['kind'] != 'bf16' and r.get('ms_per_step'):
+        ratios.setdefault((r['kind'], r['setting']), []).append(bf16 / r['ms_per_step'])
+  parts = []
+  for kind, target in (('int4', 2.5), ('int8', 1.6)):
+    mine = {setting: v for (k, setting), v in ratios.items() if k == kind}
+    if not mine:
+      continue
+    text = ', '.join(f"{setting} {min(v):.2f}" + (
+        f"-{max(v):.2f}x" if f'{min(v):.2f}' != f'{max(v):.2f}' else 'x') for setting, v in mine.items())
+    best = max(max(v) for v in mine.values())
+    parts.append(f"{kind} vs bf16: {text} (target {target}x {'met' if best >= target else 'missed'})")
+  return '; '.join(parts)
+
+
 def decode_levers(baseline, *others) -> str:
   """The batch-1 decode step with more weights stored output-major, or the loop as one CUDA
   graph, against the default (wo output-major) of the same run."""
@@ -710,6 +733,7 @@ AK_TARGETS = 'experiments/attention_kernels/results/h100_2026_12_06_targets'
 AK_SWEEP = 'experiments/attention_kernels/results/h100_2026_12_07_fwd_sweep'
 AK_H200 = 'experiments/attention_kernels/results/h200_2026_12_07'
 QM_H200 = 'experiments/quantized_matmul/results/h200_2026_12_07_nk3d'
+QM_WORDS = 'experiments/quantized_matmul/results/h100_2026_12_07_words'
 LEVERS = 'experiments/decode_attention/results/h100_2026_12_06_levers'
 
 ROWS = (
@@ -784,6 +808,12 @@ ROWS = (
         'tile 8; each kind with bf16 in its own call)', '1 x H200', 'quantized_matmul',
         (f'{QM_H200}/decode_qmm_int8.json', f'{QM_H200}/decode_qmm_int4.json'),
         quantized_decode_output_major),
+    Row('the output-major kernels reading their weights as 32-bit words (values masked in place) '
+        'vs bytes, on the decode step (BN:BK = row tile : K step, bytes then; :words = words), two '
+        'runs', '1 x H100',
+        'quantized_matmul',
+        (f'{QM_WORDS}/tune_decode_nk_run1.json', f'{QM_WORDS}/tune_decode_nk_run2.json'),
+        output_major_widening),
     Row('LoRA (r=8, base frozen) vs full fine-tuning peak memory, 1.03B model, seq 2048',
         '1 x H200', 'compression', tuple(f'experiments/compression/results/finetune_memory_{v}.json'
                                          for v in ('full', 'lora', 'full_remat',

@@ -11,8 +11,9 @@ third field may also be `sN`: split K so that every program runs N K steps where
 allows it (the largest split of K's steps giving at least N steps a program), whatever the
 program count. With --nk every quantized weight is stored output-major for decoding
 (infer.qmm_output_major) and a setting is BN:BK, the output-major GEMV kernels' row tile and K
-step for that kind (DEFAULT_GEMV_NK_BN, DEFAULT_GEMV_NK_BK; no split), or BN:BK:WIDEN with
-WIDEN 'magic', 'convert' or 'words' (gpu.NK_WIDEN: how the integers become floats). For each kind and
+step for that kind (DEFAULT_GEMV_NK_BN, DEFAULT_GEMV_NK_BK; no split) with the kind's default
+widening (gpu.DEFAULT_NK_WIDEN: int8 'magic', int4 'words'), or BN:BK:WIDEN with WIDEN 'magic',
+'convert' or 'words' (gpu.NK_WIDEN: how the integers become floats). For each kind and
 setting the model (random weights) is quantized
 once and its batch-1 decode loop compiled and timed with the constants set, as decode.py times
 it, so the figure includes everything around the kernel (launches, padding, split-K sums). The
@@ -34,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SETTINGS = ('128:256:256,128:128:512,64:256:512,128:256:64,128:64:128,128:64:256,'
                     '256:128:256,64:128:1024')
 DEFAULT_GEMV_SETTINGS = '128:64:512,128:32:256,128:32:s4,128:64:s4,128:32:s2,256:32:s4,128:64:1024'
-DEFAULT_NK_SETTINGS = ('8:512,8:512:convert,4:512,16:256,2:1024,8:256,16:512,4:1024,32:128')
+DEFAULT_NK_SETTINGS = ('8:512,8:512:magic,8:512:words,8:512:convert,4:512,16:256,8:256,16:512,'
+                       '4:1024')
 NK_WIDEN_CHOICES = ('magic', 'convert', 'words')  # effjax.kernels.quantized_matmul.gpu.NK_WIDEN_CHOICES
 
 

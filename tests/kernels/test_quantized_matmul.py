@@ -725,6 +725,28 @@ def test_tune_decode_nk_settings():
       td.parse_setting(bad, False, nk=True)
 
 
+def test_output_major_default_widening_per_kind(monkeypatch):
+  """With gpu.NK_WIDEN unset each kind takes its default widening (int4 32-bit words, int8
+  bytes), visible in the kernel's name; NK_WIDEN overrides both; an unknown one is one error."""
+  from effjax.kernels.quantized_matmul import gpu
+  monkeypatch.setattr(gpu, 'NK_WIDEN', None)
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.standard_normal((1, 512)), jnp.float32)
+  for kind in ('int8', 'int4'):
+    q, scale, _ = _weight(rng, kind, 512, 64, 128)
+    fn = lambda x: quantized_matmul(x, q.T, scale.T, kind=kind, backend='triton', interpret=True,
+                                    output_major=True)
+    words = gpu.DEFAULT_NK_WIDEN[kind] == 'words'
+    assert (f'{kind}_gemv_nk_words' in str(jax.make_jaxpr(fn)(x))) == words
+    assert gpu.nk_widen(kind) == gpu.DEFAULT_NK_WIDEN[kind]
+  assert gpu.DEFAULT_NK_WIDEN == {'int8': 'magic', 'int4': 'words'}
+  monkeypatch.setattr(gpu, 'NK_WIDEN', 'convert')
+  assert gpu.nk_widen('int4') == gpu.nk_widen('int8') == 'convert'
+  monkeypatch.setattr(gpu, 'NK_WIDEN', 'fast')
+  with pytest.raises(ValueError, match="widening 'fast' for int4: allowed magic, convert, words"):
+    gpu.nk_widen('int4')
+
+
 @pytest.mark.parametrize('kind', ['int8', 'int4'])
 def test_output_major_widenings_agree_exactly(kind, monkeypatch):
   """gpu.NK_WIDEN: the integer-ops widening ('magic') gives every stored value exactly (all 256

@@ -204,10 +204,12 @@ def default_gemv_tiling(kind: str, k: int, n, group: int | None = None) -> tuple
 # The output-major GEMV kernels (weights stored [N, K] for decoding; gpu.py): rows of output per
 # program and K entries per step, at most. A program's accumulator is [bn, bk] (int4: [bn, bk /
 # 2] packed columns, whole groups or one group's part); 8 rows of 512 int8 entries are 4 KB a
-# load, 16 bytes for each of 256 threads. int4 takes 4 rows of 1024 (2 KB a load, twice the
-# programs): 8% faster than 8 rows on gpt_1b's decode step (tune_decode.py --nk, one H200).
-DEFAULT_GEMV_NK_BN = {'int8': 8, 'int4': 4}
-DEFAULT_GEMV_NK_BK = {'int8': 512, 'int4': 1024}
+# load, 16 bytes for each of 256 threads. int4 takes 8 rows of 512 with its default word
+# widening (gpu.DEFAULT_NK_WIDEN): on gpt_1b's decode step (tune_decode.py --nk, one H100, two
+# runs) 0.84-0.85 ms a token against 0.93 at 16 x 512, 1.03-1.04 at 4 x 1024 or 4 x 512 and 1.21
+# at 8 x 256, all with words; with bytes 4 x 1024 had been best (one H200).
+DEFAULT_GEMV_NK_BN = {'int8': 8, 'int4': 8}
+DEFAULT_GEMV_NK_BK = {'int8': 512, 'int4': 512}
 
 
 def _nk_unsupported(kind: str, k: int, group: int | None) -> str | None:

@@ -474,7 +474,13 @@ MAX_UNROLLED_NK_STEPS = 16
 # exact unless an entry below about 2^-110 in magnitude turns subnormal). A K step or int4 group
 # of fewer than 8 int4 entries (min(bk, group) % 8 != 0), or a K step of fewer than 4 int8
 # entries, keeps 'magic'.
-NK_WIDEN = 'magic'
+# Defaults per kind, from the batch-1 decode step of configs/gpt_1b.py on an H100 (two runs,
+# experiments/quantized_matmul/README.md): int4 with words at a row tile of 8 and a K step of
+# 512 ran 1.29-1.30x bf16 against 1.06x with 'magic' at the same tiling; int8 with words ran
+# 1.00-1.06x against 1.11-1.12x with 'magic', so int8 keeps 'magic'. NK_WIDEN, when set, overrides
+# both kinds (the checks and the tiling sweep set it).
+DEFAULT_NK_WIDEN = {'int8': 'magic', 'int4': 'words'}
+NK_WIDEN: str | None = None
 NK_WIDEN_CHOICES = ('magic', 'convert', 'words')
 # 'words': per kind, (value bits, how many values a word holds in place before the shift, the
 # shift, each value's place: its bit position / value bits, after the shift for the later ones).
@@ -482,9 +488,18 @@ WORDS = {'int4': (4, 5, 12, (0, 1, 2, 3, 4, 2, 3, 4)), 'int8': (8, 2, 16, (0, 1,
 _TWO_23 = 8388608.0
 
 
+def nk_widen(kind: str) -> str:
+  """The widening the output-major `kind` kernel uses: NK_WIDEN if set, else the kind's default."""
+  widen = NK_WIDEN or DEFAULT_NK_WIDEN[kind]
+  if widen not in NK_WIDEN_CHOICES:
+    raise ValueError(f'output-major widening {widen!r} for {kind}: allowed '
+                     f'{", ".join(NK_WIDEN_CHOICES)}')
+  return widen
+
+
 def _widen_int8(q):
   """int8 [r, c] -> float32 values."""
-  if NK_WIDEN == 'convert':
+  if nk_widen('int8') == 'convert':
     return q.astype(jnp.float32)
   bits = (q.astype(jnp.int32) & 0xFF) ^ 0x4B000080  # 2^23's bits with v + 128 in the mantissa
   return lax.bitcast_convert_type(bits, jnp.float32) - (_TWO_23 + 128.0)
@@ -492,7 +507,7 @@ def _widen_int8(q):
 
 def _widen_nibbles(packed):
   """uint8 [r, c] -> (low, high) float32 values in [-8, 7]."""
-  if NK_WIDEN == 'convert':
+  if nk_widen('int4') == 'convert':
     low, high = _nibbles(packed)
     return low.astype(jnp.float32), high.astype(jnp.float32)
   p = packed.astype(jnp.int32)  # zero-extended
@@ -615,7 +630,7 @@ def int8_gemv_nk_many(x_row, qs, scales, *, bn: int, bk: int, interpret: bool = 
     check_gemv_nk_tiling('int8', k, width, bn=bn, bk=bk)
   tiles = tuple(width // bn for width in widths)
   out_shapes = [(width, 1) for width in widths]
-  words = NK_WIDEN == 'words' and bk % 4 == 0
+  words = nk_widen('int8') == 'words' and bk % 4 == 0
   if words:  # free views of the rows as 32-bit words (little-endian: entry 4 m + j is byte j)
     qs = [lax.bitcast_convert_type(q.reshape(q.shape[0], k // 4, 4), jnp.int32) for q in qs]
   kernel = functools.partial(_int8_gemv_nk_kernel, bn=bn, width=bk // 4 if words else bk,
@@ -636,7 +651,7 @@ def int4_gemv_nk_many(x_row, packs, scales, *, bn: int, bk: int, interpret: bool
   piece = min(bk, group)
   tiles = tuple(width // bn for width in widths)
   out_shapes = [(width, 1) for width in widths]
-  words = NK_WIDEN == 'words' and piece % 8 == 0
+  words = nk_widen('int4') == 'words' and piece % 8 == 0
   if words:  # free views of the packed bytes as 32-bit words (little-endian: nibble j of word m
     # is entry 8 m + j), and x's entries in that order, scaled
     views = [lax.bitcast_convert_type(p.reshape(p.shape[0], k // 8, 4), jnp.int32).reshape(
