@@ -1,8 +1,8 @@
-"""Batch-1 decoding of one model stored in bf16, int8 and int4, each quantized product through the
-Triton kernel and through XLA's dequantize-and-matmul, in one process.
+"""Batch-1 (or --batch) decoding of one model stored in bf16, int8 and int4, each quantized product
+through the Triton kernel and through XLA's dequantize-and-matmul, in one process.
 
     python experiments/quantized_matmul/decode.py [--config=configs/gpt_1b.py] [--context=1024]
-        [--steps=64] [--repeats=5]
+        [--steps=64] [--repeats=5] [--batch=1]
         [--variants=bf16,int8:xla,int8:triton,int8:triton:unfused,int8:triton:gemv,
                     int4:triton:dot,...]
         [--out=DIR] [--set model.num_layers=2 ...] [--profile_dir=DIR]
@@ -18,7 +18,9 @@ weight, the path before that. A single row takes the GEMV kernels for the kinds 
 names (int4 by default) and the dot kernels otherwise; '<kind>:triton:gemv' and
 '<kind>:triton:dot' choose (fused either way); '<kind>:triton:nk' stores every quantized weight
 output-major for decoding (infer.qmm_output_major) so a single row takes the output-major GEMV
-kernels, one launch per product group with its final output and no split-K sum. Timing is
+kernels, one launch per product group with its final output and no split-K sum. With --batch
+above 1 every step multiplies that many rows: the kernels take up to 64 rows (the dot kernels;
+the GEMV kernels only one), and output-major weights multiply through XLA. Timing is
 effjax.bench.decode.time_decode: the caches hold
 context + steps positions, one jitted loop of `steps` single-token steps, the median of
 `repeats` loops after a warm-up. Writes decode_qmm.json / .md to --out (suffixed if taken, never
@@ -47,6 +49,7 @@ def main():
   parser.add_argument('--context', type=int, default=1024)
   parser.add_argument('--steps', type=int, default=64)
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--batch', type=int, default=1, help='sequences decoded together')
   parser.add_argument('--variants', default='bf16,int8:xla,int8:triton,int8:triton:unfused,'
                       'int4:xla,int4:triton,int4:triton:unfused')
   parser.add_argument('--out', default='/tmp/effjax_qmm_decode')
@@ -56,6 +59,8 @@ def main():
   parser.add_argument('--profile_dir', default='', help='trace one loop of each variant here '
                       '(a subfolder each) and print its device time per kernel')
   args = parser.parse_args()
+  if args.batch < 1:
+    parser.error(f'--batch={args.batch}: must be at least 1')
 
   from flax import nnx
 
@@ -88,7 +93,7 @@ def main():
     del model
     try:
       row.update(decode_bench.time_decode(graphdef, params, args.context, steps=args.steps,
-                                          batch=1, repeats=args.repeats,
+                                          batch=args.batch, repeats=args.repeats,
                                           output_major=w_lib.parse_names(args.output_major),
                                           qmm_output_major=(kind,) if mode == 'nk' else (),
                                           profile_dir=(os.path.join(args.profile_dir,
@@ -106,12 +111,13 @@ def main():
     if base and r.get('tokens_per_s'):
       r['speedup_vs_bf16'] = r['tokens_per_s'] / base['tokens_per_s']
   env = {**results.environment(), 'command': 'python ' + ' '.join(sys.argv),
-         'context': args.context, 'steps': args.steps, 'config': args.config, 'set': args.set}
+         'context': args.context, 'steps': args.steps, 'batch': args.batch, 'config': args.config,
+         'set': args.set}
   columns = (('variant', 'variant', ''), ('bytes_read', 'bytes read per token', ''),
              ('ms_per_step', 'ms / step', '.3f'), ('tokens_per_s', 'tokens/s', '.0f'),
              ('speedup_vs_bf16', 'vs bf16', '.2f'), ('error', 'error', ''))
   _, md_path = results.write(args.out, 'decode_qmm', env, rows, columns,
-                             f'Batch-1 decoding, {args.config}, context {args.context}')
+                             f'Batch-{args.batch} decoding, {args.config}, context {args.context}')
   print(open(md_path, encoding='utf-8').read())
 
 
