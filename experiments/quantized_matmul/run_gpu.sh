@@ -54,6 +54,37 @@ tune_gemv_int4() { python3 -m effjax.bench kernels --op=qmm --grid=tune --impls=
                    --out="$RES" --name=kernels_qmm_tune_gemv_int4 $CACHE --repeats=6 \
                    --profile_dir="$RES/tune_gemv_int4_profile"; }
 
+# Output-major weights (infer.qmm_output_major) at batch 1 and 16 against bf16 and the [K, N]
+# kernels, one process per batch size: the batch-1 comparison with int4 reading 32-bit words in
+# one run, and batched decoding of the transposed weights (XLA above one row), which the
+# option's default waits for.
+nk_batched() {
+  for b in 1 16; do
+    python3 experiments/quantized_matmul/decode.py --repeats=3 --batch=$b --out="$RES/decode_nk_b$b" \
+      --variants=bf16,int4:triton:gemv,int4:triton:nk,int8:triton,int8:triton:nk
+  done
+}
+# The optimized HLO of the int4 output-major decode loop: does XLA keep the weights' view as
+# 32-bit words a bitcast (no copy), and where does the scaling of x land? Prints the loop
+# module's s32 copies / converts and the fusions around the kernel's custom calls.
+nk_hlo() {
+  XLA_FLAGS="--xla_dump_to=$RES/hlo_nk --xla_dump_hlo_as_text" \
+    python3 experiments/quantized_matmul/decode.py --repeats=1 --steps=8 --out="$RES/decode_nk_hlo" \
+    --variants=int4:triton:nk
+  python3 - "$RES/hlo_nk" <<'PY'
+import glob, re, sys
+files = [f for f in glob.glob(sys.argv[1] + '/*after_optimizations.txt')
+         if 'int4_gemv_nk' in open(f, errors='replace').read()]
+for path in files:
+  text = open(path, errors='replace').read()
+  print(path.rsplit('/', 1)[-1], len(text), 'chars')
+  for line in text.splitlines():
+    if re.search(r's32\[\d+,\d+.*\b(copy|bitcast-convert|convert)\(', line) or (
+        'custom-call' in line and 'gemv_nk' in line):
+      print('  ' + line.strip()[:240])
+PY
+}
+
 steps=("$@")
 if [ "${steps[0]:-all}" = all ]; then steps=(check kernels_int8 kernels_int4 decode); fi
 for step in "${steps[@]}"; do
