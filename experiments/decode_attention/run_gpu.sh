@@ -2,7 +2,8 @@
 # The decode-attention kernel on one GPU and what it does to decoding; results go to $RES (packed
 # into $OUT/results.tgz after each step, so a run cut short returns what it finished).
 #   bash experiments/decode_attention/run_gpu.sh STEP [STEP ...]
-#   steps: kernels decode_b1 profile_b1 decode_b16 qmm layout levers   ('all' = every one, in order)
+#   steps: kernels decode_b1 profile_b1 decode_b16 qmm layout levers gemm_lever
+#   ('all' = every one but gemm_lever, in order)
 set -u
 OUT=${OUT:-/tmp/effjax_decode_out}
 RES=${RES:-/tmp/effjax_decode_results}
@@ -68,6 +69,18 @@ levers() {
     --xla_gpu_graph_min_graph_size=1" \
     $DECODE --contexts=1024 --decode_batch=1 --name=levers_graph_while
   grep "^| plain" "$RES"/levers_*.md
+}
+# The one-row products through cuBLAS instead of XLA's Triton GEMMs (gate/up ran as 88 tiles of
+# 8 x 128 for 132 SMs at 2.85 TB/s in the H200 trace): the default, then the same with Triton
+# GEMMs off, then that again with gate/up/down also stored output-major; batch 1, 1k and 8k.
+gemm_lever() {
+  $DECODE --contexts=1024,8192 --decode_batch=1 --name=lever_default
+  XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
+    $DECODE --contexts=1024,8192 --decode_batch=1 --name=lever_cublas
+  XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
+    $DECODE --contexts=1024,8192 --decode_batch=1 --name=lever_cublas_mlp_major \
+    --config.infer.output_major=wo,w_gate,w_up,w_down
+  grep "^| plain" "$RES"/lever_*.md
 }
 
 steps=("$@")
