@@ -13,7 +13,9 @@ program count. With --nk every quantized weight is stored output-major for decod
 (infer.qmm_output_major) and a setting is BN:BK, the output-major GEMV kernels' row tile and K
 step for that kind (DEFAULT_GEMV_NK_BN, DEFAULT_GEMV_NK_BK; no split) with the kind's default
 widening (gpu.DEFAULT_NK_WIDEN: int8 'magic', int4 'words'), or BN:BK:WIDEN with WIDEN 'magic',
-'convert' or 'words' (gpu.NK_WIDEN: how the integers become floats). For each kind and
+'convert' or 'words' (gpu.NK_WIDEN: how the integers become floats); a suffix @K applies the
+row tile and K step to the products of input width K only (DEFAULT_GEMV_NK_BY_K; the widening
+still to all), e.g. 4:512@5632 for gpt_1b's down projection. For each kind and
 setting the model (random weights) is quantized
 once and its batch-1 decode loop compiled and timed with the constants set, as decode.py times
 it, so the figure includes everything around the kernel (launches, padding, split-K sums). The
@@ -71,6 +73,17 @@ def parse_setting(text: str, gemv: bool, nk: bool = False) -> tuple[int, int, in
                      ' with whole numbers') from None
 
 
+def parse_width(text: str, nk: bool) -> int | None:
+  """The K of a setting's '@K' suffix (--nk only), or None without one."""
+  if '@' not in text:
+    return None
+  width = text.partition('@')[2]
+  if not nk or not width.isdigit() or int(width) < 1:
+    raise SystemExit(f'--settings: {text!r}: a suffix @K (K a whole number >= 1, the input '
+                     'width whose products take the setting) is for --nk only')
+  return int(width)
+
+
 def steps_tiling(qmm, steps: int):
   """A stand-in for qmm.default_gemv_tiling choosing split from steps per program."""
   original = qmm.default_gemv_tiling
@@ -118,12 +131,14 @@ def main():
     raise SystemExit('--gemv and --nk tune different kernels: give one')
   text = args.settings or (DEFAULT_NK_SETTINGS if args.nk else
                            DEFAULT_GEMV_SETTINGS if args.gemv else DEFAULT_SETTINGS)
-  settings = [parse_setting(s, args.gemv, args.nk) for s in text.split(',')]
+  settings = [(*parse_setting(s.partition('@')[0], args.gemv, args.nk), parse_width(s, args.nk))
+              for s in text.split(',')]
   names = (('DEFAULT_GEMV_NK_BN', 'DEFAULT_GEMV_NK_BK', None, 'default_gemv_nk_tiling')
            if args.nk else
            ('DEFAULT_GEMV_BN', 'DEFAULT_GEMV_BK', 'TARGET_GEMV_PROGRAMS', 'default_gemv_tiling')
            if args.gemv else ('DEFAULT_BN', 'DEFAULT_BK', 'TARGET_PROGRAMS', 'default_tiling'))
-  defaults = {name: getattr(qmm, name) for name in names if name}
+  defaults = {name: getattr(qmm, name) for name in names + (('DEFAULT_GEMV_NK_BY_K',)
+                                                             if args.nk else ()) if name}
   defaults = {name: dict(v) if isinstance(v, dict) else v for name, v in defaults.items()}
   rows = []
 
@@ -168,12 +183,16 @@ def main():
     graphdef, params = nnx.split(model)
     params = compress_run.decode_params(params, c.model.compute_dtype)
     del model
-    for bn, bk, target in settings:
+    for bn, bk, target, width in settings:
       row = {'kind': kind, 'setting': ':'.join(str(v) for v in (bn, bk, target)
-                                                if v is not None)}
-      getattr(qmm, names[1]).update({kind: bk})
+                                                if v is not None) + (f'@{width}' if width else '')}
+      if width:  # this input width only; the kind's limits stay
+        qmm.DEFAULT_GEMV_NK_BY_K[(kind, width)] = (bn, bk)
+      else:
+        getattr(qmm, names[1]).update({kind: bk})
       if args.nk:  # no split to choose; the third field is the widening
-        getattr(qmm, names[0]).update({kind: bn})
+        if not width:
+          getattr(qmm, names[0]).update({kind: bn})
         gpu.NK_WIDEN = target or widen_default
       else:
         setattr(qmm, names[0], bn)

@@ -723,6 +723,20 @@ def test_tune_decode_nk_settings():
   for bad in ('8:512:1', '8', 'a:512', '0:512', '8:512:fast'):
     with pytest.raises(SystemExit, match='is not BN:BK or BN:BK:WIDEN'):
       td.parse_setting(bad, False, nk=True)
+  assert td.parse_width('4:512@5632', nk=True) == 5632 and td.parse_width('4:512', True) is None
+  for bad, nk in (('4:512@', True), ('4:512@x', True), ('4:512@0', True), ('8:64:512@2048', False)):
+    with pytest.raises(SystemExit, match='a suffix @K'):
+      td.parse_width(bad, nk)
+
+
+def test_gemv_output_major_tiling_per_k(monkeypatch):
+  """DEFAULT_GEMV_NK_BY_K replaces the kind's row tile and K step limits for its K only."""
+  monkeypatch.setattr(qm, 'DEFAULT_GEMV_NK_BY_K', {('int8', 5632): (4, 256)})
+  assert qm.default_gemv_nk_tiling('int8', 5632, 2048) == (4, 256, 1)
+  assert qm.default_gemv_nk_tiling('int8', 2048, 2048) == (
+      qm.DEFAULT_GEMV_NK_BN['int8'], qm.DEFAULT_GEMV_NK_BK['int8'], 1)
+  assert qm.default_gemv_nk_tiling('int4', 5632, 2048, 128)[:2] == (
+      qm.DEFAULT_GEMV_NK_BN['int4'], min(qm.DEFAULT_GEMV_NK_BK['int4'], 512))
 
 
 def test_output_major_default_widening_per_kind(monkeypatch):

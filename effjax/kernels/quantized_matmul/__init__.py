@@ -210,6 +210,10 @@ def default_gemv_tiling(kind: str, k: int, n, group: int | None = None) -> tuple
 # at 8 x 256, all with words; with bytes 4 x 1024 had been best (one H200).
 DEFAULT_GEMV_NK_BN = {'int8': 8, 'int4': 8}
 DEFAULT_GEMV_NK_BK = {'int8': 512, 'int4': 512}
+# Per-K replacements of the two limits above, (kind, K) -> (bn, bk), for products whose input
+# width tunes differently (gpt_1b's down projection has K = 5632, its other products 2048).
+# Empty: every K takes the kind's limits. tune_decode.py --nk sweeps entries (BN:BK@K).
+DEFAULT_GEMV_NK_BY_K: dict[tuple[str, int], tuple[int, int]] = {}
 
 
 def _nk_unsupported(kind: str, k: int, group: int | None) -> str | None:
@@ -224,7 +228,8 @@ def _nk_unsupported(kind: str, k: int, group: int | None) -> str | None:
 
 def default_gemv_nk_tiling(kind: str, k: int, n, group: int | None = None) -> tuple[int, int, int]:
   """(bn, bk, 1) for the output-major GEMV kernels: the largest power-of-two row tile up to
-  DEFAULT_GEMV_NK_BN dividing every N and the largest K step up to DEFAULT_GEMV_NK_BK (int4:
+  DEFAULT_GEMV_NK_BN dividing every N and the largest K step up to DEFAULT_GEMV_NK_BK (both
+  replaced by DEFAULT_GEMV_NK_BY_K's entry for (kind, K) if there is one; int4:
   dividing or divided by the group) whose accumulator fits; no split."""
   from effjax.kernels.quantized_matmul import gpu
   reason = _nk_unsupported(kind, k, group)
@@ -232,9 +237,11 @@ def default_gemv_nk_tiling(kind: str, k: int, n, group: int | None = None) -> tu
     raise ValueError(f'the quantized output-major GEMV kernel cannot tile these shapes: {reason}')
   widths = _widths(n)
   common = math.gcd(*widths)
-  bn = min(common & -common, DEFAULT_GEMV_NK_BN[kind])
+  bn_max, bk_max = DEFAULT_GEMV_NK_BY_K.get((kind, k),
+                                            (DEFAULT_GEMV_NK_BN[kind], DEFAULT_GEMV_NK_BK[kind]))
+  bn = min(common & -common, bn_max)
   steps = _k_steps(kind, k, group, gemv=True)
-  bk = next((t for t in steps if t <= DEFAULT_GEMV_NK_BK[kind]), steps[-1])
+  bk = next((t for t in steps if t <= bk_max), steps[-1])
   cols = bk if kind == 'int8' else bk // 2
   while bn * cols > gpu.MAX_GEMV_TILE and bn > 1:
     bn //= 2
