@@ -64,6 +64,13 @@ nk_batched() {
       --variants=bf16,int4:triton:gemv,int4:triton:nk,int8:triton,int8:triton:nk
   done
 }
+# The output-major tiles per input width: the down projection (K = 5632, 256 programs at a row
+# tile of 8; int8 read 1.2 TB/s there in the H100 trace) swept alone, and int8's conversion
+# instruction against its bytes widening.
+nk_tiles() {
+  python3 experiments/quantized_matmul/tune_decode.py --nk --kinds=int8,int4 --repeats=3 \
+    --out="$RES" --settings=8:512,4:512@5632,2:512@5632,4:256@5632,16:256@5632,8:512:convert
+}
 # The optimized HLO of the int4 output-major decode loop: does XLA keep the weights' view as
 # 32-bit words a bitcast (no copy), and where does the scaling of x land? Prints the loop
 # module's s32 copies / converts and the fusions around the kernel's custom calls.
