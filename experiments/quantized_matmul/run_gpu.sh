@@ -65,8 +65,9 @@ nk_batched() {
   done
 }
 # The output-major tiles per input width: the down projection (K = 5632, 256 programs at a row
-# tile of 8; int8 read 1.2 TB/s there in the H100 trace) swept alone, and int8's conversion
-# instruction against its bytes widening.
+# tile of 8; about 1.2 TB/s for int8 in the H100 trace of results/h100_2026_12_07_nk, taking the
+# kernel names in the layer's order) swept alone, and int8's conversion instruction against its
+# bytes widening.
 nk_tiles() {
   python3 experiments/quantized_matmul/tune_decode.py --nk --kinds=int8,int4 --repeats=3 \
     --out="$RES" --settings=8:512,4:512@5632,2:512@5632,4:256@5632,16:256@5632,8:512:convert
