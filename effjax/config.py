@@ -22,6 +22,7 @@ import ml_collections
 from configs import base as base_config
 from effjax.data.tokenizers import ByteTokenizer
 from effjax.kernels.decode_attention import BACKENDS as DECODE_ATTENTION_BACKENDS
+from effjax.kernels.quantized_matmul import KINDS as QMM_KINDS
 from effjax.kernels.quantized_matmul import QMM_BACKENDS
 from effjax.models import attention, early_exit, linear_attention, moe, remat
 from effjax.models import lm as _lm  # noqa: F401  (registers the layer parts)
@@ -448,9 +449,9 @@ def _check_compress(config) -> None:
                       f"{jax.default_backend()}; use 'auto' or 'xla'")
   for field, kinds in (('compress.qmm_gemv', cp.qmm_gemv),
                        ('infer.qmm_output_major', config.infer.qmm_output_major)):
-    if any(n.strip() not in ('int8', 'int4') for n in kinds.split(',') if n.strip()):
-      raise ConfigError(f"{field}={kinds!r}: allowed are the kinds 'int8' and 'int4', "
-                        "comma-separated, or '' (none)")
+    if any(n.strip() not in QMM_KINDS for n in kinds.split(',') if n.strip()):
+      raise ConfigError(f"{field}={kinds!r}: allowed are the kinds "
+                        f"{' and '.join(repr(k) for k in QMM_KINDS)}, comma-separated, or '' (none)")
   if cp.qmm_backend == 'triton' and jax.default_backend() != 'gpu' and not cp.qmm_interpret:
     raise ConfigError(f"compress.qmm_backend='triton': needs a GPU but the backend is "
                       f"{jax.default_backend()}; use 'auto', 'xla' or "
