@@ -76,13 +76,18 @@ nk_tiles() {
 # 32-bit words a bitcast (no copy), and where does the scaling of x land? Prints the loop
 # module's s32 copies / converts and the fusions around the kernel's custom calls.
 nk_hlo() {
-  XLA_FLAGS="--xla_dump_to=$RES/hlo_nk --xla_dump_hlo_as_text" \
+  local dump=/tmp/effjax_hlo_nk
+  rm -rf "$dump"
+  XLA_FLAGS="--xla_dump_to=$dump --xla_dump_hlo_as_text" \
     python3 experiments/quantized_matmul/decode.py --repeats=1 --steps=8 --out="$RES/decode_nk_hlo" \
     --variants=int4:triton:nk
-  python3 - "$RES/hlo_nk" <<'PY'
-import glob, re, sys
+  python3 - "$dump" "$RES" <<'PY'
+import glob, gzip, re, shutil, sys
 files = [f for f in glob.glob(sys.argv[1] + '/*after_optimizations.txt')
          if 'int4_gemv_nk' in open(f, errors='replace').read()]
+for path in files:  # the modules holding the kernel, kept (compressed) beside the results
+  with open(path, 'rb') as src, gzip.open(sys.argv[2] + '/' + path.rsplit('/', 1)[-1] + '.gz', 'wb') as dst:
+    shutil.copyfileobj(src, dst)
 for path in files:
   text = open(path, errors='replace').read()
   print(path.rsplit('/', 1)[-1], len(text), 'chars')
