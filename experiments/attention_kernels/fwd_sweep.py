@@ -1,16 +1,25 @@
-"""On a Hopper GPU: the Mosaic GPU forward's key tile and ring depth, against cuDNN, causal.
+"""On a Hopper GPU: the Mosaic GPU forward's key tile and ring depth, or its main-loop variants,
+against cuDNN, causal.
 
-    python experiments/attention_kernels/fwd_sweep.py [--out=FILE] [--shapes=0,2]
+    python experiments/attention_kernels/fwd_sweep.py [--out=FILE] [--shapes=0,2] [--variants]
 
 Per shape (the targets' D 64 and D 128 rows at S 4k and 16k): cuDNN's forward, then
 mosaic_gpu.fwd at block_k 64 / 128 / 256 and ring depths 2-4 (those that fit in shared memory;
 the default marked), and the default tiling once more with the softmax scale applied as a
-separate multiply (mosaic_gpu.FOLD_SCALE off). Each is checked against cuDNN's output (max
-|diff| at most TOLERANCE) before it is timed. Times are medians of 40 synchronised calls
-rotating over 4 input sets (effjax.bench's timing loop); TFLOP/s count the causal half.
+separate multiply (mosaic_gpu.FOLD_SCALE off).
+
+--variants instead times, at the default tiling, the forward as committed, each main-loop
+variant of mosaic_gpu.FWD_VARIANTS alone (EFFJAX_MOSAIC_GPU_FWD), all of them together, and the
+committed forward once more (to show the drift within the run), with tokamax's Mosaic GPU
+attention beside cuDNN when tokamax imports.
+
+Each row is checked against cuDNN's output (max |diff| at most TOLERANCE) before it is timed.
+Times are medians of 40 synchronised calls rotating over 4 input sets (effjax.bench's timing
+loop); TFLOP/s count the causal half.
 """
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
@@ -36,15 +45,71 @@ def _timed(fn, sets, repeats=10):
   return float(np.median(seconds)) * 1e3
 
 
+def _row(head, name, fn, sets, ref, base, flops):
+  """One timed row, checked against cuDNN's output first (an error is a row too)."""
+  try:
+    err = float(np.abs(np.asarray(jax.jit(fn)(*sets[0]), np.float32) - ref).max())
+    if not err <= TOLERANCE:
+      raise ValueError(f'max |diff| {err:.1e} from cuDNN, above {TOLERANCE}')
+    ms = _timed(fn, sets)
+    line = (f'{head} {name}: {ms:.3f} ms {flops / ms / 1e9:.1f} TFLOP/s, {base / ms:.3f}x cuDNN, '
+            f'max |diff| {err:.1e}')
+  except Exception as e:  # noqa: BLE001
+    line = f'{head} {name}: ERROR {str(e).splitlines()[0][:160]}'
+  print(line, flush=True)
+  return line
+
+
+def variants(shapes):
+  """Rows of the --variants sweep (module doc)."""
+  lines = []
+  runs = [('committed', '')] + [(v, v) for v in mg.FWD_VARIANTS] + [
+      ('all variants', ','.join(mg.FWD_VARIANTS)), ('committed again', '')]
+  tokamax = kb.tokamax_missing() is None
+  if not tokamax:
+    lines.append(f'no tokamax rows: {kb.tokamax_missing()}')
+    print(lines[-1], flush=True)
+  for b, s, h, d in shapes:
+    keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3 * CALLS)
+    sets = [tuple(jax.random.normal(keys[3 * i + j], (b, s, h, d), jnp.bfloat16)
+                  for j in range(3)) for i in range(CALLS)]
+    flops = 4 * b * s * s * h * d / 2
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                          implementation='cudnn')
+    ref = np.asarray(jax.jit(cudnn)(*sets[0]), np.float32)
+    base = _timed(cudnn, sets)
+    head = f'B{b} S{s} H{h} D{d}'
+    lines.append(f'{head} cudnn: {base:.3f} ms {flops / base / 1e9:.1f} TFLOP/s')
+    print(lines[-1], flush=True)
+    if tokamax:
+      lines.append(_row(head, 'tokamax mosaic', lambda q, k, v: kb.import_tokamax(
+          ).dot_product_attention(q, k, v, is_causal=True, implementation='mosaic'),
+          sets, ref, base, flops))
+    block_k = mg.default_blocks(d)[1]
+    blocks = computed_blocks(s, mg.BLOCK_Q, block_k, causal=True)
+    for name, setting in runs:
+      os.environ['EFFJAX_MOSAIC_GPU_FWD'] = setting  # read when a new function is traced
+      fwd = lambda q, k, v: mg.fwd(q, k, v, None, causal=True, window=None, blocks=blocks,
+                                   scale=d ** -0.5, block_q=mg.BLOCK_Q, block_k=block_k)[0]
+      lines.append(_row(head, f'effjax mosaic_gpu, {name}', fwd, sets, ref, base, flops))
+    os.environ.pop('EFFJAX_MOSAIC_GPU_FWD')
+  return lines
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--out', default=None)
   parser.add_argument('--shapes', default='all',
                       help="'all' or indices into SHAPES, comma-separated (0,2: the S 4k rows)")
+  parser.add_argument('--variants', action='store_true',
+                      help='time the main-loop variants at the default tiling instead')
   args = parser.parse_args()
   shapes = SHAPES if args.shapes == 'all' else [SHAPES[int(i)] for i in args.shapes.split(',')]
   lines = [f'{jax.devices()[0].device_kind}, JAX {jax.__version__}']
   print(lines[0], flush=True)
+  if args.variants:
+    lines += variants(shapes)
+    shapes = ()
   for b, s, h, d in shapes:
     keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3 * CALLS)
     sets = [tuple(jax.random.normal(keys[3 * i + j], (b, s, h, d), jnp.bfloat16)

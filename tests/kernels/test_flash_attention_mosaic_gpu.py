@@ -146,6 +146,62 @@ def test_interpreted_kernel_matches_reference(case, d, hq, hkv, block_k):
   assert out.dtype == q.dtype and lse.shape == (1, hq, s) and lse.dtype == jnp.float32
 
 
+_ALL_FWD_VARIANTS = ','.join(mosaic_gpu.FWD_VARIANTS)
+
+
+@needs_interpreter
+@pytest.mark.parametrize('variants,case,d,hq,hkv,block_k', [
+    ('named_schedule', 'causal', 64, 2, 1, 64),
+    ('named_schedule', 'bigbird', 64, 2, 1, 64),
+    (_ALL_FWD_VARIANTS, 'causal', 128, 1, 1, 128),
+    (_ALL_FWD_VARIANTS, 'segments', 64, 2, 2, 64),
+    (_ALL_FWD_VARIANTS, 'window_bidirectional', 64, 1, 1, 128),
+    ('wait_k_in_pv,order_softmax', 'empty_blocks', 64, 1, 1, 64)])
+def test_interpreted_forward_variants_match_reference(variants, case, d, hq, hkv, block_k,
+                                                      monkeypatch):
+  """The main-loop variants (EFFJAX_MOSAIC_GPU_FWD): the interpreter runs their named barriers
+  (a protocol with a signal missing hangs it) and the result equals the reference."""
+  monkeypatch.setenv('EFFJAX_MOSAIC_GPU_FWD', variants)
+  test_interpreted_kernel_matches_reference(case, d, hq, hkv, block_k)
+
+
+def test_forward_variants_lower_with_named_barriers(monkeypatch):
+  """named_schedule puts bar.arrive / bar.sync into the Mosaic GPU module; by default the
+  forward's schedule has no named barrier (its one bar.sync is Mosaic GPU's own)."""
+  shapes = [jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)] * 3
+  # A function of its own per setting: the switch is read when the forward is traced.
+  fn = lambda: lambda q, k, v: flash_attention(q, k, v, causal=True, backend='mosaic_gpu')
+  monkeypatch.delenv('EFFJAX_MOSAIC_GPU_FWD', raising=False)
+  default = _mosaic_module(fn(), *shapes)
+  monkeypatch.setenv('EFFJAX_MOSAIC_GPU_FWD', _ALL_FWD_VARIANTS)
+  variants = _mosaic_module(fn(), *shapes)
+  assert 'bar.arrive' not in default and 'bar.arrive' in variants
+  assert variants.count('bar.sync') > default.count('bar.sync')
+
+
+def test_forward_variant_switch_names_what_it_takes(monkeypatch):
+  monkeypatch.setenv('EFFJAX_MOSAIC_GPU_FWD', 'named_schedule, pingpong')
+  with pytest.raises(ValueError, match=r"unknown \['pingpong'\]; allowed: named_schedule, "
+                                       r"wait_k_in_pv, order_softmax"):
+    mosaic_gpu.fwd_variants()
+  monkeypatch.setenv('EFFJAX_MOSAIC_GPU_FWD', ' named_schedule,order_softmax ')
+  assert mosaic_gpu.fwd_variants() == {'named_schedule', 'order_softmax'}
+  monkeypatch.setenv('EFFJAX_MOSAIC_GPU_FWD', '')
+  assert mosaic_gpu.fwd_variants() == frozenset()
+  with pytest.raises(ValueError, match="must be 'arrive' or 'sync'"):
+    mosaic_gpu.named_barrier('wait', 4, 256)
+
+
+@pytest.mark.skipif(_JAX >= (0, 11), reason='JAX 0.11 models named barriers in its interpreter')
+def test_named_schedule_in_an_interpreter_that_cannot_run_it(monkeypatch):
+  monkeypatch.setenv('EFFJAX_MOSAIC_GPU_FWD', 'named_schedule')
+  q, k, v = _qkv(np.random.default_rng(), 1, 256, 1, 1, 64)
+  blocks = computed_blocks(256, 128, 64, causal=True)
+  with pytest.raises(NotImplementedError, match='named barriers, which this JAX version'):
+    mosaic_gpu.fwd(q, k, v, None, causal=True, window=None, blocks=blocks, scale=0.125,
+                   block_q=128, block_k=64, interpret=True)
+
+
 @needs_interpreter
 def test_interpreted_empty_rows_and_skipped_query_block():
   """A query block with no tile at all (the layout skips it) and padding rows write out = 0 and

@@ -15,7 +15,9 @@ runs three warpgroups:
     warpgroups take turns on the tensor cores through a shared "schedule" barrier, so one's
     softmax overlaps the other's matmuls (FA3's ping-pong).
 Both compute warpgroups walk the same tile list, so every barrier sees the same number of
-arrivals whatever the mask.
+arrivals whatever the mask. Three variants of this loop (FWD_VARIANTS: hardware named barriers
+for the schedule, the next k tile awaited during P V, the softmax pinned before the hand-off)
+are switched on by EFFJAX_MOSAIC_GPU_FWD; they are off by default.
 
 Tile lists. As in the Triton backend (gpu.py), `blocks` marks the [block_q, block_k] tiles with
 at least one allowed (query, key) pair and only those are visited; they come in two runs, full
@@ -66,6 +68,69 @@ assert COMPUTE_WGS * COMPUTE_REGISTERS + MEMORY_REGISTERS <= 512
 # Full tiles fold the softmax scale into exp2's argument (see fwd's step). False restores the
 # separate scaling, for experiments/attention_kernels/fwd_sweep.py to compare the two.
 FOLD_SCALE = True
+
+# Variants of the forward's main loop, off by default until a GPU run shows them faster (set
+# EFFJAX_MOSAIC_GPU_FWD to a comma-separated list of them, or '' for none; read at trace time):
+#   named_schedule  the two compute warpgroups hand the tensor cores to each other through two
+#                   hardware named barriers (bar.arrive / bar.sync) instead of an mbarrier both
+#                   arrive on and wait for: one signal and one wait a step per warpgroup, no
+#                   shared-memory atomics.
+#   wait_k_in_pv    the wait for the next k tile is issued while this tile's P V product runs
+#                   on the tensor cores, instead of at the top of the next step.
+#   order_softmax   the softmax's results (p, the rescaled accumulator, l, m) are pinned by an
+#                   optimization barrier before the warpgroup hands the tensor cores back, so
+#                   none of that arithmetic is scheduled after the hand-off.
+FWD_VARIANTS = ('named_schedule', 'wait_k_in_pv', 'order_softmax')
+_FWD_ENV = 'EFFJAX_MOSAIC_GPU_FWD'
+# Named barrier ids the forward's schedule takes: Mosaic GPU keeps 0 (the CTA barrier) and 1-3
+# (one per warpgroup of this kernel) for itself.
+_SCHEDULE_BARRIER = 4
+
+
+def fwd_variants() -> frozenset:
+  """The forward variants EFFJAX_MOSAIC_GPU_FWD turns on (FWD_VARIANTS; empty by default)."""
+  text = os.environ.get(_FWD_ENV, '')
+  chosen = frozenset(v.strip() for v in text.split(',') if v.strip())
+  unknown = sorted(chosen - set(FWD_VARIANTS))
+  if unknown:
+    raise ValueError(f'{_FWD_ENV}={text!r}: unknown {unknown}; allowed: '
+                     f'{", ".join(FWD_VARIANTS)} (comma-separated, or empty for none)')
+  return chosen
+
+
+def _ptx(text: str, *operands) -> None:
+  """One side-effecting PTX statement (operands: 32-bit registers, as $0, $1, ...)."""
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  if hasattr(mgpu_utils, 'inline_ptx'):  # JAX >= 0.11: barriers marked convergent
+    extra = {'convergent': True} if 'convergent' in inspect.signature(
+        mgpu_utils.inline_ptx).parameters else {}
+    mgpu_utils.inline_ptx(text, *operands, has_side_effects=True, **extra)
+    return
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import llvm
+  llvm.inline_asm(ir.Type.parse('!llvm.void'), list(operands), text,
+                  ','.join('r' for _ in operands), has_side_effects=True)
+
+
+def named_barrier(operation: str, barrier_id, num_threads: int) -> None:
+  """PTX bar.arrive (operation 'arrive': count this warpgroup in, do not wait) or bar.sync
+  ('sync': count in and wait) on hardware barrier `barrier_id` (a Python int or an int32 scalar
+  uniform across the warpgroup) that completes when `num_threads` threads have reached it.
+
+  The nested function's name and closure (bar_op; operation, num_threads, barrier_id) are what
+  JAX 0.11's GPU interpreter recognises to model a named barrier (interpret mode, below)."""
+  if operation not in ('arrive', 'sync'):
+    raise ValueError(f"named barrier operation {operation!r}: must be 'arrive' or 'sync'")
+  if isinstance(barrier_id, int):
+    @plgpu.inline_mgpu()
+    def bar_op(_):
+      _ptx(f'bar.{operation} {barrier_id}, {num_threads};')
+    bar_op()
+  else:
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,))
+    def bar_op(_, barrier_id):
+      _ptx(f'bar.{operation} $0, {num_threads};', barrier_id.registers[()])
+    bar_op(barrier_id)
 
 
 def default_blocks(head_dim: int) -> tuple[int, int]:
@@ -137,8 +202,11 @@ def _layout(x, to, *, interpret):
   return x if interpret is not None else plgpu.layout_cast(x, to)
 
 
-def _accumulate(acc, a, b_ref, a_staging=None):
+def _accumulate(acc, a, b_ref, a_staging=None, while_running=None):
   """acc + a @ b by wgmma, accumulating in place in the registers holding acc.
+
+  `while_running()`, if given, is called after the product is issued and before it is awaited
+  (work that overlaps the tensor cores' run).
 
   Interpret mode passes `a_staging`, an SMEM ref for `a`: the interpreter takes wgmma operands
   from shared memory only and cannot run `pl.run_state`, so there the product goes through SMEM
@@ -150,17 +218,29 @@ def _accumulate(acc, a, b_ref, a_staging=None):
 
     def product(acc_ref):
       plgpu.wgmma(acc_ref, a_staging, b_ref)
+      if while_running is not None:
+        while_running()
       return acc_ref[...]
     return acc + pl.run_scoped(product, plgpu.ACC(acc.shape, jnp.float32))
 
   def accumulate(acc_ref):
     plgpu.wgmma(acc_ref, a, b_ref)
+    if while_running is not None:
+      while_running()
 
   return pl.run_state(accumulate)(plgpu.ACC.init(acc))
 
 
-def _interpret_params(interpret):
-  """None (compile for the GPU) or the GPU interpreter's parameters (True picks defaults)."""
+# The value of the GPU interpreter's `inline_mgpu` parameter under which it models named
+# barriers (bar.arrive / bar.sync written as `named_barrier` writes them); JAX 0.11.
+_INTERPRET_NAMED_BARRIERS = '_hack_model_inline_mgpu_tokamax'
+
+
+def _interpret_params(interpret, named_barriers: bool = False):
+  """None (compile for the GPU) or the GPU interpreter's parameters (True picks defaults).
+
+  named_barriers: the kernel uses `named_barrier`, which the interpreter runs only in the mode
+  that models it (JAX 0.11's; an older interpreter is told so in one error)."""
   if not interpret:
     return None
   if interpret is not True:
@@ -168,7 +248,13 @@ def _interpret_params(interpret):
   params = getattr(plgpu, 'InterpretGPUParams', None)
   if params is None:  # JAX < 0.11 keeps it private
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
-  return params()
+  if not named_barriers:
+    return params()
+  if 'inline_mgpu' not in inspect.signature(params).parameters:
+    raise NotImplementedError(
+        f'the forward variant named_schedule ({_FWD_ENV}) uses hardware named barriers, which '
+        f'this JAX version\'s GPU interpreter cannot run (JAX 0.11 can)')
+  return params(inline_mgpu=_INTERPRET_NAMED_BARRIERS)
 
 
 def _launch(kernel, out_type, grid, grid_names, interpret):
@@ -211,7 +297,11 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
                      f'{ring // 1024} KiB of shared memory, more than the {_SMEM_BYTES // 1024} '
                      f'KiB a CTA has; use a smaller block_k')
   qk_scale = scale * _LOG2E
-  interpret = _interpret_params(interpret)
+  variants = fwd_variants()
+  named = 'named_schedule' in variants
+  wait_k_in_pv = 'wait_k_in_pv' in variants
+  order_softmax = 'order_softmax' in variants
+  interpret = _interpret_params(interpret, named_barriers=named)
 
   layout = functools.partial(_layout, interpret=interpret)
 
@@ -233,14 +323,39 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
     n_f = nfull_ref[qb]
     n_t = ntotal_ref[qb]
 
+    # Taking turns on the tensor cores. With the mbarrier `schedule` both warpgroups meet twice a
+    # step: after issuing Q K^T (sync_tensor_cores) and around the softmax's end (take_turn). With named barriers (named_schedule) warpgroup w signals the other on barrier
+    # 4 + (1 - w) after issuing Q K^T and waits on barrier 4 + w for the other's signal before
+    # its P V: each waits only for the other to have issued its own Q K^T.
+    if named:
+      def signal_other():
+        named_barrier('arrive', _SCHEDULE_BARRIER + 1 - wg, 2 * 128)
+
+      def wait_other():
+        named_barrier('sync', _SCHEDULE_BARRIER + wg, 2 * 128)
+
     def sync_tensor_cores():
-      plgpu.barrier_arrive(schedule)
-      plgpu.barrier_wait(schedule)
+      if named:
+        signal_other()
+      else:
+        plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(schedule)
+
+    def take_turn(slot):
+      """Hand the tensor cores over after the softmax and wait until they are ours again."""
+      if named:
+        plgpu.barrier_wait(v_ready.at[slot])
+        wait_other()
+      else:
+        plgpu.barrier_arrive(schedule)  # softmax done: the other warpgroup may issue
+        plgpu.barrier_wait(v_ready.at[slot])
+        plgpu.barrier_wait(schedule)  # the tensor cores are ours again
 
     def step(t, carry, masked):
       acc, m, l = carry
       slot = lax.rem(t, stages)
-      plgpu.barrier_wait(k_ready.at[slot])
+      if not wait_k_in_pv:
+        plgpu.barrier_wait(k_ready.at[slot])
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, q_tile, _transpose(k_smem.at[slot]))
@@ -270,11 +385,17 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
       l = l * alpha + p.sum(axis=1)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
       p = p.astype(dtype)
-      plgpu.barrier_arrive(schedule)  # softmax done: the other warpgroup may issue
-      plgpu.barrier_wait(v_ready.at[slot])
-      plgpu.barrier_wait(schedule)  # the tensor cores are ours again
+      if order_softmax:
+        acc, p, l, m_new = lax.optimization_barrier((acc, p, l, m_new))
+      take_turn(slot)
 
-      acc = _accumulate(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[wg])
+      def wait_next_k():  # the next step's k tile, awaited while P V runs
+        @pl.when(t + 1 < n_t)
+        def _():
+          plgpu.barrier_wait(k_ready.at[lax.rem(t + 1, stages)])
+
+      acc = _accumulate(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[wg],
+                        while_running=wait_next_k if wait_k_in_pv else None)
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m_new, l
 
@@ -282,10 +403,16 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
     m = layout(jnp.full((WG_ROWS,), _M_INIT, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     l = layout(jnp.zeros((WG_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     # Warpgroup 1 starts one turn behind so the two alternate on the tensor cores.
-    pl.when(wg == 1)(sync_tensor_cores)
+    pl.when(wg == 1)(wait_other if named else sync_tensor_cores)
+    if wait_k_in_pv:  # the first k tile; each step then awaits the next one during its P V
+      @pl.when(n_t > 0)
+      def _():
+        plgpu.barrier_wait(k_ready.at[0])
     carry = lax.fori_loop(0, n_f, functools.partial(step, masked=False), (acc, m, l))
     acc, m, l = lax.fori_loop(n_f, n_t, functools.partial(step, masked=True), carry)
-    pl.when(wg == 0)(sync_tensor_cores)
+    # Warpgroup 0 releases warpgroup 1's last wait (with named barriers: the one before its last
+    # P V, or its first if there were no tiles; every signal then has its wait).
+    pl.when(wg == 0)(signal_other if named else sync_tensor_cores)
 
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
@@ -353,7 +480,7 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
         plgpu.Barrier(num_arrivals=2 if has_segments else 1, num_barriers=COMPUTE_WGS),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+        None if named else plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # schedule
         collective_axes='wg',
     )
 
