@@ -271,6 +271,11 @@ def get_config() -> ml_collections.ConfigDict:
   # default: batched decoding of the transposed weights was not measured. See
   # experiments/quantized_matmul.
   inf.qmm_output_major = ''
+  # True: where the decode-attention kernel runs (infer.attention_kernel on GPU, the full-cache
+  # attention kinds), it also writes the new tokens' keys and values into the cache, in place,
+  # instead of two separate cache-write kernels a layer before it (decoding's engine and
+  # LM.decode's timing path). Same caches and outputs. Off by default: not yet timed on a GPU.
+  inf.cache_write_in_kernel = False
   inf.max_len = 0  # cache positions; 0 = longest prompt + generate.max_new_tokens + gamma + 1
   # early_exit: the confidence measure: 'softmax' (top-1 probability), 'margin' (top-1 minus
   # top-2 probability), 'entropy' (1 - entropy / log(vocab)), 'state' (cosine of the hidden state

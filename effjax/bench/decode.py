@@ -26,6 +26,7 @@ from flax import nnx
 
 from effjax.bench import energy
 from effjax.compress import weights as w_lib
+from effjax.models import attention
 
 COLUMNS = (
     ('context', 'context', ''),
@@ -69,7 +70,8 @@ def run(config, contexts: Sequence[int], *, steps: int, batch: int, repeats: int
     try:
       row = time_decode(graphdef, params, context, steps=steps, batch=batch, repeats=repeats,
                         output_major=w_lib.parse_names(config.infer.output_major),
-                        qmm_output_major=w_lib.parse_names(config.infer.qmm_output_major))
+                        qmm_output_major=w_lib.parse_names(config.infer.qmm_output_major),
+                        cache_write_in_kernel=config.infer.cache_write_in_kernel)
     except Exception as e:  # pylint: disable=broad-except
       from effjax.bench.kernels import first_line
       row = {'context': context, 'batch': batch, 'steps': steps, 'error': first_line(e)}
@@ -89,7 +91,8 @@ def run(config, contexts: Sequence[int], *, steps: int, batch: int, repeats: int
 def time_decode(graphdef, params, context: int, *, steps: int = 32, batch: int = 1,
                 repeats: int = 3, profile_dir: str = '',
                 output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR,
-                qmm_output_major: tuple[str, ...] = ()) -> dict[str, Any]:
+                qmm_output_major: tuple[str, ...] = (),
+                cache_write_in_kernel: bool = False) -> dict[str, Any]:
   """One row: decode tokens/s of given (random, trained or compressed) parameters.
 
   The caches hold context + steps positions and decoding starts at position `context`: one
@@ -98,12 +101,14 @@ def time_decode(graphdef, params, context: int, *, steps: int = 32, batch: int =
   profile_dir, one more loop is traced there and the row gets `profile_summary` (device time
   per kernel name). The weights named in `output_major` are stored transposed for the loop, as
   the decoding engine stores them (infer.output_major), and so are the weight-only quantized
-  weights of the kinds in `qmm_output_major` (infer.qmm_output_major).
+  weights of the kinds in `qmm_output_major` (infer.qmm_output_major). cache_write_in_kernel
+  (infer.cache_write_in_kernel): the decode-attention kernel writes the cache itself.
   """
   model = nnx.merge(graphdef, params)
-  if output_major or qmm_output_major:
-    graphdef, params = nnx.split(w_lib.output_major(model, tuple(output_major),
-                                                    quantized=tuple(qmm_output_major)))
+  if output_major or qmm_output_major or cache_write_in_kernel:
+    w_lib.output_major(model, tuple(output_major), quantized=tuple(qmm_output_major))
+    attention.set_cache_write_in_kernel(model, cache_write_in_kernel)
+    graphdef, params = nnx.split(model)
   row: dict[str, Any] = {'context': context, 'batch': batch, 'steps': steps}
   if not model.supports_cache():
     return {**row, 'error': 'a mixer of the pattern has no cached decoding'}

@@ -61,11 +61,13 @@ class Engine:
   def __init__(self, graphdef: Any, params: Any, weights_dtype: str = '',
                attention_kernel: str = 'auto', attention_interpret: bool = False,
                vocab_limit: int = 0, output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR,
-               qmm_output_major: tuple[str, ...] = ()):
+               qmm_output_major: tuple[str, ...] = (), cache_write_in_kernel: bool = False):
     model = nnx.merge(graphdef, params)  # new module objects: the caller's model is untouched
     w_lib.output_major(model, tuple(output_major), quantized=tuple(qmm_output_major))
     decode_kernel.resolve_backend(attention_kernel)  # a bad name fails here, not when traced
-    self.attention = (attention_kernel, attention_interpret)
+    # attend()'s kernel settings; cache_write_in_kernel (infer.cache_write_in_kernel): where the
+    # decode-attention kernel runs, it writes the new keys and values into the cache itself.
+    self.attention = (attention_kernel, attention_interpret, cache_write_in_kernel)
     cfg = self.cfg = model.cfg
     self.compute_dtype = jnp.dtype(cfg.compute_dtype)
     self.output_dtype = jnp.dtype(cfg.output_dtype)
@@ -296,12 +298,15 @@ def write_keys(mixer, h_b1d, slot, start_b, cache):
   return _write(cache, k, v, slot, mixer.kind == 'sliding_window')
 
 
-def attend(mixer, h_bnd, slot, start_b, cache, kernel: str = 'xla', interpret: bool = False):
+def attend(mixer, h_bnd, slot, start_b, cache, kernel: str = 'xla', interpret: bool = False,
+           write_in_kernel: bool = False):
   """n new tokens at slots slot.. attend to the cache and causally to each other.
 
   kernel: effjax.kernels.decode_attention's backend ('auto', 'triton', 'xla') for the full-cache
   kinds without a block layout; where it resolves to 'xla', and for the sliding window's ring
-  and the block-sparse layout, the masked attention below runs.
+  and the block-sparse layout, the masked attention below runs. write_in_kernel: where the
+  kernel runs, it also writes the new keys and values into the cache (one kernel instead of the
+  two cache writes and the attention).
   """
   q, k, v = _kv(mixer, h_bnd, slot, start_b)
   n = q.shape[1]
@@ -309,12 +314,17 @@ def attend(mixer, h_bnd, slot, start_b, cache, kernel: str = 'xla', interpret: b
   ring = mixer.kind == 'sliding_window'
   q_slots = slot + jnp.arange(n)
   cache_slots = jnp.arange(length)
-  new_cache = _write(cache, k, v, slot, ring)
   layout = mixer._layout(length)  # pylint: disable=protected-access
   if not ring and layout is None and decode_kernel.resolve_backend(kernel) != 'xla':
+    if write_in_kernel:
+      out, k_cache, v_cache = decode_kernel.decode_attention_write(
+          q, k, v, cache['k'], cache['v'], start_b, slot, backend=kernel, interpret=interpret)
+      return mixer._output(out), {'k': k_cache, 'v': v_cache}  # pylint: disable=protected-access
+    new_cache = _write(cache, k, v, slot, ring)
     out = decode_kernel.decode_attention(q, new_cache['k'], new_cache['v'], start_b, slot,
                                          backend=kernel, interpret=interpret)
     return mixer._output(out), new_cache  # pylint: disable=protected-access
+  new_cache = _write(cache, k, v, slot, ring)
 
   def allowed(key_slots, q_limit):  # [B, n, L] mask for keys at absolute slots key_slots
     ok = (key_slots[None, None] >= start_b[:, None, None]) & (key_slots[None] <= q_limit)[None]

@@ -192,6 +192,10 @@ class Attention(nnx.Module):
   flash op); the registered subclasses below only fix it.
   """
   kind = 'dense'
+  # decode(): on the decode-attention kernel's path, whether the kernel writes the new key and
+  # value into the cache itself (set for decoding by set_cache_write_in_kernel,
+  # infer.cache_write_in_kernel) or two dynamic_update_slice writes come first.
+  cache_write_in_kernel = False
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     prec = layers.Precision.from_config(cfg)
@@ -320,17 +324,24 @@ class Attention(nnx.Module):
     length = cache['k'].shape[1]
     ring = self.kind == 'sliding_window'
     slot = position % length if ring else position
+    kernel = (not ring and self.sparsity is None and self.backend != 'reference' and
+              decode_kernel.resolve_backend('auto') == 'triton')
+    start = jnp.zeros((b,), jnp.int32)
+    if kernel and self.cache_write_in_kernel:
+      out, k_cache, v_cache = decode_kernel.decode_attention_write(
+          q, k, v, cache['k'], cache['v'], start, position, backend='triton',
+          interpret=self.interpret)
+      return self._output(out), {'k': k_cache, 'v': v_cache}
     cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], kv.astype(cache[name].dtype),
                                                        slot, axis=1)
              for name, kv in (('k', k), ('v', v))}
-    if (not ring and self.sparsity is None and self.backend != 'reference' and
-        decode_kernel.resolve_backend('auto') == 'triton'):
+    if kernel:
       # The decode-attention kernel on GPU outside a partitioned mesh (its precision: scores
       # accumulated in float32 from the cache's dtype, probabilities in that dtype for the value
       # product, as the decoding engine does); elsewhere, and with
       # model.attention_backend='reference', the float32 masked softmax below.
-      out = decode_kernel.decode_attention(q, cache['k'], cache['v'], jnp.zeros((b,), jnp.int32),
-                                           position, backend='triton', interpret=self.interpret)
+      out = decode_kernel.decode_attention(q, cache['k'], cache['v'], start, position,
+                                           backend='triton', interpret=self.interpret)
       return self._output(out), cache
     slots = jnp.arange(length)
     # The position each slot holds: itself, or in the ring the latest p <= position with p = slot
@@ -392,6 +403,15 @@ class SlidingWindowAttention(Attention):
 class BlockSparseAttention(Attention):
   """A BigBird block layout: local band, global and random key blocks."""
   kind = 'block_sparse'
+
+
+def set_cache_write_in_kernel(model: nnx.Module, on: bool) -> nnx.Module:
+  """Every attention mixer of `model` decodes with (on) or without the decode-attention kernel
+  writing the cache itself (Attention.cache_write_in_kernel), in place; returned."""
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, Attention):
+      module.cache_write_in_kernel = bool(on)
+  return model
 
 
 def decode_attention(q_b1nh: jax.Array, k_blkh: jax.Array, v_blkh: jax.Array,

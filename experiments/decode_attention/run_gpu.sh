@@ -2,8 +2,8 @@
 # The decode-attention kernel on one GPU and what it does to decoding; results go to $RES (packed
 # into $OUT/results.tgz after each step, so a run cut short returns what it finished).
 #   bash experiments/decode_attention/run_gpu.sh STEP [STEP ...]
-#   steps: kernels decode_b1 profile_b1 decode_b16 qmm layout levers gemm_lever
-#   ('all' = every one but gemm_lever, in order)
+#   steps: kernels decode_b1 profile_b1 decode_b16 qmm layout levers gemm_lever write_in_kernel
+#   ('all' = every one but gemm_lever and write_in_kernel, in order)
 set -u
 OUT=${OUT:-/tmp/effjax_decode_out}
 RES=${RES:-/tmp/effjax_decode_results}
@@ -81,6 +81,23 @@ gemm_lever() {
     $DECODE --contexts=1024,8192 --decode_batch=1 --name=lever_cublas_mlp_major \
     --config.infer.output_major=wo,w_gate,w_up,w_down
   grep "^| plain" "$RES"/lever_*.md
+}
+
+# The decode-attention kernel writing the new keys and values into the cache itself
+# (infer.cache_write_in_kernel) against the two dynamic_update_slice writes a layer before it:
+# the engine at batch 1 and 16 over 1k and 8k, off / on / off again (the drift within the call),
+# then LM.decode's bf16 and int4 output-major steps both ways (the quantized decode's script).
+write_in_kernel() {
+  for batch in 1 16; do
+    for on in False True; do
+      $DECODE --contexts=1024,8192 --decode_batch=$batch --name=kw_b${batch}_$on \
+        --config.infer.cache_write_in_kernel=$on
+    done
+  done
+  $DECODE --contexts=1024,8192 --decode_batch=1 --name=kw_b1_False_again
+  grep "^| plain" "$RES"/kw_*.md
+  python3 experiments/quantized_matmul/decode.py --repeats=3 --out="$RES/kw_qmm" \
+    --variants=bf16,bf16+kw,int4:triton:nk,int4:triton:nk+kw
 }
 
 steps=("$@")

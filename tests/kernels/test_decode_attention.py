@@ -2,7 +2,9 @@
 loop, the Triton kernel in interpret mode against the reference on random caches (GQA, several
 new tokens, left-padded rows, cache lengths that are not whole blocks, split ranges that see
 nothing, bf16 and float32), the engine decoding through the kernel token for token like XLA, shape
-errors, backend choice, and the kernel lowered for CUDA on this CPU machine."""
+errors, backend choice, and the kernel lowered for CUDA on this CPU machine. The variant that
+writes the new keys and values into the cache itself (decode_attention_write) against writing
+then attending: the same caches bit for bit, the same outputs, in the engine and LM.decode."""
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +78,66 @@ def test_kernel_edge_cases(start, slot, n, length, tiling):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('b,n,heads,kv,d,length,dtype,tiling', [
+    (2, 1, 4, 4, 32, 70, jnp.float32, (16, 3)),       # MHA, a tail block, split
+    (3, 5, 8, 2, 64, 128, jnp.bfloat16, (32, 2)),     # GQA x 5 new tokens (a verify pass)
+    (1, 1, 16, 16, 128, 1098, jnp.bfloat16, None),    # gpt_1b's step, the default tiling
+    (2, 3, 4, 1, 16, 50, jnp.float32, (16, 4)),       # one kv head, ranges past the last slot
+])
+def test_kernel_writing_the_cache_equals_writing_then_attending(b, n, heads, kv, d, length, dtype,
+                                                                 tiling):
+  """decode_attention_write: the caches it returns equal dynamic_update_slice's bit for bit
+  (every other slot untouched), and its output the reference's on the written cache."""
+  rng = np.random.default_rng()
+  q, k, v, start, slot = _inputs(rng, b, n, heads, kv, d, length, dtype)
+  k_new, v_new = (jnp.asarray(rng.standard_normal((b, n, kv, d)), dtype) for _ in range(2))
+  want_k, want_v = da.write_cache(k, v, k_new, v_new, slot)
+  want = decode_attention_reference(q, want_k, want_v, start, slot)
+  got, got_k, got_v = jax.jit(lambda *a: da.decode_attention_write(
+      *a, backend='triton', tiling=tiling, interpret=True))(q, k_new, v_new, k, v, start,
+                                                            jnp.int32(slot))
+  np.testing.assert_array_equal(np.asarray(got_k, np.float32), np.asarray(want_k, np.float32))
+  np.testing.assert_array_equal(np.asarray(got_v, np.float32), np.asarray(want_v, np.float32))
+  assert got.shape == want.shape and got.dtype == want.dtype
+  tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             atol=tol, rtol=tol)
+  xla = da.decode_attention_write(q, k_new, v_new, k, v, start, slot, backend='xla')
+  np.testing.assert_array_equal(np.asarray(xla[1], np.float32), np.asarray(want_k, np.float32))
+  np.testing.assert_allclose(np.asarray(xla[0], np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize('start,slot,n,length,tiling', [
+    ((7, 0), 7, 1, 40, (16, 3)),     # a row whose only key is its own token (start == slot)
+    ((16, 3), 16, 2, 50, (16, 4)),   # start on a range boundary; the last range sees nothing
+    ((0, 5), 45, 5, 50, (16, 2)),    # the cache full to its last slot, a partial tail block
+    ((2, 2), 2, 3, 64, (16, 4)),     # early in a generation: three of four ranges see nothing
+    ((0, 0), 0, 2, 32, (16, 2)),     # the first tokens: nothing in the cache yet
+])
+def test_kernel_writing_the_cache_edge_cases(start, slot, n, length, tiling):
+  rng = np.random.default_rng()
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  q, k, v, k_new, v_new = f(2, n, 4, 32), f(2, length, 2, 32), f(2, length, 2, 32), \
+      f(2, n, 2, 32), f(2, n, 2, 32)
+  start = jnp.asarray(start, jnp.int32)
+  got, got_k, got_v = da.decode_attention_write(q, k_new, v_new, k, v, start, slot,
+                                                backend='triton', tiling=tiling, interpret=True)
+  want_k, want_v = da.write_cache(k, v, k_new, v_new, slot)
+  want = decode_attention_reference(q, want_k, want_v, start, slot)
+  np.testing.assert_array_equal(got_k, want_k)
+  np.testing.assert_array_equal(got_v, want_v)
+  assert np.all(np.isfinite(np.asarray(got)))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_writing_the_cache_rejects_new_keys_of_the_wrong_shape():
+  q, k = jnp.ones((2, 1, 4, 32)), jnp.ones((2, 40, 2, 32))
+  with pytest.raises(ValueError, match=r'new keys and values must be \[B, n, Hkv, D\] = '
+                                       r'\(2, 1, 2, 32\); got \(2, 2, 2, 32\)'):
+    da.decode_attention_write(q, jnp.ones((2, 2, 2, 32)), jnp.ones((2, 2, 2, 32)), k, k,
+                              jnp.zeros(2, jnp.int32), 3, backend='triton', interpret=True)
+
+
 def test_default_tiling_splits_a_batch_one_cache_over_the_gpu():
   assert da.default_tiling(1, 16, 1098) == (64, 9)  # 144 programs, two blocks or more each
   assert da.default_tiling(16, 16, 8256) == (64, 1)  # 256 programs already
@@ -127,6 +189,16 @@ def test_engine_decodes_through_the_kernel_like_xla():
   xla = run('plain', 'xla')
   assert run('plain', 'triton') == xla
   assert run('speculative', 'triton') == xla
+  # The kernel writing the cache itself (infer.cache_write_in_kernel): the same tokens.
+  options = gen.Options(method='speculative', max_new_tokens=8, sampler=Sampler(vocab_limit=259),
+                        gamma=3, attention_kernel='triton', attention_interpret=True,
+                        cache_write_in_kernel=True)
+  calls = []
+  real = da.decode_attention_write
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(da, 'decode_attention_write', lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert gen.Decoder(*target, options, draft=draft).generate(prompts).tokens == xla
+  assert calls  # traced through the writing kernel
 
 
 def test_kernel_lowers_to_a_valid_triton_module(monkeypatch, capfd):
@@ -141,24 +213,41 @@ def test_kernel_lowers_to_a_valid_triton_module(monkeypatch, capfd):
     assert_verified(dump, 1)
 
 
+def test_kernel_writing_the_cache_lowers_to_a_valid_triton_module(monkeypatch, capfd):
+  from effjax.kernels.decode_attention import gpu
+  from tests.kernels.triton_lowering import assert_verified, triton_dump
+  s = jax.ShapeDtypeStruct
+  fn = lambda q, kn, vn, k, v, start, slot: da.decode_attention_write(
+      q, kn, vn, k, v, start, slot, backend='triton')
+  for n, length in ((1, 1098), (5, 1024)):  # a step with a tail block; a verify pass
+    kv, new = s((2, length, 4, 128), jnp.bfloat16), s((2, n, 4, 128), jnp.bfloat16)
+    dump = triton_dump(monkeypatch, capfd, gpu, fn, s((2, n, 16, 128), jnp.bfloat16), new, new,
+                       kv, kv, s((2,), jnp.int32), s((), jnp.int32))
+    assert_verified(dump, 1)
+
+
 def test_model_decode_step_through_the_kernel_equals_the_masked_path(monkeypatch):
   """LM.decode (the path of bench decode and --mode=compress's reports): the full-cache kinds
   take the kernel when 'auto' resolves to it (a GPU, here pretended, the kernel interpreted);
   the logits equal those of model.attention_backend='reference' (the masked softmax)."""
   from flax import nnx
 
+  from effjax.models import attention
   from effjax.models import lm as lm_lib
   from tests.helpers import tiny_config
 
   prompt = jnp.asarray(np.random.default_rng().integers(3, 259, (2, 9)), jnp.int32)
 
-  def logits(backend):
+  def logits_and_cache(backend, write_in_kernel=False):
     config = tiny_config(pattern='attention:mlp, flash:mlp', d_model=256, num_heads=4,
                          num_kv_heads=2, attention_backend=backend, attention_interpret=True,
                          init_std=0.1)
     model = lm_lib.LM(config.model, rngs=nnx.Rngs(0))
+    attention.set_cache_write_in_kernel(model, write_in_kernel)
     _, cache = model.prefill(prompt, model.init_cache(2, 16))
-    return model.decode(prompt[:, -1], 9, cache)[0]
+    return model.decode(prompt[:, -1], 9, cache)
+
+  logits = lambda backend: logits_and_cache(backend)[0]
 
   want = logits('reference')
   calls = []
@@ -168,3 +257,15 @@ def test_model_decode_step_through_the_kernel_equals_the_masked_path(monkeypatch
   got = logits('triton')
   assert len(calls) == 2  # both layers
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  # The kernel writing the cache itself (set_cache_write_in_kernel, as time_decode sets it for
+  # infer.cache_write_in_kernel): the same logits and the same caches.
+  written = []
+  real_write = da.decode_attention_write
+  monkeypatch.setattr(da, 'decode_attention_write',
+                      lambda *a, **k: written.append(1) or real_write(*a, **k))
+  got_w, want_w = (logits_and_cache('triton', on) for on in (True, False))
+  assert len(written) == 2
+  np.testing.assert_allclose(got_w[0], want, atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_w[1]), jax.tree.leaves(want_w[1])):
+    # (deeper layers' keys carry the first layer's summation-order differences)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -11,6 +11,11 @@ H200, about a third of a 1B model's layer time (experiments/early_exit). The Tri
 (gpu.py) reads the cache once, only up to the last written slot, split over the cache so that
 every SM takes part, and a small merge combines the ranges.
 
+`decode_attention_write(q, k_new, v_new, k, v, start, slot)` does the cache write too: the
+kernel attends to the cache below `slot` and to the new tokens from its inputs, and stores their
+keys and values into the cache buffers in place (infer.cache_write_in_kernel), which saves the
+step two dynamic_update_slice kernels a layer.
+
 Backends:
   'triton'  the Pallas kernel (GPU; interpret=True runs it on CPU for tests);
   'xla'     the reference (plain JAX, any device, partitioned like any op under a mesh);
@@ -32,7 +37,8 @@ from effjax.kernels._compat import partitioned_mesh
 from effjax.kernels.decode_attention.reference import allowed_slots, decode_attention_reference
 
 __all__ = ['BACKENDS', 'allowed_slots', 'decode_attention', 'decode_attention_reference',
-           'default_tiling', 'kernel_unsupported', 'resolve_backend']
+           'decode_attention_write', 'default_tiling', 'kernel_unsupported', 'resolve_backend',
+           'write_cache']
 
 BACKENDS = ('auto', 'triton', 'xla')
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -78,42 +84,107 @@ def resolve_backend(backend: str) -> str:
   return 'triton' if jax.default_backend() == 'gpu' and not partitioned_mesh() else 'xla'
 
 
-def decode_attention(q_bnhd: jax.Array, k_blkd: jax.Array, v_blkd: jax.Array,
-                     start_b: jax.Array, slot, *, backend: str = 'auto',
-                     tiling: tuple[int, int] | None = None, interpret: bool = False) -> jax.Array:
-  """Query i of row b attends to cache slots start_b .. slot + i; -> [B, n, Hq, D] in q's dtype."""
+def _backend_for(backend: str, n: int, heads: int, kv_heads: int, d: int, dtype) -> str:
+  """'triton' or 'xla' for these shapes ('auto' falls back to 'xla' where the kernel cannot run;
+  'triton' there is one ValueError naming why)."""
+  resolved = resolve_backend(backend)
+  reason = kernel_unsupported(n, heads, kv_heads, d, dtype)
+  if resolved == 'triton' and reason:
+    if backend == 'auto':
+      return 'xla'
+    raise ValueError(f"decode attention backend='triton' cannot run these shapes: {reason}; "
+                     "use 'xla' or 'auto'")
+  return resolved
+
+
+def _check_shapes(q_bnhd, k_blkd, v_blkd) -> None:
   if q_bnhd.ndim != 4 or k_blkd.ndim != 4 or v_blkd.shape != k_blkd.shape:
     raise ValueError(f'decode attention takes q [B, n, Hq, D] and k, v [B, L, Hkv, D] of one '
                      f'shape; got q {q_bnhd.shape}, k {k_blkd.shape}, v {v_blkd.shape}')
-  b, n, heads, d = q_bnhd.shape
-  _, length, kv_heads, dk = k_blkd.shape
+  b, _, heads, d = q_bnhd.shape
+  _, _, kv_heads, dk = k_blkd.shape
   if k_blkd.shape[0] != b or dk != d or heads % kv_heads:
     raise ValueError(f'decode attention: q {q_bnhd.shape} and cache {k_blkd.shape} disagree '
                      '(batch and head dim must match, query heads must be a multiple of the '
                      'key/value heads)')
+
+
+def _grouped_rows(q_bnhd, kv_heads: int, dtype):
+  """q [B, n, Hq, D] -> [B, Hkv, R, D] in the cache's dtype, row = token x group + g, zero-padded
+  to the kernel's row count."""
+  from effjax.kernels.decode_attention import gpu
+  b, n, heads, d = q_bnhd.shape
+  group = heads // kv_heads
+  rows = n * group
+  q = q_bnhd.reshape(b, n, kv_heads, group, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads,
+                                                                                rows, d)
+  return jnp.pad(q.astype(dtype), ((0, 0), (0, 0), (0, gpu.padded_rows(rows) - rows), (0, 0)))
+
+
+def _ungrouped(out, q_bnhd, kv_heads: int):
+  """The merged [B, Hkv, rows, D] -> [B, n, Hq, D] in q's dtype."""
+  b, n, heads, d = q_bnhd.shape
+  out = out.reshape(b, kv_heads, n, heads // kv_heads, d).transpose(0, 2, 1, 3, 4)
+  return out.reshape(b, n, heads, d).astype(q_bnhd.dtype)
+
+
+def decode_attention(q_bnhd: jax.Array, k_blkd: jax.Array, v_blkd: jax.Array,
+                     start_b: jax.Array, slot, *, backend: str = 'auto',
+                     tiling: tuple[int, int] | None = None, interpret: bool = False) -> jax.Array:
+  """Query i of row b attends to cache slots start_b .. slot + i; -> [B, n, Hq, D] in q's dtype."""
+  _check_shapes(q_bnhd, k_blkd, v_blkd)
+  b, n, heads, d = q_bnhd.shape
+  _, length, kv_heads, _ = k_blkd.shape
   start_b = jnp.asarray(start_b, jnp.int32).reshape(b)
   slot = jnp.asarray(slot, jnp.int32)
-  resolved = resolve_backend(backend)
-  reason = kernel_unsupported(n, heads, kv_heads, d, k_blkd.dtype)
-  if resolved == 'triton' and reason:
-    if backend == 'auto':
-      resolved = 'xla'
-    else:
-      raise ValueError(f"decode attention backend='triton' cannot run these shapes: {reason}; "
-                       "use 'xla' or 'auto'")
-  if resolved == 'xla':
+  if _backend_for(backend, n, heads, kv_heads, d, k_blkd.dtype) == 'xla':
     return decode_attention_reference(q_bnhd, k_blkd, v_blkd, start_b, slot)
 
   from effjax.kernels.decode_attention import gpu
   group = heads // kv_heads
-  rows = n * group
-  rp = gpu.padded_rows(rows)
   block_k, split = tiling if tiling is not None else default_tiling(b, kv_heads, length)
-  q = q_bnhd.reshape(b, n, kv_heads, group, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads,
-                                                                                rows, d)
-  q = jnp.pad(q.astype(k_blkd.dtype), ((0, 0), (0, 0), (0, rp - rows), (0, 0)))
+  q = _grouped_rows(q_bnhd, kv_heads, k_blkd.dtype)
   out, m, l = gpu.partials(q, k_blkd, v_blkd, start_b, slot.reshape(1), n=n, group=group,
                            block_k=block_k, split=split, interpret=interpret)
-  out = gpu.merge(out, m, l, rows)  # [B, Hkv, rows, D]
-  out = out.reshape(b, kv_heads, n, group, d).transpose(0, 2, 1, 3, 4).reshape(b, n, heads, d)
-  return out.astype(q_bnhd.dtype)
+  return _ungrouped(gpu.merge(out, m, l, n * group), q_bnhd, kv_heads)
+
+
+def write_cache(k_blkd: jax.Array, v_blkd: jax.Array, k_new: jax.Array, v_new: jax.Array,
+                slot) -> tuple[jax.Array, jax.Array]:
+  """The n new tokens' keys and values [B, n, Hkv, D] written at slots slot .. slot + n - 1."""
+  return tuple(jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), slot, axis=1)
+               for cache, new in ((k_blkd, k_new), (v_blkd, v_new)))
+
+
+def decode_attention_write(q_bnhd: jax.Array, k_new: jax.Array, v_new: jax.Array,
+                           k_blkd: jax.Array, v_blkd: jax.Array, start_b: jax.Array, slot, *,
+                           backend: str = 'auto', tiling: tuple[int, int] | None = None,
+                           interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`write_cache` then `decode_attention`, as one kernel on the 'triton' backend.
+
+  k_new, v_new [B, n, Hkv, D]: the new tokens' keys and values, for slots slot .. slot + n - 1
+  (slot + n <= L). -> (out [B, n, Hq, D], k cache, v cache). The kernel attends to the cache
+  below `slot` and to the new tokens from its inputs, and writes them into the cache buffers in
+  place (aliased), so a decode step needs no separate cache-write kernels; 'xla' writes with
+  dynamic_update_slice and runs the reference. Both give the same caches and the same
+  attention up to float32 summation order."""
+  _check_shapes(q_bnhd, k_blkd, v_blkd)
+  b, n, heads, d = q_bnhd.shape
+  _, length, kv_heads, _ = k_blkd.shape
+  if k_new.shape != (b, n, kv_heads, d) or v_new.shape != k_new.shape:
+    raise ValueError(f'decode attention: new keys and values must be [B, n, Hkv, D] = '
+                     f'{(b, n, kv_heads, d)}; got {k_new.shape} and {v_new.shape}')
+  start_b = jnp.asarray(start_b, jnp.int32).reshape(b)
+  slot = jnp.asarray(slot, jnp.int32)
+  if _backend_for(backend, n, heads, kv_heads, d, k_blkd.dtype) == 'xla':
+    k_blkd, v_blkd = write_cache(k_blkd, v_blkd, k_new, v_new, slot)
+    return decode_attention_reference(q_bnhd, k_blkd, v_blkd, start_b, slot), k_blkd, v_blkd
+
+  from effjax.kernels.decode_attention import gpu
+  group = heads // kv_heads
+  block_k, split = tiling if tiling is not None else default_tiling(b, kv_heads, length)
+  q = _grouped_rows(q_bnhd, kv_heads, k_blkd.dtype)
+  out, m, l, k_blkd, v_blkd = gpu.partials_writing(
+      q, k_new, v_new, k_blkd, v_blkd, start_b, slot.reshape(1), n=n, group=group,
+      block_k=block_k, split=split, interpret=interpret)
+  return _ungrouped(gpu.merge(out, m, l, n * group), q_bnhd, kv_heads), k_blkd, v_blkd

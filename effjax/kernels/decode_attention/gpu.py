@@ -65,17 +65,28 @@ def _dot(a, b, trans_b: bool = False):
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _kernel(start_ref, slot_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, n, group, rows,
-            rp, block_k, per_split, length, scale):
+def _kernel(start_ref, slot_ref, q_ref, k_ref, v_ref, *refs, n, group, rows, rp, block_k,
+            per_split, length, scale, writes):
+  # writes: the n new tokens' keys and values come as refs of their own ([B, n, Hkv, D], after
+  # the cache in `refs`) and the cache as outputs aliasing it (after o, m, l). The cache part of
+  # the loop then stops before `slot` (those slots are not read, so writing them races with no
+  # read), range 0's program adds the new tokens from registers and writes them to the cache.
+  if writes:
+    kn_ref, vn_ref, o_ref, m_ref, l_ref, kc_ref, vc_ref = refs
+  else:
+    o_ref, m_ref, l_ref = refs
   b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   start = start_ref[b]
   slot = slot_ref[0]
   first = jnp.maximum(start, s * (per_split * block_k)) // block_k
-  end = jnp.minimum(slot + n, jnp.minimum((s + 1) * (per_split * block_k), length))
+  seen = slot if writes else slot + n  # cache slots read: below `seen`
+  end = jnp.minimum(seen, jnp.minimum((s + 1) * (per_split * block_k), length))
   last = (end + block_k - 1) // block_k  # exclusive; <= first when the range has nothing to see
   q = q_ref[b, h]  # [rp, D]
   r = lax.broadcasted_iota(jnp.int32, (rp,), 0)
   limit = slot + jnp.minimum(r // group, n - 1)  # the last slot row r may see
+  if writes:
+    limit = jnp.minimum(limit, slot - 1)
   tail = length % block_k != 0
 
   def step(i, carry):
@@ -103,6 +114,10 @@ def _kernel(start_ref, slot_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, n,
   init = (jnp.full((rp,), _NEG, jnp.float32), jnp.zeros((rp,), jnp.float32),
           jnp.zeros((rp, d), jnp.float32))
   m, l, acc = lax.fori_loop(first, jnp.maximum(first, last), step, init)
+  if writes:
+    m, l, acc = _new_tokens(q, kn_ref, vn_ref, kc_ref, vc_ref, (m, l, acc), b=b, h=h, s=s,
+                            start=start, slot=slot, n=n, group=group, r=r, length=length,
+                            scale=scale)
   if rows == rp:
     o_ref[b, h, s] = acc
     m_ref[b, h, s] = m
@@ -112,6 +127,49 @@ def _kernel(start_ref, slot_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, n,
     plgpu.store(o_ref.at[b, h, s], acc, mask=real[:, None])
     plgpu.store(m_ref.at[b, h, s], m, mask=real)
     plgpu.store(l_ref.at[b, h, s], l, mask=real)
+
+
+def _new_tokens(q, kn_ref, vn_ref, kc_ref, vc_ref, carry, *, b, h, s, start, slot, n, group, r,
+                length, scale):
+  """Range 0's share of the n new tokens: their scores and values folded into the online
+  softmax (as one more block of n keys), then their keys and values written to the cache.
+
+  Row r (token r // group) sees new token j when j <= r // group and slot + j >= start, as it
+  would see the written slot. Products are elementwise in float32 from the cache's dtype (n is
+  a handful, below Triton's smallest dot), the probabilities rounded to that dtype before the
+  value product as in the cache blocks."""
+  m, l, acc = carry
+  dtype = kc_ref.dtype
+  mine = s == 0
+  keys = [kn_ref[b, j, h, :].astype(dtype) for j in range(n)]  # [D] each
+  values = [vn_ref[b, j, h, :].astype(dtype) for j in range(n)]
+  qf = q.astype(dtype).astype(jnp.float32)
+  scores = []
+  for j in range(n):
+    sc = jnp.sum(qf * keys[j].astype(jnp.float32)[None, :], axis=1) * scale  # [rp]
+    ok = mine & (r // group >= j) & (slot + j >= start)
+    scores.append(jnp.where(ok, sc, -jnp.inf))
+  m_new = m
+  for sc in scores:
+    m_new = jnp.maximum(m_new, sc)
+  alpha = jnp.exp(m - m_new)
+  l = l * alpha
+  acc = acc * alpha[:, None]
+  for sc, value in zip(scores, values):
+    p = jnp.exp(sc - m_new)
+    l = l + p
+    acc = acc + (p.astype(dtype).astype(jnp.float32)[:, None] *
+                 value.astype(jnp.float32)[None, :])
+
+  @pl.when(mine)
+  def _():
+    for j in range(n):
+      @pl.when(slot + j < length)
+      def _(j=j):
+        kc_ref[b, slot + j, h, :] = keys[j]
+        vc_ref[b, slot + j, h, :] = values[j]
+
+  return m_new, l, acc
 
 
 def _whole(shape):
@@ -130,7 +188,7 @@ def partials(q_bkrd, k_blkd, v_blkd, start_b, slot_1, *, n: int, group: int, blo
   blocks = -(-length // block_k)
   per_split = -(-blocks // split)
   kernel = functools.partial(_kernel, n=n, group=group, rows=rows, rp=rp, block_k=block_k,
-                             per_split=per_split, length=length, scale=d ** -0.5)
+                             per_split=per_split, length=length, scale=d ** -0.5, writes=False)
   operands = (start_b, slot_1, q_bkrd, k_blkd, v_blkd)
   return pl.pallas_call(
       kernel, grid=(b, kv, split),
@@ -142,6 +200,43 @@ def partials(q_bkrd, k_blkd, v_blkd, start_b, slot_1, *, n: int, group: int, blo
                  out_struct((b, kv, split, rp), jnp.float32, *operands)],
       compiler_params=_CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name='decode_attention',
+  )(*operands)
+
+
+def partials_writing(q_bkrd, k_new, v_new, k_blkd, v_blkd, start_b, slot_1, *, n: int,
+                     group: int, block_k: int, split: int, num_warps: int = 4,
+                     num_stages: int = 2, interpret: bool = False):
+  """`partials` for a cache that does not yet hold the new tokens: k_new, v_new [B, n, Hkv, D]
+  are attended from registers and written to the cache at slots slot .. slot + n - 1 (those at
+  or past L dropped) by the kernel itself. -> (out, row max, row sum, k cache, v cache): the
+  caches are the inputs' buffers updated in place (input_output_aliases), so the step has no
+  separate cache-write kernels."""
+  b, kv, rp, d = q_bkrd.shape
+  length = k_blkd.shape[1]
+  rows = n * group
+  check_tiling(rows, d, length, block_k=block_k, split=split)
+  if k_new.shape != (b, n, kv, d) or v_new.shape != k_new.shape:
+    raise ValueError(f'decode attention kernel: new keys/values must be [B, n, Hkv, D] = '
+                     f'{(b, n, kv, d)}, got {k_new.shape} and {v_new.shape}')
+  blocks = -(-length // block_k)
+  per_split = -(-blocks // split)
+  kernel = functools.partial(_kernel, n=n, group=group, rows=rows, rp=rp, block_k=block_k,
+                             per_split=per_split, length=length, scale=d ** -0.5, writes=True)
+  operands = (start_b, slot_1, q_bkrd, k_blkd, v_blkd, k_new, v_new)
+  cache = k_blkd.shape
+  return pl.pallas_call(
+      kernel, grid=(b, kv, split),
+      in_specs=[_whole(x.shape) for x in operands],
+      out_specs=[_whole((b, kv, split, rp, d)), _whole((b, kv, split, rp)),
+                 _whole((b, kv, split, rp)), _whole(cache), _whole(cache)],
+      out_shape=[out_struct((b, kv, split, rp, d), jnp.float32, *operands),
+                 out_struct((b, kv, split, rp), jnp.float32, *operands),
+                 out_struct((b, kv, split, rp), jnp.float32, *operands),
+                 out_struct(cache, k_blkd.dtype, *operands),
+                 out_struct(cache, v_blkd.dtype, *operands)],
+      input_output_aliases={3: 3, 4: 4},
+      compiler_params=_CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name='decode_attention_write',
   )(*operands)
 
 
