@@ -162,8 +162,9 @@ def decode_attention_write(q_bnhd: jax.Array, k_new: jax.Array, v_new: jax.Array
                            interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`write_cache` then `decode_attention`, as one kernel on the 'triton' backend.
 
-  k_new, v_new [B, n, Hkv, D]: the new tokens' keys and values, for slots slot .. slot + n - 1
-  (slot + n <= L). -> (out [B, n, Hq, D], k cache, v cache). The kernel attends to the cache
+  k_new, v_new [B, n, Hkv, D]: the new tokens' keys and values, for slots slot .. slot + n - 1;
+  the caller keeps slot + n <= L (the decoding engine sizes its caches so; past L,
+  dynamic_update_slice would shift the write back while the kernel drops the extra rows). -> (out [B, n, Hq, D], k cache, v cache). The kernel attends to the cache
   below `slot` and to the new tokens from its inputs, and writes them into the cache buffers in
   place (aliased), so a decode step needs no separate cache-write kernels; 'xla' writes with
   dynamic_update_slice and runs the reference. Both give the same caches and the same

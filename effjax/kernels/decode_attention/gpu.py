@@ -69,8 +69,10 @@ def _kernel(start_ref, slot_ref, q_ref, k_ref, v_ref, *refs, n, group, rows, rp,
             per_split, length, scale, writes):
   # writes: the n new tokens' keys and values come as refs of their own ([B, n, Hkv, D], after
   # the cache in `refs`) and the cache as outputs aliasing it (after o, m, l). The cache part of
-  # the loop then stops before `slot` (those slots are not read, so writing them races with no
-  # read), range 0's program adds the new tokens from registers and writes them to the cache.
+  # the loop then masks every slot from `slot` on, and range 0's program adds the new tokens
+  # from registers and writes them to the cache. A block that holds slot - 1 may also load
+  # slots being written meanwhile (blocks are loaded whole), but those columns are masked: the
+  # value loaded there, old or new, only ever meets a probability of 0 (both are finite).
   if writes:
     kn_ref, vn_ref, o_ref, m_ref, l_ref, kc_ref, vc_ref = refs
   else:

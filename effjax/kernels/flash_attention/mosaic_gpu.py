@@ -78,8 +78,9 @@ FOLD_SCALE = True
 #   wait_k_in_pv    the wait for the next k tile is issued while this tile's P V product runs
 #                   on the tensor cores, instead of at the top of the next step.
 #   order_softmax   the softmax's results (p, the rescaled accumulator, l, m) are pinned by an
-#                   optimization barrier before the warpgroup hands the tensor cores back, so
-#                   none of that arithmetic is scheduled after the hand-off.
+#                   optimization barrier before the waits that precede this tile's P V (the
+#                   v tile's and the schedule's), so none of that arithmetic is scheduled
+#                   after them.
 FWD_VARIANTS = ('named_schedule', 'wait_k_in_pv', 'order_softmax')
 _FWD_ENV = 'EFFJAX_MOSAIC_GPU_FWD'
 # Named barrier ids the forward's schedule takes: Mosaic GPU keeps 0 (the CTA barrier) and 1-3
@@ -240,7 +241,8 @@ def _interpret_params(interpret, named_barriers: bool = False):
   """None (compile for the GPU) or the GPU interpreter's parameters (True picks defaults).
 
   named_barriers: the kernel uses `named_barrier`, which the interpreter runs only in the mode
-  that models it (JAX 0.11's; an older interpreter is told so in one error)."""
+  that models it (JAX 0.11's; an older interpreter is told so in one error). Parameters passed
+  in are used as they are: with named barriers they need inline_mgpu=_INTERPRET_NAMED_BARRIERS."""
   if not interpret:
     return None
   if interpret is not True:
