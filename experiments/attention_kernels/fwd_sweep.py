@@ -8,10 +8,13 @@ mosaic_gpu.fwd at block_k 64 / 128 / 256 and ring depths 2-4 (those that fit in 
 the default marked), and the default tiling once more with the softmax scale applied as a
 separate multiply (mosaic_gpu.FOLD_SCALE off).
 
---variants instead times, at the default tiling, the forward as committed, each main-loop
-variant of mosaic_gpu.FWD_VARIANTS alone (EFFJAX_MOSAIC_GPU_FWD), all of them together, and the
-committed forward once more (to show the drift within the run), with tokamax's Mosaic GPU
-attention beside cuDNN when tokamax imports.
+--variants instead first checks the forward with all main-loop variants of
+mosaic_gpu.FWD_VARIANTS on (EFFJAX_MOSAIC_GPU_FWD) and with named_schedule alone against the
+float32 reference on the masks the timed rows do not cover (GQA at D64, full, window, packed
+documents, BigBird; output only, relative error norm below 2e-2), then times, at the default
+tiling, the forward as committed, each variant alone, all of them together, and the committed
+forward once more (to show the drift within the run), with tokamax's Mosaic GPU attention
+beside cuDNN when tokamax imports.
 
 Each row is checked against cuDNN's output (max |diff| at most TOLERANCE) before it is timed.
 Times are medians of 40 synchronised calls rotating over 4 input sets (effjax.bench's timing
@@ -60,9 +63,47 @@ def _row(head, name, fn, sets, ref, base, flops):
   return line
 
 
+def check_variants():
+  """The forward with the variants on against the float32 reference, output only (module doc)."""
+  from effjax.kernels.flash_attention import bigbird_layout, flash_attention
+  from effjax.kernels.flash_attention.reference import attention_reference
+  cases = (('causal d64 gqa', dict(causal=True), 64, 4, 1, False),
+           ('full d128', dict(causal=False), 128, 4, 2, False),
+           ('window 128', dict(causal=True, window=128), 128, 2, 2, False),
+           ('causal + segments', dict(causal=True), 128, 4, 2, True),
+           ('bigbird', dict(causal=True, layout=bigbird_layout(
+               512, 128, local_blocks=1, global_blocks=1, random_blocks=1)), 128, 2, 1, False))
+  lines, ok = [], True
+  for setting in (','.join(mg.FWD_VARIANTS), 'named_schedule'):
+    os.environ['EFFJAX_MOSAIC_GPU_FWD'] = setting
+    for name, kw, d, hq, hkv, segments in cases:
+      keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 4)
+      q, k, v = (jax.random.normal(key, (2, 512, h, d), jnp.bfloat16)
+                 for key, h in zip(keys, (hq, hkv, hkv)))
+      seg = (jnp.sort(jax.random.randint(keys[3], (2, 512), 0, 3), axis=-1) if segments
+             else None)
+      got = jax.jit(lambda q, k, v, seg=seg, kw=kw: flash_attention(
+          q, k, v, segment_ids=seg, backend='mosaic_gpu', **kw))(q, k, v)
+      with jax.default_matmul_precision('highest'):
+        want = attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)),
+                                   segment_ids=seg, **kw)
+      got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+      err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+      good = bool(np.isfinite(got).all()) and err < 2e-2
+      ok &= good
+      lines.append(f'check [{setting}] {name}: out {err:.1e} {"ok" if good else "FAIL"}')
+      print(lines[-1], flush=True)
+  os.environ.pop('EFFJAX_MOSAIC_GPU_FWD')
+  return lines, ok
+
+
 def variants(shapes):
-  """Rows of the --variants sweep (module doc)."""
-  lines = []
+  """Rows of the --variants sweep (module doc); no timing if a variant fails its check."""
+  lines, ok = check_variants()
+  if not ok:
+    lines.append('a variant failed its check: nothing timed')
+    print(lines[-1], flush=True)
+    return lines
   runs = [('committed', '')] + [(v, v) for v in mg.FWD_VARIANTS] + [
       ('all variants', ','.join(mg.FWD_VARIANTS)), ('committed again', '')]
   tokamax = kb.tokamax_missing() is None

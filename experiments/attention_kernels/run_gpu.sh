@@ -62,13 +62,11 @@ gpt1b() { train_pair gpt_1b gpt1b; }
 fwd_sweep() {
   python3 experiments/attention_kernels/fwd_sweep.py --out="$RES/fwd_sweep.txt"
 }
-# The forward's main-loop variants (mosaic_gpu.FWD_VARIANTS): the fixed masking cases with all
-# of them on against the float32 reference, then each alone and all together at the default
-# tiling beside the committed forward, cuDNN and tokamax (D64 and D128, S 4k and 16k).
+# The forward's main-loop variants (mosaic_gpu.FWD_VARIANTS): the forward with them on against
+# the float32 reference on the masks (GQA, full, window, segments, BigBird), then each alone and
+# all together at the default tiling beside the committed forward, cuDNN and tokamax (D64 and
+# D128, S 4k and 16k; fwd_sweep.py --variants).
 fwd_variants() {
-  EFFJAX_MOSAIC_GPU_FWD=named_schedule,wait_k_in_pv,order_softmax \
-    python3 experiments/attention_kernels/gpu_check.py --quick --backend=mosaic_gpu --random=0 \
-    2>&1 | tee "$RES/gpu_check_fwd_variants.txt"
   python3 experiments/attention_kernels/fwd_sweep.py --variants --out="$RES/fwd_variants.txt"
 }
 # The full default grid (causal and full, S 1k-32k).
