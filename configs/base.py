@@ -276,6 +276,11 @@ def get_config() -> ml_collections.ConfigDict:
   # instead of two separate cache-write kernels a layer before it (decoding's engine and
   # LM.decode's timing path). Same caches and outputs. Off by default: not yet timed on a GPU.
   inf.cache_write_in_kernel = False
+  # True: on a GPU, the one-row products of the float weights infer.output_major stores
+  # transposed ('wo' by default) take the Pallas GEMV kernel (effjax/kernels/gemv.py) instead of
+  # XLA's row reduction (1.1 TB/s for the 1B model's out projection on an H100). Batched steps
+  # and other devices keep XLA. Off by default: not yet timed on a GPU.
+  inf.output_major_kernel = False
   inf.max_len = 0  # cache positions; 0 = longest prompt + generate.max_new_tokens + gamma + 1
   # early_exit: the confidence measure: 'softmax' (top-1 probability), 'margin' (top-1 minus
   # top-2 probability), 'entropy' (1 - entropy / log(vocab)), 'state' (cosine of the hidden state

@@ -71,7 +71,9 @@ def run(config, contexts: Sequence[int], *, steps: int, batch: int, repeats: int
       row = time_decode(graphdef, params, context, steps=steps, batch=batch, repeats=repeats,
                         output_major=w_lib.parse_names(config.infer.output_major),
                         qmm_output_major=w_lib.parse_names(config.infer.qmm_output_major),
-                        cache_write_in_kernel=config.infer.cache_write_in_kernel)
+                        cache_write_in_kernel=config.infer.cache_write_in_kernel,
+                        output_major_kernel=w_lib.gemv_kernel(
+                            config.infer.output_major_kernel))
     except Exception as e:  # pylint: disable=broad-except
       from effjax.bench.kernels import first_line
       row = {'context': context, 'batch': batch, 'steps': steps, 'error': first_line(e)}
@@ -92,7 +94,8 @@ def time_decode(graphdef, params, context: int, *, steps: int = 32, batch: int =
                 repeats: int = 3, profile_dir: str = '',
                 output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR,
                 qmm_output_major: tuple[str, ...] = (),
-                cache_write_in_kernel: bool = False) -> dict[str, Any]:
+                cache_write_in_kernel: bool = False,
+                output_major_kernel: str = '') -> dict[str, Any]:
   """One row: decode tokens/s of given (random, trained or compressed) parameters.
 
   The caches hold context + steps positions and decoding starts at position `context`: one
@@ -103,10 +106,13 @@ def time_decode(graphdef, params, context: int, *, steps: int = 32, batch: int =
   the decoding engine stores them (infer.output_major), and so are the weight-only quantized
   weights of the kinds in `qmm_output_major` (infer.qmm_output_major). cache_write_in_kernel
   (infer.cache_write_in_kernel): the decode-attention kernel writes the cache itself.
+  output_major_kernel ('', 'triton'; w_lib.gemv_kernel(infer.output_major_kernel)): the
+  output-major float weights' one-row products through the GEMV kernel.
   """
   model = nnx.merge(graphdef, params)
   if output_major or qmm_output_major or cache_write_in_kernel:
-    w_lib.output_major(model, tuple(output_major), quantized=tuple(qmm_output_major))
+    w_lib.output_major(model, tuple(output_major), quantized=tuple(qmm_output_major),
+                       kernel=output_major_kernel)
     attention.set_cache_write_in_kernel(model, cache_write_in_kernel)
     graphdef, params = nnx.split(model)
   row: dict[str, Any] = {'context': context, 'batch': batch, 'steps': steps}

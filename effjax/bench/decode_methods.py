@@ -142,15 +142,15 @@ def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, 
   kernel = config.infer.attention_kernel
   major = w_lib.parse_names(config.infer.output_major)
   qmajor = w_lib.parse_names(config.infer.qmm_output_major)
-  in_kernel = config.infer.cache_write_in_kernel
-  engine = Engine(*split, weights_dtype, kernel, output_major=major, qmm_output_major=qmajor,
-                  cache_write_in_kernel=in_kernel)
+  prep = dict(output_major=major, qmm_output_major=qmajor,
+              cache_write_in_kernel=config.infer.cache_write_in_kernel,
+              output_major_kernel=w_lib.gemv_kernel(config.infer.output_major_kernel))
+  engine = Engine(*split, weights_dtype, kernel, **prep)
   draft = None
   if 'speculative' in methods:
     if draft_params is None:
       draft_params = nnx.split(LM((draft_config or config).model, rngs=nnx.Rngs(config.seed + 1)))
-    draft = Engine(*draft_params, weights_dtype, kernel, output_major=major,
-                   qmm_output_major=qmajor, cache_write_in_kernel=in_kernel)
+    draft = Engine(*draft_params, weights_dtype, kernel, **prep)
   policy = ExitPolicy(exit_threshold, config.infer.confidence, config.infer.exit_skip)
   rows = []
   for context in contexts:

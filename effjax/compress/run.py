@@ -170,7 +170,9 @@ def measure(run, params, eval_batches, compress_cfg) -> dict[str, Any]:
                                    output_major=w_lib.parse_names(run.config.infer.output_major),
                                    qmm_output_major=w_lib.parse_names(
                                        run.config.infer.qmm_output_major),
-                                   cache_write_in_kernel=run.config.infer.cache_write_in_kernel)
+                                   cache_write_in_kernel=run.config.infer.cache_write_in_kernel,
+                                   output_major_kernel=w_lib.gemv_kernel(
+                                       run.config.infer.output_major_kernel))
     out.update({f'decode_{k}': v for k, v in row.items()})
   except Exception as e:  # pylint: disable=broad-except
     out['decode_error'] = f'{type(e).__name__}: {e}'.splitlines()[0]

@@ -451,11 +451,17 @@ class OutputMajorWeight(CompressedWeight):
   [heads, head_dim, embed] layout runs at a fraction of the bandwidth that the row reduction over
   the transposed layout reaches. Training keeps the usual layout; `output_major` swaps these in
   for decoding only.
+
+  `kernel` ('' by default; 'triton' on a GPU, 'interpret' in tests; set by `output_major`'s
+  `kernel`, infer.output_major_kernel): a product of a single row takes the Pallas GEMV kernel
+  (effjax/kernels/gemv.py) instead of XLA's reduction; other products, and shapes the kernel's
+  tiles cannot divide, keep the einsum.
   """
 
-  def __init__(self, value, layout: Layout):
+  def __init__(self, value, layout: Layout, kernel: str = ''):
     self.layout = layout
     self.value = value
+    self.kernel = kernel
 
   def dense(self) -> jax.Array:
     w = self.value[...]
@@ -467,7 +473,27 @@ class OutputMajorWeight(CompressedWeight):
     if parts is None:
       return super().einsum(equation, x, dtype)
     lhs, ins, outs, out = parts
+    if self.kernel:
+      y = self._gemv(lhs, ins, outs, out, x, w, dtype)
+      if y is not None:
+        return y
     return jnp.einsum(f'{lhs},{outs}{ins}->{out}', x, w.astype(dtype))
+
+  def _gemv(self, lhs, ins, outs, out, x, w, dtype):
+    """The one-row product through the GEMV kernel, or None where it does not apply (more than
+    one row, an einsum whose output does not list x's other axes then the outputs in order, or a
+    shape no tiling divides)."""
+    from effjax.kernels import gemv
+    keep = lhs[:len(lhs) - len(ins)]
+    if not lhs.endswith(ins) or out != keep + outs:
+      return None
+    k = math.prod(x.shape[len(keep):])
+    n = math.prod(w.shape[:len(outs)])
+    if x.size != k or gemv.default_tiling(k, n) is None:
+      return None
+    x_row = x.astype(dtype).reshape(1, k)
+    y = gemv.gemv_nk(x_row, w.astype(dtype).reshape(n, k), backend=self.kernel)
+    return y.reshape(x.shape[:len(keep)] + w.shape[:len(outs)])
 
 
 # ------------------------------------------------------------------ swapping weights in a model
@@ -612,7 +638,7 @@ _READ_WHOLE = {'experts', 'vocab'}  # axes of weights used whole, never through 
 
 
 def output_major(model: nnx.Module, names: tuple[str, ...], *,
-                 quantized: tuple[str, ...] = ()) -> nnx.Module:
+                 quantized: tuple[str, ...] = (), kernel: str = '') -> nnx.Module:
   """The plain Params called `names` stored output-major (OutputMajorWeight), in place; returned.
 
   For decoding (effjax.infer.engine.Engine, effjax.bench.decode.time_decode): the products
@@ -621,12 +647,18 @@ def output_major(model: nnx.Module, names: tuple[str, ...], *,
   weight-only QuantizedWeight of those kinds computed through `layers.matmul` output-major as
   well, whatever its name
   (`QuantizedWeight.store_output_major`; those read whole, the MoE experts', are left).
+  `kernel` ('', 'triton', 'interpret'; infer.output_major_kernel): the float weights' one-row
+  products through the Pallas GEMV kernel (OutputMajorWeight.kernel).
   Only weights whose products go through `layers.matmul` belong here (a weight read whole with
   `w[...]`, as the MoE experts' are, would be transposed back on every read): naming one is an
   error, and so is a name other than the default's that matches no weight of the model (a
   misspelt name would otherwise do nothing). The default may match nothing (a model of
   state-space layers has no `wo`).
   """
+  from effjax.kernels import gemv
+  if kernel not in ('', *gemv.BACKENDS):
+    raise ValueError(f'output-major GEMV kernel {kernel!r}: allowed \'\' (none), '
+                     f'{", ".join(gemv.BACKENDS)}')
   found = find_targets(model, names)
   unmatched = set(names) - {name for _, _, name in found} - set(DECODE_OUTPUT_MAJOR)
   if unmatched:
@@ -649,7 +681,7 @@ def output_major(model: nnx.Module, names: tuple[str, ...], *,
     order = _output_major_order(layout, len(names_in), to_stored=True)
     value = jnp.transpose(param[...], order)
     setattr(module, name, OutputMajorWeight(_param(value, tuple(names_in[i] for i in order)),
-                                            layout))
+                                            layout, kernel))
   if quantized:
     unknown = sorted(set(quantized) - set(qmm.KINDS))
     if unknown:
@@ -660,6 +692,12 @@ def output_major(model: nnx.Module, names: tuple[str, ...], *,
           and not set(module.layout.names) & _READ_WHOLE):
         module.store_output_major()
   return model
+
+
+def gemv_kernel(on: bool) -> str:
+  """`output_major`'s kernel for infer.output_major_kernel: 'triton' on a GPU when on, else ''
+  (XLA's reduction: the kernel compiles for GPUs only)."""
+  return 'triton' if on and jax.default_backend() == 'gpu' else ''
 
 
 def parse_names(spec: str) -> tuple[str, ...]:

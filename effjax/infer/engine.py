@@ -61,9 +61,11 @@ class Engine:
   def __init__(self, graphdef: Any, params: Any, weights_dtype: str = '',
                attention_kernel: str = 'auto', attention_interpret: bool = False,
                vocab_limit: int = 0, output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR,
-               qmm_output_major: tuple[str, ...] = (), cache_write_in_kernel: bool = False):
+               qmm_output_major: tuple[str, ...] = (), cache_write_in_kernel: bool = False,
+               output_major_kernel: str = ''):
     model = nnx.merge(graphdef, params)  # new module objects: the caller's model is untouched
-    w_lib.output_major(model, tuple(output_major), quantized=tuple(qmm_output_major))
+    w_lib.output_major(model, tuple(output_major), quantized=tuple(qmm_output_major),
+                       kernel=output_major_kernel)
     decode_kernel.resolve_backend(attention_kernel)  # a bad name fails here, not when traced
     # attend()'s kernel settings; cache_write_in_kernel (infer.cache_write_in_kernel): where the
     # decode-attention kernel runs, it writes the new keys and values into the cache itself.

@@ -141,6 +141,7 @@ class Options:
   output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR  # stored transposed for decoding
   qmm_output_major: tuple[str, ...] = ()  # quantized kinds stored transposed for decoding
   cache_write_in_kernel: bool = False  # the decode-attention kernel writes the new keys too
+  output_major_kernel: str = ''  # output-major float weights' one-row products: GEMV kernel
   exit_policy: ExitPolicy = ExitPolicy()
   gamma: int = 4
   draft_exit: int = 0  # self_speculative: the exit layer that drafts (0 = the first exit)
@@ -193,7 +194,8 @@ class Decoder:
     self.engine = Engine(graphdef, params, options.weights_dtype, *kernel, vocab_limit=vocab,
                          output_major=options.output_major,
                          qmm_output_major=options.qmm_output_major,
-                         cache_write_in_kernel=options.cache_write_in_kernel)
+                         cache_write_in_kernel=options.cache_write_in_kernel,
+                         output_major_kernel=options.output_major_kernel)
     exits = self.engine.exits
     if options.method in ('early_exit', 'self_speculative') and not exits:
       raise ValueError(f'infer.method={options.method}: the model has no exit heads; train it '
@@ -212,7 +214,8 @@ class Decoder:
       self.draft = Engine(*draft, options.weights_dtype, *kernel, vocab_limit=vocab,
                           output_major=options.output_major,
                           qmm_output_major=options.qmm_output_major,
-                          cache_write_in_kernel=options.cache_write_in_kernel)
+                          cache_write_in_kernel=options.cache_write_in_kernel,
+                          output_major_kernel=options.output_major_kernel)
       dv, tv = self.draft.cfg.vocab_size, self.engine.cfg.vocab_size
       if dv != tv:
         raise ValueError(f'the draft model\'s vocabulary ({dv} ids, model.vocab_size of '

@@ -48,6 +48,23 @@ def _timed(fn, sets, repeats=10):
   return float(np.median(seconds)) * 1e3
 
 
+def _cudnn_row(b, s, h, d, lines):
+  """A shape's input sets, causal FLOPs, cuDNN's output (the check's reference) and time, and
+  its row label; cuDNN's row appended to `lines` and printed."""
+  keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3 * CALLS)
+  sets = [tuple(jax.random.normal(keys[3 * i + j], (b, s, h, d), jnp.bfloat16)
+                for j in range(3)) for i in range(CALLS)]
+  flops = 4 * b * s * s * h * d / 2
+  cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                        implementation='cudnn')
+  ref = np.asarray(jax.jit(cudnn)(*sets[0]), np.float32)
+  base = _timed(cudnn, sets)
+  head = f'B{b} S{s} H{h} D{d}'
+  lines.append(f'{head} cudnn: {base:.3f} ms {flops / base / 1e9:.1f} TFLOP/s')
+  print(lines[-1], flush=True)
+  return sets, flops, ref, base, head
+
+
 def _row(head, name, fn, sets, ref, base, flops):
   """One timed row, checked against cuDNN's output first (an error is a row too)."""
   try:
@@ -111,17 +128,7 @@ def variants(shapes):
     lines.append(f'no tokamax rows: {kb.tokamax_missing()}')
     print(lines[-1], flush=True)
   for b, s, h, d in shapes:
-    keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3 * CALLS)
-    sets = [tuple(jax.random.normal(keys[3 * i + j], (b, s, h, d), jnp.bfloat16)
-                  for j in range(3)) for i in range(CALLS)]
-    flops = 4 * b * s * s * h * d / 2
-    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                          implementation='cudnn')
-    ref = np.asarray(jax.jit(cudnn)(*sets[0]), np.float32)
-    base = _timed(cudnn, sets)
-    head = f'B{b} S{s} H{h} D{d}'
-    lines.append(f'{head} cudnn: {base:.3f} ms {flops / base / 1e9:.1f} TFLOP/s')
-    print(lines[-1], flush=True)
+    sets, flops, ref, base, head = _cudnn_row(b, s, h, d, lines)
     if tokamax:
       lines.append(_row(head, 'tokamax mosaic', lambda q, k, v: kb.import_tokamax(
           ).dot_product_attention(q, k, v, is_causal=True, implementation='mosaic'),
@@ -152,17 +159,7 @@ def main():
     lines += variants(shapes)
     shapes = ()
   for b, s, h, d in shapes:
-    keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3 * CALLS)
-    sets = [tuple(jax.random.normal(keys[3 * i + j], (b, s, h, d), jnp.bfloat16)
-                  for j in range(3)) for i in range(CALLS)]
-    flops = 4 * b * s * s * h * d / 2
-    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                          implementation='cudnn')
-    ref = np.asarray(jax.jit(cudnn)(*sets[0]), np.float32)
-    base = _timed(cudnn, sets)
-    head = f'B{b} S{s} H{h} D{d}'
-    lines.append(f'{head} cudnn: {base:.3f} ms {flops / base / 1e9:.1f} TFLOP/s')
-    print(lines[-1], flush=True)
+    sets, flops, ref, base, head = _cudnn_row(b, s, h, d, lines)
     default_k = mg.default_blocks(d)[1]
     default_stages = mg.default_stages(d, default_k)
     runs = [(block_k, stages, True) for block_k in (64, 128, 256)

@@ -2,8 +2,8 @@
 # The decode-attention kernel on one GPU and what it does to decoding; results go to $RES (packed
 # into $OUT/results.tgz after each step, so a run cut short returns what it finished).
 #   bash experiments/decode_attention/run_gpu.sh STEP [STEP ...]
-#   steps: kernels decode_b1 profile_b1 decode_b16 qmm layout levers gemm_lever write_in_kernel
-#   ('all' = every one but gemm_lever and write_in_kernel, in order)
+#   steps: kernels decode_b1 profile_b1 decode_b16 qmm layout levers gemm_lever kernel_levers
+#   ('all' = every one but gemm_lever and kernel_levers, in order)
 set -u
 OUT=${OUT:-/tmp/effjax_decode_out}
 RES=${RES:-/tmp/effjax_decode_results}
@@ -83,21 +83,26 @@ gemm_lever() {
   grep "^| plain" "$RES"/lever_*.md
 }
 
-# The decode-attention kernel writing the new keys and values into the cache itself
-# (infer.cache_write_in_kernel) against the two dynamic_update_slice writes a layer before it:
-# the engine at batch 1 and 16 over 1k and 8k, off / on / off again (the drift within the call),
-# then LM.decode's bf16 and int4 output-major steps both ways (the quantized decode's script).
-write_in_kernel() {
-  for batch in 1 16; do
-    for on in False True; do
-      $DECODE --contexts=1024,8192 --decode_batch=$batch --name=kw_b${batch}_$on \
-        --config.infer.cache_write_in_kernel=$on
-    done
+# Two kernels folded into the batch-1 step, each alone and together, in one call: the
+# decode-attention kernel writing the new keys and values into the cache itself
+# (infer.cache_write_in_kernel, 'kw') instead of two dynamic_update_slice writes a layer, and the
+# out projection's one-row product through the Pallas GEMV kernel (infer.output_major_kernel,
+# 'gk') instead of XLA's row reduction. The engine at batch 1 over 1k and 8k: off, kw, gk, both,
+# off again (the drift within the call); batch 16 (where only kw applies): off, kw; then
+# LM.decode's bf16 and int4 output-major steps without and with both.
+kernel_levers() {
+  for run in off:False:False kw:True:False gk:False:True both:True:True off_again:False:False; do
+    IFS=: read -r name kw gk <<< "$run"
+    $DECODE --contexts=1024,8192 --decode_batch=1 --name=levers2_b1_$name \
+      --config.infer.cache_write_in_kernel=$kw --config.infer.output_major_kernel=$gk
   done
-  $DECODE --contexts=1024,8192 --decode_batch=1 --name=kw_b1_False_again
-  grep "^| plain" "$RES"/kw_*.md
-  python3 experiments/quantized_matmul/decode.py --repeats=3 --out="$RES/kw_qmm" \
-    --variants=bf16,bf16+kw,int4:triton:nk,int4:triton:nk+kw
+  for kw in False True; do
+    $DECODE --contexts=1024,8192 --decode_batch=16 --name=levers2_b16_kw_$kw \
+      --config.infer.cache_write_in_kernel=$kw
+  done
+  grep "^| plain" "$RES"/levers2_*.md
+  python3 experiments/quantized_matmul/decode.py --repeats=3 --out="$RES/levers2_qmm" \
+    --variants=bf16,bf16+kw+gk,int4:triton:nk,int4:triton:nk+kw+gk
 }
 
 steps=("$@")

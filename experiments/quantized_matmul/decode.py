@@ -20,7 +20,9 @@ names (int4 by default) and the dot kernels otherwise; '<kind>:triton:gemv' and
 output-major for decoding (infer.qmm_output_major) so a single row takes the output-major GEMV
 kernels, one launch per product group with its final output and no split-K sum. A variant
 ending in '+kw' (e.g. 'bf16+kw', 'int4:triton:nk+kw') decodes with the decode-attention kernel
-writing the new keys and values into the cache itself (infer.cache_write_in_kernel). With --batch
+writing the new keys and values into the cache itself (infer.cache_write_in_kernel); '+gk' with
+the output-major float weights' one-row products through the GEMV kernel
+(infer.output_major_kernel); both may be given ('bf16+kw+gk'). With --batch
 above 1 every step multiplies that many rows: the kernels take up to 64 rows (the dot kernels;
 the GEMV kernels only one), and output-major weights multiply through XLA. Timing is
 effjax.bench.decode.time_decode: the caches hold
@@ -75,15 +77,16 @@ def main():
   config = load_config(args)
   rows = []
   for variant in args.variants.split(','):  # every variant checked before any runs
-    spec, plus, extra = variant.partition('+')
-    if plus and extra != 'kw':
-      raise SystemExit(f"--variants: {variant!r}: the only suffix is '+kw' (the cache written "
-                       "by the decode-attention kernel)")
+    spec, *extras = variant.split('+')
+    if set(extras) - {'kw', 'gk'}:
+      raise SystemExit(f"--variants: {variant!r}: the suffixes are '+kw' (the cache written by "
+                       "the decode-attention kernel) and '+gk' (the GEMV kernel for output-major "
+                       "float weights)")
     if spec.split(':')[2:] not in ([], [''], ['unfused'], ['gemv'], ['dot'], ['nk']):
       raise SystemExit(f"--variants: {variant!r}: the third part may only be 'unfused', "
                        "'gemv', 'dot' or 'nk'")
   for variant in args.variants.split(','):
-    spec, plus, _ = variant.partition('+')
+    spec, *extras = variant.split('+')
     kind, _, rest = spec.partition(':')
     backend, _, mode = rest.partition(':')
     c = config.copy_and_resolve_references()
@@ -104,7 +107,8 @@ def main():
                                           batch=args.batch, repeats=args.repeats,
                                           output_major=w_lib.parse_names(args.output_major),
                                           qmm_output_major=(kind,) if mode == 'nk' else (),
-                                          cache_write_in_kernel=bool(plus),
+                                          cache_write_in_kernel='kw' in extras,
+                                          output_major_kernel=w_lib.gemv_kernel('gk' in extras),
                                           profile_dir=(os.path.join(args.profile_dir,
                                                                     variant.replace(':', '_'))
                                                        if args.profile_dir else '')))
