@@ -481,9 +481,13 @@ class OutputMajorWeight(CompressedWeight):
 
   def _gemv(self, lhs, ins, outs, out, x, w, dtype):
     """The one-row product through the GEMV kernel, or None where it does not apply (more than
-    one row, an einsum whose output does not list x's other axes then the outputs in order, or a
-    shape no tiling divides)."""
+    one row, an einsum whose output does not list x's other axes then the outputs in order, a
+    shape no tiling divides, or a mesh in context that partitions arrays automatically: the
+    kernel is one custom call XLA cannot split)."""
     from effjax.kernels import gemv
+    from effjax.kernels._compat import partitioned_mesh
+    if partitioned_mesh():
+      return None
     keep = lhs[:len(lhs) - len(ins)]
     if not lhs.endswith(ins) or out != keep + outs:
       return None

@@ -86,6 +86,13 @@ def test_output_major_weight_one_row_products_through_the_kernel(monkeypatch):
   np.testing.assert_allclose(fast.einsum('btnh,nhd->btd', two, jnp.float32),
                              plain.einsum('btnh,nhd->btd', two, jnp.float32), rtol=1e-6)
   assert len(calls) == 1
+  # Under a mesh that partitions arrays automatically the einsum stays (one custom call cannot
+  # be split by XLA).
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ('tensor',))
+  with jax.set_mesh(mesh):
+    np.testing.assert_allclose(fast.einsum('btnh,nhd->btd', one, jnp.float32), got, rtol=1e-5,
+                               atol=1e-5)
+  assert len(calls) == 1
 
 
 def test_engine_decodes_through_the_kernel_like_xla(monkeypatch):
