@@ -277,7 +277,7 @@ def get_config() -> ml_collections.ConfigDict:
   # LM.decode's timing path). Same caches and outputs. Off by default: not yet timed on a GPU.
   inf.cache_write_in_kernel = False
   # True: on a GPU, the one-row products of the float weights infer.output_major stores
-  # transposed ('wo' by default) take the Pallas GEMV kernel (effjax/kernels/gemv.py) instead of
+  # transposed ('wo' by default) take the Pallas GEMV kernel (effjax/kernels/gemv) instead of
   # XLA's row reduction (1.1 TB/s for the 1B model's out projection on an H100). Batched steps
   # and other devices keep XLA. Off by default: not yet timed on a GPU.
   inf.output_major_kernel = False

@@ -454,7 +454,7 @@ class OutputMajorWeight(CompressedWeight):
 
   `kernel` ('' by default; 'triton' on a GPU, 'interpret' in tests; set by `output_major`'s
   `kernel`, infer.output_major_kernel): a product of a single row takes the Pallas GEMV kernel
-  (effjax/kernels/gemv.py) instead of XLA's reduction; other products, and shapes the kernel's
+  (effjax/kernels/gemv) instead of XLA's reduction; other products, and shapes the kernel's
   tiles cannot divide, keep the einsum.
   """
 

@@ -1,5 +1,5 @@
-"""The output-major float GEMV kernel (effjax/kernels/gemv.py): in interpret mode against the
-float32 product on random shapes and dtypes, its tiling rules and errors, its Triton module
+"""The output-major float GEMV kernel (effjax/kernels/gemv): in interpret mode against its
+reference and the float64 product on random shapes and dtypes, its tiling rules and errors, its Triton module
 lowered for CUDA on this CPU machine, and OutputMajorWeight's one-row products through it (the
 same values as XLA's einsum; more rows keep the einsum); decoding with it gives the same tokens."""
 
@@ -28,6 +28,9 @@ def test_kernel_matches_the_float32_product(k, n, dtype, tiling):
   assert got.shape == (1, n) and got.dtype == dtype
   tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
   np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol * np.sqrt(k))
+  ref = gemv.gemv_nk_reference(x, w)
+  assert ref.shape == got.shape and ref.dtype == got.dtype
+  np.testing.assert_allclose(np.asarray(ref, np.float64), want, rtol=tol, atol=tol * np.sqrt(k))
 
 
 @pytest.mark.parametrize('k,n,bn,bk,message', [
@@ -54,11 +57,12 @@ def test_bad_operands_are_one_clear_error():
 
 
 def test_kernel_lowers_to_a_valid_triton_module(monkeypatch, capfd):
+  from effjax.kernels.gemv import gpu
   from tests.kernels.triton_lowering import assert_verified, triton_dump
   s = jax.ShapeDtypeStruct
   fn = lambda x, w: gemv.gemv_nk(x, w)
   for k, n in ((2048, 2048), (8192, 256)):  # unrolled and rolled K loops
-    dump = triton_dump(monkeypatch, capfd, gemv, fn, s((1, k), jnp.bfloat16),
+    dump = triton_dump(monkeypatch, capfd, gpu, fn, s((1, k), jnp.bfloat16),
                        s((n, k), jnp.bfloat16))
     assert_verified(dump, 1)
 
