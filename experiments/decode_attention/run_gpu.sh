@@ -93,8 +93,10 @@ gemm_lever() {
 kernel_levers() {
   for run in off:False:False kw:True:False gk:False:True both:True:True off_again:False:False; do
     IFS=: read -r name kw gk <<< "$run"
+    # off and both also trace one more loop: device time per kernel name in the row's file
     $DECODE --contexts=1024,8192 --decode_batch=1 --name=levers2_b1_$name \
-      --config.infer.cache_write_in_kernel=$kw --config.infer.output_major_kernel=$gk
+      --config.infer.cache_write_in_kernel=$kw --config.infer.output_major_kernel=$gk \
+      $([ $name = off ] || [ $name = both ] && echo --profile_dir=/tmp/effjax_levers2_$name)
   done
   for kw in False True; do
     $DECODE --contexts=1024,8192 --decode_batch=16 --name=levers2_b16_kw_$kw \
