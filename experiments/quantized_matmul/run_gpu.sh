@@ -72,6 +72,16 @@ nk_tiles() {
   python3 experiments/quantized_matmul/tune_decode.py --nk --kinds=int8,int4 --repeats=3 \
     --out="$RES" --settings=8:512,4:512@5632,2:512@5632,4:256@5632,16:256@5632,8:512:convert
 }
+# The output-major word kernels with x gathered into word order inside the kernel ('words_x')
+# against XLA preparing it ('words'), after their check against the float32 reference: the
+# decode step, int4 and int8, each kind's default, words, words_x, words again (the drift).
+nk_xprep() {
+  python3 experiments/quantized_matmul/gpu_check.py --nk --quick --widen=words_x \
+    > "$RES/gpu_check_nk_words_x.txt" 2>&1
+  tail -1 "$RES/gpu_check_nk_words_x.txt"
+  python3 experiments/quantized_matmul/tune_decode.py --nk --kinds=int4,int8 --repeats=3 \
+    --out="$RES" --settings=8:512,8:512:words,8:512:words_x,8:512:words
+}
 # The optimized HLO of the int4 output-major decode loop: does XLA keep the weights' view as
 # 32-bit words a bitcast (no copy), and where does the scaling of x land? Prints the loop
 # module's s32 copies / converts and the fusions around the kernel's custom calls.

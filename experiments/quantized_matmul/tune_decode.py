@@ -13,7 +13,8 @@ program count. With --nk every quantized weight is stored output-major for decod
 (infer.qmm_output_major) and a setting is BN:BK, the output-major GEMV kernels' row tile and K
 step for that kind (DEFAULT_GEMV_NK_BN, DEFAULT_GEMV_NK_BK; no split) with the kind's default
 widening (gpu.DEFAULT_NK_WIDEN: int8 'magic', int4 'words'), or BN:BK:WIDEN with WIDEN 'magic',
-'convert' or 'words' (gpu.NK_WIDEN: how the integers become floats); a suffix @K applies the
+'convert', 'words' or 'words_x' (gpu.NK_WIDEN: how the integers become floats; 'words_x' also
+gathers x into word order inside the kernel); a suffix @K applies the
 row tile and K step to the products of input width K only (DEFAULT_GEMV_NK_BY_K; the widening
 still to all), e.g. 4:512@5632 for gpt_1b's down projection. For each kind and
 setting the model (random weights) is quantized
@@ -39,7 +40,8 @@ DEFAULT_SETTINGS = ('128:256:256,128:128:512,64:256:512,128:256:64,128:64:128,12
 DEFAULT_GEMV_SETTINGS = '128:64:512,128:32:256,128:32:s4,128:64:s4,128:32:s2,256:32:s4,128:64:1024'
 DEFAULT_NK_SETTINGS = ('8:512,8:512:magic,8:512:words,8:512:convert,4:512,16:256,8:256,16:512,'
                        '4:1024')
-NK_WIDEN_CHOICES = ('magic', 'convert', 'words')  # effjax.kernels.quantized_matmul.gpu.NK_WIDEN_CHOICES
+# effjax.kernels.quantized_matmul.gpu.NK_WIDEN_CHOICES
+NK_WIDEN_CHOICES = ('magic', 'convert', 'words', 'words_x')
 
 
 def parse_setting(text: str, gemv: bool, nk: bool = False) -> tuple[int, int, int | str | None]:

@@ -581,7 +581,7 @@ def _transposed(q, scale):
   return q.T, scale.T
 
 
-@pytest.mark.parametrize('widen', ['magic', 'words'])
+@pytest.mark.parametrize('widen', ['magic', 'words', 'words_x'])
 @pytest.mark.parametrize('kind', ['int8', 'int4'])
 def test_gemv_output_major_matches_reference(kind, widen, monkeypatch):
   """One row through the output-major kernels equals the reference for bf16 and float32 x, at
@@ -589,7 +589,8 @@ def test_gemv_output_major_matches_reference(kind, widen, monkeypatch):
   MAX_UNROLLED_NK_STEPS steps), a K step smaller and larger than the int4 group, a K of 72 and
   a row tile of 1; the output is final (one pallas_call, no split-K sum, x's dtype). Both
   integer widenings (gpu.NK_WIDEN: bytes, or 32-bit words: int4 groups of 8 take one word a
-  row, int8 steps of 4 one word, and steps or groups under a word fall back to bytes)."""
+  row, int8 steps of 4 one word, and steps or groups under a word fall back to bytes), the
+  words with x prepared by XLA or gathered and scaled inside the kernel ('words_x')."""
   from effjax.kernels.quantized_matmul import gpu
   monkeypatch.setattr(gpu, 'NK_WIDEN', widen)
   rng = np.random.default_rng()
@@ -612,8 +613,10 @@ def test_gemv_output_major_matches_reference(kind, widen, monkeypatch):
       assert 'reduce_sum' not in _ops_outside_kernels(jax.make_jaxpr(fn)(x).jaxpr)
       # 'words' unless a step (or int4 group) holds less than a word of values
       bk = plan.tiling[1]
-      by_words = widen == 'words' and (bk % 4 == 0 if kind == 'int8' else min(bk, group) % 8 == 0)
+      by_words = widen != 'magic' and (bk % 4 == 0 if kind == 'int8' else min(bk, group) % 8 == 0)
       assert (f'{kind}_gemv_nk_words' in str(jax.make_jaxpr(fn)(x))) == by_words
+      assert (f'{kind}_gemv_nk_words_x' in str(jax.make_jaxpr(fn)(x))) == (
+          by_words and widen == 'words_x')
       out = jax.jit(fn)(x)
       assert out.shape == (1, 1, n) and out.dtype == dtype
       _assert_close(out, _reference(x, q, scale, kind, group), dtype)
@@ -680,7 +683,10 @@ def test_gemv_output_major_tiling_and_errors():
                                                           (5632, (2048,), True, 'magic'),
                                                           (2048, (2048,), False, 'convert'),
                                                           (5632, (2048,), True, 'words'),
-                                                          (2048, (2048, 512, 512), False, 'words')])
+                                                          (2048, (2048, 512, 512), False, 'words'),
+                                                          (5632, (2048,), True, 'words_x'),
+                                                          (2048, (2048, 512, 512), False,
+                                                           'words_x')])
 def test_gemv_output_major_lowers_to_a_valid_triton_module(kind, k, widths, in_shard_map, widen,
                                                            monkeypatch, capfd):
   """The output-major kernels lowered for CUDA at gpt_1b's shapes (q/k/v in one launch; the
@@ -709,7 +715,7 @@ def test_gemv_output_major_lowers_to_a_valid_triton_module(kind, k, widths, in_s
   assert ('tt.bitcast' in dump) == (widen != 'convert') and ('arith.sitofp' in dump) == (
       widen == 'convert')
   assert bool(re.search(r'tt\.load \S+ : tensor<[0-9x]+x!tt\.ptr<i32>>', dump)) == (
-      widen == 'words')
+      widen in ('words', 'words_x'))
   assert_verified(dump, 1)
 
 
@@ -757,7 +763,8 @@ def test_output_major_default_widening_per_kind(monkeypatch):
   monkeypatch.setattr(gpu, 'NK_WIDEN', 'convert')
   assert gpu.nk_widen('int4') == gpu.nk_widen('int8') == 'convert'
   monkeypatch.setattr(gpu, 'NK_WIDEN', 'fast')
-  with pytest.raises(ValueError, match="widening 'fast' for int4: allowed magic, convert, words"):
+  with pytest.raises(ValueError, match="widening 'fast' for int4: allowed magic, convert, words, "
+                                       "words_x"):
     gpu.nk_widen('int4')
 
 

@@ -479,9 +479,14 @@ MAX_UNROLLED_NK_STEPS = 16
 # 512 ran 1.29-1.30x bf16 against 1.06x with 'magic' at the same tiling; int8 with words ran
 # 1.00-1.06x against 1.11-1.12x with 'magic', so int8 keeps 'magic'. NK_WIDEN, when set, overrides
 # both kinds (the checks and the tiling sweep set it).
+# 'words_x' is 'words' with x's entries gathered into word order (strided loads of the row) and
+# scaled inside the kernel, instead of XLA writing that float32 copy of x before each launch:
+# one XLA op fewer per product group where XLA does not fuse the copy into x's producer (not yet
+# timed on a GPU; the tiling sweep's 'BN:BK:words_x' compares the two).
 DEFAULT_NK_WIDEN = {'int8': 'magic', 'int4': 'words'}
 NK_WIDEN: str | None = None
-NK_WIDEN_CHOICES = ('magic', 'convert', 'words')
+NK_WIDEN_CHOICES = ('magic', 'convert', 'words', 'words_x')
+_WORD_MODES = ('words', 'words_x')
 # 'words': per kind, (value bits, how many values a word holds in place before the shift, the
 # shift, each value's place: its bit position / value bits, after the shift for the later ones).
 WORDS = {'int4': (4, 5, 12, (0, 1, 2, 3, 4, 2, 3, 4)), 'int8': (8, 2, 16, (0, 1, 0, 1))}
@@ -551,9 +556,17 @@ def _word_x(x_row, kind: str, k: int):
   return (x_row.reshape(k // len(places), len(places)).astype(jnp.float32) * scale).T
 
 
-def _int8_gemv_nk_kernel(x_ref, *refs, bn, width, steps, tiles, words):
+def _word_x_tile(x_ref, kind: str, j: int, index):
+  """Value j's entries of x in word order, float32, scaled as _word_x scales them, from x's own
+  row viewed [..., values a word] ('words_x'): x_ref[index + (j,)] (a strided load)."""
+  bits, _, _, places = WORDS[kind]
+  return x_ref[index + (j,)].astype(jnp.float32) * (2.0 ** (-bits * places[j]))
+
+
+def _int8_gemv_nk_kernel(x_ref, *refs, bn, width, steps, tiles, words, x_in_kernel=False):
   # Weights [N, K] int8, x [1, K]; or, words: weights [N, K / 4] int32 words, byte j of word m
-  # being entry 4 m + j, and x [4, K / 4] from _word_x. A step covers `width` columns of bn rows.
+  # being entry 4 m + j, and x [4, K / 4] from _word_x, or (x_in_kernel) x's row viewed
+  # [K / 4, 4], gathered and scaled here. A step covers `width` columns of bn rows.
   q_refs, s_refs, o_refs = (refs[i * len(tiles):(i + 1) * len(tiles)] for i in range(3))
 
   def product(w, tile):
@@ -565,7 +578,10 @@ def _int8_gemv_nk_kernel(x_ref, *refs, bn, width, steps, tiles, words):
       if not words:
         return acc + _widen_int8(stored) * x_ref[pl.ds(0, 1), pl.ds(c0, width)].astype(jnp.float32)
       for j, v in enumerate(_widen_word(stored, 'int8')):
-        acc = acc + v * x_ref[pl.ds(j, 1), pl.ds(c0, width)]
+        if x_in_kernel:
+          acc = acc + v * _word_x_tile(x_ref, 'int8', j, (pl.ds(c0, width),))[None, :]
+        else:
+          acc = acc + v * x_ref[pl.ds(j, 1), pl.ds(c0, width)]
       return acc
 
     acc = _gemv_loop(steps, step, jnp.zeros((bn, width), jnp.float32), MAX_UNROLLED_NK_STEPS)
@@ -575,13 +591,14 @@ def _int8_gemv_nk_kernel(x_ref, *refs, bn, width, steps, tiles, words):
   _weights(pl.program_id(0), tiles, product)
 
 
-def _int4_gemv_nk_kernel(*refs, bn, pieces, per_group, steps, tiles, words):
+def _int4_gemv_nk_kernel(*refs, bn, pieces, per_group, steps, tiles, words, x_in_kernel=False):
   # Weights [N, K / piece, piece / 2] and x's halves [1, K / piece, piece / 2], piece =
   # min(bk, group): a step loads `pieces` whole pieces of bn rows as one [bn, pieces, piece / 2]
   # tile, and each piece's scale broadcasts along its last axis (no reshape in the loop).
   # per_group: pieces in a group (1 when a step spans whole groups). words: weights
   # [N, K / piece, piece / 8] int32 words, nibble j of word m of a piece being its entry 8 m + j,
-  # and one x [8, K / piece, piece / 8] from _word_x in place of the halves.
+  # and one x [8, K / piece, piece / 8] from _word_x in place of the halves, or (x_in_kernel)
+  # x's row viewed [K / piece, piece / 8, 8], gathered and scaled here.
   shared = refs[:1] if words else refs[:2]
   refs = refs[len(shared):]
   tiles_n = len(tiles)
@@ -598,7 +615,9 @@ def _int4_gemv_nk_kernel(*refs, bn, pieces, per_group, steps, tiles, words):
       if words:
         part = None
         for j, v in enumerate(_widen_word(stored, 'int4')):
-          part = v * x(shared[0], j) if part is None else part + v * x(shared[0], j)
+          xj = (_word_x_tile(shared[0], 'int4', j, (pl.ds(j0, pieces), pl.ds(0, width)))
+                if x_in_kernel else x(shared[0], j))
+          part = v * xj if part is None else part + v * xj
       else:
         low, high = _widen_nibbles(stored)
         part = low * x(shared[0]) + high * x(shared[1])
@@ -630,14 +649,18 @@ def int8_gemv_nk_many(x_row, qs, scales, *, bn: int, bk: int, interpret: bool = 
     check_gemv_nk_tiling('int8', k, width, bn=bn, bk=bk)
   tiles = tuple(width // bn for width in widths)
   out_shapes = [(width, 1) for width in widths]
-  words = nk_widen('int8') == 'words' and bk % 4 == 0
+  words = nk_widen('int8') in _WORD_MODES and bk % 4 == 0
+  x_in_kernel = words and nk_widen('int8') == 'words_x'
   if words:  # free views of the rows as 32-bit words (little-endian: entry 4 m + j is byte j)
     qs = [lax.bitcast_convert_type(q.reshape(q.shape[0], k // 4, 4), jnp.int32) for q in qs]
   kernel = functools.partial(_int8_gemv_nk_kernel, bn=bn, width=bk // 4 if words else bk,
-                             steps=k // bk, tiles=tiles, words=words)
-  x = _word_x(x_row, 'int8', k) if words else x_row
+                             steps=k // bk, tiles=tiles, words=words, x_in_kernel=x_in_kernel)
+  x = (x_row.reshape(k // 4, 4) if x_in_kernel else _word_x(x_row, 'int8', k) if words
+       else x_row)
   return _launch(kernel, (sum(tiles),), (x,), qs, scales, out_shapes, x_row.dtype,
-                 _gemv_nk_params(bn, bk), 'int8_gemv_nk' + ('_words' if words else ''), interpret)
+                 _gemv_nk_params(bn, bk),
+                 'int8_gemv_nk' + ('_words' if words else '') + ('_x' if x_in_kernel else ''),
+                 interpret)
 
 
 def int4_gemv_nk_many(x_row, packs, scales, *, bn: int, bk: int, interpret: bool = False) -> list:
@@ -651,18 +674,22 @@ def int4_gemv_nk_many(x_row, packs, scales, *, bn: int, bk: int, interpret: bool
   piece = min(bk, group)
   tiles = tuple(width // bn for width in widths)
   out_shapes = [(width, 1) for width in widths]
-  words = nk_widen('int4') == 'words' and piece % 8 == 0
+  words = nk_widen('int4') in _WORD_MODES and piece % 8 == 0
+  x_in_kernel = words and nk_widen('int4') == 'words_x'
   if words:  # free views of the packed bytes as 32-bit words (little-endian: nibble j of word m
-    # is entry 8 m + j), and x's entries in that order, scaled
+    # is entry 8 m + j), and x's entries in that order, scaled (or x's row, for the kernel to)
     views = [lax.bitcast_convert_type(p.reshape(p.shape[0], k // 8, 4), jnp.int32).reshape(
         p.shape[0], k // piece, piece // 8) for p in packs]
-    shared = [_word_x(x_row, 'int4', k).reshape(8, k // piece, piece // 8)]
+    shared = [x_row.reshape(k // piece, piece // 8, 8) if x_in_kernel else
+              _word_x(x_row, 'int4', k).reshape(8, k // piece, piece // 8)]
   else:  # free views: each row's K / piece pieces of piece / 2 packed bytes; x's even and odd
     # entries (each byte's low and high nibble) alike
     views = [p.reshape(p.shape[0], k // piece, piece // 2) for p in packs]
     shared = [x.reshape(1, k // piece, piece // 2) for x in (x_row[:, 0::2], x_row[:, 1::2])]
   kernel = functools.partial(_int4_gemv_nk_kernel, bn=bn, pieces=bk // piece,
-                             per_group=group // piece, steps=k // bk, tiles=tiles, words=words)
+                             per_group=group // piece, steps=k // bk, tiles=tiles, words=words,
+                             x_in_kernel=x_in_kernel)
   return _launch(kernel, (sum(tiles),), shared, views, scales, out_shapes, x_row.dtype,
-                 _gemv_nk_params(bn, bk // 2), 'int4_gemv_nk' + ('_words' if words else ''),
+                 _gemv_nk_params(bn, bk // 2),
+                 'int4_gemv_nk' + ('_words' if words else '') + ('_x' if x_in_kernel else ''),
                  interpret)
