@@ -268,8 +268,8 @@ def get_config() -> ml_collections.ConfigDict:
   # weights through XLA rather than the kernel. gpt_1b at batch 1: int8 1.18x bf16 with 'int8'
   # against 1.01x without (H100), 1.07-1.12x (H200); int4 this way 1.29-1.30x with its kernel
   # reading 32-bit words (H100; 1.06x reading bytes), above its [K, N] kernels' 1.18x. Off by
-  # default: batched decoding of the transposed weights was not measured. See
-  # experiments/quantized_matmul.
+  # default: at batch 16 the transposed weights through XLA ran int4 0.37x and int8 0.60x bf16
+  # (H100), where the [K, N] kernels keep 1.01-1.02x. See experiments/quantized_matmul.
   inf.qmm_output_major = ''
   # True: where the decode-attention kernel runs (infer.attention_kernel on GPU, the full-cache
   # attention kinds), it also writes the new tokens' keys and values into the cache, in place,
@@ -278,8 +278,9 @@ def get_config() -> ml_collections.ConfigDict:
   inf.cache_write_in_kernel = False
   # True: on a GPU, the one-row products of the float weights infer.output_major stores
   # transposed ('wo' by default) take the Pallas GEMV kernel (effjax/kernels/gemv) instead of
-  # XLA's row reduction (1.1 TB/s for the 1B model's out projection on an H100). Batched steps
-  # and other devices keep XLA. Off by default: not yet timed on a GPU.
+  # XLA's row reduction. Batched steps and other devices keep XLA. Off: on an H100 the batch-1
+  # step of configs/gpt_1b.py was 2% slower with it (1.102 against 1.079 ms; the kernel 5.9 us a
+  # call, 1.4 TB/s). See experiments/decode_attention.
   inf.output_major_kernel = False
   inf.max_len = 0  # cache positions; 0 = longest prompt + generate.max_new_tokens + gamma + 1
   # early_exit: the confidence measure: 'softmax' (top-1 probability), 'margin' (top-1 minus
