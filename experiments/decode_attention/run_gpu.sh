@@ -70,16 +70,17 @@ levers() {
     $DECODE --contexts=1024 --decode_batch=1 --name=levers_graph_while
   grep "^| plain" "$RES"/levers_*.md
 }
-# The one-row products through cuBLAS instead of XLA's Triton GEMMs (gate/up ran as 88 tiles of
-# 8 x 128 for 132 SMs at 2.85 TB/s in the H200 trace): the default, then the same with Triton
-# GEMMs off, then that again with gate/up/down also stored output-major; batch 1, 1k and 8k.
+# The one-row products with other GEMM choices by XLA (gate/up ran as 88 tiles of 8 x 128 for
+# 132 SMs at 2.85 TB/s in the H200 trace): the default, XLA's autotuner searching every Triton
+# tiling (split-K included) instead of its short list, and cuBLAS instead of Triton GEMMs; batch
+# 1, 1k and 8k, the cache written by the attention kernel in all three; each traces one more loop.
 gemm_lever() {
-  $DECODE --contexts=1024,8192 --decode_batch=1 --name=lever_default
+  local kw="--config.infer.cache_write_in_kernel=True --contexts=1024,8192 --decode_batch=1"
+  $DECODE $kw --name=lever_default --profile_dir=/tmp/effjax_lever_default
+  XLA_FLAGS="--xla_gpu_exhaustive_tiling_search=true" \
+    $DECODE $kw --name=lever_exhaustive --profile_dir=/tmp/effjax_lever_exhaustive
   XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
-    $DECODE --contexts=1024,8192 --decode_batch=1 --name=lever_cublas
-  XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
-    $DECODE --contexts=1024,8192 --decode_batch=1 --name=lever_cublas_mlp_major \
-    --config.infer.output_major=wo,w_gate,w_up,w_down
+    $DECODE $kw --name=lever_cublas --profile_dir=/tmp/effjax_lever_cublas
   grep "^| plain" "$RES"/lever_*.md
 }
 
