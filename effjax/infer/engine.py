@@ -41,7 +41,7 @@ from flax import nnx
 
 from effjax.compress import weights as w_lib
 from effjax.kernels import decode_attention as decode_kernel
-from effjax.models import attention, early_exit, layers
+from effjax.models import attention, early_exit, layers, rope
 from effjax.models.lm import block_kinds, num_groups
 from effjax.models.registry import parse_pattern
 
@@ -310,18 +310,25 @@ def attend(mixer, h_bnd, slot, start_b, cache, kernel: str = 'xla', interpret: b
   kernel runs, it also writes the new keys and values into the cache (one kernel instead of the
   two cache writes and the attention).
   """
-  q, k, v = _kv(mixer, h_bnd, slot, start_b)
-  n = q.shape[1]
+  n = h_bnd.shape[1]
   length = cache['k'].shape[1]
   ring = mixer.kind == 'sliding_window'
+  layout = mixer._layout(length)  # pylint: disable=protected-access
+  in_kernel = not ring and layout is None and decode_kernel.resolve_backend(kernel) != 'xla'
+  if in_kernel and write_in_kernel:
+    # q and k leave the projections unrotated: the kernel rotates them (the tables are the
+    # same for every layer of the step, so XLA computes them once)
+    positions = (slot + jnp.arange(n))[None] - start_b[:, None]
+    q, k, v = mixer._qkv(h_bnd, positions, rotate=False)  # pylint: disable=protected-access
+    tables = rope.rope_tables(positions, mixer.head_dim, mixer.rope_theta)
+    out, k_cache, v_cache = decode_kernel.decode_attention_write(
+        q, k, v, cache['k'], cache['v'], start_b, slot, rotary=tables, backend=kernel,
+        interpret=interpret)
+    return mixer._output(out), {'k': k_cache, 'v': v_cache}  # pylint: disable=protected-access
+  q, k, v = _kv(mixer, h_bnd, slot, start_b)
   q_slots = slot + jnp.arange(n)
   cache_slots = jnp.arange(length)
-  layout = mixer._layout(length)  # pylint: disable=protected-access
-  if not ring and layout is None and decode_kernel.resolve_backend(kernel) != 'xla':
-    if write_in_kernel:
-      out, k_cache, v_cache = decode_kernel.decode_attention_write(
-          q, k, v, cache['k'], cache['v'], start_b, slot, backend=kernel, interpret=interpret)
-      return mixer._output(out), {'k': k_cache, 'v': v_cache}  # pylint: disable=protected-access
+  if in_kernel:
     new_cache = _write(cache, k, v, slot, ring)
     out = decode_kernel.decode_attention(q, new_cache['k'], new_cache['v'], start_b, slot,
                                          backend=kernel, interpret=interpret)

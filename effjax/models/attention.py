@@ -41,7 +41,7 @@ from effjax.kernels import decode_attention as decode_kernel
 from effjax.kernels import flash_attention as fa
 from effjax.models import layers
 from effjax.models.registry import MIXERS, parse_pattern
-from effjax.models.rope import apply_rope
+from effjax.models.rope import apply_rope, rope_tables
 from effjax.parallel.sharding import constrain, current_rules, logical_to_spec
 
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
@@ -226,14 +226,17 @@ class Attention(nnx.Module):
     q, k, v = self._qkv(x_btd, ctx.positions)
     return self._output(self._attend(q, k, v, ctx.segment_ids))
 
-  def _qkv(self, x_btd: jax.Array, positions_bt: jax.Array):
+  def _qkv(self, x_btd: jax.Array, positions_bt: jax.Array, rotate: bool = True):
+    """q, k, v of x; q and k rotated to their positions unless `rotate` is False (the decoding
+    engine's kernel then rotates them itself)."""
     cdt = self.compute_dtype
     q, k, v = layers.matmuls(x_btd, [('btd,dnh->btnh', self.wq), ('btd,dkh->btkh', self.wk),
                                      ('btd,dkh->btkh', self.wv)], cdt)
-    q = constrain(apply_rope(q, positions_bt, self.rope_theta),
-                  ('act_batch', 'act_length', 'act_heads', None))
-    k = constrain(apply_rope(k, positions_bt, self.rope_theta),
-                  ('act_batch', 'act_length', 'act_kv_heads', None))
+    if rotate:
+      q = apply_rope(q, positions_bt, self.rope_theta)
+      k = apply_rope(k, positions_bt, self.rope_theta)
+    q = constrain(q, ('act_batch', 'act_length', 'act_heads', None))
+    k = constrain(k, ('act_batch', 'act_length', 'act_kv_heads', None))
     v = constrain(v, ('act_batch', 'act_length', 'act_kv_heads', None))
     return q, k, v
 
@@ -320,18 +323,21 @@ class Attention(nnx.Module):
     """One token at `position` (a scalar shared by the batch) attends to the cached keys <= it."""
     b = x_b1d.shape[0]
     position = jnp.asarray(position, jnp.int32)
-    q, k, v = self._qkv(x_b1d, jnp.full((b, 1), position))
+    positions = jnp.full((b, 1), position)
     length = cache['k'].shape[1]
     ring = self.kind == 'sliding_window'
     slot = position % length if ring else position
     kernel = (not ring and self.sparsity is None and self.backend != 'reference' and
               decode_kernel.resolve_backend('auto') == 'triton')
     start = jnp.zeros((b,), jnp.int32)
-    if kernel and self.cache_write_in_kernel:
+    if kernel and self.cache_write_in_kernel:  # the kernel rotates q and k and writes the cache
+      q, k, v = self._qkv(x_b1d, positions, rotate=False)
       out, k_cache, v_cache = decode_kernel.decode_attention_write(
-          q, k, v, cache['k'], cache['v'], start, position, backend='triton',
+          q, k, v, cache['k'], cache['v'], start, position,
+          rotary=rope_tables(positions, self.head_dim, self.rope_theta), backend='triton',
           interpret=self.interpret)
       return self._output(out), {'k': k_cache, 'v': v_cache}
+    q, k, v = self._qkv(x_b1d, positions)
     cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], kv.astype(cache[name].dtype),
                                                        slot, axis=1)
              for name, kv in (('k', k), ('v', v))}

@@ -5,8 +5,10 @@ and on.
 
     python experiments/decode_attention/check_write.py [--interpret]
 
-Per kernel case: the caches must be equal bit for bit and the output within bf16 rounding of
-the reference (relative error norm below 2e-2). Engine: fed the same tokens, the logits with
+Per kernel case, with q and the new keys rotated before the call and rotated in the kernel
+(rotary tables): the caches must be equal bit for bit (rotated in the kernel, keys within one
+bf16 rounding step) and the output within bf16 rounding of the reference (relative error norm
+below 2e-2). Engine: fed the same tokens, the logits with
 the writing kernel must stay within 2e-2 (relative norm) of the plain kernel's at every one of 32
 steps; XLA's attention is shown beside them for scale. Free-running greedy tokens are compared
 too; where they differ, the line gives the top-2 logit margin at the first differing token and
@@ -41,6 +43,7 @@ CASES = (  # b, n, heads, kv heads, head dim, cache length, dtype
 
 
 def check_kernel(rng) -> bool:
+  from effjax.models import rope
   ok = True
   for b, n, heads, kv, d, length, dtype in CASES:
     f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
@@ -48,17 +51,28 @@ def check_kernel(rng) -> bool:
     k, v = f(b, length, kv, d), f(b, length, kv, d)
     slot = int(rng.integers(n, length - n + 1))
     start = jnp.asarray(rng.integers(0, slot + 1, b), jnp.int32)
-    got = jax.jit(lambda *a: da.decode_attention_write(*a, backend='triton', interpret=INTERPRET))(
-        q, k_new, v_new, k, v, start, jnp.int32(slot))
-    want = jax.jit(lambda *a: da.decode_attention_write(*a, backend='xla'))(
-        q, k_new, v_new, k, v, start, jnp.int32(slot))
-    same = all(bool(jnp.array_equal(g, w)) for g, w in zip(got[1:], want[1:]))
-    a, r = np.asarray(got[0], np.float64), np.asarray(want[0], np.float64)
-    err = float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
-    good = same and err < 2e-2 and bool(np.isfinite(a).all())
-    ok &= good
-    print(f'B{b} n{n} H{heads}/{kv} D{d} L{length} {jnp.dtype(dtype).name}: caches '
-          f'{"equal" if same else "DIFFER"}, out {err:.1e} {"ok" if good else "FAIL"}', flush=True)
+    tables = rope.rope_tables((slot + jnp.arange(n))[None] - start[:, None], d, 10000.0)
+    for rotary in (None, tables):  # q and the new keys rotated before, or in the kernel
+      args = (q, k_new, v_new, k, v, start, jnp.int32(slot))
+      got, want = (jax.jit(lambda *a, backend=backend: da.decode_attention_write(
+          *a, rotary=rotary, backend=backend, interpret=INTERPRET and backend == 'triton'))(*args)
+                   for backend in ('triton', 'xla'))
+      values_same = bool(jnp.array_equal(got[2], want[2]))
+      key_diff = float(jnp.max(jnp.abs(got[1].astype(jnp.float32) - want[1].astype(jnp.float32))))
+      keys_same = key_diff == 0
+      # rotated in the kernel, a key may round one bf16 step apart (float32 products in
+      # another order); anything more is a wrong write
+      keys_ok = keys_same or (rotary is not None and key_diff <= 2 ** -6 * float(
+          jnp.max(jnp.abs(want[1].astype(jnp.float32)))))
+      a, r = np.asarray(got[0], np.float64), np.asarray(want[0], np.float64)
+      err = float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
+      good = values_same and keys_ok and err < 2e-2 and bool(np.isfinite(a).all())
+      ok &= good
+      keys = 'equal' if keys_same else f'within {key_diff:.1e}' if keys_ok else 'DIFFER'
+      print(f'B{b} n{n} H{heads}/{kv} D{d} L{length} {jnp.dtype(dtype).name}'
+            f'{" rotary in kernel" if rotary is not None else ""}: keys {keys}, values '
+            f'{"equal" if values_same else "DIFFER"}, out {err:.1e} {"ok" if good else "FAIL"}',
+            flush=True)
   return ok
 
 

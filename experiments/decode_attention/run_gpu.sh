@@ -3,7 +3,7 @@
 # into $OUT/results.tgz after each step, so a run cut short returns what it finished).
 #   bash experiments/decode_attention/run_gpu.sh STEP [STEP ...]
 #   steps: kernels decode_b1 profile_b1 decode_b16 qmm layout levers gemm_lever kernel_levers
-#   ('all' = every one but gemm_lever and kernel_levers, in order)
+#          kw_rotary ('all' = every one but the last three, in order)
 set -u
 OUT=${OUT:-/tmp/effjax_decode_out}
 RES=${RES:-/tmp/effjax_decode_results}
@@ -106,6 +106,22 @@ kernel_levers() {
   grep "^| plain" "$RES"/levers2_*.md
   python3 experiments/quantized_matmul/decode.py --repeats=3 --out="$RES/levers2_qmm" \
     --variants=bf16,bf16+kw+gk,int4:triton:nk,int4:triton:nk+kw+gk
+}
+
+# The cache write in the kernel, which now also rotates q and the new keys (the step's rotary
+# and query-padding kernels folded in too): off / on alternating twice at batch 1 over 1k and
+# 8k (the first 'on' traced: device time per kernel name), then off / on at batch 16.
+kw_rotary() {
+  for run in off:False kw:True off_again:False kw_again:True; do
+    IFS=: read -r name kw <<< "$run"
+    $DECODE --contexts=1024,8192 --decode_batch=1 --name=kwr_b1_$name \
+      --config.infer.cache_write_in_kernel=$kw $([ $name = kw ] && echo --profile_dir=/tmp/effjax_kwr)
+  done
+  for kw in False True; do
+    $DECODE --contexts=1024,8192 --decode_batch=16 --name=kwr_b16_$kw \
+      --config.infer.cache_write_in_kernel=$kw
+  done
+  grep "^| plain" "$RES"/kwr_*.md
 }
 
 steps=("$@")

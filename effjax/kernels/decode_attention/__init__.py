@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from effjax.kernels._compat import partitioned_mesh
+from effjax.models import rope
 from effjax.kernels.decode_attention.reference import allowed_slots, decode_attention_reference
 
 __all__ = ['BACKENDS', 'allowed_slots', 'decode_attention', 'decode_attention_reference',
@@ -109,16 +110,13 @@ def _check_shapes(q_bnhd, k_blkd, v_blkd) -> None:
                      'key/value heads)')
 
 
-def _grouped_rows(q_bnhd, kv_heads: int, dtype):
-  """q [B, n, Hq, D] -> [B, Hkv, R, D] in the cache's dtype, row = token x group + g, zero-padded
-  to the kernel's row count."""
-  from effjax.kernels.decode_attention import gpu
+def _grouped_rows(q_bnhd, kv_heads: int):
+  """q [B, n, Hq, D] -> [B, Hkv, n x group, D], row = token x group + g (for one new token a
+  reshape alone: the kernel pads the rows itself)."""
   b, n, heads, d = q_bnhd.shape
   group = heads // kv_heads
-  rows = n * group
-  q = q_bnhd.reshape(b, n, kv_heads, group, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads,
-                                                                                rows, d)
-  return jnp.pad(q.astype(dtype), ((0, 0), (0, 0), (0, gpu.padded_rows(rows) - rows), (0, 0)))
+  q = q_bnhd.reshape(b, n, kv_heads, group, d).transpose(0, 2, 1, 3, 4)
+  return q.reshape(b, kv_heads, n * group, d)
 
 
 def _ungrouped(out, q_bnhd, kv_heads: int):
@@ -143,7 +141,7 @@ def decode_attention(q_bnhd: jax.Array, k_blkd: jax.Array, v_blkd: jax.Array,
   from effjax.kernels.decode_attention import gpu
   group = heads // kv_heads
   block_k, split = tiling if tiling is not None else default_tiling(b, kv_heads, length)
-  q = _grouped_rows(q_bnhd, kv_heads, k_blkd.dtype)
+  q = _grouped_rows(q_bnhd, kv_heads)
   out, m, l = gpu.partials(q, k_blkd, v_blkd, start_b, slot.reshape(1), n=n, group=group,
                            block_k=block_k, split=split, interpret=interpret)
   return _ungrouped(gpu.merge(out, m, l, n * group), q_bnhd, kv_heads)
@@ -158,6 +156,7 @@ def write_cache(k_blkd: jax.Array, v_blkd: jax.Array, k_new: jax.Array, v_new: j
 
 def decode_attention_write(q_bnhd: jax.Array, k_new: jax.Array, v_new: jax.Array,
                            k_blkd: jax.Array, v_blkd: jax.Array, start_b: jax.Array, slot, *,
+                           rotary: tuple[jax.Array, jax.Array] | None = None,
                            backend: str = 'auto', tiling: tuple[int, int] | None = None,
                            interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`write_cache` then `decode_attention`, as one kernel on the 'triton' backend.
@@ -168,24 +167,35 @@ def decode_attention_write(q_bnhd: jax.Array, k_new: jax.Array, v_new: jax.Array
   below `slot` and to the new tokens from its inputs, and writes them into the cache buffers in
   place (aliased), so a decode step needs no separate cache-write kernels; 'xla' writes with
   dynamic_update_slice and runs the reference. Both give the same caches and the same
-  attention up to float32 summation order."""
+  attention up to float32 summation order.
+
+  rotary: None, or the rotary tables (cos, sin) [B, n, D/2] of the new tokens' positions
+  (effjax.models.rope.rope_tables): q and k_new are then before the rotary embedding, and both
+  are rotated (effjax.models.rope.rotate) before anything else; the kernel does it itself, so
+  the step needs no separate rotary kernels either (head dims below 32 rotate outside it)."""
   _check_shapes(q_bnhd, k_blkd, v_blkd)
   b, n, heads, d = q_bnhd.shape
   _, length, kv_heads, _ = k_blkd.shape
   if k_new.shape != (b, n, kv_heads, d) or v_new.shape != k_new.shape:
     raise ValueError(f'decode attention: new keys and values must be [B, n, Hkv, D] = '
                      f'{(b, n, kv_heads, d)}; got {k_new.shape} and {v_new.shape}')
+  if rotary is not None and any(t.shape != (b, n, d // 2) for t in rotary):
+    raise ValueError(f'decode attention: rotary cos / sin must be [B, n, D/2] = '
+                     f'{(b, n, d // 2)}; got {[t.shape for t in rotary]}')
   start_b = jnp.asarray(start_b, jnp.int32).reshape(b)
   slot = jnp.asarray(slot, jnp.int32)
   if _backend_for(backend, n, heads, kv_heads, d, k_blkd.dtype) == 'xla':
+    if rotary is not None:
+      q_bnhd, k_new = rope.rotate(q_bnhd, *rotary), rope.rotate(k_new, *rotary)
     k_blkd, v_blkd = write_cache(k_blkd, v_blkd, k_new, v_new, slot)
     return decode_attention_reference(q_bnhd, k_blkd, v_blkd, start_b, slot), k_blkd, v_blkd
 
   from effjax.kernels.decode_attention import gpu
+  if rotary is not None and d < 2 * gpu.MIN_TILE:
+    q_bnhd, k_new, rotary = rope.rotate(q_bnhd, *rotary), rope.rotate(k_new, *rotary), None
   group = heads // kv_heads
   block_k, split = tiling if tiling is not None else default_tiling(b, kv_heads, length)
-  q = _grouped_rows(q_bnhd, kv_heads, k_blkd.dtype)
   out, m, l, k_blkd, v_blkd = gpu.partials_writing(
-      q, k_new, v_new, k_blkd, v_blkd, start_b, slot.reshape(1), n=n, group=group,
-      block_k=block_k, split=split, interpret=interpret)
+      _grouped_rows(q_bnhd, kv_heads), k_new, v_new, k_blkd, v_blkd, start_b, slot.reshape(1),
+      n=n, group=group, block_k=block_k, split=split, rotary=rotary, interpret=interpret)
   return _ungrouped(gpu.merge(out, m, l, n * group), q_bnhd, kv_heads), k_blkd, v_blkd

@@ -2,7 +2,8 @@
 
 One program per (sequence b, key/value head h, cache range s). It holds the R query rows that
 read head h: the n new tokens times the Hq / Hkv query heads of the group, row r = token i x
-group + g, zero-padded to a power of two >= 16 (Triton's smallest dot). It walks the key blocks
+group + g, loaded masked as a power of two >= 16 rows (Triton's smallest dot; the rows past
+n x group read as zeros, so the caller passes q unpadded). It walks the key blocks
 of its range that some row may see (from max(start_b, range start) to min(slot + n, range end),
 bounds computed in the kernel from scalar loads, so a step early in a generation reads only the
 filled part of the cache and the program is compiled once for every slot), with the online
@@ -60,23 +61,42 @@ def check_tiling(rows: int, head_dim: int, length: int, *, block_k: int, split: 
                      f'cache of {length} slots has {blocks} blocks of {block_k})')
 
 
+def _check_rows(rows: int, n: int, group: int) -> None:
+  if rows != n * group:
+    raise ValueError(f'decode attention kernel: q holds {rows} rows a key/value head, expected '
+                     f'n x group = {n} x {group} (unpadded: the kernel pads them itself)')
+
+
 def _dot(a, b, trans_b: bool = False):
   dims = (((1,), (1 if trans_b else 0,)), ((), ()))
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+def _load(ref, idx, mask):
+  return ref[idx] if mask is None else plgpu.load(ref.at[idx], mask=mask, other=0.)
+
+
 def _kernel(start_ref, slot_ref, q_ref, k_ref, v_ref, *refs, n, group, rows, rp, block_k,
-            per_split, length, scale, writes):
+            per_split, length, scale, writes, rotary):
   # writes: the n new tokens' keys and values come as refs of their own ([B, n, Hkv, D], after
   # the cache in `refs`) and the cache as outputs aliasing it (after o, m, l). The cache part of
   # the loop then masks every slot from `slot` on, and range 0's program adds the new tokens
   # from registers and writes them to the cache. A block that holds slot - 1 may also load
   # slots being written meanwhile (blocks are loaded whole), but those columns are masked: the
   # value loaded there, old or new, only ever meets a probability of 0 (both are finite).
+  # rotary (writes only): q and the new keys arrive before the rotary embedding, with its
+  # cos / sin tables [B, n, D/2] (after the new values); the kernel rotates them (rotate-half
+  # form, in float32 as effjax.models.rope does) and works on the two halves of the head dim as
+  # two dots, so no concatenation is needed; the cache receives rotated keys.
+  refs = list(refs)
+  kn_ref = vn_ref = cos_ref = sin_ref = kc_ref = vc_ref = None
   if writes:
-    kn_ref, vn_ref, o_ref, m_ref, l_ref, kc_ref, vc_ref = refs
-  else:
-    o_ref, m_ref, l_ref = refs
+    kn_ref, vn_ref = refs.pop(0), refs.pop(0)
+    if rotary:
+      cos_ref, sin_ref = refs.pop(0), refs.pop(0)
+  o_ref, m_ref, l_ref = refs[:3]
+  if writes:
+    kc_ref, vc_ref = refs[3:]
   b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   start = start_ref[b]
   slot = slot_ref[0]
@@ -84,8 +104,20 @@ def _kernel(start_ref, slot_ref, q_ref, k_ref, v_ref, *refs, n, group, rows, rp,
   seen = slot if writes else slot + n  # cache slots read: below `seen`
   end = jnp.minimum(seen, jnp.minimum((s + 1) * (per_split * block_k), length))
   last = (end + block_k - 1) // block_k  # exclusive; <= first when the range has nothing to see
-  q = q_ref[b, h]  # [rp, D]
   r = lax.broadcasted_iota(jnp.int32, (rp,), 0)
+  d = q_ref.shape[-1]
+  half = d // 2
+  # the query rows: those past n x group (up to the dot's rp) read as zeros
+  row_mask = None if rows == rp else (r < rows)[:, None]
+  if rotary:
+    c, sn = _row_tables(cos_ref, sin_ref, b, r // group, n)
+    qa = _load(q_ref, (b, h, pl.ds(0, rp), pl.ds(0, half)), row_mask).astype(jnp.float32)
+    qb = _load(q_ref, (b, h, pl.ds(0, rp), pl.ds(half, half)), row_mask).astype(jnp.float32)
+    parts = [(qa * c - qb * sn).astype(q_ref.dtype), (qb * c + qa * sn).astype(q_ref.dtype)]
+    cols = [pl.ds(0, half), pl.ds(half, half)]
+  else:
+    parts = [_load(q_ref, (b, h, pl.ds(0, rp), slice(None)), row_mask)]
+    cols = [slice(None)]
   limit = slot + jnp.minimum(r // group, n - 1)  # the last slot row r may see
   if writes:
     limit = jnp.minimum(limit, slot - 1)
@@ -95,14 +127,14 @@ def _kernel(start_ref, slot_ref, q_ref, k_ref, v_ref, *refs, n, group, rows, rp,
     m, l, acc = carry
     k0 = pl.multiple_of(i * block_k, block_k)
     keys = k0 + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-    if tail:
-      inside = (keys < length)[:, None]
-      k = plgpu.load(k_ref.at[b, pl.ds(k0, block_k), h, :], mask=inside, other=0.)
-      v = plgpu.load(v_ref.at[b, pl.ds(k0, block_k), h, :], mask=inside, other=0.)
-    else:
-      k = k_ref[b, pl.ds(k0, block_k), h, :]
-      v = v_ref[b, pl.ds(k0, block_k), h, :]
-    sc = _dot(q.astype(k.dtype), k, trans_b=True) * scale  # [rp, block_k]
+    inside = (keys < length)[:, None] if tail else None
+    sc = None
+    for qp, col in zip(parts, cols):
+      k = _load(k_ref, (b, pl.ds(k0, block_k), h, col), inside)
+      term = _dot(qp.astype(k.dtype), k, trans_b=True)
+      sc = term if sc is None else sc + term
+    v = _load(v_ref, (b, pl.ds(k0, block_k), h, slice(None)), inside)
+    sc = sc * scale  # [rp, block_k]
     ok = (keys[None, :] >= start) & (keys[None, :] <= limit[:, None])
     sc = jnp.where(ok, sc, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(sc, axis=1))
@@ -112,14 +144,13 @@ def _kernel(start_ref, slot_ref, q_ref, k_ref, v_ref, *refs, n, group, rows, rp,
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return m_new, l, acc
 
-  d = q.shape[-1]
   init = (jnp.full((rp,), _NEG, jnp.float32), jnp.zeros((rp,), jnp.float32),
           jnp.zeros((rp, d), jnp.float32))
   m, l, acc = lax.fori_loop(first, jnp.maximum(first, last), step, init)
   if writes:
-    m, l, acc = _new_tokens(q, kn_ref, vn_ref, kc_ref, vc_ref, (m, l, acc), b=b, h=h, s=s,
+    m, l, acc = _new_tokens(parts, kn_ref, vn_ref, kc_ref, vc_ref, (m, l, acc), b=b, h=h, s=s,
                             start=start, slot=slot, n=n, group=group, r=r, length=length,
-                            scale=scale)
+                            scale=scale, tables=(cos_ref, sin_ref) if rotary else None)
   if rows == rp:
     o_ref[b, h, s] = acc
     m_ref[b, h, s] = m
@@ -131,11 +162,24 @@ def _kernel(start_ref, slot_ref, q_ref, k_ref, v_ref, *refs, n, group, rows, rp,
     plgpu.store(l_ref.at[b, h, s], l, mask=real)
 
 
-def _new_tokens(q, kn_ref, vn_ref, kc_ref, vc_ref, carry, *, b, h, s, start, slot, n, group, r,
-                length, scale):
+def _row_tables(cos_ref, sin_ref, b, token_r, n):
+  """The rotary cos / sin rows [rp, D/2] of each query row's token (token_r = r // group)."""
+  c = cos_ref[b, 0, :][None, :]
+  sn = sin_ref[b, 0, :][None, :]
+  for j in range(1, n):
+    here = (token_r == j)[:, None]
+    c = jnp.where(here, cos_ref[b, j, :][None, :], c)
+    sn = jnp.where(here, sin_ref[b, j, :][None, :], sn)
+  return c, sn
+
+
+def _new_tokens(parts, kn_ref, vn_ref, kc_ref, vc_ref, carry, *, b, h, s, start, slot, n, group,
+                r, length, scale, tables):
   """Range 0's share of the n new tokens: their scores and values folded into the online
   softmax (as one more block of n keys), then their keys and values written to the cache.
 
+  parts: the query rows as the cache loop used them (whole, or the two rotated halves of the
+  head dim); tables: the rotary (cos, sin) refs when the new keys are still to be rotated.
   Row r (token r // group) sees new token j when j <= r // group and slot + j >= start, as it
   would see the written slot. Products are elementwise in float32 from the cache's dtype (n is
   a handful, below Triton's smallest dot), the probabilities rounded to that dtype before the
@@ -143,12 +187,28 @@ def _new_tokens(q, kn_ref, vn_ref, kc_ref, vc_ref, carry, *, b, h, s, start, slo
   m, l, acc = carry
   dtype = kc_ref.dtype
   mine = s == 0
-  keys = [kn_ref[b, j, h, :].astype(dtype) for j in range(n)]  # [D] each
+  d = kn_ref.shape[-1]
+  half = d // 2
+  if tables is None:
+    keys = [[kn_ref[b, j, h, :].astype(dtype)] for j in range(n)]  # [D] each
+  else:
+    cos_ref, sin_ref = tables
+    keys = []
+    for j in range(n):
+      ka = kn_ref[b, j, h, pl.ds(0, half)].astype(jnp.float32)
+      kb = kn_ref[b, j, h, pl.ds(half, half)].astype(jnp.float32)
+      c, sn = cos_ref[b, j, :], sin_ref[b, j, :]
+      keys.append([(ka * c - kb * sn).astype(kn_ref.dtype).astype(dtype),
+                   (kb * c + ka * sn).astype(kn_ref.dtype).astype(dtype)])
   values = [vn_ref[b, j, h, :].astype(dtype) for j in range(n)]
-  qf = q.astype(dtype).astype(jnp.float32)
+  qf = [qp.astype(dtype).astype(jnp.float32) for qp in parts]
   scores = []
   for j in range(n):
-    sc = jnp.sum(qf * keys[j].astype(jnp.float32)[None, :], axis=1) * scale  # [rp]
+    sc = None
+    for qp, kp in zip(qf, keys[j]):
+      term = jnp.sum(qp * kp.astype(jnp.float32)[None, :], axis=1)
+      sc = term if sc is None else sc + term
+    sc = sc * scale  # [rp]
     ok = mine & (r // group >= j) & (slot + j >= start)
     scores.append(jnp.where(ok, sc, -jnp.inf))
   m_new = m
@@ -168,7 +228,11 @@ def _new_tokens(q, kn_ref, vn_ref, kc_ref, vc_ref, carry, *, b, h, s, start, slo
     for j in range(n):
       @pl.when(slot + j < length)
       def _(j=j):
-        kc_ref[b, slot + j, h, :] = keys[j]
+        if tables is None:
+          kc_ref[b, slot + j, h, :] = keys[j][0]
+        else:
+          kc_ref[b, slot + j, h, pl.ds(0, half)] = keys[j][0]
+          kc_ref[b, slot + j, h, pl.ds(half, half)] = keys[j][1]
         vc_ref[b, slot + j, h, :] = values[j]
 
   return m_new, l, acc
@@ -180,17 +244,19 @@ def _whole(shape):
 
 def partials(q_bkrd, k_blkd, v_blkd, start_b, slot_1, *, n: int, group: int, block_k: int,
              split: int, num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
-  """q [B, Hkv, R, D] (rows r = token x group + g, zero past n x group) against the cache ->
-  (out [B, Hkv, split, R, D], row max [B, Hkv, split, R], row sum [..]) in float32, rows past
-  n x group unwritten."""
-  b, kv, rp, d = q_bkrd.shape
+  """q [B, Hkv, n x group, D] (rows r = token x group + g) against the cache -> (out [B, Hkv,
+  split, Rp, D], row max [B, Hkv, split, Rp], row sum [..]) in float32, Rp = padded_rows(n x
+  group), rows past n x group unwritten."""
+  b, kv, rows, d = q_bkrd.shape
   length = k_blkd.shape[1]
-  rows = n * group
+  _check_rows(rows, n, group)
   check_tiling(rows, d, length, block_k=block_k, split=split)
+  rp = padded_rows(rows)
   blocks = -(-length // block_k)
   per_split = -(-blocks // split)
   kernel = functools.partial(_kernel, n=n, group=group, rows=rows, rp=rp, block_k=block_k,
-                             per_split=per_split, length=length, scale=d ** -0.5, writes=False)
+                             per_split=per_split, length=length, scale=d ** -0.5, writes=False,
+                             rotary=False)
   operands = (start_b, slot_1, q_bkrd, k_blkd, v_blkd)
   return pl.pallas_call(
       kernel, grid=(b, kv, split),
@@ -206,25 +272,40 @@ def partials(q_bkrd, k_blkd, v_blkd, start_b, slot_1, *, n: int, group: int, blo
 
 
 def partials_writing(q_bkrd, k_new, v_new, k_blkd, v_blkd, start_b, slot_1, *, n: int,
-                     group: int, block_k: int, split: int, num_warps: int = 4,
+                     group: int, block_k: int, split: int, rotary=None, num_warps: int = 4,
                      num_stages: int = 2, interpret: bool = False):
   """`partials` for a cache that does not yet hold the new tokens: k_new, v_new [B, n, Hkv, D]
   are attended from registers and written to the cache at slots slot .. slot + n - 1 (those at
   or past L dropped) by the kernel itself. -> (out, row max, row sum, k cache, v cache): the
   caches are the inputs' buffers updated in place (input_output_aliases), so the step has no
-  separate cache-write kernels."""
-  b, kv, rp, d = q_bkrd.shape
+  separate cache-write kernels.
+
+  rotary: None, or (cos, sin) [B, n, D/2] float32: q and k_new are then before the rotary
+  embedding, and the kernel rotates both (the step has no separate rotary kernels either);
+  needs D >= 2 x MIN_TILE (each half is one dot's contraction)."""
+  b, kv, rows, d = q_bkrd.shape
   length = k_blkd.shape[1]
-  rows = n * group
+  _check_rows(rows, n, group)
   check_tiling(rows, d, length, block_k=block_k, split=split)
+  rp = padded_rows(rows)
   if k_new.shape != (b, n, kv, d) or v_new.shape != k_new.shape:
     raise ValueError(f'decode attention kernel: new keys/values must be [B, n, Hkv, D] = '
                      f'{(b, n, kv, d)}, got {k_new.shape} and {v_new.shape}')
+  tables = ()
+  if rotary is not None:
+    if d < 2 * MIN_TILE:
+      raise ValueError(f'decode attention kernel: the rotary embedding in the kernel needs head '
+                       f'dim >= {2 * MIN_TILE}, got {d}')
+    tables = tuple(jnp.asarray(t, jnp.float32) for t in rotary)
+    if any(t.shape != (b, n, d // 2) for t in tables):
+      raise ValueError(f'decode attention kernel: rotary cos / sin must be [B, n, D/2] = '
+                       f'{(b, n, d // 2)}, got {[t.shape for t in tables]}')
   blocks = -(-length // block_k)
   per_split = -(-blocks // split)
   kernel = functools.partial(_kernel, n=n, group=group, rows=rows, rp=rp, block_k=block_k,
-                             per_split=per_split, length=length, scale=d ** -0.5, writes=True)
-  operands = (start_b, slot_1, q_bkrd, k_blkd, v_blkd, k_new, v_new)
+                             per_split=per_split, length=length, scale=d ** -0.5, writes=True,
+                             rotary=bool(tables))
+  operands = (start_b, slot_1, q_bkrd, k_blkd, v_blkd, k_new, v_new) + tables
   cache = k_blkd.shape
   return pl.pallas_call(
       kernel, grid=(b, kv, split),
