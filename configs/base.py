@@ -272,12 +272,14 @@ def get_config() -> ml_collections.ConfigDict:
   # (H100), where the [K, N] kernels keep 1.01-1.02x. See experiments/quantized_matmul.
   inf.qmm_output_major = ''
   # True: where the decode-attention kernel runs (infer.attention_kernel on GPU, the full-cache
-  # attention kinds), it also writes the new tokens' keys and values into the cache, in place,
-  # instead of two separate cache-write kernels a layer before it (decoding's engine and
-  # LM.decode's timing path). Same caches and outputs (CPU tests). On an H100 the batch-1 step of
-  # configs/gpt_1b.py ran 1.4-2.1% faster with it, batch 16 the same; off by default until
-  # experiments/decode_attention/check_write.py has checked it against the XLA path on a GPU.
-  inf.cache_write_in_kernel = False
+  # attention kinds), it also rotates q and the new keys (rotary) and writes the new keys and
+  # values into the cache, in place, instead of a rotary kernel, a query-padding kernel and two
+  # cache writes a layer before it (decoding's engine and LM.decode's timing path). Checked on an
+  # H100 against the XLA path (experiments/decode_attention/check_write.py: the caches bit for
+  # bit, the same greedy tokens). configs/gpt_1b.py there: batch 1 2.9-3.5% faster at 1k and
+  # 3.7-4.7% at 8k (paired runs); batch 16 1.3% slower at 1k, the same at 8k. False: the XLA
+  # rotary and cache writes before the kernel. See experiments/decode_attention.
+  inf.cache_write_in_kernel = True
   # True: on a GPU, the one-row products of the float weights infer.output_major stores
   # transposed ('wo' by default) take the Pallas GEMV kernel (effjax/kernels/gemv) instead of
   # XLA's row reduction. Batched steps and other devices keep XLA. Off: on an H100 the batch-1

@@ -695,10 +695,12 @@ def decode_output_major(b1_major, b1_training, b16_major, b16_training) -> str:
   return '; '.join(parts)
 
 
-def decode_cache_write(*pairs) -> str:
+def decode_cache_write(*files) -> str:
   """The decode step without and with the cache written by the attention kernel: files in
   (without, with) pairs, each pair from one run; per batch and context the range of the pairs'
-  speedups, and the best batch-1 1k row's roofline fraction (its own copy measurement)."""
+  speedups, and the best batch-1 1k row's roofline fraction (its own copy measurement, and the
+  fastest copy measured: in these runs, or, given an odd file last, that earlier run's too)."""
+  pairs, earlier = (files[:-1], files[-1:]) if len(files) % 2 else (files, ())
   speedups: dict[tuple[int, int], list[float]] = {}
   best = None
   for off, on in zip(pairs[0::2], pairs[1::2]):
@@ -711,13 +713,19 @@ def decode_cache_write(*pairs) -> str:
   parts = [f"batch {b}, {seq_text(c)}: {min(v):.3f}-{max(v):.3f}x" if len(v) > 1 else
            f"batch {b}, {seq_text(c)}: {v[0]:.3f}x" for (b, c), v in sorted(speedups.items())]
   copies = [r['bandwidth_gbs'] for path in pairs for r in bench_rows(path)]
-  fastest = best['mb_per_token'] * 2**20 / (max(copies) * 1e9) / (best['ms_per_token'] * 1e-3)
-  verdict = 'met' if fastest >= 0.7 else 'missed'
-  return (', '.join(parts) + f"; best batch-1 1k step {best['ms_per_token']:.3f} ms/token: "
-          f"{best['roofline_fraction']:.0%} of its own row's copy roofline, {fastest:.0%} of the "
-          f"fastest copy in these runs ({max(copies) / 1e3:.2f} TB/s; copies ranged "
-          f"{min(copies) / 1e3:.2f}-{max(copies) / 1e3:.2f}; target 70% {verdict} on the latter, "
-          "by a margin smaller than the copy's spread)")
+  fastest = max(copies + [bench_row(path, context=1024)['bandwidth_gbs'] for path in earlier])
+  at = lambda gbs: best['mb_per_token'] * 2**20 / (gbs * 1e9) / (best['ms_per_token'] * 1e-3)
+  margin, spread = at(fastest) - 0.7, at(min(copies)) - at(max(copies))
+  verdict = 'met' if margin >= 0 else 'missed'
+  where = 'in these runs' if fastest == max(copies) else 'on any H100 here (an earlier run\'s)'
+  text = (f"best batch-1 1k step {best['ms_per_token']:.3f} ms/token: "
+          f"{best['roofline_fraction']:.0%} of its own row's copy roofline, {at(fastest):.1%} of "
+          f"the fastest copy {where} ({fastest / 1e3:.2f} TB/s; these runs' copies ranged "
+          f"{min(copies) / 1e3:.2f}-{max(copies) / 1e3:.2f}; target 70% {verdict} on the latter")
+  if margin >= 0:
+    text += (', by a margin smaller than the copies\' spread' if margin < spread else
+             ', by more than the copies\' spread')
+  return ', '.join(parts) + '; ' + text + ')'
 
 
 def decode_b1_contexts(new, earlier) -> str:
@@ -774,6 +782,7 @@ QM_H200 = 'experiments/quantized_matmul/results/h200_2026_12_07_nk3d'
 QM_WORDS = 'experiments/quantized_matmul/results/h100_2026_12_07_words'
 QM_XPREP = 'experiments/quantized_matmul/results/h100_2026_12_07_xprep'
 KW = 'experiments/decode_attention/results/h100_2026_12_07_kernel_levers'
+KWR = 'experiments/decode_attention/results/h100_2026_12_08_kw_rotary'
 LEVERS = 'experiments/decode_attention/results/h100_2026_12_06_levers'
 
 ROWS = (
@@ -898,6 +907,12 @@ ROWS = (
          f'{KW}/kw_b1_False_b.json', f'{KW}/kw_b1_True_b.json',
          f'{KW}/levers2_b16_kw_False.json', f'{KW}/levers2_b16_kw_True.json',
          f'{KW}/kw_b16_False.json', f'{KW}/kw_b16_True.json'), decode_cache_write),
+    Row('the same with the kernel also rotating q and the new keys (infer.cache_write_in_kernel, '
+        'now on by default) vs two cache writes, the rotary and the query padding kernels, two '
+        'paired runs at batch 1, one at 16', '1 x H100', 'decode_attention',
+        (f'{KWR}/kwr_b1_off.json', f'{KWR}/kwr_b1_kw.json', f'{KWR}/kwr_b1_off_again.json',
+         f'{KWR}/kwr_b1_kw_again.json', f'{KWR}/kwr_b16_False.json', f'{KWR}/kwr_b16_True.json',
+         f'{DA_H100}/decode_gpt_1b_b1_output_major_wo.json'), decode_cache_write),
     Row('1.03B model with exits after layers 4 and 8 and a 0.15B draft, trained on the byte '
         'corpus; batch-1 greedy decoding of code prompts', '1 x H200', 'early_exit',
         ('experiments/early_exit/results_gpu/gpu_gpt_1b.json',), speculative_study),

@@ -94,7 +94,7 @@ def time_decode(graphdef, params, context: int, *, steps: int = 32, batch: int =
                 repeats: int = 3, profile_dir: str = '',
                 output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR,
                 qmm_output_major: tuple[str, ...] = (),
-                cache_write_in_kernel: bool = False,
+                cache_write_in_kernel: bool = True,
                 output_major_kernel: str = '') -> dict[str, Any]:
   """One row: decode tokens/s of given (random, trained or compressed) parameters.
 
@@ -105,7 +105,8 @@ def time_decode(graphdef, params, context: int, *, steps: int = 32, batch: int =
   per kernel name). The weights named in `output_major` are stored transposed for the loop, as
   the decoding engine stores them (infer.output_major), and so are the weight-only quantized
   weights of the kinds in `qmm_output_major` (infer.qmm_output_major). cache_write_in_kernel
-  (infer.cache_write_in_kernel): the decode-attention kernel writes the cache itself.
+  (infer.cache_write_in_kernel): the decode-attention kernel rotates q and the new keys and
+  writes the cache itself.
   output_major_kernel ('', 'triton'; w_lib.gemv_kernel(infer.output_major_kernel)): the
   output-major float weights' one-row products through the GEMV kernel.
   """

@@ -61,7 +61,7 @@ class Engine:
   def __init__(self, graphdef: Any, params: Any, weights_dtype: str = '',
                attention_kernel: str = 'auto', attention_interpret: bool = False,
                vocab_limit: int = 0, output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR,
-               qmm_output_major: tuple[str, ...] = (), cache_write_in_kernel: bool = False,
+               qmm_output_major: tuple[str, ...] = (), cache_write_in_kernel: bool = True,
                output_major_kernel: str = ''):
     model = nnx.merge(graphdef, params)  # new module objects: the caller's model is untouched
     w_lib.output_major(model, tuple(output_major), quantized=tuple(qmm_output_major),

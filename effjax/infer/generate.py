@@ -140,7 +140,7 @@ class Options:
   attention_interpret: bool = False  # the kernel in interpret mode (tests on CPU)
   output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR  # stored transposed for decoding
   qmm_output_major: tuple[str, ...] = ()  # quantized kinds stored transposed for decoding
-  cache_write_in_kernel: bool = False  # the decode-attention kernel writes the new keys too
+  cache_write_in_kernel: bool = True  # the decode-attention kernel rotates and writes the new keys
   output_major_kernel: str = ''  # output-major float weights' one-row products: GEMV kernel
   exit_policy: ExitPolicy = ExitPolicy()
   gamma: int = 4
