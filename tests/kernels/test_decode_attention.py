@@ -136,6 +136,7 @@ def test_kernel_writing_the_cache_edge_cases(start, slot, n, length, tiling):
     (3, 5, 8, 2, 64, 128, jnp.bfloat16, (32, 2)),     # GQA x 5 new tokens: a table row each
     (2, 3, 4, 1, 32, 50, jnp.float32, (16, 4)),       # the smallest head dim rotated inside
     (2, 2, 4, 2, 16, 40, jnp.float32, (16, 2)),       # D 16: rotated outside, same contract
+    (2, 2, 16, 2, 64, 96, jnp.bfloat16, (32, 2)),     # 2 tokens x group 8: no padded rows
 ])
 def test_kernel_rotating_q_and_the_new_keys_equals_rotating_first(b, n, heads, kv, d, length,
                                                                    dtype, tiling):
@@ -225,29 +226,33 @@ def test_engine_decodes_through_the_kernel_like_xla():
   """Plain and speculative greedy decoding of a GQA model, batched prompts of different
   lengths: token for token the same with the kernel (interpret mode) as with XLA."""
   from tests.infer.test_speculative import _split
-  target = _split(0, pattern='attention:mlp, flash:mlp', num_heads=4, num_kv_heads=2)
+  # head dim 32: the smallest the writing kernel rotates q and the new keys in itself
+  target = _split(0, pattern='attention:mlp, flash:mlp', d_model=128, num_heads=4,
+                  num_kv_heads=2)
   draft = _split(1, pattern='attention:mlp', num_layers=2, exit_layers='')
   rng = np.random.default_rng()
   prompts = [[int(t) for t in rng.integers(3, 259, n)] for n in (4, 11)]
 
-  def run(method, kernel):
+  def run(method, kernel, write=False):
     options = gen.Options(method=method, max_new_tokens=8, sampler=Sampler(vocab_limit=259),
-                          gamma=3, attention_kernel=kernel, attention_interpret=True)
+                          gamma=3, attention_kernel=kernel, attention_interpret=True,
+                          cache_write_in_kernel=write)
     return gen.Decoder(*target, options, draft=draft).generate(prompts).tokens
 
   xla = run('plain', 'xla')
   assert run('plain', 'triton') == xla
   assert run('speculative', 'triton') == xla
-  # The kernel writing the cache itself (infer.cache_write_in_kernel): the same tokens.
-  options = gen.Options(method='speculative', max_new_tokens=8, sampler=Sampler(vocab_limit=259),
-                        gamma=3, attention_kernel='triton', attention_interpret=True,
-                        cache_write_in_kernel=True)
+  # The kernel rotating q and the new keys and writing the cache itself
+  # (infer.cache_write_in_kernel, the default): the same tokens, plain and with the speculative
+  # verification passes (4 new tokens a row, left-padded rows).
   calls = []
   real = da.decode_attention_write
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(da, 'decode_attention_write', lambda *a, **k: calls.append(1) or real(*a, **k))
-    assert gen.Decoder(*target, options, draft=draft).generate(prompts).tokens == xla
-  assert calls  # traced through the writing kernel
+    mp.setattr(da, 'decode_attention_write', lambda *a, **k: calls.append(k.get('rotary')) or
+               real(*a, **k))
+    assert run('plain', 'triton', write=True) == xla
+    assert run('speculative', 'triton', write=True) == xla
+  assert calls and all(r is not None for r in calls)  # traced through the rotating kernel
 
 
 def test_kernel_lowers_to_a_valid_triton_module(monkeypatch, capfd):
