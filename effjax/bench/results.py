@@ -3,11 +3,18 @@
 Every file records what a reader needs to trust or repeat the numbers: the device, the software
 versions, the exact command and, per row, the full config. Files are never overwritten: a name
 that exists gets a numeric suffix.
+
+The code is named twice: the git commit (with '+dirty' for uncommitted changes to tracked
+files) and `code_digest`, a hash of the effjax package's Python sources as they ran. A copy of a
+working tree whose git metadata lags its files (a benchmark run on another machine) records a
+stale commit but the true digest; `python -m effjax.bench.results` prints the digest of the
+checkout it runs in, to match a result file to a commit.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -41,6 +48,22 @@ def _git_commit() -> str | None:
   return out.stdout.strip() + ('+dirty' if dirty.stdout.strip() else '')
 
 
+def code_digest() -> str:
+  """The first 12 hex digits of a SHA-256 over the effjax package's .py files (relative paths
+  and contents, in sorted order)."""
+  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  h = hashlib.sha256()
+  files = []
+  for root, dirs, names in os.walk(package):
+    dirs[:] = sorted(d for d in dirs if d != '__pycache__')
+    files.extend(os.path.join(root, n) for n in names if n.endswith('.py'))
+  for path in sorted(files, key=lambda p: os.path.relpath(p, package)):
+    h.update(os.path.relpath(path, package).replace(os.sep, '/').encode() + b'\0')
+    with open(path, 'rb') as f:
+      h.update(f.read() + b'\0')
+  return h.hexdigest()[:12]
+
+
 def environment() -> dict[str, Any]:
   devices = jax.devices()
   return {
@@ -56,6 +79,7 @@ def environment() -> dict[str, Any]:
       'python': platform.python_version(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'git_commit': _git_commit(),
+      'code_digest': code_digest(),
       'command': ' '.join(shlex.quote(a) for a in [os.path.basename(sys.executable), '-m',
                                                     'effjax.bench', *sys.argv[1:]]),
   }
@@ -83,8 +107,9 @@ def markdown(env: dict[str, Any], columns: Sequence[tuple[str, str, str]],
   """columns: (row key, header, format spec for floats)."""
   lines = [f'### {title}', '',
            f'{env["num_devices"]} x {env["device_kind"]} ({env["platform"]}), JAX {env["jax"]}, '
-           f'flax {env["flax"]}, optax {env["optax"]}, commit {env["git_commit"]}, '
-           f'{env["date_utc"]} UTC.',
+           f'flax {env["flax"]}, optax {env["optax"]}, commit {env["git_commit"]}'
+           + (f' (code {env["code_digest"]})' if env.get('code_digest') else '') +
+           f', {env["date_utc"]} UTC.',
            '', f'`{env["command"]}`', '']
   if env.get('xla_flags'):
     lines += [f'XLA_FLAGS=`{env["xla_flags"]}`', '']
@@ -106,3 +131,7 @@ def write(directory: str, stem: str, env: dict[str, Any], rows: list[dict[str, A
   with open(md_path, 'w', encoding='utf-8') as f:
     f.write(markdown(env, columns, rows, title))
   return json_path, md_path
+
+
+if __name__ == '__main__':
+  print(code_digest())

@@ -54,6 +54,10 @@ def test_sweep_writes_json_and_markdown_and_never_overwrites(tmp_path):
         parts['argument'] + parts['output'] + parts['temp'] - parts['alias'])
   markdown = (out / 'tiny.md').read_text()
   assert '| remat_policy=full |' in markdown and 'tokens/s' in markdown
+  # the code that ran, by a hash of the package's sources (matches this checkout's)
+  from effjax.bench import results
+  assert env['code_digest'] == results.code_digest() and len(env['code_digest']) == 12
+  assert f"(code {env['code_digest']})" in markdown
   _bench(*args[:-2])  # same name again, single in-process variant
   assert (out / 'tiny-2.json').exists() and (out / 'tiny.json').read_text() == json.dumps(
       record, indent=2, default=str)
