@@ -12,6 +12,9 @@ dtype, one jitted loop, the cache donated) decodes `steps` tokens per sequence f
     divided by the tokens the round produced;
   - the measured memory bandwidth (a large device copy timed in the same run, read + write) and
     the fraction of that roofline the row reached (bytes per token / seconds per token / bandwidth);
+    beside it the bandwidth of reading alone (a sum over the same array) and the fraction of
+    that: a decode step mostly reads, and a GPU may read faster than it copies, so the second
+    fraction is the stricter one;
   - speculative rows: acceptance rate (accepted / drafted) and tokens per round; early exit: the
     fraction of tokens that left early; every row: speedup = plain's ms per token / its own.
 Weights are random unless --target_workdir / --draft_workdir name trained checkpoints: a random
@@ -46,6 +49,8 @@ COLUMNS = (
     ('mb_per_token', 'MB read / step', '.2f'),
     ('bandwidth_gbs', 'copy bandwidth (GB/s)', '.1f'),
     ('roofline_fraction', 'of roofline', '.2f'),
+    ('read_bandwidth_gbs', 'read bandwidth (GB/s)', '.1f'),
+    ('read_roofline_fraction', 'of read roofline', '.2f'),
     ('acceptance_rate', 'acceptance', '.3f'),
     ('tokens_per_round', 'tokens / round', '.2f'),
     ('exit_fraction', 'exited early', '.3f'),
@@ -65,6 +70,19 @@ def measure_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
     jax.block_until_ready(f(x))
     times.append(time.perf_counter() - t0)
   return 2 * x.size * 4 / statistics.median(times)
+
+
+def measure_read_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
+  """Bytes/s of a sum over a large float32 array (reads only; the output is one number)."""
+  x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  jax.block_until_ready(f(x))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x))
+    times.append(time.perf_counter() - t0)
+  return x.size * 4 / statistics.median(times)
 
 
 def _bytes(tree) -> int:
@@ -136,7 +154,8 @@ def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, 
   """
   from effjax.models.lm import LM
   bandwidth = measure_bandwidth(bandwidth_mb)
-  log(f'[decode] copy bandwidth {bandwidth / 1e9:.1f} GB/s')
+  read_bandwidth = measure_read_bandwidth(bandwidth_mb)
+  log(f'[decode] copy bandwidth {bandwidth / 1e9:.1f} GB/s, read {read_bandwidth / 1e9:.1f} GB/s')
   split = params or nnx.split(LM(config.model, rngs=nnx.Rngs(config.seed)))
   weights_dtype = config.infer.weights_dtype
   kernel = config.infer.attention_kernel
@@ -158,7 +177,8 @@ def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, 
     for method in methods:
       row: dict[str, Any] = {'method': method, 'context': context, 'batch': batch,
                              'steps': steps, 'gamma': gamma, 'pattern': config.model.pattern,
-                             'bandwidth_gbs': bandwidth / 1e9}
+                             'bandwidth_gbs': bandwidth / 1e9,
+                             'read_bandwidth_gbs': read_bandwidth / 1e9}
       try:
         if method in ('early_exit', 'self_speculative') and not engine.exits:
           raise ValueError(f'infer.method={method} needs model.exit_layers')
@@ -218,7 +238,8 @@ def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, 
           row['tokens_per_round'] = produced
         row.update(ms_per_token=1e3 * per_token, tokens_per_s=batch / per_token,
                    seconds=seconds, stats=stats, mb_per_token=per_token_bytes / 2 ** 20,
-                   roofline_fraction=per_token_bytes / per_token / bandwidth)
+                   roofline_fraction=per_token_bytes / per_token / bandwidth,
+                   read_roofline_fraction=per_token_bytes / per_token / read_bandwidth)
         if method == 'plain':
           plain_ms = row['ms_per_token']
         if plain_ms:

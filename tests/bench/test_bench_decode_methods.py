@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ['--config.model.d_model=32', '--config.model.num_layers=2', '--config.model.num_heads=2',
         '--config.model.num_kv_heads=2', '--config.model.mlp_dim=64',
@@ -27,12 +29,16 @@ def test_method_rows(tmp_path):
     assert 'error' not in r, r['error']
     assert r['ms_per_token'] > 0 and r['mb_per_token'] > 0 and r['bandwidth_gbs'] > 0
     assert 0 < r['roofline_fraction'] and r['speedup_vs_plain'] > 0
+    # the same bytes over the read-only bandwidth: the two fractions in the bandwidths' ratio
+    assert r['read_bandwidth_gbs'] > 0 and r['read_roofline_fraction'] == pytest.approx(
+        r['roofline_fraction'] * r['bandwidth_gbs'] / r['read_bandwidth_gbs'])
   assert rows[0]['speedup_vs_plain'] == 1.0
   assert rows[1]['exit_fraction'] == 1.0  # threshold 0: every token leaves at the first exit
   assert rows[1]['mb_per_token'] < rows[0]['mb_per_token']
   for r in rows[2:]:
     assert 0 <= r['acceptance_rate'] <= 1 and 1 <= r['tokens_per_round'] <= 3
   assert '| speedup vs plain |' in (tmp_path / 'm.md').read_text()
+  assert '| of read roofline |' in (tmp_path / 'm.md').read_text()
   for r in rows:  # each row's loop traced once: time per kernel name
     assert ' ms in ' in r['profile_summary'], r['profile_summary']
   assert 'device time per kernel' in proc.stdout
