@@ -286,6 +286,13 @@ def get_config() -> ml_collections.ConfigDict:
   # step of configs/gpt_1b.py was 2% slower with it (1.102 against 1.079 ms; the kernel 5.9 us a
   # call, 1.4 TB/s). See experiments/decode_attention.
   inf.output_major_kernel = False
+  # True: the decoding engine folds each block's RMSNorm gain into the plain float weights it
+  # feeds (attention's q/k/v, a SwiGLU's gate/up) once, and hands those products the raw residual
+  # with its RMS factor applied to their outputs (effjax.models.layers.Folded), so no normalised
+  # copy of the residual is written before them: a batch-1 step's two norm-application kernels a
+  # layer are what this aims at. The same logits up to rounding (CPU tests); not yet timed on a
+  # GPU, so off. Quantized, low-rank, LoRA and transposed weights keep their norm.
+  inf.fold_norms = False
   inf.max_len = 0  # cache positions; 0 = longest prompt + generate.max_new_tokens + gamma + 1
   # early_exit: the confidence measure: 'softmax' (top-1 probability), 'margin' (top-1 minus
   # top-2 probability), 'entropy' (1 - entropy / log(vocab)), 'state' (cosine of the hidden state

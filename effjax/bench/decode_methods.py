@@ -163,7 +163,8 @@ def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, 
   qmajor = w_lib.parse_names(config.infer.qmm_output_major)
   prep = dict(output_major=major, qmm_output_major=qmajor,
               cache_write_in_kernel=config.infer.cache_write_in_kernel,
-              output_major_kernel=w_lib.gemv_kernel(config.infer.output_major_kernel))
+              output_major_kernel=w_lib.gemv_kernel(config.infer.output_major_kernel),
+              fold_norms=config.infer.fold_norms)
   engine = Engine(*split, weights_dtype, kernel, **prep)
   draft = None
   if 'speculative' in methods:

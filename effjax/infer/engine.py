@@ -41,7 +41,7 @@ from flax import nnx
 
 from effjax.compress import weights as w_lib
 from effjax.kernels import decode_attention as decode_kernel
-from effjax.models import attention, early_exit, layers, rope
+from effjax.models import attention, early_exit, layers, mlp, norms, rope
 from effjax.models.lm import block_kinds, num_groups
 from effjax.models.registry import parse_pattern
 
@@ -62,7 +62,7 @@ class Engine:
                attention_kernel: str = 'auto', attention_interpret: bool = False,
                vocab_limit: int = 0, output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR,
                qmm_output_major: tuple[str, ...] = (), cache_write_in_kernel: bool = True,
-               output_major_kernel: str = ''):
+               output_major_kernel: str = '', fold_norms: bool = False):
     model = nnx.merge(graphdef, params)  # new module objects: the caller's model is untouched
     w_lib.output_major(model, tuple(output_major), quantized=tuple(qmm_output_major),
                        kernel=output_major_kernel)
@@ -88,6 +88,9 @@ class Engine:
       if not callable(getattr(block.mixer, 'decode', None)):
         raise ValueError(f'model.pattern={cfg.pattern!r}: the {kind!r} mixer cannot decode with a '
                          'cache, so no infer.method can run it')
+    # infer.fold_norms: per block, whether its mixer's / feed-forward's RMSNorm gain now lives in
+    # the weights it feeds (run() then passes them the raw residual, layers.Folded)
+    self.folded = [_fold_norms(b) if fold_norms else (False, False) for b in blocks]
     split = [nnx.split(b) for b in blocks]
     self.block_defs = [s[0] for s in split]
     self.is_attention = [isinstance(b.mixer, attention.Attention) for b in blocks]
@@ -222,13 +225,18 @@ class Engine:
     positions = (slot + jnp.arange(n))[None] - start_b[:, None]
     for i in range(lo, hi):
       block = self.block(a, i)
-      h = block.mixer_norm(x_bnd)
+      fold_mixer, fold_ff = self.folded[i]
+      h = _folded(block.mixer_norm, x_bnd) if fold_mixer else block.mixer_norm(x_bnd)
       if self.is_attention[i]:
         y, caches[i] = attend(block.mixer, h, slot, start_b, caches[i], *self.attention)
       else:
         y, caches[i], snaps[i] = recurrent_steps(block.mixer, h, positions, caches[i], snapshots)
       ctx = layers.Context(positions=positions, segment_ids=None)
-      new = block._feed_forward(x_bnd + y, ctx)  # pylint: disable=protected-access
+      if fold_ff:
+        x_res = x_bnd + y
+        new = x_res + block.ff(_folded(block.ff_norm, x_res), ctx)
+      else:
+        new = block._feed_forward(x_bnd + y, ctx)  # pylint: disable=protected-access
       x_bnd = new if keep_b is None else jnp.where(keep_b[:, None, None], x_bnd, new)
     return x_bnd, caches, (snaps if snapshots else None)
 
@@ -245,6 +253,40 @@ class Engine:
       else:  # the state must advance over this position; the output is dropped (and so its ops)
         caches[i] = block.mixer.decode(h, positions, caches[i])[1]
     return caches
+
+
+def _folded(norm, x):
+  return layers.Folded(x, norm.eps, norm.compute_dtype)
+
+
+def _fold_norms(block) -> tuple[bool, bool]:
+  """infer.fold_norms: the block's RMSNorm gains folded into the plain float weights they feed
+  (attention's wq / wk / wv; a SwiGLU's w_gate / w_up), each row of their input axis times its
+  gain, and the gains set to ones, so that every path through the modules (prefill, the early
+  exits' cache fill) computes what it did and `Engine.run` may hand the projections the raw
+  residual with its RMS factor (layers.Folded: no normalised copy written before them).
+  Quantized, low-rank, LoRA or transposed weights are left alone. -> (mixer, feed-forward)
+  folded."""
+
+  def plain(module, names) -> bool:
+    return all(isinstance(getattr(module, n, None), nnx.Param) for n in names)
+
+  def fold(norm, module, names) -> bool:
+    gain = norm.scale[...].astype(jnp.float32)
+    for name in names:
+      w = getattr(module, name)
+      scaled = w[...].astype(jnp.float32) * gain.reshape((-1,) + (1,) * (w[...].ndim - 1))
+      w[...] = scaled.astype(w[...].dtype)
+    norm.scale[...] = jnp.ones_like(norm.scale[...])
+    return True
+
+  qkv, gate_up = ('wq', 'wk', 'wv'), ('w_gate', 'w_up')
+  mixer = (isinstance(block.mixer, attention.Attention) and
+           isinstance(block.mixer_norm, norms.RMSNorm) and plain(block.mixer, qkv))
+  ff = (block.has_ff and isinstance(block.ff, mlp.SwiGLU) and
+        isinstance(block.ff_norm, norms.RMSNorm) and plain(block.ff, gate_up))
+  return (mixer and fold(block.mixer_norm, block.mixer, qkv),
+          ff and fold(block.ff_norm, block.ff, gate_up))
 
 
 def rollback(caches: list, snaps: dict[int, Any] | None, index: jax.Array) -> list:

@@ -142,6 +142,7 @@ class Options:
   qmm_output_major: tuple[str, ...] = ()  # quantized kinds stored transposed for decoding
   cache_write_in_kernel: bool = True  # the decode-attention kernel rotates and writes the new keys
   output_major_kernel: str = ''  # output-major float weights' one-row products: GEMV kernel
+  fold_norms: bool = False  # RMSNorm gains folded into the weights they feed (the engine)
   exit_policy: ExitPolicy = ExitPolicy()
   gamma: int = 4
   draft_exit: int = 0  # self_speculative: the exit layer that drafts (0 = the first exit)
@@ -195,7 +196,8 @@ class Decoder:
                          output_major=options.output_major,
                          qmm_output_major=options.qmm_output_major,
                          cache_write_in_kernel=options.cache_write_in_kernel,
-                         output_major_kernel=options.output_major_kernel)
+                         output_major_kernel=options.output_major_kernel,
+                         fold_norms=options.fold_norms)
     exits = self.engine.exits
     if options.method in ('early_exit', 'self_speculative') and not exits:
       raise ValueError(f'infer.method={options.method}: the model has no exit heads; train it '
@@ -215,7 +217,8 @@ class Decoder:
                           output_major=options.output_major,
                           qmm_output_major=options.qmm_output_major,
                           cache_write_in_kernel=options.cache_write_in_kernel,
-                          output_major_kernel=options.output_major_kernel)
+                          output_major_kernel=options.output_major_kernel,
+                          fold_norms=options.fold_norms)
       dv, tv = self.draft.cfg.vocab_size, self.engine.cfg.vocab_size
       if dv != tv:
         raise ValueError(f'the draft model\'s vocabulary ({dv} ids, model.vocab_size of '

@@ -52,12 +52,40 @@ def mlp_dim(model_cfg) -> int:
   return -(-(8 * model_cfg.d_model // 3) // 64) * 64
 
 
+class Folded:
+  """An RMS-normalised input left unnormalised: the raw x (in the norm's compute dtype) and its
+  factor r = rsqrt(mean(x^2) + eps) [..., 1] in float32. `matmul` takes x times the weight and
+  scales the product's rows by r: RMSNorm(x) @ W with the norm's gain already folded into W (the
+  decoding engine's infer.fold_norms), so no normalised copy of x is written before the product.
+  Only `matmul` / `matmuls` and `.shape` accept it."""
+
+  def __init__(self, x: jax.Array, eps: float, dtype):
+    x32 = x.astype(jnp.float32)
+    self.r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    self.x = x.astype(dtype)
+
+  @property
+  def shape(self):
+    return self.x.shape
+
+
 def matmul(equation: str, x: jax.Array, weight: Any, dtype) -> jax.Array:
   """x times a projection weight in `dtype`: jnp.einsum(equation, x, weight[...] as dtype).
 
   A compressed weight (effjax.compress.weights: quantized, low-rank, LoRA) brings its own
-  `einsum` and computes the product its way; a plain parameter is read and cast.
+  `einsum` and computes the product its way; a plain parameter is read and cast. A `Folded` x:
+  the product of its raw x, each output row scaled by its r (the equation's output must start
+  with x's leading letters).
   """
+  if isinstance(x, Folded):
+    lhs, out = equation.split('->')
+    lead = lhs.split(',')[0][:-1]
+    if not out.startswith(lead):
+      raise ValueError(f'a folded norm\'s input needs an output that keeps its leading axes '
+                       f'({lead!r}); got {equation!r}')
+    y = matmul(equation, x.x, weight, dtype)
+    r = x.r.reshape(x.r.shape[:-1] + (1,) * (y.ndim - len(lead)))
+    return (y.astype(jnp.float32) * r).astype(y.dtype)
   if hasattr(type(weight), 'einsum'):
     return weight.einsum(equation, x, dtype)
   return jnp.einsum(equation, x, weight[...].astype(dtype))
@@ -69,7 +97,7 @@ def matmuls(x: jax.Array, products, dtype) -> list[jax.Array]:
   computes such a group itself (`einsum_group`: int8 / int4 weights read by one kernel launch)
   it does; otherwise each product is taken on its own."""
   group = getattr(type(products[0][1]), 'einsum_group', None)
-  if group is not None and len(products) > 1:
+  if group is not None and len(products) > 1 and not isinstance(x, Folded):
     ys = group(products, x, dtype)
     if ys is not None:
       return ys

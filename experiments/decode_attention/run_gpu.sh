@@ -3,7 +3,7 @@
 # into $OUT/results.tgz after each step, so a run cut short returns what it finished).
 #   bash experiments/decode_attention/run_gpu.sh STEP [STEP ...]
 #   steps: kernels decode_b1 profile_b1 decode_b16 qmm layout levers gemm_lever kernel_levers
-#          kw_rotary ('all' = every one but the last three, in order)
+#          kw_rotary fold_norms ('all' = every one but the last four, in order)
 set -u
 OUT=${OUT:-/tmp/effjax_decode_out}
 RES=${RES:-/tmp/effjax_decode_results}
@@ -122,6 +122,21 @@ kw_rotary() {
       --config.infer.cache_write_in_kernel=$kw
   done
   grep "^| plain" "$RES"/kwr_*.md
+}
+
+# The RMSNorm gains folded into q/k/v and gate/up (infer.fold_norms): off / on alternating twice
+# at batch 1 over 1k and 8k (the first 'on' traced: do the norm applications' kernels go?), then
+# off / on at batch 16.
+fold_norms() {
+  for run in off:False on:True off_again:False on_again:True; do
+    IFS=: read -r name on <<< "$run"
+    $DECODE --contexts=1024,8192 --decode_batch=1 --name=fold_b1_$name \
+      --config.infer.fold_norms=$on $([ $name = on ] && echo --profile_dir=/tmp/effjax_fold)
+  done
+  for on in False True; do
+    $DECODE --contexts=1024,8192 --decode_batch=16 --name=fold_b16_$on --config.infer.fold_norms=$on
+  done
+  grep "^| plain" "$RES"/fold_*.md
 }
 
 steps=("$@")

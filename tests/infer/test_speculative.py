@@ -275,3 +275,55 @@ def test_engine_keeps_quantized_scales_in_float32(kind):
                                     vocab_limit=259)
   got = _decode((graphdef, params), 'plain', [prompt], max_new=8).tokens[0]
   _equal_up_to_rounding_ties((graphdef, params), [prompt], [got], [want])
+
+
+@pytest.mark.parametrize('pattern', ['attention:mlp', 'sliding_window:mlp, mamba2:mlp'])
+def test_folded_norms_decode_the_same(pattern):
+  """infer.fold_norms: the RMSNorm gains (random, not ones) folded into q/k/v and gate/up, the
+  projections fed the raw residual with its RMS factor: the engine's logits match the unfolded
+  engine's at every step of a teacher-forced run (float32: to rounding), and greedy plain,
+  early-exit (its cache fill goes through the modules' norms, now of gain one) and speculative
+  decoding give the same tokens; the caller's model is untouched; a recurrent mixer's norm, and
+  one feeding weights of another type (here q/k/v stored transposed), are left alone."""
+  from effjax.infer.engine import Engine
+  rng = np.random.default_rng()
+  graphdef, params = _split(int(rng.integers(1 << 30)), pattern=pattern)
+  params = jax.tree.map(lambda x: x, params)
+  model = nnx.merge(graphdef, params)
+  for _, m in nnx.iter_modules(model):  # gains away from one, so folding them matters
+    if type(m).__name__ == 'RMSNorm':
+      m.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, m.scale[...].shape), m.scale[...].dtype)
+  graphdef, params = nnx.split(model)
+  before = jax.tree.map(np.asarray, params)
+  plain, folded = (Engine(graphdef, params, attention_kernel='xla', fold_norms=f)
+                   for f in (False, True))
+  assert any(m or f for m, f in folded.folded)
+  for i, (mixer_folded, _) in enumerate(folded.folded):
+    assert mixer_folded == folded.is_attention[i]  # mamba2's input norm is not folded
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), before)
+  transposed = Engine(graphdef, params, attention_kernel='xla', fold_norms=True,
+                      output_major=('wo', 'wq', 'wk', 'wv'))
+  assert not any(m for m, _ in transposed.folded) and transposed.folded == [
+      (False, f) for _, f in folded.folded]
+  tokens = jnp.asarray(rng.integers(3, 259, (2, 9)), jnp.int32)
+  start = jnp.asarray([0, 3], jnp.int32)
+
+  def logits(engine):
+    caches = engine.init_cache(2, 24)
+    first, _, caches = engine.prefill(engine.arrays, tokens, start, caches, True)
+    out = [first]
+    for i, t in enumerate(rng_tokens):
+      x, caches, _ = engine.run(engine.arrays, 0, engine.num_layers,
+                                engine.embed(engine.arrays, jnp.asarray(t)[:, None]),
+                                jnp.int32(9 + i), start, caches)
+      out.append(engine.head(engine.arrays, x)[:, 0])
+    return np.stack([np.asarray(o, np.float32) for o in out])
+
+  rng_tokens = rng.integers(3, 259, (6, 2))
+  np.testing.assert_allclose(logits(folded), logits(plain), rtol=1e-4, atol=1e-4)
+  draft = _split(1, pattern='attention:mlp', num_layers=2, exit_layers='')
+  prompts = [[int(t) for t in rng.integers(3, 259, n)] for n in (5, 12)]
+  for method in ('plain', 'early_exit', 'self_speculative', 'speculative'):
+    kw = dict(draft=draft) if method == 'speculative' else {}
+    want = _decode((graphdef, params), method, prompts, **kw).tokens
+    assert _decode((graphdef, params), method, prompts, fold_norms=True, **kw).tokens == want
