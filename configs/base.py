@@ -291,7 +291,8 @@ def get_config() -> ml_collections.ConfigDict:
   # with its RMS factor applied to their outputs (effjax.models.layers.Folded), so no normalised
   # copy of the residual is written before them: a batch-1 step's two norm-application kernels a
   # layer are what this aims at. The same logits up to rounding (CPU tests); not yet timed on a
-  # GPU, so off. Quantized, low-rank, LoRA and transposed weights keep their norm.
+  # GPU, so off. Quantized, low-rank, LoRA and transposed weights keep their norm. The engine's
+  # paths only (generate, bench decode --methods); LM.decode's timing paths do not fold.
   inf.fold_norms = False
   inf.max_len = 0  # cache positions; 0 = longest prompt + generate.max_new_tokens + gamma + 1
   # early_exit: the confidence measure: 'softmax' (top-1 probability), 'margin' (top-1 minus

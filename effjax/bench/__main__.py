@@ -144,6 +144,10 @@ def _decode(config) -> None:
     contexts = [int(c) for c in _CONTEXTS.value]
     if not contexts or min(contexts) < 1:
       raise ValueError(f'--contexts={",".join(_CONTEXTS.value)}: give positive lengths')
+    if config.infer.fold_norms and not _METHODS.value:
+      raise ValueError('--config.infer.fold_norms=True applies to the decoding engine, which '
+                       'only the --methods rows run (e.g. --methods=plain); the context rows '
+                       'time LM.decode')
   except (config_lib.ConfigError, ValueError) as e:
     print(f'effjax.bench decode: {e}', file=sys.stderr)
     sys.exit(2)

@@ -83,9 +83,12 @@ def matmul(equation: str, x: jax.Array, weight: Any, dtype) -> jax.Array:
     if not out.startswith(lead):
       raise ValueError(f'a folded norm\'s input needs an output that keeps its leading axes '
                        f'({lead!r}); got {equation!r}')
-    y = matmul(equation, x.x, weight, dtype)
+    if hasattr(type(weight), 'einsum'):
+      y = weight.einsum(equation, x.x, dtype)
+    else:  # kept in float32 until scaled: one rounding to dtype, as the normalised product has
+      y = jnp.einsum(equation, x.x, weight[...].astype(dtype), preferred_element_type=jnp.float32)
     r = x.r.reshape(x.r.shape[:-1] + (1,) * (y.ndim - len(lead)))
-    return (y.astype(jnp.float32) * r).astype(y.dtype)
+    return (y.astype(jnp.float32) * r).astype(dtype)
   if hasattr(type(weight), 'einsum'):
     return weight.einsum(equation, x, dtype)
   return jnp.einsum(equation, x, weight[...].astype(dtype))

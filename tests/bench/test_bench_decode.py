@@ -42,3 +42,9 @@ def test_rows_per_context_and_cache_growth(tmp_path, pattern, grows):
 def test_bad_contexts_are_one_clear_error():
   proc = _bench('--config=configs/default.py', '--contexts=0', expect_rc=2)
   assert proc.stderr.strip() == 'effjax.bench decode: --contexts=0: give positive lengths'
+
+
+def test_folded_norms_without_the_engine_rows_is_one_clear_error():
+  proc = _bench('--config=configs/default.py', '--contexts=8', '--config.infer.fold_norms=True',
+                expect_rc=2)
+  assert 'applies to the decoding engine' in proc.stderr and '--methods' in proc.stderr

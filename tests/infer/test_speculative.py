@@ -326,4 +326,6 @@ def test_folded_norms_decode_the_same(pattern):
   for method in ('plain', 'early_exit', 'self_speculative', 'speculative'):
     kw = dict(draft=draft) if method == 'speculative' else {}
     want = _decode((graphdef, params), method, prompts, **kw).tokens
-    assert _decode((graphdef, params), method, prompts, fold_norms=True, **kw).tokens == want
+    got = _decode((graphdef, params), method, prompts, fold_norms=True, **kw).tokens
+    # float32 products in another order: equal, or first apart at a rounding tie
+    _equal_up_to_rounding_ties((graphdef, params), prompts, got, want, rel=1e-5)
