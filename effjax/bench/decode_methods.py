@@ -59,30 +59,26 @@ COLUMNS = (
 )
 
 
-def measure_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
-  """Bytes/s of an elementwise pass over a large float32 array (reads + writes counted)."""
-  x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
-  f = jax.jit(lambda x: x * 1.0001)
+def _median_seconds(f, x, repeats: int) -> float:
   jax.block_until_ready(f(x))
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(f(x))
     times.append(time.perf_counter() - t0)
-  return 2 * x.size * 4 / statistics.median(times)
+  return statistics.median(times)
+
+
+def measure_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
+  """Bytes/s of an elementwise pass over a large float32 array (reads + writes counted)."""
+  x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
+  return 2 * x.size * 4 / _median_seconds(jax.jit(lambda x: x * 1.0001), x, repeats)
 
 
 def measure_read_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
   """Bytes/s of a sum over a large float32 array (reads only; the output is one number)."""
   x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
-  f = jax.jit(jnp.sum)
-  jax.block_until_ready(f(x))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(x))
-    times.append(time.perf_counter() - t0)
-  return x.size * 4 / statistics.median(times)
+  return x.size * 4 / _median_seconds(jax.jit(jnp.sum), x, repeats)
 
 
 def _bytes(tree) -> int:

@@ -108,36 +108,29 @@ kernel_levers() {
     --variants=bf16,bf16+kw+gk,int4:triton:nk,int4:triton:nk+kw+gk
 }
 
-# The cache write in the kernel, which now also rotates q and the new keys (the step's rotary
-# and query-padding kernels folded in too): off / on alternating twice at batch 1 over 1k and
-# 8k (the first 'on' traced: device time per kernel name), then off / on at batch 16.
-kw_rotary() {
-  for run in off:False kw:True off_again:False kw_again:True; do
-    IFS=: read -r name kw <<< "$run"
-    $DECODE --contexts=1024,8192 --decode_batch=1 --name=kwr_b1_$name \
-      --config.infer.cache_write_in_kernel=$kw $([ $name = kw ] && echo --profile_dir=/tmp/effjax_kwr)
-  done
-  for kw in False True; do
-    $DECODE --contexts=1024,8192 --decode_batch=16 --name=kwr_b16_$kw \
-      --config.infer.cache_write_in_kernel=$kw
-  done
-  grep "^| plain" "$RES"/kwr_*.md
-}
-
-# The RMSNorm gains folded into q/k/v and gate/up (infer.fold_norms): off / on alternating twice
-# at batch 1 over 1k and 8k (the first 'on' traced: do the norm applications' kernels go?), then
-# off / on at batch 16.
-fold_norms() {
+# Off / on pairs of one boolean infer option on the engine: alternating twice at batch 1 over 1k
+# and 8k (the first 'on' traced: device time per kernel name), then once at batch 16.
+#   paired PREFIX OPTION
+paired() {
+  local prefix=$1 option=$2 name on
   for run in off:False on:True off_again:False on_again:True; do
     IFS=: read -r name on <<< "$run"
-    $DECODE --contexts=1024,8192 --decode_batch=1 --name=fold_b1_$name \
-      --config.infer.fold_norms=$on $([ $name = on ] && echo --profile_dir=/tmp/effjax_fold)
+    $DECODE --contexts=1024,8192 --decode_batch=1 --name=${prefix}_b1_$name \
+      --config.infer.$option=$on $([ $name = on ] && echo --profile_dir=/tmp/effjax_$prefix)
   done
   for on in False True; do
-    $DECODE --contexts=1024,8192 --decode_batch=16 --name=fold_b16_$on --config.infer.fold_norms=$on
+    $DECODE --contexts=1024,8192 --decode_batch=16 --name=${prefix}_b16_$on \
+      --config.infer.$option=$on
   done
-  grep "^| plain" "$RES"/fold_*.md
+  grep "^| plain" "$RES"/${prefix}_*.md
 }
+# The cache write in the kernel, which now also rotates q and the new keys (the step's rotary
+# and query-padding kernels folded in too). (Its 2026-12-08 files are named kwr_b1_kw*, from
+# this step's first form; the same runs.)
+kw_rotary() { paired kwr cache_write_in_kernel; }
+# The RMSNorm gains folded into q/k/v and gate/up (infer.fold_norms): do the norm applications'
+# kernels go?
+fold_norms() { paired fold fold_norms; }
 
 steps=("$@")
 if [ "${steps[0]:-all}" = all ]; then steps=(kernels decode_b1 profile_b1 decode_b16 qmm layout levers); fi
