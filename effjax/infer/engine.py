@@ -222,7 +222,7 @@ class Engine:
     caches = list(caches)
     snaps: dict[int, Any] = {}
     n = x_bnd.shape[1]
-    positions = (slot + jnp.arange(n))[None] - start_b[:, None]
+    positions = _positions(slot, n, start_b)
     for i in range(lo, hi):
       block = self.block(a, i)
       fold_mixer, fold_ff = self.folded[i]
@@ -244,7 +244,7 @@ class Engine:
            caches: list) -> list:
     """Layers lo..hi-1 only write their caches for one token from the hidden state x."""
     caches = list(caches)
-    positions = jnp.full((1, 1), slot) - start_b[:, None]
+    positions = _positions(slot, 1, start_b)
     for i in range(lo, hi):
       block = self.block(a, i)
       h = block.mixer_norm(x_b1d)
@@ -319,10 +319,13 @@ def recurrent_steps(mixer, h_bnd, positions_bn, cache, snapshots: bool):
 
 # ---------------------------------------------------------------- attention against the cache
 
+def _positions(slot, n: int, start_b):
+  """[B, n] rotary positions of n tokens at slots slot.. in rows whose prompts start at start_b."""
+  return (slot + jnp.arange(n))[None] - start_b[:, None]
+
+
 def _kv(mixer, h_bnd, slot, start_b):
-  n = h_bnd.shape[1]
-  positions = (slot + jnp.arange(n))[None] - start_b[:, None]
-  return mixer._qkv(h_bnd, positions)  # pylint: disable=protected-access
+  return mixer._qkv(h_bnd, _positions(slot, h_bnd.shape[1], start_b))  # pylint: disable=protected-access
 
 
 def _write(cache, k, v, slot, ring: bool):
@@ -360,7 +363,7 @@ def attend(mixer, h_bnd, slot, start_b, cache, kernel: str = 'xla', interpret: b
   if in_kernel and write_in_kernel:
     # q and k leave the projections unrotated: the kernel rotates them (the tables are the
     # same for every layer of the step, so XLA computes them once)
-    positions = (slot + jnp.arange(n))[None] - start_b[:, None]
+    positions = _positions(slot, n, start_b)
     q, k, v = mixer._qkv(h_bnd, positions, rotate=False)  # pylint: disable=protected-access
     tables = rope.rope_tables(positions, mixer.head_dim, mixer.rope_theta)
     out, k_cache, v_cache = decode_kernel.decode_attention_write(

@@ -481,8 +481,10 @@ MAX_UNROLLED_NK_STEPS = 16
 # both kinds (the checks and the tiling sweep set it).
 # 'words_x' is 'words' with x's entries gathered into word order (strided loads of the row) and
 # scaled inside the kernel, instead of XLA writing that float32 copy of x before each launch:
-# one XLA op fewer per product group where XLA does not fuse the copy into x's producer (not yet
-# timed on a GPU; the tiling sweep's 'BN:BK:words_x' compares the two).
+# one XLA op fewer per product group where XLA does not fuse the copy into x's producer. On an
+# H100 it was slower (int4 0.77x bf16 against words' 1.29x: the strided loads cost more than the
+# copy, which XLA fuses into x's producer for most groups anyway), so no kind defaults to it; the
+# tiling sweep's 'BN:BK:words_x' compares the two.
 DEFAULT_NK_WIDEN = {'int8': 'magic', 'int4': 'words'}
 NK_WIDEN: str | None = None
 NK_WIDEN_CHOICES = ('magic', 'convert', 'words', 'words_x')
