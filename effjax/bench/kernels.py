@@ -201,6 +201,55 @@ def time_calls(fn: Callable[..., Any], input_sets: Sequence[tuple[jax.Array, ...
   return compile_s, seconds
 
 
+def time_interleaved(compiled: dict[str, Callable[..., Any]],
+                     input_sets: Sequence[tuple[jax.Array, ...]], rounds: int,
+                     baseline: str, seed: int = 0) -> dict[str, dict[str, float]]:
+  """Compiled functions timed in alternation: `rounds` rounds, each calling every function once
+  per input set (synced calls, in a fresh random order per round), so a clock that drifts
+  during the run (a shared or throttling GPU) touches every function alike. Per function: `ms`,
+  the median over rounds of its round's median call; `ratio`, the median over rounds of
+  baseline's round time / its own (>1: faster than the baseline) with `ratio_lo` / `ratio_hi`,
+  the rounds' 25th and 75th percentiles of that ratio; `rounds_ms`, its round times (for ratios
+  against another of the functions: `paired_ratio`). Each is warmed on every input set first.
+  """
+  if baseline not in compiled:
+    raise ValueError(f'baseline {baseline!r} is not one of the timed functions: '
+                     f'{", ".join(compiled)}')
+  if rounds < 1 or not input_sets:
+    raise ValueError(f'need at least one round and one input set; got rounds={rounds}, '
+                     f'{len(input_sets)} input sets')
+  for fn in compiled.values():
+    for args in input_sets:
+      jax.block_until_ready(fn(*args))
+  rng = np.random.default_rng(seed)
+  names = list(compiled)
+  per_round = {name: [] for name in names}
+  for _ in range(rounds):
+    for i in rng.permutation(len(names)):
+      seconds = []
+      for args in input_sets:
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled[names[i]](*args))
+        seconds.append(time.perf_counter() - t0)
+      per_round[names[i]].append(float(np.median(seconds)))
+  base = np.asarray(per_round[baseline])
+  out = {}
+  for name in names:
+    ratios = base / np.asarray(per_round[name])
+    out[name] = dict(ms=float(np.median(per_round[name])) * 1e3,
+                     ratio=float(np.median(ratios)),
+                     ratio_lo=float(np.percentile(ratios, 25)),
+                     ratio_hi=float(np.percentile(ratios, 75)),
+                     rounds_ms=[t * 1e3 for t in per_round[name]])
+  return out
+
+
+def paired_ratio(timed: dict[str, dict[str, Any]], name: str, other: str) -> float:
+  """Median over time_interleaved's rounds of other's round time / name's (>1: name faster)."""
+  return float(np.median(np.asarray(timed[other]['rounds_ms']) /
+                         np.asarray(timed[name]['rounds_ms'])))
+
+
 PROFILE_CALLS = 3
 PROFILE_TOP = 8
 

@@ -2,6 +2,7 @@
 against cuDNN, causal.
 
     python experiments/attention_kernels/fwd_sweep.py [--out=FILE] [--shapes=0,2] [--variants]
+        [--rounds=25]
 
 Per shape (the targets' D 64 and D 128 rows at S 4k and 16k): cuDNN's forward, then
 mosaic_gpu.fwd at block_k 64 / 128 / 256 and ring depths 2-4 (those that fit in shared memory;
@@ -12,13 +13,16 @@ separate multiply (mosaic_gpu.FOLD_SCALE off).
 mosaic_gpu.FWD_VARIANTS on (EFFJAX_MOSAIC_GPU_FWD) and with named_schedule alone against the
 float32 reference on the masks the timed rows do not cover (GQA at D64, full, window, packed
 documents, BigBird; output only, relative error norm below 2e-2), then times, at the default
-tiling, the forward as committed, each variant alone, all of them together, and the committed
-forward once more (to show the drift within the run), with tokamax's Mosaic GPU attention
-beside cuDNN when tokamax imports.
+tiling, the forward as committed, each variant alone and all of them together, with tokamax's
+Mosaic GPU attention beside cuDNN when tokamax imports. These rows are timed in alternation
+(effjax.bench.kernels.time_interleaved, --rounds rounds of one call per input set each, in a
+fresh order per round): a GPU whose clock drifts within the run (the same forward read 0.89 and
+0.94 ms, 2.03 and 2.54 ms, in one earlier sequential run) moves every row alike, and each ratio
+is the median of per-round ratios, with its rounds' 25th-75th percentile in brackets.
 
 Each row is checked against cuDNN's output (max |diff| at most TOLERANCE) before it is timed.
-Times are medians of 40 synchronised calls rotating over 4 input sets (effjax.bench's timing
-loop); TFLOP/s count the causal half.
+The block sweep's times are medians of 40 synchronised calls rotating over 4 input sets
+(effjax.bench's timing loop); TFLOP/s count the causal half.
 """
 
 import argparse
@@ -48,36 +52,26 @@ def _timed(fn, sets, repeats=10):
   return float(np.median(seconds)) * 1e3
 
 
-def _cudnn_row(b, s, h, d, lines):
-  """A shape's input sets, causal FLOPs, cuDNN's output (the check's reference) and time, and
-  its row label; cuDNN's row appended to `lines` and printed."""
+def _cudnn(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
+
+
+def _inputs(b, s, h, d):
+  """A shape's input sets, causal FLOPs, cuDNN's output (the checks' reference), row label."""
   keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3 * CALLS)
   sets = [tuple(jax.random.normal(keys[3 * i + j], (b, s, h, d), jnp.bfloat16)
                 for j in range(3)) for i in range(CALLS)]
-  flops = 4 * b * s * s * h * d / 2
-  cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                        implementation='cudnn')
-  ref = np.asarray(jax.jit(cudnn)(*sets[0]), np.float32)
-  base = _timed(cudnn, sets)
-  head = f'B{b} S{s} H{h} D{d}'
+  ref = np.asarray(jax.jit(_cudnn)(*sets[0]), np.float32)
+  return sets, 4 * b * s * s * h * d / 2, ref, f'B{b} S{s} H{h} D{d}'
+
+
+def _cudnn_row(b, s, h, d, lines):
+  """_inputs and cuDNN's time; cuDNN's row appended to `lines` and printed."""
+  sets, flops, ref, head = _inputs(b, s, h, d)
+  base = _timed(_cudnn, sets)
   lines.append(f'{head} cudnn: {base:.3f} ms {flops / base / 1e9:.1f} TFLOP/s')
   print(lines[-1], flush=True)
   return sets, flops, ref, base, head
-
-
-def _row(head, name, fn, sets, ref, base, flops):
-  """One timed row, checked against cuDNN's output first (an error is a row too)."""
-  try:
-    err = float(np.abs(np.asarray(jax.jit(fn)(*sets[0]), np.float32) - ref).max())
-    if not err <= TOLERANCE:
-      raise ValueError(f'max |diff| {err:.1e} from cuDNN, above {TOLERANCE}')
-    ms = _timed(fn, sets)
-    line = (f'{head} {name}: {ms:.3f} ms {flops / ms / 1e9:.1f} TFLOP/s, {base / ms:.3f}x cuDNN, '
-            f'max |diff| {err:.1e}')
-  except Exception as e:  # noqa: BLE001
-    line = f'{head} {name}: ERROR {str(e).splitlines()[0][:160]}'
-  print(line, flush=True)
-  return line
 
 
 def check_variants():
@@ -114,7 +108,7 @@ def check_variants():
   return lines, ok
 
 
-def variants(shapes):
+def variants(shapes, rounds):
   """Rows of the --variants sweep (module doc); no timing if a variant fails its check."""
   lines, ok = check_variants()
   if not ok:
@@ -122,25 +116,50 @@ def variants(shapes):
     print(lines[-1], flush=True)
     return lines
   runs = [('committed', '')] + [(v, v) for v in mg.FWD_VARIANTS] + [
-      ('all variants', ','.join(mg.FWD_VARIANTS)), ('committed again', '')]
+      ('all variants', ','.join(mg.FWD_VARIANTS))]
   tokamax = kb.tokamax_missing() is None
   if not tokamax:
     lines.append(f'no tokamax rows: {kb.tokamax_missing()}')
     print(lines[-1], flush=True)
   for b, s, h, d in shapes:
-    sets, flops, ref, base, head = _cudnn_row(b, s, h, d, lines)
+    sets, flops, ref, head = _inputs(b, s, h, d)
+    fns = {'cudnn': _cudnn}
     if tokamax:
-      lines.append(_row(head, 'tokamax mosaic', lambda q, k, v: kb.import_tokamax(
-          ).dot_product_attention(q, k, v, is_causal=True, implementation='mosaic'),
-          sets, ref, base, flops))
+      fns['tokamax mosaic'] = lambda q, k, v: kb.import_tokamax().dot_product_attention(
+          q, k, v, is_causal=True, implementation='mosaic')
     block_k = mg.default_blocks(d)[1]
     blocks = computed_blocks(s, mg.BLOCK_Q, block_k, causal=True)
-    for name, setting in runs:
-      os.environ['EFFJAX_MOSAIC_GPU_FWD'] = setting  # read when a new function is traced
-      fwd = lambda q, k, v: mg.fwd(q, k, v, None, causal=True, window=None, blocks=blocks,
-                                   scale=d ** -0.5, block_q=mg.BLOCK_Q, block_k=block_k)[0]
-      lines.append(_row(head, f'effjax mosaic_gpu, {name}', fwd, sets, ref, base, flops))
-    os.environ.pop('EFFJAX_MOSAIC_GPU_FWD')
+    compiled, errors = {}, {}
+    for name, setting in [(n, None) for n in fns] + runs:
+      label = name if setting is None else f'effjax mosaic_gpu, {name}'
+      if setting is not None:
+        os.environ['EFFJAX_MOSAIC_GPU_FWD'] = setting  # read when the function is traced
+        fns[label] = lambda q, k, v: mg.fwd(q, k, v, None, causal=True, window=None,
+                                            blocks=blocks, scale=d ** -0.5, block_q=mg.BLOCK_Q,
+                                            block_k=block_k)[0]
+      try:
+        compiled[label] = jax.jit(fns[label]).lower(*sets[0]).compile()
+        err = float(np.abs(np.asarray(compiled[label](*sets[0]), np.float32) - ref).max())
+        if label != 'cudnn' and not err <= TOLERANCE:
+          raise ValueError(f'max |diff| {err:.1e} from cuDNN, above {TOLERANCE}')
+        errors[label] = err
+      except Exception as e:  # noqa: BLE001  (a row that fails is a row too)
+        compiled.pop(label, None)
+        lines.append(f'{head} {label}: ERROR {str(e).splitlines()[0][:160]}')
+        print(lines[-1], flush=True)
+    os.environ.pop('EFFJAX_MOSAIC_GPU_FWD', None)
+    if 'cudnn' not in compiled:
+      continue
+    timed = kb.time_interleaved(compiled, sets, rounds, baseline='cudnn')
+    for label, t in timed.items():
+      line = (f'{head} {label}: {t["ms"]:.3f} ms {flops / t["ms"] / 1e9:.1f} TFLOP/s, '
+              f'{t["ratio"]:.3f}x cuDNN [{t["ratio_lo"]:.3f}-{t["ratio_hi"]:.3f}]')
+      if 'tokamax mosaic' in timed and label.startswith('effjax'):
+        line += f', {kb.paired_ratio(timed, label, "tokamax mosaic"):.3f}x tokamax'
+      if label != 'cudnn':
+        line += f', max |diff| {errors[label]:.1e}'
+      lines.append(line)
+      print(line, flush=True)
   return lines
 
 
@@ -151,12 +170,14 @@ def main():
                       help="'all' or indices into SHAPES, comma-separated (0,2: the S 4k rows)")
   parser.add_argument('--variants', action='store_true',
                       help='time the main-loop variants at the default tiling instead')
+  parser.add_argument('--rounds', type=int, default=25,
+                      help='--variants: rounds of alternating calls (kb.time_interleaved)')
   args = parser.parse_args()
   shapes = SHAPES if args.shapes == 'all' else [SHAPES[int(i)] for i in args.shapes.split(',')]
   lines = [f'{jax.devices()[0].device_kind}, JAX {jax.__version__}']
   print(lines[0], flush=True)
   if args.variants:
-    lines += variants(shapes)
+    lines += variants(shapes, args.rounds)
     shapes = ()
   for b, s, h, d in shapes:
     sets, flops, ref, base, head = _cudnn_row(b, s, h, d, lines)

@@ -165,6 +165,33 @@ def test_ratios_compare_like_with_like():
   assert 'speedup_vs_baseline' not in rows[5]
 
 
+def test_interleaved_timing_cancels_a_drifting_clock():
+  """Two functions whose every call gets slower as the run goes on (a throttling GPU): timed
+  one after the other the later one would look slower than it is; interleaved, the per-round
+  ratio is the true 2x."""
+  import time
+  calls = [0]
+
+  def slow_by(factor):
+    def fn(x):
+      calls[0] += 1
+      time.sleep(0.002 * factor * (1 + 0.05 * calls[0]))
+      return x
+    return fn
+
+  sets = [(jax.numpy.asarray(np.random.default_rng().standard_normal(3)),) for _ in range(2)]
+  got = kb.time_interleaved({'fast': slow_by(1), 'slow': slow_by(2)}, sets, rounds=8,
+                            baseline='fast', seed=int(np.random.default_rng().integers(1 << 30)))
+  assert got['fast']['ratio'] == 1.0
+  assert got['slow']['ratio'] == pytest.approx(0.5, rel=0.15)
+  assert got['slow']['ratio_lo'] <= got['slow']['ratio'] <= got['slow']['ratio_hi']
+  assert got['slow']['ms'] > got['fast']['ms'] > 2.0
+  assert kb.paired_ratio(got, 'fast', 'slow') == pytest.approx(2.0, rel=0.15)
+  assert len(got['slow']['rounds_ms']) == 8
+  with pytest.raises(ValueError, match="baseline 'cudnn' is not one of the timed functions"):
+    kb.time_interleaved({'fast': slow_by(1)}, sets, rounds=1, baseline='cudnn')
+
+
 def test_a_failing_case_is_recorded_not_raised():
   def make():
     x = np.random.default_rng().standard_normal((4, 3)).astype(np.float32)
