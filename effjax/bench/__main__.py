@@ -11,6 +11,7 @@
         [--decode_steps=64] [--decode_batch=1] [--repeats=5]
         [--methods=plain,early_exit,self_speculative,speculative --draft_config=configs/x.py
          --target_workdir=DIR --draft_workdir=DIR --exit_threshold=0.9]
+        [--alternate=infer.fold_norms=False,True]
 
 Results go to <out>/<name>.json (device, versions, command, full config per row) and
 <out>/<name>.md (a table to paste beside a claim); existing files are never overwritten. A
@@ -72,6 +73,11 @@ _DRAFT_WORKDIR = flags.DEFINE_string('draft_workdir', '', 'decode: a trained che
                                      '--draft_config (default: random weights).')
 _EXIT_THRESHOLD = flags.DEFINE_float('exit_threshold', None, 'decode: early-exit threshold '
                                      '(default: config.infer.exit_threshold).')
+_ALTERNATE = flags.DEFINE_string(
+    'alternate', '', 'decode: infer.OPTION=V1,V2,...: plain decoding with each value of one '
+    'engine option (e.g. infer.fold_norms=False,True), timed in alternation in one process '
+    'beside the bandwidth probes; --repeats gives the rounds (default 20). See '
+    'effjax/bench/decode_methods.py (alternate).')
 _BANDWIDTH_MB = flags.DEFINE_integer('bandwidth_mb', 512, 'decode: size of the timed device '
                                      'copy that measures memory bandwidth.')
 # Internal: a sweep's child process writes its one row here.
@@ -137,14 +143,19 @@ def _kernels() -> None:
 def _decode(config) -> None:
   from effjax import config as config_lib
   from effjax.bench import decode as decode_bench
-  from effjax.bench import results
+  from effjax.bench import decode_methods, results
 
   try:
     config_lib.validate(config)
     contexts = [int(c) for c in _CONTEXTS.value]
     if not contexts or min(contexts) < 1:
       raise ValueError(f'--contexts={",".join(_CONTEXTS.value)}: give positive lengths')
-    if config.infer.fold_norms and not _METHODS.value:
+    if _ALTERNATE.value and _METHODS.value not in ([], ['plain']):
+      raise ValueError(f'--alternate times plain decoding only; got '
+                       f'--methods={",".join(_METHODS.value)}')
+    if _ALTERNATE.value:
+      decode_methods.alternate_configs(config, _ALTERNATE.value)
+    if config.infer.fold_norms and not (_METHODS.value or _ALTERNATE.value):
       raise ValueError('--config.infer.fold_norms=True applies to the decoding engine, which '
                        'only the --methods rows run (e.g. --methods=plain); the context rows '
                        'time LM.decode')
@@ -154,7 +165,7 @@ def _decode(config) -> None:
   _use_compilation_cache()
   config_file = config_flags.get_config_filename(flags.FLAGS['config'])
   name = os.path.splitext(os.path.basename(config_file.split(':')[0]))[0]
-  if _METHODS.value:
+  if _METHODS.value or _ALTERNATE.value:
     _decode_methods(config, contexts, name)
     return
   rows = decode_bench.run(config, contexts, steps=_DECODE_STEPS.value, batch=_DECODE_BATCH.value,
@@ -168,8 +179,9 @@ def _decode(config) -> None:
 
 
 def _decode_methods(config, contexts, name: str) -> None:
-  """decode --methods=...: one row per (context, method) (effjax/bench/decode_methods.py)."""
-  from effjax.bench import decode_methods, results
+  """decode --methods=... (one row per (context, method)) or --alternate=... (one per (context,
+  value)): effjax/bench/decode_methods.py."""
+  from effjax.bench import decode_methods
   from effjax.infer import cli
   from effjax.train import trainer
 
@@ -191,6 +203,16 @@ def _decode_methods(config, contexts, name: str) -> None:
   params = trained(config, _TARGET_WORKDIR.value) if _TARGET_WORKDIR.value else None
   draft_params = (trained(draft_config or config, _DRAFT_WORKDIR.value) if _DRAFT_WORKDIR.value
                   else None)
+  if _ALTERNATE.value:
+    rows = decode_methods.alternate(config, contexts, _ALTERNATE.value, steps=_DECODE_STEPS.value,
+                                    batch=_DECODE_BATCH.value, rounds=_REPEATS.value or 20,
+                                    params=params, bandwidth_mb=_BANDWIDTH_MB.value,
+                                    profile_dir=_PROFILE.value)
+    _write_decode_rows(rows, decode_methods.ALTERNATE_COLUMNS,
+                       _NAME.value or f'decode_alternate_{name}_b{_DECODE_BATCH.value}',
+                       f'Decoding, {_ALTERNATE.value} in alternation: {name} '
+                       f'({config.model.pattern}), batch {_DECODE_BATCH.value}')
+    return
   threshold = (config.infer.exit_threshold if _EXIT_THRESHOLD.value is None
                else _EXIT_THRESHOLD.value)
   rows = decode_methods.run(config, contexts, _METHODS.value, steps=_DECODE_STEPS.value,
@@ -198,14 +220,20 @@ def _decode_methods(config, contexts, name: str) -> None:
                             draft_config=draft_config, draft_params=draft_params,
                             gamma=config.infer.gamma, exit_threshold=threshold,
                             bandwidth_mb=_BANDWIDTH_MB.value, profile_dir=_PROFILE.value)
-  stem = _NAME.value or f'decode_methods_{name}_b{_DECODE_BATCH.value}'
-  json_path, md_path = results.write(_OUT.value, stem, results.environment(), rows,
-                                     decode_methods.COLUMNS,
-                                     f'Decoding methods: {name} ({config.model.pattern}), batch '
-                                     f'{_DECODE_BATCH.value}')
+  _write_decode_rows(rows, decode_methods.COLUMNS,
+                     _NAME.value or f'decode_methods_{name}_b{_DECODE_BATCH.value}',
+                     f'Decoding methods: {name} ({config.model.pattern}), batch '
+                     f'{_DECODE_BATCH.value}')
+
+
+def _write_decode_rows(rows, columns, stem: str, title: str) -> None:
+  from effjax.bench import results
+  json_path, md_path = results.write(_OUT.value, stem, results.environment(), rows, columns,
+                                     title)
   for row in rows:
     if row.get('profile_summary'):
-      print(f"--- {row['method']} context {row['context']}: device time per kernel")
+      print(f"--- {row.get('variant', row['method'])} context {row['context']}: device time "
+            f"per kernel")
       print(row['profile_summary'])
   with open(md_path, encoding='utf-8') as f:
     print(f.read())

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from effjax.compress import weights as w_lib
@@ -109,6 +110,22 @@ def step_bytes(engine, caches, exit_index: int | None = None, asked: int = 0) ->
           _bytes(caches[:layer]))
 
 
+# The infer options that change how the engine is built (what --alternate may compare).
+ENGINE_OPTIONS = ('weights_dtype', 'attention_kernel', 'output_major', 'qmm_output_major',
+                  'cache_write_in_kernel', 'output_major_kernel', 'fold_norms')
+
+
+def make_engine(config, split) -> Engine:
+  """The decoding engine for (graphdef, params) `split` as config.infer says (ENGINE_OPTIONS)."""
+  infer = config.infer
+  return Engine(*split, infer.weights_dtype, infer.attention_kernel,
+                output_major=w_lib.parse_names(infer.output_major),
+                qmm_output_major=w_lib.parse_names(infer.qmm_output_major),
+                cache_write_in_kernel=infer.cache_write_in_kernel,
+                output_major_kernel=w_lib.gemv_kernel(infer.output_major_kernel),
+                fold_norms=infer.fold_norms)
+
+
 def _program(method, engine, draft, steps, gamma, policy, exit_index):
   sampler = Sampler()
 
@@ -153,20 +170,12 @@ def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, 
   read_bandwidth = measure_read_bandwidth(bandwidth_mb)
   log(f'[decode] copy bandwidth {bandwidth / 1e9:.1f} GB/s, read {read_bandwidth / 1e9:.1f} GB/s')
   split = params or nnx.split(LM(config.model, rngs=nnx.Rngs(config.seed)))
-  weights_dtype = config.infer.weights_dtype
-  kernel = config.infer.attention_kernel
-  major = w_lib.parse_names(config.infer.output_major)
-  qmajor = w_lib.parse_names(config.infer.qmm_output_major)
-  prep = dict(output_major=major, qmm_output_major=qmajor,
-              cache_write_in_kernel=config.infer.cache_write_in_kernel,
-              output_major_kernel=w_lib.gemv_kernel(config.infer.output_major_kernel),
-              fold_norms=config.infer.fold_norms)
-  engine = Engine(*split, weights_dtype, kernel, **prep)
+  engine = make_engine(config, split)
   draft = None
   if 'speculative' in methods:
     if draft_params is None:
       draft_params = nnx.split(LM((draft_config or config).model, rngs=nnx.Rngs(config.seed + 1)))
-    draft = Engine(*draft_params, weights_dtype, kernel, **prep)
+    draft = make_engine(config, draft_params)
   policy = ExitPolicy(exit_threshold, config.infer.confidence, config.infer.exit_skip)
   rows = []
   for context in contexts:
@@ -248,4 +257,124 @@ def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, 
       log(f"[decode] {method} context {context}: " + (
           row.get('error') or f"{row['ms_per_token']:.3f} ms/token, "
           f"{row['roofline_fraction']:.2f} of roofline"))
+  return rows
+
+
+ALTERNATE_COLUMNS = (
+    ('variant', 'variant', ''),
+    ('context', 'context', ''),
+    ('batch', 'batch', ''),
+    ('ms_per_token', 'ms / token', '.3f'),
+    ('tokens_per_s', 'tokens/s', '.0f'),
+    ('speedup_vs_first', 'speedup vs first', '.3f'),
+    ('speedup_spread', 'its rounds 25-75%', ''),
+    ('mb_per_token', 'MB read / step', '.2f'),
+    ('bandwidth_gbs', 'copy bandwidth (GB/s)', '.1f'),
+    ('roofline_fraction', 'of roofline', '.3f'),
+    ('read_bandwidth_gbs', 'read bandwidth (GB/s)', '.1f'),
+    ('read_roofline_fraction', 'of read roofline', '.3f'),
+    ('rounds', 'rounds', ''),
+    ('compile_s', 'compile (s)', '.1f'),
+    ('error', 'error', ''),
+)
+
+
+def alternate_configs(config, spec: str) -> list[tuple[str, Any]]:
+  """'infer.OPTION=V1,V2,...' -> [(label, config with OPTION=V), ...] (--alternate); OPTION must
+  be one of ENGINE_OPTIONS, with at least two values, each valid for the config."""
+  import copy
+  from effjax import config as config_lib
+  key, sep, values = spec.partition('=')
+  section, _, option = key.strip().partition('.')
+  if not sep or section != 'infer' or option not in ENGINE_OPTIONS:
+    raise ValueError(f'--alternate={spec!r}: expected infer.OPTION=V1,V2,... with OPTION one of '
+                     f'{", ".join(ENGINE_OPTIONS)} (the options that change the engine)')
+  values = values.split(',')
+  if len(values) < 2 or len(set(values)) < len(values):
+    raise ValueError(f'--alternate={spec!r}: give at least two different values')
+  out = []
+  for value in values:
+    variant = copy.deepcopy(config)
+    config_lib.apply_overrides(variant, [f'infer.{option}={value}'])
+    config_lib.validate(variant)
+    out.append((f'{option}={value or "none"}', variant))
+  return out
+
+
+def alternate(config, contexts: Sequence[int], spec: str, *, steps: int, batch: int,
+              rounds: int, params=None, bandwidth_mb: int = 512, profile_dir: str = '',
+              log=print) -> list[dict[str, Any]]:
+  """Plain decoding with each value of one engine option (`spec`: alternate_configs), timed in
+  alternation in one process (effjax.bench.kernels.time_interleaved) beside the bandwidth
+  probes (the copy and the read-only sum over a bandwidth_mb array), so a clock or bandwidth
+  that drifts during the run moves every variant and the roofline alike. One row per (context,
+  value): the median round's ms per token, the median over rounds of the first value's loop
+  time / this one's (speedup_vs_first, with the rounds' 25th-75th percentiles), and the roofline
+  fractions as medians of per-round fractions (this round's bytes per second / this round's
+  probe). With profile_dir, one more loop of each row is traced into profile_dir/<label>_<ctx>.
+  """
+  from effjax.bench.kernels import first_line, time_interleaved
+  from effjax.models.lm import LM
+  variants = alternate_configs(config, spec)
+  split = params or nnx.split(LM(config.model, rngs=nnx.Rngs(config.seed)))
+  engines = {label: make_engine(variant, split) for label, variant in variants}
+  gamma = config.infer.gamma
+  probe = jnp.ones((bandwidth_mb * 2 ** 20 // 4,), jnp.float32)
+  probes = {'copy': (jax.jit(lambda x: x * 1.0001).lower(probe).compile(), 2 * probe.size * 4),
+            'read': (jax.jit(jnp.sum).lower(probe).compile(), probe.size * 4)}
+  rows = []
+  for context in contexts:
+    length = context + steps + 2 * (gamma + 1)  # as run()'s rows allocate
+    compiled, made, errors = {}, {}, {}
+    for label, engine in engines.items():
+      make = lambda e=engine: (e.arrays, None, e.init_cache(batch, length, gamma + 1), None,
+                               jnp.int32(context), jnp.ones((batch,), jnp.int32),
+                               jax.random.key(0))
+      try:
+        t0 = time.perf_counter()
+        compiled[label] = _program('plain', engine, None, steps, 0, None, None).lower(
+            *make()).compile()
+        made[label] = (make, time.perf_counter() - t0)
+      except Exception as e:  # pylint: disable=broad-except
+        errors[label] = first_line(e)
+    for name, (fn, _) in probes.items():
+      compiled[name] = fn
+    timed = {}
+    if made:
+      first = next(iter(made))
+      timed = time_interleaved(
+          compiled, lambda name: (probe,) if name in probes else made[name][0](), rounds,
+          baseline=first, seed=context)
+    for label, engine in engines.items():
+      row: dict[str, Any] = {'method': 'plain', 'variant': label, 'context': context,
+                             'batch': batch, 'steps': steps, 'rounds': rounds,
+                             'pattern': config.model.pattern}
+      if label in errors:
+        rows.append(dict(row, error=errors[label]))
+        log(f'[decode] {label} context {context}: {errors[label]}')
+        continue
+      t = timed[label]
+      loop_s = np.asarray(t['rounds_ms']) / 1e3
+      per_step = step_bytes(engine, engine.init_cache(batch, length, gamma + 1))
+      for key, name in (('', 'copy'), ('read_', 'read')):
+        probe_s = np.asarray(timed[name]['rounds_ms']) / 1e3
+        row[f'{key}bandwidth_gbs'] = float(np.median(probes[name][1] / probe_s)) / 1e9
+        row[f'{key}roofline_fraction'] = float(np.median(
+            per_step * steps / loop_s / (probes[name][1] / probe_s)))
+      per_token = float(np.median(loop_s)) / steps
+      row.update(ms_per_token=1e3 * per_token, tokens_per_s=batch / per_token,
+                 speedup_vs_first=t['ratio'],
+                 speedup_spread=f'{t["ratio_lo"]:.3f}-{t["ratio_hi"]:.3f}',
+                 seconds=loop_s.tolist(), mb_per_token=per_step / 2 ** 20,
+                 compile_s=made[label][1])
+      if profile_dir:
+        from effjax.bench.train import trace_once
+        args = jax.block_until_ready(made[label][0]())
+        row['profile_summary'] = trace_once(
+            lambda: compiled[label](*args),
+            os.path.join(profile_dir, f'{label.replace("=", "_")}_{context}'))
+      rows.append(row)
+      log(f"[decode] {label} context {context}: {row['ms_per_token']:.3f} ms/token, "
+          f"{row['speedup_vs_first']:.3f}x the first [{row['speedup_spread']}], "
+          f"{row['roofline_fraction']:.3f} of roofline")
   return rows

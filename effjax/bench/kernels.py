@@ -202,36 +202,46 @@ def time_calls(fn: Callable[..., Any], input_sets: Sequence[tuple[jax.Array, ...
 
 
 def time_interleaved(compiled: dict[str, Callable[..., Any]],
-                     input_sets: Sequence[tuple[jax.Array, ...]], rounds: int,
-                     baseline: str, seed: int = 0) -> dict[str, dict[str, float]]:
+                     input_sets: Sequence[tuple[Any, ...]] | Callable[[str], tuple[Any, ...]],
+                     rounds: int, baseline: str, seed: int = 0) -> dict[str, dict[str, Any]]:
   """Compiled functions timed in alternation: `rounds` rounds, each calling every function once
   per input set (synced calls, in a fresh random order per round), so a clock that drifts
-  during the run (a shared or throttling GPU) touches every function alike. Per function: `ms`,
-  the median over rounds of its round's median call; `ratio`, the median over rounds of
-  baseline's round time / its own (>1: faster than the baseline) with `ratio_lo` / `ratio_hi`,
-  the rounds' 25th and 75th percentiles of that ratio; `rounds_ms`, its round times (for ratios
-  against another of the functions: `paired_ratio`). Each is warmed on every input set first.
+  during the run (a shared or throttling GPU) touches every function alike. `input_sets` is a
+  list of argument tuples shared by all, or a function name -> a fresh argument tuple for one
+  call (for donated arguments: made and synced outside the timed window; one call a round).
+  Per function: `ms`, the median over rounds of its round's median call; `ratio`, the median
+  over rounds of baseline's round time / its own (>1: faster than the baseline) with `ratio_lo`
+  / `ratio_hi`, the rounds' 25th and 75th percentiles of that ratio; `rounds_ms`, its round
+  times (for ratios between any two: `paired_ratio`). Each is warmed up first (every set once).
   """
   if baseline not in compiled:
     raise ValueError(f'baseline {baseline!r} is not one of the timed functions: '
                      f'{", ".join(compiled)}')
-  if rounds < 1 or not input_sets:
-    raise ValueError(f'need at least one round and one input set; got rounds={rounds}, '
-                     f'{len(input_sets)} input sets')
-  for fn in compiled.values():
-    for args in input_sets:
-      jax.block_until_ready(fn(*args))
-  rng = np.random.default_rng(seed)
+  if callable(input_sets):
+    sets_of = lambda name: [input_sets]
+  else:
+    sets_of = lambda name: [lambda args=args: args for args in input_sets]
+  if rounds < 1 or not sets_of(baseline):
+    raise ValueError(f'need at least one round and one input set; got rounds={rounds} and '
+                     f'{len(sets_of(baseline))} input sets')
+
+  def call(name, make):
+    args = make(name) if callable(input_sets) else make()
+    jax.block_until_ready(args)
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled[name](*args))
+    return time.perf_counter() - t0
+
   names = list(compiled)
+  for name in names:
+    for make in sets_of(name):
+      call(name, make)
+  rng = np.random.default_rng(seed)
   per_round = {name: [] for name in names}
   for _ in range(rounds):
     for i in rng.permutation(len(names)):
-      seconds = []
-      for args in input_sets:
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled[names[i]](*args))
-        seconds.append(time.perf_counter() - t0)
-      per_round[names[i]].append(float(np.median(seconds)))
+      per_round[names[i]].append(float(np.median(
+          [call(names[i], make) for make in sets_of(names[i])])))
   base = np.asarray(per_round[baseline])
   out = {}
   for name in names:

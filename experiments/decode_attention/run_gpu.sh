@@ -3,7 +3,7 @@
 # into $OUT/results.tgz after each step, so a run cut short returns what it finished).
 #   bash experiments/decode_attention/run_gpu.sh STEP [STEP ...]
 #   steps: kernels decode_b1 profile_b1 decode_b16 qmm layout levers gemm_lever kernel_levers
-#          kw_rotary fold_norms ('all' = every one but the last four, in order)
+#          kw_rotary fold_norms kw_alternating ('all' = the first seven, in order)
 set -u
 OUT=${OUT:-/tmp/effjax_decode_out}
 RES=${RES:-/tmp/effjax_decode_results}
@@ -128,9 +128,27 @@ paired() {
 # and query-padding kernels folded in too). (Its 2026-12-08 files are named kwr_b1_kw*, from
 # this step's first form; the same runs.)
 kw_rotary() { paired kwr cache_write_in_kernel; }
+# The values of one engine option timed in alternation in one process (bench decode
+# --alternate: rounds in a fresh order beside the copy and read probes, so drift moves all alike;
+# ratios and roofline fractions are medians of per-round ones), batch 1 (traced: device time per
+# kernel name) and batch 16, contexts 1k and 8k.
+#   alternating PREFIX OPTION VALUES
+alternating() {
+  local prefix=$1 option=$2 values=$3 batch
+  for batch in 1 16; do
+    python3 -m effjax.bench decode --config=configs/gpt_1b.py --repeats=20 --decode_steps=64 \
+      --bandwidth_mb=4096 --out=$RES $CACHE --contexts=1024,8192 --decode_batch=$batch \
+      --alternate=infer.$option=$values --name=${prefix}_b$batch \
+      $([ $batch = 1 ] && echo --profile_dir=/tmp/effjax_$prefix)
+  done
+  grep "^| $option" "$RES"/${prefix}_b*.md
+}
 # The RMSNorm gains folded into q/k/v and gate/up (infer.fold_norms): do the norm applications'
 # kernels go?
-fold_norms() { paired fold fold_norms; }
+fold_norms() { alternating fold_alt fold_norms False,True; }
+# The cache written by the attention kernel (the default) against two dynamic_update_slice
+# writes a layer, in alternation: the kw_rotary gain without the between-process drift.
+kw_alternating() { alternating kw_alt cache_write_in_kernel False,True; }
 
 steps=("$@")
 if [ "${steps[0]:-all}" = all ]; then steps=(kernels decode_b1 profile_b1 decode_b16 qmm layout levers); fi

@@ -79,3 +79,49 @@ def test_step_bytes_count_every_exit_asked():
   deeper = sum(_kv_weight_bytes(engine, i) for i in range(1, 4))
   assert first == engine.param_bytes(0, 1, head=False) + head + deeper + size(caches[:1])
   assert step_bytes(engine, caches, 1) - engine.param_bytes(0, 2, head=False) > 2 * head
+
+
+def test_alternating_rows(tmp_path):
+  """--alternate: one row per (context, value), the two engines timed in alternation; the same
+  step bytes for both (folding the norms changes no sizes), the first value's ratio 1."""
+  cmd = [sys.executable, '-m', 'effjax.bench', 'decode', '--compilation_cache_dir=',
+         '--config=configs/default.py', *TINY, '--contexts=16,24', '--decode_steps=4',
+         '--repeats=3', '--alternate=infer.fold_norms=False,True', '--bandwidth_mb=8',
+         f'--out={tmp_path}', '--name=a', f'--profile_dir={tmp_path / "prof"}']
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads((tmp_path / 'a.json').read_text())['rows']
+  assert [(r['variant'], r['context']) for r in rows] == [
+      ('fold_norms=False', 16), ('fold_norms=True', 16), ('fold_norms=False', 24),
+      ('fold_norms=True', 24)]
+  for r in rows:
+    assert 'error' not in r, r['error']
+    assert r['ms_per_token'] > 0 and len(r['seconds']) == 3 and r['rounds'] == 3
+    assert r['roofline_fraction'] > 0 and r['read_roofline_fraction'] > 0
+    lo, hi = map(float, r['speedup_spread'].split('-'))
+    assert lo <= r['speedup_vs_first'] <= hi
+    assert ' ms in ' in r['profile_summary']
+  assert rows[0]['speedup_vs_first'] == 1.0 and rows[2]['speedup_vs_first'] == 1.0
+  assert rows[0]['mb_per_token'] == rows[1]['mb_per_token'] < rows[2]['mb_per_token']
+  assert '| speedup vs first |' in (tmp_path / 'a.md').read_text()
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--alternate=infer.gamma=2,4'],
+     "--alternate='infer.gamma=2,4': expected infer.OPTION=V1,V2,... with OPTION one of "
+     'weights_dtype, attention_kernel, output_major, qmm_output_major, cache_write_in_kernel, '
+     'output_major_kernel, fold_norms (the options that change the engine)'),
+    (['--alternate=infer.fold_norms=True'],
+     "--alternate='infer.fold_norms=True': give at least two different values"),
+    (['--alternate=infer.fold_norms=False,yes'],
+     "infer.fold_norms='yes': not of type bool, the type of infer.fold_norms"),
+    (['--alternate=infer.fold_norms=False,True', '--methods=plain,speculative'],
+     '--alternate times plain decoding only; got --methods=plain,speculative'),
+])
+def test_bad_alternation_is_one_clear_error(args, message):
+  proc = subprocess.run([sys.executable, '-m', 'effjax.bench', 'decode',
+                         '--config=configs/default.py', *args], capture_output=True,
+                        text=True, timeout=300, cwd=REPO_ROOT, check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == f'effjax.bench decode: {message}'
