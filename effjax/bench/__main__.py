@@ -2,6 +2,7 @@
 
     python -m effjax.bench train --config=configs/gpt2_small.py [--config.train.batch_size=64]
         [--sweep=model.remat_policy=none,dots] [--batches=synthetic|packed|pipeline]
+        [--alternate=model.pattern=attention:mlp,flash:mlp]
         [--out=experiments/throughput/results] [--name=gpt2_small] [--profile_dir=DIR]
 
     python -m effjax.bench kernels --op=attention [--grid=default|tiny] [--impls=effjax,cudnn]
@@ -20,6 +21,7 @@ persistent XLA compilation cache is on by default (--compilation_cache_dir; '' t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -73,11 +75,14 @@ _DRAFT_WORKDIR = flags.DEFINE_string('draft_workdir', '', 'decode: a trained che
                                      '--draft_config (default: random weights).')
 _EXIT_THRESHOLD = flags.DEFINE_float('exit_threshold', None, 'decode: early-exit threshold '
                                      '(default: config.infer.exit_threshold).')
-_ALTERNATE = flags.DEFINE_string(
-    'alternate', '', 'decode: infer.OPTION=V1,V2,...: plain decoding with each value of one '
-    'engine option (e.g. infer.fold_norms=False,True), timed in alternation in one process '
-    'beside the bandwidth probes; --repeats gives the rounds (default 20). See '
-    'effjax/bench/decode_methods.py (alternate).')
+_ALTERNATE = flags.DEFINE_multi_string(
+    'alternate', [], 'KEY=V1,V2,...: time each value in one process, in alternation, so drift '
+    'during the run moves every variant alike; ratios to the first value are medians of '
+    'per-round ratios. decode: one infer option that changes the engine (e.g. '
+    'infer.fold_norms=False,True), plain decoding beside the bandwidth probes, --repeats '
+    'rounds (default 20; effjax/bench/decode_methods.py). train: repeat the flag to change '
+    'several fields together (lists zipped: the i-th variant takes each i-th value), --repeats '
+    'rounds of one window each (default 5).')
 _BANDWIDTH_MB = flags.DEFINE_integer('bandwidth_mb', 512, 'decode: size of the timed device '
                                      'copy that measures memory bandwidth.')
 # Internal: a sweep's child process writes its one row here.
@@ -150,11 +155,13 @@ def _decode(config) -> None:
     contexts = [int(c) for c in _CONTEXTS.value]
     if not contexts or min(contexts) < 1:
       raise ValueError(f'--contexts={",".join(_CONTEXTS.value)}: give positive lengths')
+    if len(_ALTERNATE.value) > 1:
+      raise ValueError(f'decode takes one --alternate option; got {len(_ALTERNATE.value)}')
     if _ALTERNATE.value and _METHODS.value not in ([], ['plain']):
       raise ValueError(f'--alternate times plain decoding only; got '
                        f'--methods={",".join(_METHODS.value)}')
     if _ALTERNATE.value:
-      decode_methods.alternate_configs(config, _ALTERNATE.value)
+      decode_methods.alternate_configs(config, _ALTERNATE.value[0])
     if config.infer.fold_norms and not (_METHODS.value or _ALTERNATE.value):
       raise ValueError('--config.infer.fold_norms=True applies to the decoding engine, which '
                        'only the --methods rows run (e.g. --methods=plain); the context rows '
@@ -204,13 +211,14 @@ def _decode_methods(config, contexts, name: str) -> None:
   draft_params = (trained(draft_config or config, _DRAFT_WORKDIR.value) if _DRAFT_WORKDIR.value
                   else None)
   if _ALTERNATE.value:
-    rows = decode_methods.alternate(config, contexts, _ALTERNATE.value, steps=_DECODE_STEPS.value,
+    rows = decode_methods.alternate(config, contexts, _ALTERNATE.value[0],
+                                    steps=_DECODE_STEPS.value,
                                     batch=_DECODE_BATCH.value, rounds=_REPEATS.value or 20,
                                     params=params, bandwidth_mb=_BANDWIDTH_MB.value,
                                     profile_dir=_PROFILE.value)
     _write_decode_rows(rows, decode_methods.ALTERNATE_COLUMNS,
                        _NAME.value or f'decode_alternate_{name}_b{_DECODE_BATCH.value}',
-                       f'Decoding, {_ALTERNATE.value} in alternation: {name} '
+                       f'Decoding, {_ALTERNATE.value[0]} in alternation: {name} '
                        f'({config.model.pattern}), batch {_DECODE_BATCH.value}')
     return
   threshold = (config.infer.exit_threshold if _EXIT_THRESHOLD.value is None
@@ -266,13 +274,43 @@ def main(argv):
     sys.exit(2)
   try:
     variants = train_bench.parse_sweep(_SWEEP.value)
-  except ValueError as e:
+    if _ALTERNATE.value:
+      if _SWEEP.value:
+        raise ValueError('--sweep and --alternate are two ways to compare variants: give one')
+      alternated, overrides = [], train_bench.parse_alternate(_ALTERNATE.value)
+      for variant in overrides:
+        if any(not key.startswith(('model.', 'train.', 'optim.', 'data.', 'mesh.'))
+               for key in variant):
+          raise ValueError(f'--alternate changes config fields only (xla_flags is the '
+                           f'process\'s: use --sweep); got {", ".join(variant)}')
+        alternated.append((train_bench.variant_name(variant), config_lib.apply_overrides(
+            copy.deepcopy(config), [f'{k}={v}' for k, v in variant.items()])))
+  except (ValueError, config_lib.ConfigError) as e:
     print(f'effjax.bench: {e}', file=sys.stderr)
     sys.exit(2)
   config_file = config_flags.get_config_filename(flags.FLAGS['config'])
   config_name = os.path.splitext(os.path.basename(config_file.split(':')[0]))[0]
   stem = _NAME.value or f'train_{config_name}'
 
+  if _ALTERNATE.value:
+    _use_compilation_cache()
+    try:
+      rows = train_bench.measure_alternating(alternated, batches=_BATCHES.value,
+                                             warmup_steps=_WARMUP.value, steps=_STEPS.value,
+                                             rounds=_REPEATS.value or 5)
+      for row, variant in zip(rows, overrides):
+        row['overrides'] = variant
+    except config_lib.ConfigError as e:
+      print(f'effjax.bench: config error: {e}', file=sys.stderr)
+      sys.exit(2)
+    env = results.environment()
+    title = f'Training throughput in alternation: {config_name}'
+    columns = train_bench.COLUMNS[:-1] + train_bench.ALTERNATE_COLUMNS + train_bench.COLUMNS[-1:]
+    json_path, md_path = results.write(_OUT.value, stem, env, rows, columns, title)
+    with open(md_path, encoding='utf-8') as f:
+      print(f.read())
+    print(f'wrote {json_path} and {md_path}')
+    return
   if len(variants) > 1:
     env, rows = train_bench.run_sweep(variants, _child_argv(sys.argv))
     env = env or {'device_kind': '?', 'platform': '?', 'num_devices': '?', 'jax': '?',

@@ -20,11 +20,20 @@ Batches (--batches):
 With --sweep, each variant (the cartesian product of the --sweep lists) runs in a fresh
 subprocess, so peak-memory figures do not leak between variants and an out-of-memory variant is
 recorded as such without ending the sweep. A sweep key `xla_flags` sets XLA_FLAGS for a variant.
+
+With --alternate (config fields only; the lists zipped, so
+`--alternate=model.pattern=attention:mlp,flash:mlp --alternate=model.attention_backend=auto,mosaic_gpu`
+is two variants), every variant's step is built in one process and the windows are timed in
+alternation, a fresh order per round: drift of the GPU's clock during the run (measured at up to
+25% on a shared machine) moves every variant alike, and each row's speedup over the first is the
+median of per-round ratios. The price: peak memory is the process's (every variant's state is
+resident), so read compiled_memory_gb per variant instead.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import os
@@ -33,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -52,6 +61,12 @@ COLUMNS = (
     ('compile_s', 'compile (s)', '.1f'),
     ('error', 'error', ''),
 )
+# --alternate's rows add these (before 'error').
+ALTERNATE_COLUMNS = (
+    ('speedup_vs_first', 'speedup vs first', '.3f'),
+    ('speedup_spread', 'its rounds 25-75%', ''),
+    ('rounds', 'rounds', ''),
+)
 
 
 def parse_sweep(specs: Sequence[str]) -> list[dict[str, str]]:
@@ -64,6 +79,24 @@ def parse_sweep(specs: Sequence[str]) -> list[dict[str, str]]:
                        f'--sweep=train.batch_size=16,32)')
     axes.append([(key.strip(), v) for v in values.split(',')])
   return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def parse_alternate(specs: Sequence[str]) -> list[dict[str, str]]:
+  """['a.b=1,2', 'c=x,y'] -> the 2 variants {a.b: 1, c: x}, {a.b: 2, c: y} (zipped, not
+  crossed: --alternate); every list as long as the first, at least two variants."""
+  axes = []
+  for spec in specs:
+    key, sep, values = spec.partition('=')
+    if not sep or '.' not in key:
+      raise ValueError(f'--alternate={spec!r}: expected section.field=V1,V2,... (e.g. '
+                       f'--alternate=model.pattern=attention:mlp,flash:mlp)')
+    axes.append([(key.strip(), v) for v in values.split(',')])
+  lengths = {len(axis) for axis in axes}
+  if len(lengths) != 1 or min(lengths) < 2:
+    raise ValueError(f'--alternate: every list needs the same number of values, at least two '
+                     f'(the i-th variant takes each list\'s i-th value); got '
+                     f'{", ".join(specs)}')
+  return [dict(combo) for combo in zip(*axes)]
 
 
 def variant_name(variant: dict[str, str]) -> str:
@@ -154,21 +187,52 @@ def trace_once(call, trace_dir: str, top: int = 25) -> str:
   return summary
 
 
-def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps: int = 10,
-            repeats: int = 3, profile_dir: str = '') -> dict[str, Any]:
-  """One config's steady-state training throughput; raises on bad config, returns a result row."""
+@dataclasses.dataclass
+class _Prepared:
+  """One config's compiled train step, its state and batches, warmed up (measure's first half)."""
+  config: Any
+  mesh: Any
+  rules: Any
+  state: Any
+  compiled: Any
+  next_batch: Callable[[], Any]
+  compile_s: float
+  memory: Any
+  cost: Any
+  rows_per_host: int
+  first_loss: float
+  batches: str
+  last_loss: float = float('nan')
+
+  def window(self, steps: int) -> tuple[float, Any]:
+    """(seconds per step, energy meter) of `steps` back-to-back steps, synchronised at both
+    ends; the meter's window encloses the timed one, so its energy is that of these steps."""
+    import jax
+
+    from effjax.bench import energy
+    from effjax.parallel import sharding as shd
+    with jax.set_mesh(self.mesh), shd.axis_rules(self.rules):
+      jax.block_until_ready(self.state)
+      with energy.Meter() as meter:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+          self.state, metrics = self.compiled(self.state, self.next_batch())
+        jax.block_until_ready((self.state, metrics))
+        seconds = (time.perf_counter() - t0) / steps
+    self.last_loss = float(metrics['loss'])
+    return seconds, meter
+
+
+def _prepare(config, batches: str, warmup_steps: int) -> _Prepared:
+  """Validate, build, compile and warm up one config's train step (raises on a bad config)."""
   import jax
 
   from effjax import config as config_lib
   from effjax import data as data_lib
-  from effjax.bench import energy
-  from effjax.models.lm import count_params
   from effjax.optim.factory import make_optimizer
   from effjax.parallel import mesh as mesh_lib
   from effjax.parallel import sharding as shd
-  from effjax.train import flops as flops_lib
   from effjax.train import step as step_lib
-  from effjax.train.metrics import device_memory
 
   config_lib.validate(config)
   tc = config.train
@@ -195,43 +259,87 @@ def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps:
 
     first = next_batch()
     t0 = time.perf_counter()
-    lowered = train_step.lower(state, first)
-    compiled = lowered.compile()
+    compiled = train_step.lower(state, first).compile()
     compile_s = time.perf_counter() - t0
-    memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-
     for _ in range(max(warmup_steps, 1)):
       state, metrics = compiled(state, next_batch())
     first_loss = float(metrics['loss'])
-    windows, meters = [], []
-    for _ in range(repeats):
-      jax.block_until_ready(state)
-      # The meter's window encloses the timed one; both ends are synchronised, so its energy is
-      # that of exactly these steps.
-      with energy.Meter() as meter:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-          state, metrics = compiled(state, next_batch())
-        jax.block_until_ready((state, metrics))
-        windows.append((time.perf_counter() - t0) / steps)
-      meters.append(meter)
-    last_loss = float(metrics['loss'])
-    profile_summary = None
-    if profile_dir:
+  return _Prepared(config, mesh, rules, state, compiled, next_batch, compile_s,
+                   compiled.memory_analysis(), cost, rows_per_host, first_loss, batches)
+
+
+def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps: int = 10,
+            repeats: int = 3, profile_dir: str = '') -> dict[str, Any]:
+  """One config's steady-state training throughput; raises on bad config, returns a result row."""
+  import jax
+
+  from effjax.parallel import sharding as shd
+
+  prepared = _prepare(config, batches, warmup_steps)
+  windows, meters = zip(*(prepared.window(steps) for _ in range(repeats)))
+  profile_summary = None
+  if profile_dir:
+    with jax.set_mesh(prepared.mesh), shd.axis_rules(prepared.rules):
+      state = prepared.state
       jax.profiler.start_trace(profile_dir)
       for _ in range(3):
-        state, metrics = compiled(state, next_batch())
+        state, metrics = prepared.compiled(state, prepared.next_batch())
       jax.block_until_ready((state, metrics))
       jax.profiler.stop_trace()
-      profile_summary = summarise_profile(profile_dir)
-      with open(os.path.join(profile_dir, 'summary.txt'), 'w', encoding='utf-8') as f:
-        f.write(profile_summary + '\n')
+      prepared.state = state
+    profile_summary = summarise_profile(profile_dir)
+    with open(os.path.join(profile_dir, 'summary.txt'), 'w', encoding='utf-8') as f:
+      f.write(profile_summary + '\n')
+  return _row(prepared, list(windows), list(meters), steps, profile_summary)
 
+
+def measure_alternating(configs: Sequence[tuple[str, Any]], *, batches: str = 'synthetic',
+                        warmup_steps: int = 3, steps: int = 10, rounds: int = 5,
+                        seed: int = 0) -> list[dict[str, Any]]:
+  """Several configs' train steps built in one process and timed in alternation: `rounds`
+  rounds, each one window of `steps` steps per config in a fresh random order, so a GPU whose
+  clock drifts during the run slows every config alike. One row per (name, config), as measure()
+  gives it (the median window; peak memory is the process's, so the largest config's), plus
+  `speedup_vs_first`: the median over rounds of the first config's window / its own, and
+  `speedup_spread`, the rounds' 25th-75th percentiles of that ratio."""
+  if not configs:
+    raise ValueError('no configs to alternate')
+  prepared = [_prepare(config, batches, warmup_steps) for _, config in configs]
+  timed = [([], []) for _ in configs]
+  rng = np.random.default_rng(seed)
+  for _ in range(rounds):
+    for i in rng.permutation(len(configs)):
+      seconds, meter = prepared[i].window(steps)
+      timed[i][0].append(seconds)
+      timed[i][1].append(meter)
+  first = np.asarray(timed[0][0])
+  rows = []
+  for (name, _), p, (windows, meters) in zip(configs, prepared, timed):
+    ratios = first / np.asarray(windows)
+    rows.append({'name': name, **_row(p, windows, meters, steps, None),
+                 'rounds': rounds, 'speedup_vs_first': float(np.median(ratios)),
+                 'speedup_spread': f'{np.percentile(ratios, 25):.3f}-'
+                                   f'{np.percentile(ratios, 75):.3f}'})
+  return rows
+
+
+def _row(prepared: _Prepared, windows: list[float], meters: list, steps: int,
+         profile_summary: str | None) -> dict[str, Any]:
+  """measure()'s result row from a prepared config's timed windows (seconds per step)."""
+  import jax
+
+  from effjax.bench import energy
+  from effjax.models.lm import count_params
+  from effjax.train import flops as flops_lib
+  from effjax.train.metrics import device_memory
+
+  config, memory, cost = prepared.config, prepared.memory, prepared.cost
+  tc = config.train
   step_time = statistics.median(windows)
   tokens_per_step = tc.batch_size * config.data.seq_len
-  tokens_timed = rows_per_host * config.data.seq_len * steps * repeats
+  tokens_timed = prepared.rows_per_host * config.data.seq_len * steps * len(windows)
   flops_per_token = flops_lib.train_flops_per_token(config.model, config.data.seq_len)
   peak = flops_lib.peak_flops_per_device(override_tflops=tc.peak_tflops)
   mfu = flops_lib.mfu(tokens_per_step / step_time, flops_per_token, jax.device_count(), peak)
@@ -253,8 +361,8 @@ def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps:
                                                     active=True) / 1e6,
       'batch_size': tc.batch_size, 'seq_len': config.data.seq_len,
       'grad_accum_steps': tc.grad_accum_steps, 'tokens_per_step': tokens_per_step,
-      'batches': batches, 'mesh': dict(mesh.shape),
-      'compile_s': compile_s,
+      'batches': prepared.batches, 'mesh': dict(prepared.mesh.shape),
+      'compile_s': prepared.compile_s,
       'step_time_ms': 1e3 * step_time,
       'step_time_windows_ms': [1e3 * w for w in windows],
       'step_time_spread_pct': 100 * (max(windows) - min(windows)) / step_time,
@@ -272,7 +380,7 @@ def measure(config, *, batches: str = 'synthetic', warmup_steps: int = 3, steps:
       'host_peak_rss_gb': mem.get('host_peak_rss_gb'),
       'compiled_memory_gb': None if compiled_bytes is None else compiled_bytes / 1e9,
       'compiled_memory_breakdown_gb': breakdown,
-      'loss_first': first_loss, 'loss_last': last_loss,
+      'loss_first': prepared.first_loss, 'loss_last': prepared.last_loss,
       'profile_summary': profile_summary,
       'config': config.to_dict(),
   }

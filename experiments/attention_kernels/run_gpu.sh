@@ -2,7 +2,8 @@
 # The Hopper attention study on the GPU machine, in named steps, most important first; every
 # result file is packed into $OUT/results.tgz after each step (a run cut short keeps what it did).
 #   bash experiments/attention_kernels/run_gpu.sh STEP [STEP ...]
-#   steps: check d256 model auto quick targets gpt2 gpt1b fwd_sweep fwd_variants grid
+#   steps: check d256 model auto quick targets gpt2 gpt2_alternating gpt1b fwd_sweep fwd_variants
+#          grid
 set -u
 OUT=${OUT:-/tmp/effjax_attention_out}
 RES=${RES:-/tmp/effjax_attention_results}
@@ -57,6 +58,15 @@ train_pair() {  # $1 config, $2 name: cuDNN attention layers, then flash layers 
     --config.model.pattern=flash:mlp --sweep=model.attention_backend=triton,mosaic_gpu
 }
 gpt2() { train_pair gpt2_small gpt2; }
+# The same comparison in one process, windows in alternation (bench train --alternate): cuDNN
+# attention layers, flash layers on Mosaic GPU, flash layers on Triton; the ratio to cuDNN is the
+# median of per-round ratios, so clock drift between calls does not decide a 2% difference.
+gpt2_alternating() {
+  python3 -m effjax.bench train --config=configs/gpt2_small.py --out="$RES" $CACHE \
+    --name=gpt2_alternating --repeats=8 --steps=6 --warmup_steps=2 \
+    --alternate=model.pattern=attention:mlp,flash:mlp,flash:mlp \
+    --alternate=model.attention_backend=auto,mosaic_gpu,triton
+}
 gpt1b() { train_pair gpt_1b gpt1b; }
 # The Mosaic GPU forward's key tile and ring depth against cuDNN (D64 and D128, S 4k and 16k).
 fwd_sweep() {

@@ -80,3 +80,38 @@ def test_a_failed_sweep_variant_keeps_the_sweep_and_says_why(tmp_path):
   assert rows[0]['step_time_ms'] > 0 and 'error' not in rows[0]
   assert rows[1]['error'] == 'exit status 2'
   assert "model.remat_policy='sometimes'" in rows[1]['error_detail'], rows[1]['error_detail']
+
+
+def test_alternate_times_zipped_variants_in_one_process(tmp_path):
+  out = tmp_path / 'results'
+  _bench('train', *TINY[:-1], '--repeats=3', f'--out={out}', '--name=alt',
+         '--compilation_cache_dir=', '--alternate=model.remat_policy=none,full',
+         '--alternate=train.batch_size=8,16')
+  rows = json.loads((out / 'alt.json').read_text())['rows']
+  assert [r['name'] for r in rows] == ['remat_policy=none batch_size=8',
+                                       'remat_policy=full batch_size=16']
+  assert [r['tokens_per_step'] for r in rows] == [8 * 32, 16 * 32]
+  assert rows[1]['config']['model']['remat_policy'] == 'full'
+  assert rows[1]['overrides'] == {'model.remat_policy': 'full', 'train.batch_size': '16'}
+  assert rows[0]['speedup_vs_first'] == 1.0
+  for row in rows:
+    assert row['rounds'] == 3 and len(row['step_time_windows_ms']) == 3
+    lo, hi = map(float, row['speedup_spread'].split('-'))
+    assert lo <= row['speedup_vs_first'] <= hi
+    assert row['loss_last'] == row['loss_last']  # trained on: a number
+  assert '| speedup vs first |' in (out / 'alt.md').read_text()
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--alternate=model.remat_policy=none,full', '--alternate=train.batch_size=8'],
+     'effjax.bench: --alternate: every list needs the same number of values, at least two'),
+    (['--alternate=model.remat_policy=none,full', '--sweep=train.batch_size=8,16'],
+     'effjax.bench: --sweep and --alternate are two ways to compare variants: give one'),
+    (['--alternate=xla_flags=,--a=1'],
+     "effjax.bench: --alternate='xla_flags=,--a=1': expected section.field=V1,V2,..."),
+    (['--alternate=model.remat_policy=none,sometimes'],
+     "model.remat_policy"),
+])
+def test_bad_alternation_is_one_clear_error(args, message):
+  proc = _bench('train', *TINY, '--compilation_cache_dir=', *args, expect_rc=2)
+  assert message in proc.stderr.strip().splitlines()[-1]
