@@ -82,7 +82,8 @@ _ALTERNATE = flags.DEFINE_multi_string(
     'infer.fold_norms=False,True), plain decoding beside the bandwidth probes, --repeats '
     'rounds (default 20; effjax/bench/decode_methods.py). train: repeat the flag to change '
     'several fields together (lists zipped: the i-th variant takes each i-th value), --repeats '
-    'rounds of one window each (default 5).')
+    'rounds of one window each (default 5), speedups as ratios of tokens/s. Values are split on '
+    '"/" instead of "," where one holds commas (infer.output_major=wo/wo,w_down).')
 _BANDWIDTH_MB = flags.DEFINE_integer('bandwidth_mb', 512, 'decode: size of the timed device '
                                      'copy that measures memory bandwidth.')
 # Internal: a sweep's child process writes its one row here.
@@ -162,6 +163,15 @@ def _decode(config) -> None:
                        f'--methods={",".join(_METHODS.value)}')
     if _ALTERNATE.value:
       decode_methods.alternate_configs(config, _ALTERNATE.value[0])
+      unused = [flag for flag, given in (('--draft_config', _DRAFT_CONFIG.value),
+                                         ('--draft_workdir', _DRAFT_WORKDIR.value),
+                                         ('--exit_threshold', _EXIT_THRESHOLD.value is not None))
+                if given]
+      if unused:
+        raise ValueError(f'--alternate times plain decoding: {", ".join(unused)} would be '
+                         f'ignored')
+      if _REPEATS.value is not None and _REPEATS.value < 1:
+        raise ValueError(f'--repeats={_REPEATS.value}: --alternate needs at least one round')
     if config.infer.fold_norms and not (_METHODS.value or _ALTERNATE.value):
       raise ValueError('--config.infer.fold_norms=True applies to the decoding engine, which '
                        'only the --methods rows run (e.g. --methods=plain); the context rows '
@@ -213,7 +223,8 @@ def _decode_methods(config, contexts, name: str) -> None:
   if _ALTERNATE.value:
     rows = decode_methods.alternate(config, contexts, _ALTERNATE.value[0],
                                     steps=_DECODE_STEPS.value,
-                                    batch=_DECODE_BATCH.value, rounds=_REPEATS.value or 20,
+                                    batch=_DECODE_BATCH.value,
+                                    rounds=20 if _REPEATS.value is None else _REPEATS.value,
                                     params=params, bandwidth_mb=_BANDWIDTH_MB.value,
                                     profile_dir=_PROFILE.value)
     _write_decode_rows(rows, decode_methods.ALTERNATE_COLUMNS,
@@ -277,14 +288,16 @@ def main(argv):
     if _ALTERNATE.value:
       if _SWEEP.value:
         raise ValueError('--sweep and --alternate are two ways to compare variants: give one')
+      if _PROFILE.value:
+        raise ValueError('--profile_dir traces one config\'s steps: not with --alternate')
+      if _REPEATS.value is not None and _REPEATS.value < 1:
+        raise ValueError(f'--repeats={_REPEATS.value}: --alternate needs at least one round')
       alternated, overrides = [], train_bench.parse_alternate(_ALTERNATE.value)
-      for variant in overrides:
-        if any(not key.startswith(('model.', 'train.', 'optim.', 'data.', 'mesh.'))
-               for key in variant):
-          raise ValueError(f'--alternate changes config fields only (xla_flags is the '
-                           f'process\'s: use --sweep); got {", ".join(variant)}')
-        alternated.append((train_bench.variant_name(variant), config_lib.apply_overrides(
-            copy.deepcopy(config), [f'{k}={v}' for k, v in variant.items()])))
+      for variant in overrides:  # every variant checked before any is built
+        changed = config_lib.apply_overrides(copy.deepcopy(config),
+                                             [f'{k}={v}' for k, v in variant.items()])
+        config_lib.validate(changed)
+        alternated.append((train_bench.variant_name(variant), changed))
   except (ValueError, config_lib.ConfigError) as e:
     print(f'effjax.bench: {e}', file=sys.stderr)
     sys.exit(2)
@@ -294,15 +307,11 @@ def main(argv):
 
   if _ALTERNATE.value:
     _use_compilation_cache()
-    try:
-      rows = train_bench.measure_alternating(alternated, batches=_BATCHES.value,
-                                             warmup_steps=_WARMUP.value, steps=_STEPS.value,
-                                             rounds=_REPEATS.value or 5)
-      for row, variant in zip(rows, overrides):
-        row['overrides'] = variant
-    except config_lib.ConfigError as e:
-      print(f'effjax.bench: config error: {e}', file=sys.stderr)
-      sys.exit(2)
+    rows = train_bench.measure_alternating(
+        alternated, batches=_BATCHES.value, warmup_steps=_WARMUP.value, steps=_STEPS.value,
+        rounds=5 if _REPEATS.value is None else _REPEATS.value)
+    for row, variant in zip(rows, overrides):
+      row['overrides'] = variant
     env = results.environment()
     title = f'Training throughput in alternation: {config_name}'
     columns = train_bench.COLUMNS[:-1] + train_bench.ALTERNATE_COLUMNS + train_bench.COLUMNS[-1:]

@@ -24,6 +24,7 @@ model's acceptance and exit rates say nothing about a trained one's (the timing 
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import time
 from typing import Any, Sequence
@@ -280,8 +281,9 @@ ALTERNATE_COLUMNS = (
 
 
 def alternate_configs(config, spec: str) -> list[tuple[str, Any]]:
-  """'infer.OPTION=V1,V2,...' -> [(label, config with OPTION=V), ...] (--alternate); OPTION must
-  be one of ENGINE_OPTIONS, with at least two values, each valid for the config."""
+  """'infer.OPTION=V1,V2,...' -> [(label, config with OPTION=V), ...] (--alternate; values
+  split on '/' instead where one holds commas: infer.output_major=wo/wo,w_down); OPTION must be
+  one of ENGINE_OPTIONS, with at least two values, each valid for the config."""
   import copy
   from effjax import config as config_lib
   key, sep, values = spec.partition('=')
@@ -289,7 +291,8 @@ def alternate_configs(config, spec: str) -> list[tuple[str, Any]]:
   if not sep or section != 'infer' or option not in ENGINE_OPTIONS:
     raise ValueError(f'--alternate={spec!r}: expected infer.OPTION=V1,V2,... with OPTION one of '
                      f'{", ".join(ENGINE_OPTIONS)} (the options that change the engine)')
-  values = values.split(',')
+  from effjax.bench.train import alternate_values
+  values = alternate_values(values)
   if len(values) < 2 or len(set(values)) < len(values):
     raise ValueError(f'--alternate={spec!r}: give at least two different values')
   out = []
@@ -297,7 +300,7 @@ def alternate_configs(config, spec: str) -> list[tuple[str, Any]]:
     variant = copy.deepcopy(config)
     config_lib.apply_overrides(variant, [f'infer.{option}={value}'])
     config_lib.validate(variant)
-    out.append((f'{option}={value or "none"}', variant))
+    out.append((f'{option}={value or repr(value)}', variant))
   return out
 
 
@@ -311,9 +314,13 @@ def alternate(config, contexts: Sequence[int], spec: str, *, steps: int, batch: 
   value): the median round's ms per token, the median over rounds of the first value's loop
   time / this one's (speedup_vs_first, with the rounds' 25th-75th percentiles), and the roofline
   fractions as medians of per-round fractions (this round's bytes per second / this round's
-  probe). With profile_dir, one more loop of each row is traced into profile_dir/<label>_<ctx>.
+  probe). A value whose loop fails to compile is a row with its error; if it is the first, no
+  row gets a speedup. With profile_dir, one more loop of each row is traced into
+  profile_dir/<label>_<context>.
   """
   from effjax.bench.kernels import first_line, time_interleaved
+  if rounds < 1:
+    raise ValueError(f'need at least one round; got {rounds}')
   from effjax.models.lm import LM
   variants = alternate_configs(config, spec)
   split = params or nnx.split(LM(config.model, rngs=nnx.Rngs(config.seed)))
@@ -340,11 +347,11 @@ def alternate(config, contexts: Sequence[int], spec: str, *, steps: int, batch: 
     for name, (fn, _) in probes.items():
       compiled[name] = fn
     timed = {}
-    if made:
-      first = next(iter(made))
+    if made:  # the ratios' baseline is the first value; if it failed, no row gets a speedup
       timed = time_interleaved(
           compiled, lambda name: (probe,) if name in probes else made[name][0](), rounds,
-          baseline=first, seed=context)
+          baseline=next(iter(made)), seed=context)
+    first_ok = next(iter(engines)) in made
     for label, engine in engines.items():
       row: dict[str, Any] = {'method': 'plain', 'variant': label, 'context': context,
                              'batch': batch, 'steps': steps, 'rounds': rounds,
@@ -355,7 +362,8 @@ def alternate(config, contexts: Sequence[int], spec: str, *, steps: int, batch: 
         continue
       t = timed[label]
       loop_s = np.asarray(t['rounds_ms']) / 1e3
-      per_step = step_bytes(engine, engine.init_cache(batch, length, gamma + 1))
+      per_step = step_bytes(engine, jax.eval_shape(
+          lambda e=engine: e.init_cache(batch, length, gamma + 1)))
       for key, name in (('', 'copy'), ('read_', 'read')):
         probe_s = np.asarray(timed[name]['rounds_ms']) / 1e3
         row[f'{key}bandwidth_gbs'] = float(np.median(probes[name][1] / probe_s)) / 1e9
@@ -363,18 +371,19 @@ def alternate(config, contexts: Sequence[int], spec: str, *, steps: int, batch: 
             per_step * steps / loop_s / (probes[name][1] / probe_s)))
       per_token = float(np.median(loop_s)) / steps
       row.update(ms_per_token=1e3 * per_token, tokens_per_s=batch / per_token,
-                 speedup_vs_first=t['ratio'],
-                 speedup_spread=f'{t["ratio_lo"]:.3f}-{t["ratio_hi"]:.3f}',
                  seconds=loop_s.tolist(), mb_per_token=per_step / 2 ** 20,
                  compile_s=made[label][1])
+      if first_ok:
+        row.update(speedup_vs_first=t['ratio'],
+                   speedup_spread=f'{t["ratio_lo"]:.3f}-{t["ratio_hi"]:.3f}')
       if profile_dir:
         from effjax.bench.train import trace_once
         args = jax.block_until_ready(made[label][0]())
         row['profile_summary'] = trace_once(
             lambda: compiled[label](*args),
-            os.path.join(profile_dir, f'{label.replace("=", "_")}_{context}'))
+            os.path.join(profile_dir, re.sub(r'[^A-Za-z0-9_.-]+', '_', label) + f'_{context}'))
       rows.append(row)
       log(f"[decode] {label} context {context}: {row['ms_per_token']:.3f} ms/token, "
-          f"{row['speedup_vs_first']:.3f}x the first [{row['speedup_spread']}], "
-          f"{row['roofline_fraction']:.3f} of roofline")
+          f"{row.get('speedup_vs_first', float('nan')):.3f}x the first "
+          f"[{row.get('speedup_spread', '-')}], {row['roofline_fraction']:.3f} of roofline")
   return rows

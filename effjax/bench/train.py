@@ -81,16 +81,24 @@ def parse_sweep(specs: Sequence[str]) -> list[dict[str, str]]:
   return [dict(combo) for combo in itertools.product(*axes)]
 
 
+def alternate_values(values: str) -> list[str]:
+  """An --alternate list: values split on '/' when the text holds one (for values that hold
+  commas themselves, such as infer.output_major=wo/wo,w_down), else on ','."""
+  return values.split('/' if '/' in values else ',')
+
+
 def parse_alternate(specs: Sequence[str]) -> list[dict[str, str]]:
   """['a.b=1,2', 'c=x,y'] -> the 2 variants {a.b: 1, c: x}, {a.b: 2, c: y} (zipped, not
-  crossed: --alternate); every list as long as the first, at least two variants."""
+  crossed: --alternate; each list split by alternate_values); every list as long as the first,
+  at least two variants."""
   axes = []
   for spec in specs:
     key, sep, values = spec.partition('=')
     if not sep or '.' not in key:
-      raise ValueError(f'--alternate={spec!r}: expected section.field=V1,V2,... (e.g. '
+      raise ValueError(f'--alternate={spec!r}: expected section.field=V1,V2,... (config fields '
+                       f'only: xla_flags is the process\'s, use --sweep; e.g. '
                        f'--alternate=model.pattern=attention:mlp,flash:mlp)')
-    axes.append([(key.strip(), v) for v in values.split(',')])
+    axes.append([(key.strip(), v) for v in alternate_values(values)])
   lengths = {len(axis) for axis in axes}
   if len(lengths) != 1 or min(lengths) < 2:
     raise ValueError(f'--alternate: every list needs the same number of values, at least two '
@@ -301,27 +309,47 @@ def measure_alternating(configs: Sequence[tuple[str, Any]], *, batches: str = 's
   """Several configs' train steps built in one process and timed in alternation: `rounds`
   rounds, each one window of `steps` steps per config in a fresh random order, so a GPU whose
   clock drifts during the run slows every config alike. One row per (name, config), as measure()
-  gives it (the median window; peak memory is the process's, so the largest config's), plus
-  `speedup_vs_first`: the median over rounds of the first config's window / its own, and
-  `speedup_spread`, the rounds' 25th-75th percentiles of that ratio."""
+  gives it (the median window), plus `speedup_vs_first`: the median over rounds of this
+  config's tokens/s over the first config's in the same round (time per token, so variants
+  with different batches compare by throughput), and `speedup_spread`, the rounds' 25th-75th
+  percentiles of that ratio. Every config's state stays resident, so peak memory is the
+  process's (the same figure on every row): read compiled_memory_gb per config instead. A
+  config that fails to build or compile (out of memory, a kernel that does not lower) is a row
+  with its error and takes no part in the rounds; if it is the first, no row gets a speedup.
+  """
+  from effjax.bench.kernels import first_line
   if not configs:
     raise ValueError('no configs to alternate')
-  prepared = [_prepare(config, batches, warmup_steps) for _, config in configs]
-  timed = [([], []) for _ in configs]
+  if rounds < 1:
+    raise ValueError(f'need at least one round; got {rounds}')
+  prepared, errors = {}, {}
+  for i, (name, config) in enumerate(configs):
+    try:
+      prepared[i] = _prepare(config, batches, warmup_steps)
+    except Exception as e:  # pylint: disable=broad-except
+      errors[i] = 'out of memory' if is_oom(e) else first_line(e)
+  timed = {i: ([], []) for i in prepared}
   rng = np.random.default_rng(seed)
   for _ in range(rounds):
-    for i in rng.permutation(len(configs)):
+    for i in rng.permutation(sorted(prepared)):
       seconds, meter = prepared[i].window(steps)
       timed[i][0].append(seconds)
       timed[i][1].append(meter)
-  first = np.asarray(timed[0][0])
+  per_token = {i: np.asarray(timed[i][0]) / (c.train.batch_size * c.data.seq_len)
+               for i, (_, c) in enumerate(configs) if i in prepared}
   rows = []
-  for (name, _), p, (windows, meters) in zip(configs, prepared, timed):
-    ratios = first / np.asarray(windows)
-    rows.append({'name': name, **_row(p, windows, meters, steps, None),
-                 'rounds': rounds, 'speedup_vs_first': float(np.median(ratios)),
-                 'speedup_spread': f'{np.percentile(ratios, 25):.3f}-'
-                                   f'{np.percentile(ratios, 75):.3f}'})
+  for i, (name, _) in enumerate(configs):
+    if i in errors:
+      rows.append({'name': name, 'error': errors[i]})
+      continue
+    row = {'name': name, **_row(prepared[i], timed[i][0], timed[i][1], steps, None),
+           'rounds': rounds}
+    if 0 in per_token:
+      ratios = per_token[0] / per_token[i]
+      row.update(speedup_vs_first=float(np.median(ratios)),
+                 speedup_spread=f'{np.percentile(ratios, 25):.3f}-'
+                                f'{np.percentile(ratios, 75):.3f}')
+    rows.append(row)
   return rows
 
 

@@ -92,6 +92,17 @@ lora_bf16_vocab_bf16_remat_chunk16 --config.compress.method=lora --config.compre
 EOF_VARIANTS
 }
 
+# Full fine-tuning and the bf16 LoRA (bf16 vocabulary) again at batch 16 taken as two
+# microbatches of 8 (train.grad_accum_steps=2: the same update from the same 16 sequences). The
+# activations that set LoRA's temporaries halve on both sides; full fine-tuning's weights,
+# gradients and Adam moments do not, so the ratio shows how much of LoRA's 40% is activations.
+memory_accum2() {
+  _memory_rows 64 <<EOF_VARIANTS
+full_remat_chunk64_accum2 --config.train.grad_accum_steps=2
+lora_bf16_vocab_bf16_remat_chunk64_accum2 --config.compress.method=lora --config.compress.lora_base_dtype=bfloat16 --config.compress.lora_vocab_dtype=bfloat16 --config.train.grad_accum_steps=2
+EOF_VARIANTS
+}
+
 steps=("$@")
 if [ "${steps[0]:-all}" = all ]; then steps=(ptq prune memory rest); fi
 for step in "${steps[@]}"; do

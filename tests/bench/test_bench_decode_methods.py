@@ -107,6 +107,16 @@ def test_alternating_rows(tmp_path):
   assert '| speedup vs first |' in (tmp_path / 'a.md').read_text()
 
 
+def test_alternation_labels_and_lists():
+  """List-valued options take '/' between values; an empty value is labelled as such."""
+  from configs import default
+  from effjax.bench.decode_methods import alternate_configs
+  got = alternate_configs(default.get_config(), 'infer.output_major=wo/wo,w_down/')
+  assert [label for label, _ in got] == ['output_major=wo', 'output_major=wo,w_down',
+                                         "output_major=''"]
+  assert [c.infer.output_major for _, c in got] == ['wo', 'wo,w_down', '']
+
+
 @pytest.mark.parametrize('args, message', [
     (['--alternate=infer.gamma=2,4'],
      "--alternate='infer.gamma=2,4': expected infer.OPTION=V1,V2,... with OPTION one of "
@@ -118,6 +128,13 @@ def test_alternating_rows(tmp_path):
      "infer.fold_norms='yes': not of type bool, the type of infer.fold_norms"),
     (['--alternate=infer.fold_norms=False,True', '--methods=plain,speculative'],
      '--alternate times plain decoding only; got --methods=plain,speculative'),
+    (['--alternate=infer.fold_norms=False,True', '--draft_config=configs/default.py',
+      '--exit_threshold=0.5'],
+     '--alternate times plain decoding: --draft_config, --exit_threshold would be ignored'),
+    (['--alternate=infer.fold_norms=False,True', '--repeats=0'],
+     '--repeats=0: --alternate needs at least one round'),
+    (['--alternate=infer.fold_norms=False,True', '--alternate=infer.weights_dtype=,float32'],
+     'decode takes one --alternate option; got 2'),
 ])
 def test_bad_alternation_is_one_clear_error(args, message):
   proc = subprocess.run([sys.executable, '-m', 'effjax.bench', 'decode',

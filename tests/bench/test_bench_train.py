@@ -94,6 +94,10 @@ def test_alternate_times_zipped_variants_in_one_process(tmp_path):
   assert rows[1]['config']['model']['remat_policy'] == 'full'
   assert rows[1]['overrides'] == {'model.remat_policy': 'full', 'train.batch_size': '16'}
   assert rows[0]['speedup_vs_first'] == 1.0
+  # a ratio of tokens/s, not of step times: per round, (first's s / 256) / (this one's s / 512)
+  per_round = [(a / 256) / (b / 512) for a, b in zip(rows[0]['step_time_windows_ms'],
+                                                   rows[1]['step_time_windows_ms'])]
+  assert rows[1]['speedup_vs_first'] == pytest.approx(sorted(per_round)[1])
   for row in rows:
     assert row['rounds'] == 3 and len(row['step_time_windows_ms']) == 3
     lo, hi = map(float, row['speedup_spread'].split('-'))
@@ -102,16 +106,46 @@ def test_alternate_times_zipped_variants_in_one_process(tmp_path):
   assert '| speedup vs first |' in (out / 'alt.md').read_text()
 
 
+def test_alternate_values_split_on_slashes_where_values_hold_commas():
+  from effjax.bench.train import parse_alternate
+  assert parse_alternate(['model.exit_layers=2,4/4']) == [{'model.exit_layers': '2,4'},
+                                                          {'model.exit_layers': '4'}]
+  assert parse_alternate(['train.batch_size=8,16']) == [{'train.batch_size': '8'},
+                                                        {'train.batch_size': '16'}]
+
+
+def test_a_variant_that_fails_to_build_is_a_row_and_the_rest_still_run():
+  from configs import default
+  from effjax.bench.train import measure_alternating
+  good = default.get_config()
+  good.model.d_model, good.model.mlp_dim, good.model.num_layers = 32, 64, 1
+  good.data.seq_len, good.train.batch_size = 16, 8  # one row per forced CPU device
+  bad = default.get_config()
+  bad.model.d_model, bad.model.mlp_dim, bad.model.num_layers = 32, 64, 1
+  bad.model.num_heads = 3  # 32 is not a multiple of 3: fails to build
+  rows = measure_alternating([('good', good), ('bad', bad), ('good again', good)], steps=1,
+                             rounds=2, warmup_steps=1)
+  assert [r['name'] for r in rows] == ['good', 'bad', 'good again']
+  assert rows[1]['error'] and 'step_time_ms' not in rows[1]
+  assert rows[0]['speedup_vs_first'] == 1.0 and rows[2]['speedup_vs_first'] > 0
+  rows = measure_alternating([('bad', bad), ('good', good)], steps=1, rounds=1, warmup_steps=1)
+  assert rows[0]['error'] and 'speedup_vs_first' not in rows[1]
+
+
 @pytest.mark.parametrize('args, message', [
     (['--alternate=model.remat_policy=none,full', '--alternate=train.batch_size=8'],
      'effjax.bench: --alternate: every list needs the same number of values, at least two'),
     (['--alternate=model.remat_policy=none,full', '--sweep=train.batch_size=8,16'],
      'effjax.bench: --sweep and --alternate are two ways to compare variants: give one'),
     (['--alternate=xla_flags=,--a=1'],
-     "effjax.bench: --alternate='xla_flags=,--a=1': expected section.field=V1,V2,..."),
-    (['--alternate=model.remat_policy=none,sometimes'],
-     "model.remat_policy"),
+     "effjax.bench: --alternate='xla_flags=,--a=1': expected section.field=V1,V2,... (config "
+     "fields only: xla_flags is the process's, use --sweep"),
+    (['--alternate=model.remat_policy=none,sometimes'],  # checked before anything is built
+     "effjax.bench: model.remat_policy='sometimes': allowed values are"),
+    (['--alternate=model.remat_policy=none,full', '--profile_dir=/tmp/p'],
+     "effjax.bench: --profile_dir traces one config's steps: not with --alternate"),
 ])
 def test_bad_alternation_is_one_clear_error(args, message):
   proc = _bench('train', *TINY, '--compilation_cache_dir=', *args, expect_rc=2)
+  assert 'Traceback' not in proc.stderr
   assert message in proc.stderr.strip().splitlines()[-1]
