@@ -280,6 +280,11 @@ def get_config() -> ml_collections.ConfigDict:
   # 3.7-4.7% at 8k (paired runs); batch 16 1.3% slower at 1k, the same at 8k. False: the XLA
   # rotary and cache writes before the kernel. See experiments/decode_attention.
   inf.cache_write_in_kernel = True
+  # The decode-attention kernel's tiling: '' = its default (64 cache slots a loop step, the cache
+  # cut into ranges so batch x kv heads x ranges is about two programs an SM, 4 warps, 2 pipeline
+  # stages), or 'BLOCK_K:SPLIT[:WARPS[:STAGES]]' (BLOCK_K or SPLIT may be 'auto'; SPLIT is capped
+  # at the cache's blocks), e.g. '128:auto:4:3'. The decoding engine's paths only.
+  inf.decode_attention_tiling = ''
   # True: on a GPU, the one-row products of the float weights infer.output_major stores
   # transposed ('wo' by default) take the Pallas GEMV kernel (effjax/kernels/gemv) instead of
   # XLA's row reduction. Batched steps and other devices keep XLA. Off: on an H100 the batch-1

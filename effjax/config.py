@@ -444,6 +444,11 @@ def _check_compress(config) -> None:
     raise ConfigError(f'compress.distill_temperature={cp.distill_temperature}: must be > 0')
   if not [n for n in cp.targets.split(',') if n.strip()]:
     raise ConfigError("compress.targets='': name at least one parameter, e.g. 'wq,wo,w_up'")
+  try:
+    from effjax.kernels import decode_attention as decode_kernel
+    decode_kernel.parse_tiling(config.infer.decode_attention_tiling)
+  except ValueError as e:
+    raise ConfigError(f'infer.decode_attention_tiling: {e}') from None
   if config.infer.attention_kernel == 'triton' and jax.default_backend() != 'gpu':
     raise ConfigError(f"infer.attention_kernel='triton': needs a GPU but the backend is "
                       f"{jax.default_backend()}; use 'auto' or 'xla'")

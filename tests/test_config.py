@@ -165,6 +165,13 @@ def test_cudnn_needs_a_gpu():
   _bad(wrong, r"model\.attention_impl='cudnn': needs a GPU but the backend is cpu")
 
 
+def test_decode_attention_tiling_is_checked_with_the_config():
+  def wrong(c):
+    c.infer.decode_attention_tiling = '64:four'
+  _bad(wrong, r"infer\.decode_attention_tiling: decode attention tiling '64:four': SPLIT must be "
+              r"a positive integer or 'auto', got 'four'")
+
+
 def test_vocabulary_must_hold_the_tokenizer():
   def wrong(c):
     c.data.tokenizer = 'sentencepiece'

@@ -113,7 +113,8 @@ def step_bytes(engine, caches, exit_index: int | None = None, asked: int = 0) ->
 
 # The infer options that change how the engine is built (what --alternate may compare).
 ENGINE_OPTIONS = ('weights_dtype', 'attention_kernel', 'output_major', 'qmm_output_major',
-                  'cache_write_in_kernel', 'output_major_kernel', 'fold_norms')
+                  'cache_write_in_kernel', 'output_major_kernel', 'fold_norms',
+                  'decode_attention_tiling')
 
 
 def make_engine(config, split) -> Engine:
@@ -124,7 +125,7 @@ def make_engine(config, split) -> Engine:
                 qmm_output_major=w_lib.parse_names(infer.qmm_output_major),
                 cache_write_in_kernel=infer.cache_write_in_kernel,
                 output_major_kernel=w_lib.gemv_kernel(infer.output_major_kernel),
-                fold_norms=infer.fold_norms)
+                fold_norms=infer.fold_norms, attention_tiling=infer.decode_attention_tiling)
 
 
 def _program(method, engine, draft, steps, gamma, policy, exit_index):

@@ -115,7 +115,7 @@ def options_from_config(config, vocab_limit: int, stop: tuple[int, ...],
       qmm_output_major=w_lib.parse_names(inf.qmm_output_major),
       cache_write_in_kernel=inf.cache_write_in_kernel,
       output_major_kernel=w_lib.gemv_kernel(inf.output_major_kernel),
-      fold_norms=inf.fold_norms,
+      fold_norms=inf.fold_norms, attention_tiling=inf.decode_attention_tiling,
       exit_policy=ExitPolicy(inf.exit_threshold if threshold is None else threshold,
                              inf.confidence, inf.exit_skip),
       gamma=inf.gamma, draft_exit=inf.draft_exit)

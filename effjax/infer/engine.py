@@ -62,14 +62,18 @@ class Engine:
                attention_kernel: str = 'auto', attention_interpret: bool = False,
                vocab_limit: int = 0, output_major: tuple[str, ...] = w_lib.DECODE_OUTPUT_MAJOR,
                qmm_output_major: tuple[str, ...] = (), cache_write_in_kernel: bool = True,
-               output_major_kernel: str = '', fold_norms: bool = False):
+               output_major_kernel: str = '', fold_norms: bool = False,
+               attention_tiling: str = ''):
     model = nnx.merge(graphdef, params)  # new module objects: the caller's model is untouched
     w_lib.output_major(model, tuple(output_major), quantized=tuple(qmm_output_major),
                        kernel=output_major_kernel)
     decode_kernel.resolve_backend(attention_kernel)  # a bad name fails here, not when traced
+    decode_kernel.parse_tiling(attention_tiling)  # likewise a bad tiling
     # attend()'s kernel settings; cache_write_in_kernel (infer.cache_write_in_kernel): where the
-    # decode-attention kernel runs, it writes the new keys and values into the cache itself.
-    self.attention = (attention_kernel, attention_interpret, cache_write_in_kernel)
+    # decode-attention kernel runs, it writes the new keys and values into the cache itself;
+    # attention_tiling (infer.decode_attention_tiling): its tiling, '' for the default.
+    self.attention = (attention_kernel, attention_interpret, cache_write_in_kernel,
+                      attention_tiling)
     cfg = self.cfg = model.cfg
     self.compute_dtype = jnp.dtype(cfg.compute_dtype)
     self.output_dtype = jnp.dtype(cfg.output_dtype)
@@ -346,14 +350,15 @@ def write_keys(mixer, h_b1d, slot, start_b, cache):
 
 
 def attend(mixer, h_bnd, slot, start_b, cache, kernel: str = 'xla', interpret: bool = False,
-           write_in_kernel: bool = False):
+           write_in_kernel: bool = False, tiling: str = ''):
   """n new tokens at slots slot.. attend to the cache and causally to each other.
 
   kernel: effjax.kernels.decode_attention's backend ('auto', 'triton', 'xla') for the full-cache
   kinds without a block layout; where it resolves to 'xla', and for the sliding window's ring
   and the block-sparse layout, the masked attention below runs. write_in_kernel: where the
   kernel runs, it also writes the new keys and values into the cache (one kernel instead of the
-  two cache writes and the attention).
+  two cache writes and the attention). tiling: the kernel's (decode_attention.parse_tiling; ''
+  for its default).
   """
   n = h_bnd.shape[1]
   length = cache['k'].shape[1]
@@ -368,7 +373,7 @@ def attend(mixer, h_bnd, slot, start_b, cache, kernel: str = 'xla', interpret: b
     tables = rope.rope_tables(positions, mixer.head_dim, mixer.rope_theta)
     out, k_cache, v_cache = decode_kernel.decode_attention_write(
         q, k, v, cache['k'], cache['v'], start_b, slot, rotary=tables, backend=kernel,
-        interpret=interpret)
+        tiling=tiling or None, interpret=interpret)
     return mixer._output(out), {'k': k_cache, 'v': v_cache}  # pylint: disable=protected-access
   q, k, v = _kv(mixer, h_bnd, slot, start_b)
   q_slots = slot + jnp.arange(n)
@@ -376,7 +381,8 @@ def attend(mixer, h_bnd, slot, start_b, cache, kernel: str = 'xla', interpret: b
   if in_kernel:
     new_cache = _write(cache, k, v, slot, ring)
     out = decode_kernel.decode_attention(q, new_cache['k'], new_cache['v'], start_b, slot,
-                                         backend=kernel, interpret=interpret)
+                                         backend=kernel, tiling=tiling or None,
+                                         interpret=interpret)
     return mixer._output(out), new_cache  # pylint: disable=protected-access
   new_cache = _write(cache, k, v, slot, ring)
 

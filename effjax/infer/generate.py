@@ -143,6 +143,7 @@ class Options:
   cache_write_in_kernel: bool = True  # the decode-attention kernel rotates and writes the new keys
   output_major_kernel: str = ''  # output-major float weights' one-row products: GEMV kernel
   fold_norms: bool = False  # RMSNorm gains folded into the weights they feed (the engine)
+  attention_tiling: str = ''  # the decode-attention kernel's tiling ('' = its default)
   exit_policy: ExitPolicy = ExitPolicy()
   gamma: int = 4
   draft_exit: int = 0  # self_speculative: the exit layer that drafts (0 = the first exit)
@@ -197,7 +198,8 @@ class Decoder:
                          qmm_output_major=options.qmm_output_major,
                          cache_write_in_kernel=options.cache_write_in_kernel,
                          output_major_kernel=options.output_major_kernel,
-                         fold_norms=options.fold_norms)
+                         fold_norms=options.fold_norms,
+                         attention_tiling=options.attention_tiling)
     exits = self.engine.exits
     if options.method in ('early_exit', 'self_speculative') and not exits:
       raise ValueError(f'infer.method={options.method}: the model has no exit heads; train it '
@@ -218,7 +220,8 @@ class Decoder:
                           qmm_output_major=options.qmm_output_major,
                           cache_write_in_kernel=options.cache_write_in_kernel,
                           output_major_kernel=options.output_major_kernel,
-                          fold_norms=options.fold_norms)
+                          fold_norms=options.fold_norms,
+                          attention_tiling=options.attention_tiling)
       dv, tv = self.draft.cfg.vocab_size, self.engine.cfg.vocab_size
       if dv != tv:
         raise ValueError(f'the draft model\'s vocabulary ({dv} ids, model.vocab_size of '

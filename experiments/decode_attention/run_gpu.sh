@@ -3,7 +3,7 @@
 # into $OUT/results.tgz after each step, so a run cut short returns what it finished).
 #   bash experiments/decode_attention/run_gpu.sh STEP [STEP ...]
 #   steps: kernels decode_b1 profile_b1 decode_b16 qmm layout levers gemm_lever kernel_levers
-#          kw_rotary fold_norms kw_alternating ('all' = the first seven, in order)
+#          kw_rotary fold_norms kw_alternating tiling ('all' = the first seven, in order)
 set -u
 OUT=${OUT:-/tmp/effjax_decode_out}
 RES=${RES:-/tmp/effjax_decode_results}
@@ -149,6 +149,14 @@ fold_norms() { alternating fold_alt fold_norms False,True; }
 # The cache written by the attention kernel (the default) against two dynamic_update_slice
 # writes a layer, in alternation: the kw_rotary gain without the between-process drift.
 kw_alternating() { alternating kw_alt cache_write_in_kernel False,True; }
+# The decode-attention kernel's tiling in the step (infer.decode_attention_tiling,
+# BLOCK_K:SPLIT:WARPS:STAGES; '' = the default, 64 slots a step, about two programs an SM, 4
+# warps, 2 stages): at batch 1 the kernel read gpt_1b's 8 MB a layer at about 1 TB/s (8 us) in
+# the last trace; deeper pipelines, more warps, longer or shorter ranges.
+tiling() {
+  alternating tiling_alt decode_attention_tiling \
+    /64:auto:4:3/64:auto:8:2/64:auto:8:3/128:auto:4:2/128:auto:8:3/32:auto:4:3/64:16:4:2/64:4:4:2
+}
 
 steps=("$@")
 if [ "${steps[0]:-all}" = all ]; then steps=(kernels decode_b1 profile_b1 decode_b16 qmm layout levers); fi

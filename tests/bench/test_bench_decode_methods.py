@@ -121,7 +121,8 @@ def test_alternation_labels_and_lists():
     (['--alternate=infer.gamma=2,4'],
      "--alternate='infer.gamma=2,4': expected infer.OPTION=V1,V2,... with OPTION one of "
      'weights_dtype, attention_kernel, output_major, qmm_output_major, cache_write_in_kernel, '
-     'output_major_kernel, fold_norms (the options that change the engine)'),
+     'output_major_kernel, fold_norms, decode_attention_tiling (the options that change the '
+     'engine)'),
     (['--alternate=infer.fold_norms=True'],
      "--alternate='infer.fold_norms=True': give at least two different values"),
     (['--alternate=infer.fold_norms=False,yes'],

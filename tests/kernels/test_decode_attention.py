@@ -7,8 +7,11 @@ writes the new keys and values into the cache itself (decode_attention_write) ag
 then attending: the same caches bit for bit, the same outputs, in the engine and LM.decode; and
 with the rotary embedding applied in the kernel, the same as rotating first."""
 
+import re
+
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 
@@ -49,6 +52,8 @@ def test_reference_equals_the_engines_masked_attention_and_a_loop():
     (3, 5, 8, 2, 64, 128, jnp.bfloat16, (32, 2)),     # GQA x 5 new tokens (a verify pass)
     (1, 1, 16, 16, 128, 1098, jnp.bfloat16, None),    # gpt_1b's step, the default tiling
     (2, 3, 4, 1, 16, 50, jnp.float32, (16, 4)),       # one kv head, ranges past the last slot
+    (1, 2, 8, 2, 32, 200, jnp.bfloat16, '32:auto:8:3'),  # a tiling spec: warps, stages
+    (2, 1, 4, 2, 32, 90, jnp.float32, '16:64'),       # a spec's split capped at the blocks
 ])
 def test_kernel_matches_reference(b, n, heads, kv, d, length, dtype, tiling):
   rng = np.random.default_rng()
@@ -188,6 +193,31 @@ def test_kernel_writing_the_cache_rejects_new_keys_of_the_wrong_shape():
                               jnp.zeros(2, jnp.int32), 3, backend='triton', interpret=True)
 
 
+def test_tiling_specs_resolve_per_cache_length():
+  assert da.parse_tiling('') is None
+  assert da.resolve_tiling('', 1, 16, 1098) == (64, 9, 4, 2)  # the default, 4 warps, 2 stages
+  assert da.resolve_tiling(None, 1, 16, 1098) == (64, 9, 4, 2)
+  assert da.resolve_tiling('128:auto', 1, 16, 1098) == (128, 4, 4, 2)  # auto split for 128
+  assert da.resolve_tiling('auto:3:8:4', 1, 16, 1098) == (64, 3, 8, 4)
+  assert da.resolve_tiling('64:100', 1, 16, 1098) == (64, 18, 4, 2)  # capped at 18 blocks
+  assert da.resolve_tiling('64:100', 1, 16, 8256) == (64, 100, 4, 2)
+  assert da.resolve_tiling((32, 5), 1, 16, 1098) == (32, 5, 4, 2)  # tuples as given
+  assert da.resolve_tiling((32, 5, 8), 1, 16, 1098) == (32, 5, 8, 2)
+
+
+@pytest.mark.parametrize('spec,message', [
+    ('64', 'expected BLOCK_K:SPLIT[:WARPS[:STAGES]]'),
+    ('48:4', 'BLOCK_K must be a power of two >= 16, got 48'),
+    ('64:0', "SPLIT must be a positive integer or 'auto', got '0'"),
+    ('64:4:3', 'WARPS must be 1, 2, 4, 8 or 16, got 3'),
+    ('64:4:4:auto', "STAGES must be a positive integer, got 'auto'"),
+    ('64:4:4:9', 'STAGES must be 1-8, got 9'),
+])
+def test_bad_tiling_specs_are_one_clear_error(spec, message):
+  with pytest.raises(ValueError, match=re.escape(f'decode attention tiling {spec!r}: {message}')):
+    da.parse_tiling(spec)
+
+
 def test_default_tiling_splits_a_batch_one_cache_over_the_gpu():
   assert da.default_tiling(1, 16, 1098) == (64, 9)  # 144 programs, two blocks or more each
   assert da.default_tiling(16, 16, 8256) == (64, 1)  # 256 programs already
@@ -233,10 +263,10 @@ def test_engine_decodes_through_the_kernel_like_xla():
   rng = np.random.default_rng()
   prompts = [[int(t) for t in rng.integers(3, 259, n)] for n in (4, 11)]
 
-  def run(method, kernel, write=False):
+  def run(method, kernel, write=False, tiling=''):
     options = gen.Options(method=method, max_new_tokens=8, sampler=Sampler(vocab_limit=259),
                           gamma=3, attention_kernel=kernel, attention_interpret=True,
-                          cache_write_in_kernel=write)
+                          cache_write_in_kernel=write, attention_tiling=tiling)
     return gen.Decoder(*target, options, draft=draft).generate(prompts).tokens
 
   xla = run('plain', 'xla')
@@ -253,6 +283,13 @@ def test_engine_decodes_through_the_kernel_like_xla():
     assert run('plain', 'triton', write=True) == xla
     assert run('speculative', 'triton', write=True) == xla
   assert calls and all(r is not None for r in calls)  # traced through the rotating kernel
+  # infer.decode_attention_tiling reaches the kernel: a spec of its own, the same tokens
+  tilings = []
+  real_resolve = da.resolve_tiling
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(da, 'resolve_tiling', lambda t, *a: tilings.append(t) or real_resolve(t, *a))
+    assert run('plain', 'triton', write=True, tiling='16:3:2:3') == xla
+  assert tilings and set(tilings) == {'16:3:2:3'}
 
 
 def test_kernel_lowers_to_a_valid_triton_module(monkeypatch, capfd):

@@ -24,8 +24,9 @@ Backends:
 
 Tiling (block_k, split): cache slots per loop step, and ranges the cache is cut into (one
 program each per sequence and key/value head). `default_tiling` aims for TARGET_PROGRAMS
-programs with at least MIN_BLOCKS_PER_SPLIT blocks each. Forward only: decoding does not
-differentiate.
+programs with at least MIN_BLOCKS_PER_SPLIT blocks each, at 4 warps and 2 pipeline stages;
+`tiling=` (and infer.decode_attention_tiling, through the decoding engine) sets any of the four
+(`parse_tiling`, `resolve_tiling`). Forward only: decoding does not differentiate.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from effjax.models import rope
 from effjax.kernels.decode_attention.reference import allowed_slots, decode_attention_reference
 
 __all__ = ['BACKENDS', 'allowed_slots', 'decode_attention', 'decode_attention_reference',
-           'decode_attention_write', 'default_tiling', 'kernel_unsupported', 'resolve_backend',
-           'write_cache']
+           'decode_attention_write', 'default_tiling', 'kernel_unsupported', 'parse_tiling',
+           'resolve_backend', 'resolve_tiling', 'write_cache']
 
 BACKENDS = ('auto', 'triton', 'xla')
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -75,6 +76,60 @@ def default_tiling(batch: int, kv_heads: int, length: int,
   split = max(1, min(TARGET_PROGRAMS // max(batch * kv_heads, 1),
                      blocks // MIN_BLOCKS_PER_SPLIT))
   return block_k, split
+
+
+def parse_tiling(spec: str) -> tuple[int | None, int | None, int, int] | None:
+  """infer.decode_attention_tiling: '' -> None (default_tiling, 4 warps, 2 stages), or
+  'BLOCK_K:SPLIT[:WARPS[:STAGES]]' -> (block_k, split, num_warps, num_stages), where BLOCK_K or
+  SPLIT may be 'auto' (None: default_tiling's choice). BLOCK_K a power of two >= 16, SPLIT a
+  positive count of ranges (resolve_tiling caps it at the cache's blocks), WARPS 1, 2, 4, 8 or
+  16, STAGES 1-8. Anything else is one ValueError naming the part and what is allowed."""
+  from effjax.kernels.decode_attention import gpu
+  if not spec:
+    return None
+  parts = spec.split(':')
+  if not 2 <= len(parts) <= 4:
+    raise ValueError(f'decode attention tiling {spec!r}: expected BLOCK_K:SPLIT[:WARPS[:STAGES]] '
+                     f"(BLOCK_K, SPLIT may be 'auto'), e.g. 64:8 or 128:auto:4:3")
+  def number(text, what):
+    if what in ('BLOCK_K', 'SPLIT') and text == 'auto':
+      return None
+    if not text.isdigit() or int(text) < 1:
+      raise ValueError(f'decode attention tiling {spec!r}: {what} must be a positive integer'
+                       + (" or 'auto'" if what in ('BLOCK_K', 'SPLIT') else '') + f', got {text!r}')
+    return int(text)
+  block_k, split = number(parts[0], 'BLOCK_K'), number(parts[1], 'SPLIT')
+  warps = number(parts[2], 'WARPS') if len(parts) > 2 else 4
+  stages = number(parts[3], 'STAGES') if len(parts) > 3 else 2
+  if block_k is not None and (block_k < gpu.MIN_TILE or block_k & (block_k - 1)):
+    raise ValueError(f'decode attention tiling {spec!r}: BLOCK_K must be a power of two >= '
+                     f'{gpu.MIN_TILE}, got {block_k}')
+  if warps not in (1, 2, 4, 8, 16):
+    raise ValueError(f'decode attention tiling {spec!r}: WARPS must be 1, 2, 4, 8 or 16, got '
+                     f'{warps}')
+  if stages > 8:
+    raise ValueError(f'decode attention tiling {spec!r}: STAGES must be 1-8, got {stages}')
+  return block_k, split, warps, stages
+
+
+def resolve_tiling(tiling, batch: int, kv_heads: int, length: int) -> tuple[int, int, int, int]:
+  """(block_k, split, num_warps, num_stages) for a cache of `length` slots from `tiling`: None
+  (default_tiling, 4 warps, 2 stages), a (block_k, split) or (block_k, split, warps, stages)
+  tuple used as given, or a parse_tiling spec string (its 'auto' parts from default_tiling, its
+  split capped at the cache's blocks, so one spec serves every context length)."""
+  if tiling is None or isinstance(tiling, str):
+    parsed = parse_tiling(tiling) if tiling else None
+    if parsed is None:
+      return (*default_tiling(batch, kv_heads, length), 4, 2)
+    block_k, split, warps, stages = parsed
+    block_k, auto_split = default_tiling(batch, kv_heads, length, block_k)
+    blocks = -(-length // block_k)
+    return block_k, auto_split if split is None else min(split, blocks), warps, stages
+  tiling = tuple(tiling)
+  if not 2 <= len(tiling) <= 4:
+    raise ValueError(f'decode attention tiling {tiling}: expected (block_k, split[, num_warps'
+                     f'[, num_stages]])')
+  return tiling + (4, 2)[len(tiling) - 2:]
 
 
 def resolve_backend(backend: str) -> str:
@@ -128,8 +183,10 @@ def _ungrouped(out, q_bnhd, kv_heads: int):
 
 def decode_attention(q_bnhd: jax.Array, k_blkd: jax.Array, v_blkd: jax.Array,
                      start_b: jax.Array, slot, *, backend: str = 'auto',
-                     tiling: tuple[int, int] | None = None, interpret: bool = False) -> jax.Array:
-  """Query i of row b attends to cache slots start_b .. slot + i; -> [B, n, Hq, D] in q's dtype."""
+                     tiling: tuple[int, ...] | str | None = None,
+                     interpret: bool = False) -> jax.Array:
+  """Query i of row b attends to cache slots start_b .. slot + i; -> [B, n, Hq, D] in q's dtype.
+  tiling: see resolve_tiling (None: default_tiling)."""
   _check_shapes(q_bnhd, k_blkd, v_blkd)
   b, n, heads, d = q_bnhd.shape
   _, length, kv_heads, _ = k_blkd.shape
@@ -140,10 +197,11 @@ def decode_attention(q_bnhd: jax.Array, k_blkd: jax.Array, v_blkd: jax.Array,
 
   from effjax.kernels.decode_attention import gpu
   group = heads // kv_heads
-  block_k, split = tiling if tiling is not None else default_tiling(b, kv_heads, length)
+  block_k, split, warps, stages = resolve_tiling(tiling, b, kv_heads, length)
   q = _grouped_rows(q_bnhd, kv_heads)
   out, m, l = gpu.partials(q, k_blkd, v_blkd, start_b, slot.reshape(1), n=n, group=group,
-                           block_k=block_k, split=split, interpret=interpret)
+                           block_k=block_k, split=split, num_warps=warps, num_stages=stages,
+                           interpret=interpret)
   return _ungrouped(gpu.merge(out, m, l, n * group), q_bnhd, kv_heads)
 
 
@@ -157,7 +215,7 @@ def write_cache(k_blkd: jax.Array, v_blkd: jax.Array, k_new: jax.Array, v_new: j
 def decode_attention_write(q_bnhd: jax.Array, k_new: jax.Array, v_new: jax.Array,
                            k_blkd: jax.Array, v_blkd: jax.Array, start_b: jax.Array, slot, *,
                            rotary: tuple[jax.Array, jax.Array] | None = None,
-                           backend: str = 'auto', tiling: tuple[int, int] | None = None,
+                           backend: str = 'auto', tiling: tuple[int, ...] | str | None = None,
                            interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`write_cache` then `decode_attention`, as one kernel on the 'triton' backend.
 
@@ -194,8 +252,9 @@ def decode_attention_write(q_bnhd: jax.Array, k_new: jax.Array, v_new: jax.Array
   if rotary is not None and d < 2 * gpu.MIN_TILE:
     q_bnhd, k_new, rotary = rope.rotate(q_bnhd, *rotary), rope.rotate(k_new, *rotary), None
   group = heads // kv_heads
-  block_k, split = tiling if tiling is not None else default_tiling(b, kv_heads, length)
+  block_k, split, warps, stages = resolve_tiling(tiling, b, kv_heads, length)
   out, m, l, k_blkd, v_blkd = gpu.partials_writing(
       _grouped_rows(q_bnhd, kv_heads), k_new, v_new, k_blkd, v_blkd, start_b, slot.reshape(1),
-      n=n, group=group, block_k=block_k, split=split, rotary=rotary, interpret=interpret)
+      n=n, group=group, block_k=block_k, split=split, rotary=rotary, num_warps=warps,
+      num_stages=stages, interpret=interpret)
   return _ungrouped(gpu.merge(out, m, l, n * group), q_bnhd, kv_heads), k_blkd, v_blkd
