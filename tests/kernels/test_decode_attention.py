@@ -53,6 +53,8 @@ def test_reference_equals_the_engines_masked_attention_and_a_loop():
     (1, 1, 16, 16, 128, 1098, jnp.bfloat16, None),    # gpt_1b's step, the default tiling
     (2, 3, 4, 1, 16, 50, jnp.float32, (16, 4)),       # one kv head, ranges past the last slot
     (1, 2, 8, 2, 32, 200, jnp.bfloat16, '32:auto:8:3'),  # a tiling spec: warps, stages
+    (2, 3, 8, 2, 32, 100, jnp.float32, (32, 1)),      # one range: normalised in the kernel,
+    (2, 1, 4, 4, 32, 70, jnp.bfloat16, (16, 1)),      # no merge (padded rows / one row each)
     (2, 1, 4, 2, 32, 90, jnp.float32, '16:64'),       # a spec's split capped at the blocks
 ])
 def test_kernel_matches_reference(b, n, heads, kv, d, length, dtype, tiling):
@@ -88,6 +90,7 @@ def test_kernel_edge_cases(start, slot, n, length, tiling):
     (2, 1, 4, 4, 32, 70, jnp.float32, (16, 3)),       # MHA, a tail block, split
     (3, 5, 8, 2, 64, 128, jnp.bfloat16, (32, 2)),     # GQA x 5 new tokens (a verify pass)
     (1, 1, 16, 16, 128, 1098, jnp.bfloat16, None),    # gpt_1b's step, the default tiling
+    (3, 2, 8, 2, 32, 90, jnp.float32, (16, 1)),       # one range: no merge, padded rows
     (2, 3, 4, 1, 16, 50, jnp.float32, (16, 4)),       # one kv head, ranges past the last slot
 ])
 def test_kernel_writing_the_cache_equals_writing_then_attending(b, n, heads, kv, d, length, dtype,
@@ -142,6 +145,7 @@ def test_kernel_writing_the_cache_edge_cases(start, slot, n, length, tiling):
     (2, 3, 4, 1, 32, 50, jnp.float32, (16, 4)),       # the smallest head dim rotated inside
     (2, 2, 4, 2, 16, 40, jnp.float32, (16, 2)),       # D 16: rotated outside, same contract
     (2, 2, 16, 2, 64, 96, jnp.bfloat16, (32, 2)),     # 2 tokens x group 8: no padded rows
+    (16, 1, 16, 16, 128, 200, jnp.bfloat16, None),    # batch 16: one range by default
 ])
 def test_kernel_rotating_q_and_the_new_keys_equals_rotating_first(b, n, heads, kv, d, length,
                                                                    dtype, tiling):
@@ -302,6 +306,14 @@ def test_kernel_lowers_to_a_valid_triton_module(monkeypatch, capfd):
     dump = triton_dump(monkeypatch, capfd, gpu, fn, s((2, 5, 16, 128), jnp.bfloat16), kv, kv,
                        s((2,), jnp.int32), s((), jnp.int32))
     assert_verified(dump, 1)
+  # one range (batch 16's default): the kernel normalises and stores the attention itself,
+  # masked to the real rows; with a tiling spec's warps and stages
+  one = lambda q, k, v, start, slot: decode_attention(q, k, v, start, slot, backend='triton',
+                                                      tiling='64:1:8:3')
+  kv = s((16, 1098, 4, 128), jnp.bfloat16)
+  dump = triton_dump(monkeypatch, capfd, gpu, one, s((16, 1, 16, 128), jnp.bfloat16), kv, kv,
+                     s((16,), jnp.int32), s((), jnp.int32))
+  assert_verified(dump, 1)
 
 
 def test_kernel_writing_the_cache_lowers_to_a_valid_triton_module(monkeypatch, capfd):
@@ -324,6 +336,12 @@ def test_kernel_writing_the_cache_lowers_to_a_valid_triton_module(monkeypatch, c
     dump = triton_dump(monkeypatch, capfd, gpu, rotated, s((2, n, 16, 128), jnp.bfloat16), new,
                        new, kv, kv, s((2,), jnp.int32), s((), jnp.int32), table, table)
     assert_verified(dump, 1)
+  # batch 16, one range by default: normalised and stored by the kernel, no merge
+  kv, new = s((16, 1098, 16, 128), jnp.bfloat16), s((16, 1, 16, 128), jnp.bfloat16)
+  table = s((16, 1, 64), jnp.float32)
+  dump = triton_dump(monkeypatch, capfd, gpu, rotated, s((16, 1, 16, 128), jnp.bfloat16), new,
+                     new, kv, kv, s((16,), jnp.int32), s((), jnp.int32), table, table)
+  assert_verified(dump, 1)
 
 
 def test_model_decode_step_through_the_kernel_equals_the_masked_path(monkeypatch):

@@ -9,7 +9,8 @@ Why a kernel: through XLA a batch-1 step's attention over the cache became about
 fusions (scores, mask, max, exponent, sum, the value product, converts) of 1-8 us each on an
 H200, about a third of a 1B model's layer time (experiments/early_exit). The Triton kernel
 (gpu.py) reads the cache once, only up to the last written slot, split over the cache so that
-every SM takes part, and a small merge combines the ranges.
+every SM takes part, and a small merge combines the ranges (with one range, as at batch 16, the
+kernel normalises its output itself and no merge runs).
 
 `decode_attention_write(q, k_new, v_new, k, v, start, slot)` does the cache write too: the
 kernel attends to the cache below `slot` and to the new tokens from its inputs, and stores their
@@ -202,7 +203,7 @@ def decode_attention(q_bnhd: jax.Array, k_blkd: jax.Array, v_blkd: jax.Array,
   out, m, l = gpu.partials(q, k_blkd, v_blkd, start_b, slot.reshape(1), n=n, group=group,
                            block_k=block_k, split=split, num_warps=warps, num_stages=stages,
                            interpret=interpret)
-  return _ungrouped(gpu.merge(out, m, l, n * group), q_bnhd, kv_heads)
+  return _ungrouped(out if m is None else gpu.merge(out, m, l, n * group), q_bnhd, kv_heads)
 
 
 def write_cache(k_blkd: jax.Array, v_blkd: jax.Array, k_new: jax.Array, v_new: jax.Array,
@@ -257,4 +258,5 @@ def decode_attention_write(q_bnhd: jax.Array, k_new: jax.Array, v_new: jax.Array
       _grouped_rows(q_bnhd, kv_heads), k_new, v_new, k_blkd, v_blkd, start_b, slot.reshape(1),
       n=n, group=group, block_k=block_k, split=split, rotary=rotary, num_warps=warps,
       num_stages=stages, interpret=interpret)
-  return _ungrouped(gpu.merge(out, m, l, n * group), q_bnhd, kv_heads), k_blkd, v_blkd
+  merged = out if m is None else gpu.merge(out, m, l, n * group)
+  return _ungrouped(merged, q_bnhd, kv_heads), k_blkd, v_blkd

@@ -77,7 +77,7 @@ def _load(ref, idx, mask):
 
 
 def _kernel(start_ref, slot_ref, q_ref, k_ref, v_ref, *refs, n, group, rows, rp, block_k,
-            per_split, length, scale, writes, rotary):
+            per_split, length, scale, writes, rotary, final):
   # writes: the n new tokens' keys and values come as refs of their own ([B, n, Hkv, D], after
   # the cache in `refs`) and the cache as outputs aliasing it (after o, m, l). The cache part of
   # the loop then masks every slot from `slot` on, and range 0's program adds the new tokens
@@ -88,15 +88,19 @@ def _kernel(start_ref, slot_ref, q_ref, k_ref, v_ref, *refs, n, group, rows, rp,
   # cos / sin tables [B, n, D/2] (after the new values); the kernel rotates them (rotate-half
   # form, in float32 as effjax.models.rope does) and works on the two halves of the head dim as
   # two dots, so no concatenation is needed; the cache receives rotated keys.
+  # final (one range, split == 1): the program sees every slot, so it writes the attention
+  # itself (acc / l in the output's dtype, [B, Hkv, rows, D]) and no row max / sum: the step
+  # needs no merge kernel after it.
   refs = list(refs)
   kn_ref = vn_ref = cos_ref = sin_ref = kc_ref = vc_ref = None
   if writes:
     kn_ref, vn_ref = refs.pop(0), refs.pop(0)
     if rotary:
       cos_ref, sin_ref = refs.pop(0), refs.pop(0)
-  o_ref, m_ref, l_ref = refs[:3]
+  outs = 1 if final else 3
+  o_ref, m_ref, l_ref = (refs[:3] if not final else (refs[0], None, None))
   if writes:
-    kc_ref, vc_ref = refs[3:]
+    kc_ref, vc_ref = refs[outs:]
   b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   start = start_ref[b]
   slot = slot_ref[0]
@@ -151,7 +155,13 @@ def _kernel(start_ref, slot_ref, q_ref, k_ref, v_ref, *refs, n, group, rows, rp,
     m, l, acc = _new_tokens(parts, kn_ref, vn_ref, kc_ref, vc_ref, (m, l, acc), b=b, h=h, s=s,
                             start=start, slot=slot, n=n, group=group, r=r, length=length,
                             scale=scale, tables=(cos_ref, sin_ref) if rotary else None)
-  if rows == rp:
+  if final:
+    out = (acc / l[:, None]).astype(o_ref.dtype)
+    if rows == rp:
+      o_ref[b, h] = out
+    else:  # o has `rows` rows: the padding rows are not stored
+      plgpu.store(o_ref.at[b, h, pl.ds(0, rp)], out, mask=(r < rows)[:, None])
+  elif rows == rp:
     o_ref[b, h, s] = acc
     m_ref[b, h, s] = m
     l_ref[b, h, s] = l
@@ -246,7 +256,8 @@ def partials(q_bkrd, k_blkd, v_blkd, start_b, slot_1, *, n: int, group: int, blo
              split: int, num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
   """q [B, Hkv, n x group, D] (rows r = token x group + g) against the cache -> (out [B, Hkv,
   split, Rp, D], row max [B, Hkv, split, Rp], row sum [..]) in float32, Rp = padded_rows(n x
-  group), rows past n x group unwritten."""
+  group), rows past n x group unwritten; for split == 1, (the attention [B, Hkv, n x group, D]
+  in q's dtype, None, None): nothing to merge."""
   b, kv, rows, d = q_bkrd.shape
   length = k_blkd.shape[1]
   _check_rows(rows, n, group)
@@ -256,19 +267,28 @@ def partials(q_bkrd, k_blkd, v_blkd, start_b, slot_1, *, n: int, group: int, blo
   per_split = -(-blocks // split)
   kernel = functools.partial(_kernel, n=n, group=group, rows=rows, rp=rp, block_k=block_k,
                              per_split=per_split, length=length, scale=d ** -0.5, writes=False,
-                             rotary=False)
+                             rotary=False, final=split == 1)
   operands = (start_b, slot_1, q_bkrd, k_blkd, v_blkd)
-  return pl.pallas_call(
+  specs, shapes = _results(q_bkrd, split, rp, operands)
+  got = pl.pallas_call(
       kernel, grid=(b, kv, split),
       in_specs=[_whole(x.shape) for x in operands],
-      out_specs=[_whole((b, kv, split, rp, d)), _whole((b, kv, split, rp)),
-                 _whole((b, kv, split, rp))],
-      out_shape=[out_struct((b, kv, split, rp, d), jnp.float32, *operands),
-                 out_struct((b, kv, split, rp), jnp.float32, *operands),
-                 out_struct((b, kv, split, rp), jnp.float32, *operands)],
+      out_specs=specs, out_shape=shapes,
       compiler_params=_CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name='decode_attention',
   )(*operands)
+  return tuple(got) if split > 1 else (got[0], None, None)
+
+
+def _results(q_bkrd, split: int, rp: int, operands):
+  """The attention outputs' block specs and shapes: the partials (out, row max, row sum) in
+  float32, or for one range the attention itself in q's dtype ([B, Hkv, rows, D])."""
+  b, kv, rows, d = q_bkrd.shape
+  if split == 1:
+    return ([_whole((b, kv, rows, d))], [out_struct((b, kv, rows, d), q_bkrd.dtype, *operands)])
+  shapes = ((b, kv, split, rp, d), (b, kv, split, rp), (b, kv, split, rp))
+  return ([_whole(x) for x in shapes],
+          [out_struct(x, jnp.float32, *operands) for x in shapes])
 
 
 def partials_writing(q_bkrd, k_new, v_new, k_blkd, v_blkd, start_b, slot_1, *, n: int,
@@ -278,7 +298,8 @@ def partials_writing(q_bkrd, k_new, v_new, k_blkd, v_blkd, start_b, slot_1, *, n
   are attended from registers and written to the cache at slots slot .. slot + n - 1 (those at
   or past L dropped) by the kernel itself. -> (out, row max, row sum, k cache, v cache): the
   caches are the inputs' buffers updated in place (input_output_aliases), so the step has no
-  separate cache-write kernels.
+  separate cache-write kernels. For split == 1 the first three are (the attention, None, None),
+  as `partials` gives them.
 
   rotary: None, or (cos, sin) [B, n, D/2] float32: q and k_new are then before the rotary
   embedding, and the kernel rotates both (the step has no separate rotary kernels either);
@@ -304,23 +325,22 @@ def partials_writing(q_bkrd, k_new, v_new, k_blkd, v_blkd, start_b, slot_1, *, n
   per_split = -(-blocks // split)
   kernel = functools.partial(_kernel, n=n, group=group, rows=rows, rp=rp, block_k=block_k,
                              per_split=per_split, length=length, scale=d ** -0.5, writes=True,
-                             rotary=bool(tables))
+                             rotary=bool(tables), final=split == 1)
   operands = (start_b, slot_1, q_bkrd, k_blkd, v_blkd, k_new, v_new) + tables
   cache = k_blkd.shape
-  return pl.pallas_call(
+  specs, shapes = _results(q_bkrd, split, rp, operands)
+  outs = len(shapes)
+  got = pl.pallas_call(
       kernel, grid=(b, kv, split),
       in_specs=[_whole(x.shape) for x in operands],
-      out_specs=[_whole((b, kv, split, rp, d)), _whole((b, kv, split, rp)),
-                 _whole((b, kv, split, rp)), _whole(cache), _whole(cache)],
-      out_shape=[out_struct((b, kv, split, rp, d), jnp.float32, *operands),
-                 out_struct((b, kv, split, rp), jnp.float32, *operands),
-                 out_struct((b, kv, split, rp), jnp.float32, *operands),
-                 out_struct(cache, k_blkd.dtype, *operands),
-                 out_struct(cache, v_blkd.dtype, *operands)],
-      input_output_aliases={3: 3, 4: 4},
+      out_specs=specs + [_whole(cache), _whole(cache)],
+      out_shape=shapes + [out_struct(cache, k_blkd.dtype, *operands),
+                          out_struct(cache, v_blkd.dtype, *operands)],
+      input_output_aliases={3: outs, 4: outs + 1},
       compiler_params=_CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name='decode_attention_write',
   )(*operands)
+  return tuple(got) if split > 1 else (got[0], None, None, *got[1:])
 
 
 def merge(out, m, l, rows: int) -> jax.Array:
