@@ -152,10 +152,11 @@ kw_alternating() { alternating kw_alt cache_write_in_kernel False,True; }
 # The decode-attention kernel's tiling in the step (infer.decode_attention_tiling,
 # BLOCK_K:SPLIT:WARPS:STAGES; '' = the default, 64 slots a step, about two programs an SM, 4
 # warps, 2 stages): at batch 1 the kernel read gpt_1b's 8 MB a layer at about 1 TB/s (8 us) in
-# the last trace; deeper pipelines, more warps, longer or shorter ranges.
+# the last trace; deeper pipelines, more warps, longer or shorter ranges, and one range (no
+# merge kernel after it, the kernel normalising itself).
 tiling() {
   alternating tiling_alt decode_attention_tiling \
-    /64:auto:4:3/64:auto:8:2/64:auto:8:3/128:auto:4:2/128:auto:8:3/32:auto:4:3/64:16:4:2/64:4:4:2
+    /64:auto:4:3/64:auto:8:2/64:auto:8:3/128:auto:4:2/128:auto:8:3/32:auto:4:3/64:16:4:2/64:4:4:2/64:1:8:3
 }
 
 steps=("$@")
