@@ -78,10 +78,10 @@ _EXIT_THRESHOLD = flags.DEFINE_float('exit_threshold', None, 'decode: early-exit
 _ALTERNATE = flags.DEFINE_multi_string(
     'alternate', [], 'KEY=V1,V2,...: time each value in one process, in alternation, so drift '
     'during the run moves every variant alike; ratios to the first value are medians of '
-    'per-round ratios. decode: one infer option that changes the engine (e.g. '
+    'per-round ratios. Repeat the flag to change several fields together (lists zipped: the '
+    'i-th variant takes each i-th value). decode: infer options that change the engine (e.g. '
     'infer.fold_norms=False,True), plain decoding beside the bandwidth probes, --repeats '
-    'rounds (default 20; effjax/bench/decode_methods.py). train: repeat the flag to change '
-    'several fields together (lists zipped: the i-th variant takes each i-th value), --repeats '
+    'rounds (default 20; effjax/bench/decode_methods.py). train: config fields, --repeats '
     'rounds of one window each (default 5), speedups as ratios of tokens/s. Values are split on '
     '"/" instead of "," where one holds commas (infer.output_major=wo/wo,w_down).')
 _BANDWIDTH_MB = flags.DEFINE_integer('bandwidth_mb', 512, 'decode: size of the timed device '
@@ -156,13 +156,11 @@ def _decode(config) -> None:
     contexts = [int(c) for c in _CONTEXTS.value]
     if not contexts or min(contexts) < 1:
       raise ValueError(f'--contexts={",".join(_CONTEXTS.value)}: give positive lengths')
-    if len(_ALTERNATE.value) > 1:
-      raise ValueError(f'decode takes one --alternate option; got {len(_ALTERNATE.value)}')
     if _ALTERNATE.value and _METHODS.value not in ([], ['plain']):
       raise ValueError(f'--alternate times plain decoding only; got '
                        f'--methods={",".join(_METHODS.value)}')
     if _ALTERNATE.value:
-      decode_methods.alternate_configs(config, _ALTERNATE.value[0])
+      decode_methods.alternate_configs(config, _ALTERNATE.value)
       unused = [flag for flag, given in (('--draft_config', _DRAFT_CONFIG.value),
                                          ('--draft_workdir', _DRAFT_WORKDIR.value),
                                          ('--exit_threshold', _EXIT_THRESHOLD.value is not None))
@@ -221,7 +219,7 @@ def _decode_methods(config, contexts, name: str) -> None:
   draft_params = (trained(draft_config or config, _DRAFT_WORKDIR.value) if _DRAFT_WORKDIR.value
                   else None)
   if _ALTERNATE.value:
-    rows = decode_methods.alternate(config, contexts, _ALTERNATE.value[0],
+    rows = decode_methods.alternate(config, contexts, _ALTERNATE.value,
                                     steps=_DECODE_STEPS.value,
                                     batch=_DECODE_BATCH.value,
                                     rounds=20 if _REPEATS.value is None else _REPEATS.value,
@@ -229,7 +227,7 @@ def _decode_methods(config, contexts, name: str) -> None:
                                     profile_dir=_PROFILE.value)
     _write_decode_rows(rows, decode_methods.ALTERNATE_COLUMNS,
                        _NAME.value or f'decode_alternate_{name}_b{_DECODE_BATCH.value}',
-                       f'Decoding, {_ALTERNATE.value[0]} in alternation: {name} '
+                       f'Decoding, {" ".join(_ALTERNATE.value)} in alternation: {name} '
                        f'({config.model.pattern}), batch {_DECODE_BATCH.value}')
     return
   threshold = (config.infer.exit_threshold if _EXIT_THRESHOLD.value is None

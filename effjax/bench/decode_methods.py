@@ -281,34 +281,43 @@ ALTERNATE_COLUMNS = (
 )
 
 
-def alternate_configs(config, spec: str) -> list[tuple[str, Any]]:
-  """'infer.OPTION=V1,V2,...' -> [(label, config with OPTION=V), ...] (--alternate; values
-  split on '/' instead where one holds commas: infer.output_major=wo/wo,w_down); OPTION must be
-  one of ENGINE_OPTIONS, with at least two values, each valid for the config."""
+def alternate_configs(config, specs: Sequence[str]) -> list[tuple[str, Any]]:
+  """['infer.OPTION=V1,V2,...', ...] -> [(label, config with those values), ...] (--alternate,
+  repeatable: the lists zipped, the i-th variant taking each list's i-th value; values split
+  on '/' instead where one holds commas: infer.output_major=wo/wo,w_down). Every OPTION must be
+  one of ENGINE_OPTIONS; at least two variants, all different, each valid for the config."""
   import copy
   from effjax import config as config_lib
-  key, sep, values = spec.partition('=')
-  section, _, option = key.strip().partition('.')
-  if not sep or section != 'infer' or option not in ENGINE_OPTIONS:
-    raise ValueError(f'--alternate={spec!r}: expected infer.OPTION=V1,V2,... with OPTION one of '
-                     f'{", ".join(ENGINE_OPTIONS)} (the options that change the engine)')
-  from effjax.bench.train import alternate_values
-  values = alternate_values(values)
-  if len(values) < 2 or len(set(values)) < len(values):
-    raise ValueError(f'--alternate={spec!r}: give at least two different values')
+  from effjax.bench.train import parse_alternate
+  for spec in specs:
+    key, sep, _ = spec.partition('=')
+    section, _, option = key.strip().partition('.')
+    if not sep or section != 'infer' or option not in ENGINE_OPTIONS:
+      raise ValueError(f'--alternate={spec!r}: expected infer.OPTION=V1,V2,... with OPTION one '
+                       f'of {", ".join(ENGINE_OPTIONS)} (the options that change the engine)')
+  variants = parse_alternate(specs)
+  seen = {}
+  for i, variant in enumerate(variants):
+    key = tuple(sorted(variant.items()))
+    if key in seen:
+      raise ValueError(f'--alternate: variants {seen[key] + 1} and {i + 1} are the same '
+                       f'({", ".join(f"{k}={v!r}" for k, v in variant.items())}); give '
+                       f'different values')
+    seen[key] = i
   out = []
-  for value in values:
-    variant = copy.deepcopy(config)
-    config_lib.apply_overrides(variant, [f'infer.{option}={value}'])
-    config_lib.validate(variant)
-    out.append((f'{option}={value or repr(value)}', variant))
+  for variant in variants:
+    changed = copy.deepcopy(config)
+    config_lib.apply_overrides(changed, [f'{k}={v}' for k, v in variant.items()])
+    config_lib.validate(changed)
+    out.append((' '.join(f'{k.split(".", 1)[1]}={v or repr(v)}' for k, v in variant.items()),
+                changed))
   return out
 
 
-def alternate(config, contexts: Sequence[int], spec: str, *, steps: int, batch: int,
+def alternate(config, contexts: Sequence[int], specs: Sequence[str], *, steps: int, batch: int,
               rounds: int, params=None, bandwidth_mb: int = 512, profile_dir: str = '',
               log=print) -> list[dict[str, Any]]:
-  """Plain decoding with each value of one engine option (`spec`: alternate_configs), timed in
+  """Plain decoding with each variant of engine options (`specs`: alternate_configs), timed in
   alternation in one process (effjax.bench.kernels.time_interleaved) beside the bandwidth
   probes (the copy and the read-only sum over a bandwidth_mb array), so a clock or bandwidth
   that drifts during the run moves every variant and the roofline alike. One row per (context,
@@ -323,7 +332,7 @@ def alternate(config, contexts: Sequence[int], spec: str, *, steps: int, batch: 
   if rounds < 1:
     raise ValueError(f'need at least one round; got {rounds}')
   from effjax.models.lm import LM
-  variants = alternate_configs(config, spec)
+  variants = alternate_configs(config, specs)
   split = params or nnx.split(LM(config.model, rngs=nnx.Rngs(config.seed)))
   engines = {label: make_engine(variant, split) for label, variant in variants}
   gamma = config.infer.gamma

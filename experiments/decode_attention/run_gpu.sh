@@ -3,7 +3,8 @@
 # into $OUT/results.tgz after each step, so a run cut short returns what it finished).
 #   bash experiments/decode_attention/run_gpu.sh STEP [STEP ...]
 #   steps: kernels decode_b1 profile_b1 decode_b16 qmm layout levers gemm_lever kernel_levers
-#          kw_rotary fold_norms kw_alternating tiling ('all' = the first seven, in order)
+#          kw_rotary fold_norms kw_alternating tiling levers_alt ('all' = the first seven, in
+#          order)
 set -u
 OUT=${OUT:-/tmp/effjax_decode_out}
 RES=${RES:-/tmp/effjax_decode_results}
@@ -128,20 +129,26 @@ paired() {
 # and query-padding kernels folded in too). (Its 2026-12-08 files are named kwr_b1_kw*, from
 # this step's first form; the same runs.)
 kw_rotary() { paired kwr cache_write_in_kernel; }
-# The values of one engine option timed in alternation in one process (bench decode
-# --alternate: rounds in a fresh order beside the copy and read probes, so drift moves all alike;
-# ratios and roofline fractions are medians of per-round ones), batch 1 (traced: device time per
-# kernel name) and batch 16, contexts 1k and 8k.
-#   alternating PREFIX OPTION VALUES
+# Engine options timed in alternation in one process (bench decode --alternate: rounds in a
+# fresh order beside the copy and read probes, so drift moves all alike; ratios and roofline
+# fractions are medians of per-round ones), batch 1 (traced: device time per kernel name) and
+# batch 16, contexts 1k and 8k.
+#   alternating PREFIX OPTION VALUES        one option's values
+#   alternating PREFIX -- SPEC [SPEC ...]   zipped lists of several (--alternate=SPEC each)
 alternating() {
-  local prefix=$1 option=$2 values=$3 batch
+  local prefix=$1 batch specs=()
+  if [ "$2" = -- ]; then
+    for spec in "${@:3}"; do specs+=("--alternate=$spec"); done
+  else
+    specs=("--alternate=infer.$2=$3")
+  fi
   for batch in 1 16; do
     python3 -m effjax.bench decode --config=configs/gpt_1b.py --repeats=20 --decode_steps=64 \
       --bandwidth_mb=4096 --out=$RES $CACHE --contexts=1024,8192 --decode_batch=$batch \
-      --alternate=infer.$option=$values --name=${prefix}_b$batch \
+      "${specs[@]}" --name=${prefix}_b$batch \
       $([ $batch = 1 ] && echo --profile_dir=/tmp/effjax_$prefix)
   done
-  grep "^| $option" "$RES"/${prefix}_b*.md
+  grep -h "^| [a-z_]*=" "$RES"/${prefix}_b*.md
 }
 # The RMSNorm gains folded into q/k/v and gate/up (infer.fold_norms): do the norm applications'
 # kernels go?
@@ -154,6 +161,13 @@ kw_alternating() { alternating kw_alt cache_write_in_kernel False,True; }
 # warps, 2 stages): at batch 1 the kernel read gpt_1b's 8 MB a layer at about 1 TB/s (8 us) in
 # the last trace; deeper pipelines, more warps, longer or shorter ranges, and one range (no
 # merge kernel after it, the kernel normalising itself).
+# The three above in one process per batch: the default, the norms folded, the cache write
+# outside the kernel, and four tilings (deeper pipeline, more warps, longer blocks, one range).
+levers_alt() {
+  alternating levers_alt -- infer.fold_norms=False,True,False,False,False,False,False \
+    infer.cache_write_in_kernel=True,True,False,True,True,True,True \
+    infer.decode_attention_tiling=///64:auto:4:3/64:auto:8:3/128:auto:8:3/64:1:8:3
+}
 tiling() {
   alternating tiling_alt decode_attention_tiling \
     /64:auto:4:3/64:auto:8:2/64:auto:8:3/128:auto:4:2/128:auto:8:3/32:auto:4:3/64:16:4:2/64:4:4:2/64:1:8:3

@@ -111,10 +111,18 @@ def test_alternation_labels_and_lists():
   """List-valued options take '/' between values; an empty value is labelled as such."""
   from configs import default
   from effjax.bench.decode_methods import alternate_configs
-  got = alternate_configs(default.get_config(), 'infer.output_major=wo/wo,w_down/')
+  got = alternate_configs(default.get_config(), ['infer.output_major=wo/wo,w_down/'])
   assert [label for label, _ in got] == ['output_major=wo', 'output_major=wo,w_down',
                                          "output_major=''"]
   assert [c.infer.output_major for _, c in got] == ['wo', 'wo,w_down', '']
+  # several options zipped: one engine per column of values
+  got = alternate_configs(default.get_config(), ['infer.fold_norms=False,True,False',
+                                                 'infer.decode_attention_tiling=//64:1:8:3'])
+  assert [label for label, _ in got] == [
+      "fold_norms=False decode_attention_tiling=''", "fold_norms=True decode_attention_tiling=''",
+      'fold_norms=False decode_attention_tiling=64:1:8:3']
+  assert [(c.infer.fold_norms, c.infer.decode_attention_tiling) for _, c in got] == [
+      (False, ''), (True, ''), (False, '64:1:8:3')]
 
 
 @pytest.mark.parametrize('args, message', [
@@ -124,7 +132,11 @@ def test_alternation_labels_and_lists():
      'output_major_kernel, fold_norms, decode_attention_tiling (the options that change the '
      'engine)'),
     (['--alternate=infer.fold_norms=True'],
-     "--alternate='infer.fold_norms=True': give at least two different values"),
+     '--alternate: every list needs the same number of values, at least two (the i-th variant '
+     "takes each list's i-th value); got infer.fold_norms=True"),
+    (['--alternate=infer.fold_norms=False,True,False'],
+     "--alternate: variants 1 and 3 are the same (infer.fold_norms='False'); give different "
+     'values'),
     (['--alternate=infer.fold_norms=False,yes'],
      "infer.fold_norms='yes': not of type bool, the type of infer.fold_norms"),
     (['--alternate=infer.fold_norms=False,True', '--methods=plain,speculative'],
@@ -134,8 +146,10 @@ def test_alternation_labels_and_lists():
      '--alternate times plain decoding: --draft_config, --exit_threshold would be ignored'),
     (['--alternate=infer.fold_norms=False,True', '--repeats=0'],
      '--repeats=0: --alternate needs at least one round'),
-    (['--alternate=infer.fold_norms=False,True', '--alternate=infer.weights_dtype=,float32'],
-     'decode takes one --alternate option; got 2'),
+    (['--alternate=infer.fold_norms=False,True', '--alternate=infer.weights_dtype=float32'],
+     '--alternate: every list needs the same number of values, at least two (the i-th variant '
+     "takes each list's i-th value); got infer.fold_norms=False,True, "
+     'infer.weights_dtype=float32'),
 ])
 def test_bad_alternation_is_one_clear_error(args, message):
   proc = subprocess.run([sys.executable, '-m', 'effjax.bench', 'decode',
