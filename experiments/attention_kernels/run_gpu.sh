@@ -72,12 +72,13 @@ gpt1b() { train_pair gpt_1b gpt1b; }
 fwd_sweep() {
   python3 experiments/attention_kernels/fwd_sweep.py --out="$RES/fwd_sweep.txt"
 }
-# The forward's main-loop variants (mosaic_gpu.FWD_VARIANTS): the forward with them on against
-# the float32 reference on the masks (GQA, full, window, segments, BigBird), then each alone and
-# all together at the default tiling beside the committed forward, cuDNN and tokamax (D64 and
-# D128, S 4k and 16k; fwd_sweep.py --variants).
+# The forward's main-loop variants (mosaic_gpu.FWD_VARIANTS): the ones not yet run on a GPU
+# against the float32 reference on the masks (GQA, full, window, segments, BigBird), then each
+# alone and two combinations at the default tiling beside the committed forward, cuDNN and
+# tokamax, timed in alternation (D128 at S 4k and 16k, then D64 at 4k; fwd_sweep.py --variants).
 fwd_variants() {
-  python3 experiments/attention_kernels/fwd_sweep.py --variants --out="$RES/fwd_variants.txt"
+  python3 experiments/attention_kernels/fwd_sweep.py --variants --shapes=${FVAR_SHAPES:-2,3,0} \
+    --out="$RES/fwd_variants.txt"
 }
 # The full default grid (causal and full, S 1k-32k).
 grid() {

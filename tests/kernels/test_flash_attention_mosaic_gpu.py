@@ -87,6 +87,16 @@ def test_lowers_for_cuda(case, d, hq, hkv):
   assert module.count('mosaic_gpu') >= 1 and '@mosaic_gpu' in module, module[-2000:]
 
 
+@pytest.mark.parametrize('case,d,hq,hkv', [('causal', 128, 4, 4), ('segments', 64, 4, 2),
+                                            ('bigbird', 128, 2, 1), ('causal', 256, 2, 2)])
+def test_overlapped_forward_lowers_for_cuda(case, d, hq, hkv, monkeypatch):
+  """overlap_qk (the next tile's Q K^T under this tile's softmax) builds for CUDA at each head
+  dim's default tiling, alone and with the other variants it combines with."""
+  for variants in ('overlap_qk', 'named_schedule,order_softmax,overlap_qk'):
+    monkeypatch.setenv('EFFJAX_MOSAIC_GPU_FWD', variants)
+    test_lowers_for_cuda(case, d, hq, hkv)
+
+
 @pytest.mark.parametrize('case,d,hq,hkv', [('causal', 128, 4, 1), ('segments', 64, 2, 2),
                                             ('bigbird', 128, 2, 2), ('window', 64, 2, 1),
                                             ('causal', 256, 4, 2), ('segments', 256, 2, 1)])
@@ -146,7 +156,8 @@ def test_interpreted_kernel_matches_reference(case, d, hq, hkv, block_k):
   assert out.dtype == q.dtype and lse.shape == (1, hq, s) and lse.dtype == jnp.float32
 
 
-_ALL_FWD_VARIANTS = ','.join(mosaic_gpu.FWD_VARIANTS)
+_ALL_FWD_VARIANTS = 'named_schedule,wait_k_in_pv,order_softmax'  # overlap_qk excludes the 2nd
+_OVERLAPPED = 'named_schedule,order_softmax,overlap_qk'
 
 
 @needs_interpreter
@@ -156,7 +167,12 @@ _ALL_FWD_VARIANTS = ','.join(mosaic_gpu.FWD_VARIANTS)
     (_ALL_FWD_VARIANTS, 'causal', 128, 1, 1, 128),
     (_ALL_FWD_VARIANTS, 'segments', 64, 2, 2, 64),
     (_ALL_FWD_VARIANTS, 'window_bidirectional', 64, 1, 1, 128),
-    ('wait_k_in_pv,order_softmax', 'empty_blocks', 64, 1, 1, 64)])
+    ('wait_k_in_pv,order_softmax', 'empty_blocks', 64, 1, 1, 64),
+    ('overlap_qk', 'causal', 128, 1, 1, 128),
+    ('overlap_qk', 'segments', 64, 2, 2, 64),
+    ('overlap_qk', 'empty_blocks', 64, 1, 1, 64),
+    (_OVERLAPPED, 'bigbird', 64, 2, 1, 64),
+    (_OVERLAPPED, 'window_bidirectional', 64, 1, 1, 128)])
 def test_interpreted_forward_variants_match_reference(variants, case, d, hq, hkv, block_k,
                                                       monkeypatch):
   """The main-loop variants (EFFJAX_MOSAIC_GPU_FWD): the interpreter runs their named barriers
@@ -182,7 +198,11 @@ def test_forward_variants_lower_with_named_barriers(monkeypatch):
 def test_forward_variant_switch_names_what_it_takes(monkeypatch):
   monkeypatch.setenv('EFFJAX_MOSAIC_GPU_FWD', 'named_schedule, pingpong')
   with pytest.raises(ValueError, match=r"unknown \['pingpong'\]; allowed: named_schedule, "
-                                       r"wait_k_in_pv, order_softmax"):
+                                       r"wait_k_in_pv, order_softmax, overlap_qk"):
+    mosaic_gpu.fwd_variants()
+  monkeypatch.setenv('EFFJAX_MOSAIC_GPU_FWD', 'overlap_qk,wait_k_in_pv')
+  with pytest.raises(ValueError, match='overlap_qk places the k waits itself; it does not '
+                                       'combine with wait_k_in_pv'):
     mosaic_gpu.fwd_variants()
   monkeypatch.setenv('EFFJAX_MOSAIC_GPU_FWD', ' named_schedule,order_softmax ')
   assert mosaic_gpu.fwd_variants() == {'named_schedule', 'order_softmax'}

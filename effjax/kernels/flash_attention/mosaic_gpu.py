@@ -81,7 +81,15 @@ FOLD_SCALE = True
 #                   optimization barrier before the waits that precede this tile's P V (the
 #                   v tile's and the schedule's), so none of that arithmetic is scheduled
 #                   after them.
-FWD_VARIANTS = ('named_schedule', 'wait_k_in_pv', 'order_softmax')
+#   overlap_qk      FlashAttention-3's intra-warpgroup overlap: each step issues the next
+#                   tile's Q K^T before this tile's softmax, so the softmax runs on the CUDA
+#                   cores while that product runs on the tensor cores (the loop carries the
+#                   next tile's scores; a prologue computes the first). Two score tiles are
+#                   live at once, so it needs the registers for both (block_k 128 at D128 is
+#                   64 + 64 a thread beside the accumulator's 64). It places the k waits
+#                   itself, so it does not combine with wait_k_in_pv. The last step's
+#                   look-ahead product reads a slot no tile fills and is discarded.
+FWD_VARIANTS = ('named_schedule', 'wait_k_in_pv', 'order_softmax', 'overlap_qk')
 _FWD_ENV = 'EFFJAX_MOSAIC_GPU_FWD'
 # Named barrier ids the forward's schedule takes: Mosaic GPU keeps 0 (the CTA barrier) and 1-3
 # (one per warpgroup of this kernel) for itself.
@@ -96,6 +104,9 @@ def fwd_variants() -> frozenset:
   if unknown:
     raise ValueError(f'{_FWD_ENV}={text!r}: unknown {unknown}; allowed: '
                      f'{", ".join(FWD_VARIANTS)} (comma-separated, or empty for none)')
+  if {'overlap_qk', 'wait_k_in_pv'} <= chosen:
+    raise ValueError(f'{_FWD_ENV}={text!r}: overlap_qk places the k waits itself; it does not '
+                     f'combine with wait_k_in_pv')
   return chosen
 
 
@@ -303,6 +314,7 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
   named = 'named_schedule' in variants
   wait_k_in_pv = 'wait_k_in_pv' in variants
   order_softmax = 'order_softmax' in variants
+  overlap_qk = 'overlap_qk' in variants
   interpret = _interpret_params(interpret, named_barriers=named)
 
   layout = functools.partial(_layout, interpret=interpret)
@@ -353,23 +365,9 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
         plgpu.barrier_wait(v_ready.at[slot])
         plgpu.barrier_wait(schedule)  # the tensor cores are ours again
 
-    def step(t, carry, masked):
+    def softmax(t, scores, seg_k, carry, masked):
+      """This tile's online softmax: (acc rescaled, p in the input dtype, new row max, l)."""
       acc, m, l = carry
-      slot = lax.rem(t, stages)
-      if not wait_k_in_pv:
-        plgpu.barrier_wait(k_ready.at[slot])
-
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_tile, _transpose(k_smem.at[slot]))
-        sync_tensor_cores()
-        return acc_ref[...]
-
-      scores = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, block_k), jnp.float32))
-      # The keys' segment ids share the k slot (load_k copies both): read them before the slot
-      # is released, or the memory warpgroup may already be refilling it with a later tile's.
-      seg_k = _load(segk_smem.at[slot], plgpu.Layout.WGMMA.reduce(0)) \
-          if masked and has_segments else None
-      plgpu.barrier_arrive(k_free.at[slot])
       if masked or not FOLD_SCALE:
         scores = scores * qk_scale
         if masked:
@@ -386,7 +384,28 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
       alpha = jnp.exp2(m - m_new)
       l = l * alpha + p.sum(axis=1)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-      p = p.astype(dtype)
+      return acc, p.astype(dtype), m_new, l
+
+    def load_seg_k(slot):
+      return _load(segk_smem.at[slot], plgpu.Layout.WGMMA.reduce(0)) if has_segments else None
+
+    def step(t, carry, masked):
+      acc, m, l = carry
+      slot = lax.rem(t, stages)
+      if not wait_k_in_pv:
+        plgpu.barrier_wait(k_ready.at[slot])
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_tile, _transpose(k_smem.at[slot]))
+        sync_tensor_cores()
+        return acc_ref[...]
+
+      scores = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, block_k), jnp.float32))
+      # The keys' segment ids share the k slot (load_k copies both): read them before the slot
+      # is released, or the memory warpgroup may already be refilling it with a later tile's.
+      seg_k = load_seg_k(slot) if masked else None
+      plgpu.barrier_arrive(k_free.at[slot])
+      acc, p, m_new, l = softmax(t, scores, seg_k, (acc, m, l), masked)
       if order_softmax:
         acc, p, l, m_new = lax.optimization_barrier((acc, p, l, m_new))
       take_turn(slot)
@@ -401,6 +420,59 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m_new, l
 
+    def look_ahead(t):
+      """The scores of tile t (and its keys' segment ids) by wgmma, its k slot then released;
+      with no tile t (t == n_t) the product runs on a slot nothing fills and is discarded."""
+      slot = lax.rem(t, stages)
+      there = t < n_t
+
+      @pl.when(there)
+      def _():
+        plgpu.barrier_wait(k_ready.at[slot])
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_tile, _transpose(k_smem.at[slot]))
+        return acc_ref[...]
+
+      scores = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, block_k), jnp.float32))
+      seg_k = load_seg_k(slot)
+
+      @pl.when(there)
+      def _():
+        plgpu.barrier_arrive(k_free.at[slot])
+
+      return scores, seg_k
+
+    def step_overlapped(t, carry, masked):
+      """overlap_qk: carry holds tile t's scores; tile t + 1's Q K^T is issued, then tile t's
+      softmax runs while it is on the tensor cores, then tile t's P V."""
+      acc, m, l, scores, seg_k = carry
+      slot, nxt = lax.rem(t, stages), lax.rem(t + 1, stages)
+      there = t + 1 < n_t
+
+      @pl.when(there)
+      def _():
+        plgpu.barrier_wait(k_ready.at[nxt])
+
+      def overlapped(acc_ref):
+        plgpu.wgmma(acc_ref, q_tile, _transpose(k_smem.at[nxt]))
+        sync_tensor_cores()
+        out = softmax(t, scores, seg_k, (acc, m, l), masked)
+        return (acc_ref[...], *out)
+
+      scores_next, acc, p, m_new, l = pl.run_scoped(
+          overlapped, plgpu.ACC((WG_ROWS, block_k), jnp.float32))
+      seg_next = load_seg_k(nxt)  # before the slot is released (see step)
+
+      @pl.when(there)
+      def _():
+        plgpu.barrier_arrive(k_free.at[nxt])
+
+      take_turn(slot)
+      acc = _accumulate(acc, p, v_smem.at[slot], None if p_smem is None else p_smem.at[wg])
+      plgpu.barrier_arrive(v_free.at[slot])
+      return acc, m_new, l, scores_next, seg_next
+
     acc = layout(jnp.zeros((WG_ROWS, d), jnp.float32), plgpu.Layout.WGMMA)
     m = layout(jnp.full((WG_ROWS,), _M_INIT, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     l = layout(jnp.zeros((WG_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -410,8 +482,14 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
       @pl.when(n_t > 0)
       def _():
         plgpu.barrier_wait(k_ready.at[0])
-    carry = lax.fori_loop(0, n_f, functools.partial(step, masked=False), (acc, m, l))
-    acc, m, l = lax.fori_loop(n_f, n_t, functools.partial(step, masked=True), carry)
+    if overlap_qk:
+      carry = (acc, m, l, *look_ahead(0))
+      carry = lax.fori_loop(0, n_f, functools.partial(step_overlapped, masked=False), carry)
+      acc, m, l, _, _ = lax.fori_loop(n_f, n_t, functools.partial(step_overlapped, masked=True),
+                                      carry)
+    else:
+      carry = lax.fori_loop(0, n_f, functools.partial(step, masked=False), (acc, m, l))
+      acc, m, l = lax.fori_loop(n_f, n_t, functools.partial(step, masked=True), carry)
     # Warpgroup 0 releases warpgroup 1's last wait (with named barriers: the one before its last
     # P V, or its first if there were no tiles; every signal then has its wait).
     pl.when(wg == 0)(signal_other if named else sync_tensor_cores)
