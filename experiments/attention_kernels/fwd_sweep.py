@@ -13,7 +13,7 @@ separate multiply (mosaic_gpu.FOLD_SCALE off).
 (EFFJAX_MOSAIC_GPU_FWD) against the float32 reference on the masks the timed rows do not cover
 (GQA at D64, full, window, packed documents, BigBird; output only, relative error norm below
 2e-2), then times, at the default tiling, the forward as committed, each variant alone and the
-COMBINED settings, with tokamax's Mosaic GPU attention beside cuDNN when tokamax imports. These
+COMBINED settings (and overlap_qk at 128-key tiles where the default is longer), with tokamax's Mosaic GPU attention beside cuDNN when tokamax imports. These
 rows are timed in alternation
 (effjax.bench.kernels.time_interleaved, --rounds rounds of one call per input set each, in a
 fresh order per round): a GPU whose clock drifts within the run (the same forward read 0.89 and
@@ -132,16 +132,20 @@ def variants(shapes, rounds):
     if tokamax:
       fns['tokamax mosaic'] = lambda q, k, v: kb.import_tokamax().dot_product_attention(
           q, k, v, is_causal=True, implementation='mosaic')
-    block_k = mg.default_blocks(d)[1]
-    blocks = computed_blocks(s, mg.BLOCK_Q, block_k, causal=True)
+    default_k = mg.default_blocks(d)[1]
+    # overlap_qk holds two score tiles: where the default tile is longer than 128 keys (D64's
+    # 256), also at 128, which leaves it the registers
+    extra = [('overlap_qk at block_k 128', 'overlap_qk', 128)] if default_k > 128 else []
     compiled, errors = {}, {}
-    for name, setting in [(n, None) for n in fns] + runs:
+    for name, setting, *tile in ([(n, None) for n in fns] + runs + extra):
       label = name if setting is None else f'effjax mosaic_gpu, {name}'
       if setting is not None:
         os.environ['EFFJAX_MOSAIC_GPU_FWD'] = setting  # read when the function is traced
-        fns[label] = lambda q, k, v: mg.fwd(q, k, v, None, causal=True, window=None,
-                                            blocks=blocks, scale=d ** -0.5, block_q=mg.BLOCK_Q,
-                                            block_k=block_k)[0]
+        block_k = tile[0] if tile else default_k
+        blocks = computed_blocks(s, mg.BLOCK_Q, block_k, causal=True)
+        fns[label] = lambda q, k, v, bk=block_k, bl=blocks: mg.fwd(
+            q, k, v, None, causal=True, window=None, blocks=bl, scale=d ** -0.5,
+            block_q=mg.BLOCK_Q, block_k=bk)[0]
       try:
         compiled[label] = jax.jit(fns[label]).lower(*sets[0]).compile()
         err = float(np.abs(np.asarray(compiled[label](*sets[0]), np.float32) - ref).max())
