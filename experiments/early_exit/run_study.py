@@ -5,6 +5,7 @@ the exit threshold, time every decoding method on real prompts.
         [--config=configs/early_exit.py] [--set section.field=value ...] [--steps=240] \
         [--draft_config=configs/X.py --draft_steps=N] [--name=results] [--out=DIR]
         [--thresholds=1.0,0.9,...|''] [--speculative=self_speculative,speculative|'']
+        [--decode_set section.field=value ...] [--decode_precision=highest]
 
 Trains --config (skipped when the workdir already holds its last checkpoint; --set overrides
 fields, e.g. model.exit_layers=4,8), then:
@@ -30,6 +31,7 @@ Writes <name>.json, <name>.md and <name>_sweep.png to --out (default: beside thi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -125,6 +127,12 @@ def main() -> None:
       'section.field=value applied to the target and the draft after training, for evaluation '
       'and decoding only (e.g. model.compute_dtype=float32: bf16-trained weights decoded in '
       'float32, to tell bf16 near ties from a fault in the speculative rule)'))
+  parser.add_argument('--decode_precision', default='', choices=('', 'default', 'high',
+                                                                 'highest'), help=(
+      "matmul precision for evaluation and decoding only (jax.default_matmul_precision; '' = "
+      "the process's): 'highest' decodes float32 weights without TF32 rounding, to check that "
+      'speculative output equals plain greedy beyond bf16 / TF32 near ties, while training '
+      'runs at its usual speed'))
   args = parser.parse_args()
   if args.draft_config and args.draft_steps < 1:
     parser.error('--draft_config needs --draft_steps >= 1 (the draft is trained here)')
@@ -172,7 +180,9 @@ def main() -> None:
       draft_state, _ = trainer._load_latest(draft_run)  # pylint: disable=protected-access
     draft = (draft_run.setup.graphdef, draft_state['params'])
   tok = run.tokenizer
-  with jax.set_mesh(run.mesh), shd.axis_rules(run.rules):
+  precision = (jax.default_matmul_precision(args.decode_precision) if args.decode_precision
+               else contextlib.nullcontext())
+  with jax.set_mesh(run.mesh), shd.axis_rules(run.rules), precision:
     state, step = trainer._load_latest(run)  # pylint: disable=protected-access
     params = state['params']
     graphdef = run.setup.graphdef
@@ -276,7 +286,7 @@ def main() -> None:
              if device.platform == 'cpu' else f'1 x {device.device_kind}')
   result = {
       'machine': machine, 'jax': jax.__version__, 'config': args.config, 'set': args.set,
-      'decode_set': args.decode_set,
+      'decode_set': args.decode_set, 'decode_precision': args.decode_precision or None,
       'steps': args.steps, 'checkpoint_step': step, 'heldout_tokens': n_tokens,
       'full_perplexity': full_ppl, 'final_train': summary.get('train', {}),
       'final_eval': summary.get('eval', {}), 'plain_tokens_per_s': plain_rate,
