@@ -216,6 +216,7 @@ def test_tiling_specs_resolve_per_cache_length():
     ('64:4:3', 'WARPS must be 1, 2, 4, 8 or 16, got 3'),
     ('64:4:4:auto', "STAGES must be a positive integer, got 'auto'"),
     ('64:4:4:9', 'STAGES must be 1-8, got 9'),
+    ('64:\u00b2', "SPLIT must be a positive integer or 'auto', got '\u00b2'"),
 ])
 def test_bad_tiling_specs_are_one_clear_error(spec, message):
   with pytest.raises(ValueError, match=re.escape(f'decode attention tiling {spec!r}: {message}')):

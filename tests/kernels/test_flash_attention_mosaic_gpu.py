@@ -200,6 +200,10 @@ def test_forward_variant_switch_names_what_it_takes(monkeypatch):
   with pytest.raises(ValueError, match=r"unknown \['pingpong'\]; allowed: named_schedule, "
                                        r"wait_k_in_pv, order_softmax, overlap_qk"):
     mosaic_gpu.fwd_variants()
+  monkeypatch.setenv('EFFJAX_MOSAIC_GPU_FWD', 'overlap_qk')  # two score tiles: 128 keys at D64
+  assert mosaic_gpu.default_blocks(64) == (128, 128) and mosaic_gpu.default_blocks(128)[1] == 128
+  monkeypatch.delenv('EFFJAX_MOSAIC_GPU_FWD')
+  assert mosaic_gpu.default_blocks(64) == (128, 256)
   monkeypatch.setenv('EFFJAX_MOSAIC_GPU_FWD', 'overlap_qk,wait_k_in_pv')
   with pytest.raises(ValueError, match='overlap_qk places the k waits itself; it does not '
                                        'combine with wait_k_in_pv'):

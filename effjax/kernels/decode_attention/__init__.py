@@ -95,7 +95,7 @@ def parse_tiling(spec: str) -> tuple[int | None, int | None, int, int] | None:
   def number(text, what):
     if what in ('BLOCK_K', 'SPLIT') and text == 'auto':
       return None
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
       raise ValueError(f'decode attention tiling {spec!r}: {what} must be a positive integer'
                        + (" or 'auto'" if what in ('BLOCK_K', 'SPLIT') else '') + f', got {text!r}')
     return int(text)

@@ -85,10 +85,13 @@ FOLD_SCALE = True
 #                   tile's Q K^T before this tile's softmax, so the softmax runs on the CUDA
 #                   cores while that product runs on the tensor cores (the loop carries the
 #                   next tile's scores; a prologue computes the first). Two score tiles are
-#                   live at once, so it needs the registers for both (block_k 128 at D128 is
-#                   64 + 64 a thread beside the accumulator's 64). It places the k waits
-#                   itself, so it does not combine with wait_k_in_pv. The last step's
-#                   look-ahead product reads a slot no tile fills and is discarded.
+#                   live at once, so it needs the registers for both: at D128 (block_k 128)
+#                   64 + 64 a thread beside the accumulator's 64 and p's 32 in bf16, tight
+#                   under COMPUTE_REGISTERS; at D64 default_blocks then takes 128-key tiles
+#                   (256 would not fit). With order_softmax, the softmax is pinned before the
+#                   product is awaited. It places the k waits itself, so it does not combine
+#                   with wait_k_in_pv. The last step's look-ahead product reads a slot no tile
+#                   fills and is discarded.
 FWD_VARIANTS = ('named_schedule', 'wait_k_in_pv', 'order_softmax', 'overlap_qk')
 _FWD_ENV = 'EFFJAX_MOSAIC_GPU_FWD'
 # Named barrier ids the forward's schedule takes: Mosaic GPU keeps 0 (the CTA barrier) and 1-3
@@ -148,14 +151,15 @@ def named_barrier(operation: str, barrier_id, num_threads: int) -> None:
 def default_blocks(head_dim: int) -> tuple[int, int]:
   """(block_q, block_k): 128 query rows per CTA; k/v tiles sized so the ring fits in SMEM.
 
-  Head dim 64 takes 256-key tiles (three ring slots): with half the matmul work of head dim 128
+  Head dim 64 takes 256-key tiles (three ring slots; 128 with the overlap_qk variant, which holds
+  two score tiles in registers): with half the matmul work of head dim 128
   per tile, a longer tile presumably pays its per-tile costs (barriers, the accumulator's
   rescaling) over twice the keys; that reading was not profiled. On an H100
   (experiments/attention_kernels/fwd_sweep.py, causal, one run) it was 0.99x / 1.07x cuDNN at
   S 4k / 16k against 0.93x / 1.01x with 128-key tiles. Head dim 128 keeps 128 (256 does not
   fit two slots), 256 takes 64."""
-  if head_dim == 64:
-    return BLOCK_Q, 256
+  if head_dim == 64:  # overlap_qk holds two score tiles: 256 keys would not fit the registers
+    return BLOCK_Q, 128 if 'overlap_qk' in fwd_variants() else 256
   return BLOCK_Q, 128 if head_dim <= 128 else 64
 
 
@@ -458,6 +462,8 @@ def fwd(q, k, v, segment_ids, *, causal: bool, window: int | None, blocks: np.nd
         plgpu.wgmma(acc_ref, q_tile, _transpose(k_smem.at[nxt]))
         sync_tensor_cores()
         out = softmax(t, scores, seg_k, (acc, m, l), masked)
+        if order_softmax:  # the softmax pinned before the product is awaited
+          out = lax.optimization_barrier(out)
         return (acc_ref[...], *out)
 
       scores_next, acc, p, m_new, l = pl.run_scoped(
