@@ -409,6 +409,11 @@ def _check_early_exit(config) -> None:
                       f'{inf.calibration_batches}: need max_len >= 0 and >= 1 batch')
   if not 0 <= inf.exit_tolerance < 1:
     raise ConfigError(f'infer.exit_tolerance={inf.exit_tolerance}: must be in [0, 1)')
+  try:
+    from effjax.kernels import decode_attention as decode_kernel
+    decode_kernel.parse_tiling(inf.decode_attention_tiling)
+  except ValueError as e:
+    raise ConfigError(f'infer.decode_attention_tiling: {e}') from None
   if inf.method in ('early_exit', 'self_speculative') and not exits:
     raise ConfigError(f'infer.method={inf.method}: needs exit heads; set model.exit_layers '
                       "(e.g. '2') and train with them")
@@ -444,11 +449,6 @@ def _check_compress(config) -> None:
     raise ConfigError(f'compress.distill_temperature={cp.distill_temperature}: must be > 0')
   if not [n for n in cp.targets.split(',') if n.strip()]:
     raise ConfigError("compress.targets='': name at least one parameter, e.g. 'wq,wo,w_up'")
-  try:
-    from effjax.kernels import decode_attention as decode_kernel
-    decode_kernel.parse_tiling(config.infer.decode_attention_tiling)
-  except ValueError as e:
-    raise ConfigError(f'infer.decode_attention_tiling: {e}') from None
   if config.infer.attention_kernel == 'triton' and jax.default_backend() != 'gpu':
     raise ConfigError(f"infer.attention_kernel='triton': needs a GPU but the backend is "
                       f"{jax.default_backend()}; use 'auto' or 'xla'")

@@ -21,7 +21,6 @@ persistent XLA compilation cache is on by default (--compilation_cache_dir; '' t
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -290,12 +289,7 @@ def main(argv):
         raise ValueError('--profile_dir traces one config\'s steps: not with --alternate')
       if _REPEATS.value is not None and _REPEATS.value < 1:
         raise ValueError(f'--repeats={_REPEATS.value}: --alternate needs at least one round')
-      alternated, overrides = [], train_bench.parse_alternate(_ALTERNATE.value)
-      for variant in overrides:  # every variant checked before any is built
-        changed = config_lib.apply_overrides(copy.deepcopy(config),
-                                             [f'{k}={v}' for k, v in variant.items()])
-        config_lib.validate(changed)
-        alternated.append((train_bench.variant_name(variant), changed))
+      alternated = train_bench.alternate_configs(config, _ALTERNATE.value)
   except (ValueError, config_lib.ConfigError) as e:
     print(f'effjax.bench: {e}', file=sys.stderr)
     sys.exit(2)
@@ -306,9 +300,10 @@ def main(argv):
   if _ALTERNATE.value:
     _use_compilation_cache()
     rows = train_bench.measure_alternating(
-        alternated, batches=_BATCHES.value, warmup_steps=_WARMUP.value, steps=_STEPS.value,
+        [(train_bench.variant_name(variant), changed) for variant, changed in alternated],
+        batches=_BATCHES.value, warmup_steps=_WARMUP.value, steps=_STEPS.value,
         rounds=5 if _REPEATS.value is None else _REPEATS.value)
-    for row, variant in zip(rows, overrides):
+    for row, (variant, _) in zip(rows, alternated):
       row['overrides'] = variant
     env = results.environment()
     title = f'Training throughput in alternation: {config_name}'

@@ -71,16 +71,27 @@ def _median_seconds(f, x, repeats: int) -> float:
   return statistics.median(times)
 
 
+# The bandwidth probes over a large float32 array: (function, bytes moved per entry): an
+# elementwise pass (read + write) and a sum (reads only; the output is one number).
+BANDWIDTH_PROBES = {'copy': (lambda x: x * 1.0001, 8), 'read': (jnp.sum, 4)}
+
+
+def _probe_array(megabytes: int) -> jax.Array:
+  return jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
+
+
 def measure_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
-  """Bytes/s of an elementwise pass over a large float32 array (reads + writes counted)."""
-  x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
-  return 2 * x.size * 4 / _median_seconds(jax.jit(lambda x: x * 1.0001), x, repeats)
+  """Bytes/s of the copy probe (reads + writes counted)."""
+  fn, per_entry = BANDWIDTH_PROBES['copy']
+  x = _probe_array(megabytes)
+  return per_entry * x.size / _median_seconds(jax.jit(fn), x, repeats)
 
 
 def measure_read_bandwidth(megabytes: int = 512, repeats: int = 10) -> float:
-  """Bytes/s of a sum over a large float32 array (reads only; the output is one number)."""
-  x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
-  return x.size * 4 / _median_seconds(jax.jit(jnp.sum), x, repeats)
+  """Bytes/s of the read probe (reads only)."""
+  fn, per_entry = BANDWIDTH_PROBES['read']
+  x = _probe_array(megabytes)
+  return per_entry * x.size / _median_seconds(jax.jit(fn), x, repeats)
 
 
 def _bytes(tree) -> int:
@@ -262,23 +273,19 @@ def run(config, contexts: Sequence[int], methods: Sequence[str], *, steps: int, 
   return rows
 
 
-ALTERNATE_COLUMNS = (
-    ('variant', 'variant', ''),
-    ('context', 'context', ''),
-    ('batch', 'batch', ''),
-    ('ms_per_token', 'ms / token', '.3f'),
-    ('tokens_per_s', 'tokens/s', '.0f'),
-    ('speedup_vs_first', 'speedup vs first', '.3f'),
-    ('speedup_spread', 'its rounds 25-75%', ''),
-    ('mb_per_token', 'MB read / step', '.2f'),
-    ('bandwidth_gbs', 'copy bandwidth (GB/s)', '.1f'),
-    ('roofline_fraction', 'of roofline', '.3f'),
-    ('read_bandwidth_gbs', 'read bandwidth (GB/s)', '.1f'),
-    ('read_roofline_fraction', 'of read roofline', '.3f'),
-    ('rounds', 'rounds', ''),
-    ('compile_s', 'compile (s)', '.1f'),
-    ('error', 'error', ''),
-)
+def _alternate_columns():
+  """The method rows' columns for --alternate: the variant first, then the timing columns, the
+  speedup over the first variant and its spread (as bench train --alternate gives them)."""
+  from effjax.bench.train import ALTERNATE_COLUMNS as SPEEDUP
+  by_key = {c[0]: c for c in COLUMNS}
+  pick = lambda *keys: tuple(by_key[k] for k in keys)
+  return ((('variant', 'variant', ''),) + pick('context', 'batch', 'ms_per_token', 'tokens_per_s')
+          + SPEEDUP[:2] + pick('mb_per_token', 'bandwidth_gbs', 'roofline_fraction',
+                               'read_bandwidth_gbs', 'read_roofline_fraction')
+          + SPEEDUP[2:] + pick('compile_s', 'error'))
+
+
+ALTERNATE_COLUMNS = _alternate_columns()
 
 
 def alternate_configs(config, specs: Sequence[str]) -> list[tuple[str, Any]]:
@@ -286,32 +293,15 @@ def alternate_configs(config, specs: Sequence[str]) -> list[tuple[str, Any]]:
   repeatable: the lists zipped, the i-th variant taking each list's i-th value; values split
   on '/' instead where one holds commas: infer.output_major=wo/wo,w_down). Every OPTION must be
   one of ENGINE_OPTIONS; at least two variants, all different, each valid for the config."""
-  import copy
-  from effjax import config as config_lib
-  from effjax.bench.train import parse_alternate
+  from effjax.bench.train import alternate_configs as variant_configs
   for spec in specs:
     key, sep, _ = spec.partition('=')
     section, _, option = key.strip().partition('.')
     if not sep or section != 'infer' or option not in ENGINE_OPTIONS:
       raise ValueError(f'--alternate={spec!r}: expected infer.OPTION=V1,V2,... with OPTION one '
                        f'of {", ".join(ENGINE_OPTIONS)} (the options that change the engine)')
-  variants = parse_alternate(specs)
-  seen = {}
-  for i, variant in enumerate(variants):
-    key = tuple(sorted(variant.items()))
-    if key in seen:
-      raise ValueError(f'--alternate: variants {seen[key] + 1} and {i + 1} are the same '
-                       f'({", ".join(f"{k}={v!r}" for k, v in variant.items())}); give '
-                       f'different values')
-    seen[key] = i
-  out = []
-  for variant in variants:
-    changed = copy.deepcopy(config)
-    config_lib.apply_overrides(changed, [f'{k}={v}' for k, v in variant.items()])
-    config_lib.validate(changed)
-    out.append((' '.join(f'{k.split(".", 1)[1]}={v or repr(v)}' for k, v in variant.items()),
-                changed))
-  return out
+  return [(' '.join(f'{k.split(".", 1)[1]}={v or repr(v)}' for k, v in variant.items()), changed)
+          for variant, changed in variant_configs(config, specs)]
 
 
 def alternate(config, contexts: Sequence[int], specs: Sequence[str], *, steps: int, batch: int,
@@ -328,7 +318,7 @@ def alternate(config, contexts: Sequence[int], specs: Sequence[str], *, steps: i
   row gets a speedup. With profile_dir, one more loop of each row is traced into
   profile_dir/<label>_<context>.
   """
-  from effjax.bench.kernels import first_line, time_interleaved
+  from effjax.bench.kernels import first_line, spread_text, time_interleaved
   if rounds < 1:
     raise ValueError(f'need at least one round; got {rounds}')
   from effjax.models.lm import LM
@@ -336,9 +326,9 @@ def alternate(config, contexts: Sequence[int], specs: Sequence[str], *, steps: i
   split = params or nnx.split(LM(config.model, rngs=nnx.Rngs(config.seed)))
   engines = {label: make_engine(variant, split) for label, variant in variants}
   gamma = config.infer.gamma
-  probe = jnp.ones((bandwidth_mb * 2 ** 20 // 4,), jnp.float32)
-  probes = {'copy': (jax.jit(lambda x: x * 1.0001).lower(probe).compile(), 2 * probe.size * 4),
-            'read': (jax.jit(jnp.sum).lower(probe).compile(), probe.size * 4)}
+  probe = _probe_array(bandwidth_mb)
+  probes = {name: (jax.jit(fn).lower(probe).compile(), per_entry * probe.size)
+            for name, (fn, per_entry) in BANDWIDTH_PROBES.items()}
   rows = []
   for context in contexts:
     length = context + steps + 2 * (gamma + 1)  # as run()'s rows allocate
@@ -384,8 +374,7 @@ def alternate(config, contexts: Sequence[int], specs: Sequence[str], *, steps: i
                  seconds=loop_s.tolist(), mb_per_token=per_step / 2 ** 20,
                  compile_s=made[label][1])
       if first_ok:
-        row.update(speedup_vs_first=t['ratio'],
-                   speedup_spread=f'{t["ratio_lo"]:.3f}-{t["ratio_hi"]:.3f}')
+        row.update(speedup_vs_first=t['ratio'], speedup_spread=spread_text(t))
       if profile_dir:
         from effjax.bench.train import trace_once
         args = jax.block_until_ready(made[label][0]())

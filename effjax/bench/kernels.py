@@ -243,15 +243,22 @@ def time_interleaved(compiled: dict[str, Callable[..., Any]],
       per_round[names[i]].append(float(np.median(
           [call(names[i], make) for make in sets_of(names[i])])))
   base = np.asarray(per_round[baseline])
-  out = {}
-  for name in names:
-    ratios = base / np.asarray(per_round[name])
-    out[name] = dict(ms=float(np.median(per_round[name])) * 1e3,
-                     ratio=float(np.median(ratios)),
-                     ratio_lo=float(np.percentile(ratios, 25)),
-                     ratio_hi=float(np.percentile(ratios, 75)),
+  return {name: dict(ms=float(np.median(per_round[name])) * 1e3,
+                     **ratio_stats(base / np.asarray(per_round[name])),
                      rounds_ms=[t * 1e3 for t in per_round[name]])
-  return out
+          for name in names}
+
+
+def ratio_stats(ratios) -> dict[str, float]:
+  """Per-round ratios -> `ratio` (their median), `ratio_lo` / `ratio_hi` (25th / 75th
+  percentiles)."""
+  return dict(ratio=float(np.median(ratios)), ratio_lo=float(np.percentile(ratios, 25)),
+              ratio_hi=float(np.percentile(ratios, 75)))
+
+
+def spread_text(stats: dict[str, float]) -> str:
+  """ratio_stats' quartiles as a result-table cell, 'lo-hi'."""
+  return f'{stats["ratio_lo"]:.3f}-{stats["ratio_hi"]:.3f}'
 
 
 def paired_ratio(timed: dict[str, dict[str, Any]], name: str, other: str) -> float:

@@ -107,6 +107,29 @@ def parse_alternate(specs: Sequence[str]) -> list[dict[str, str]]:
   return [dict(combo) for combo in zip(*axes)]
 
 
+def alternate_configs(config, specs: Sequence[str]) -> list[tuple[dict[str, str], Any]]:
+  """--alternate's variants (parse_alternate) with their configs: copies of `config` with each
+  variant's values applied and validated, all checked before any is built; two equal variants
+  are one ValueError."""
+  import copy
+
+  from effjax import config as config_lib
+  variants = parse_alternate(specs)
+  seen, out = {}, []
+  for i, variant in enumerate(variants):
+    key = tuple(sorted(variant.items()))
+    if key in seen:
+      raise ValueError(f'--alternate: variants {seen[key] + 1} and {i + 1} are the same '
+                       f'({", ".join(f"{k}={v!r}" for k, v in variant.items())}); give '
+                       f'different values')
+    seen[key] = i
+    changed = config_lib.apply_overrides(copy.deepcopy(config),
+                                         [f'{k}={v}' for k, v in variant.items()])
+    config_lib.validate(changed)
+    out.append((variant, changed))
+  return out
+
+
 def variant_name(variant: dict[str, str]) -> str:
   if not variant:
     return 'base'
@@ -317,7 +340,7 @@ def measure_alternating(configs: Sequence[tuple[str, Any]], *, batches: str = 's
   config that fails to build or compile (out of memory, a kernel that does not lower) is a row
   with its error and takes no part in the rounds; if it is the first, no row gets a speedup.
   """
-  from effjax.bench.kernels import first_line
+  from effjax.bench.kernels import first_line, ratio_stats, spread_text
   if not configs:
     raise ValueError('no configs to alternate')
   if rounds < 1:
@@ -345,10 +368,8 @@ def measure_alternating(configs: Sequence[tuple[str, Any]], *, batches: str = 's
     row = {'name': name, **_row(prepared[i], timed[i][0], timed[i][1], steps, None),
            'rounds': rounds}
     if 0 in per_token:
-      ratios = per_token[0] / per_token[i]
-      row.update(speedup_vs_first=float(np.median(ratios)),
-                 speedup_spread=f'{np.percentile(ratios, 25):.3f}-'
-                                f'{np.percentile(ratios, 75):.3f}')
+      stats = ratio_stats(per_token[0] / per_token[i])
+      row.update(speedup_vs_first=stats['ratio'], speedup_spread=spread_text(stats))
     rows.append(row)
   return rows
 

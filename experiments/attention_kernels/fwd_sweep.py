@@ -162,7 +162,7 @@ def variants(shapes, rounds):
     timed = kb.time_interleaved(compiled, sets, rounds, baseline='cudnn')
     for label, t in timed.items():
       line = (f'{head} {label}: {t["ms"]:.3f} ms {flops / t["ms"] / 1e9:.1f} TFLOP/s, '
-              f'{t["ratio"]:.3f}x cuDNN [{t["ratio_lo"]:.3f}-{t["ratio_hi"]:.3f}]')
+              f'{t["ratio"]:.3f}x cuDNN [{kb.spread_text(t)}]')
       if 'tokamax mosaic' in timed and label.startswith('effjax'):
         line += f', {kb.paired_ratio(timed, label, "tokamax mosaic"):.3f}x tokamax'
       if label != 'cudnn':
